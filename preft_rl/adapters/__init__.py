@@ -1,0 +1,7 @@
+"""Prefill-only LoRA / LoReFT / DiReFT on Hugging Face causal LMs (the reference path)."""
+
+from .config import PreftConfig
+from .masks import position_ids_from_attention_mask, prompt_mask_from_lengths
+from .model import PreftModel, get_preft_model
+
+__all__ = ["PreftConfig", "PreftModel", "get_preft_model", "prompt_mask_from_lengths", "position_ids_from_attention_mask"]

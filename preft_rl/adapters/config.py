@@ -1,0 +1,126 @@
+"""PreftConfig: the one typed description of a prefill-only adapter, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("lora", "loreft", "direft")
+_POSITIONS_RE = re.compile(r"^f(\d+)\+l(\d+)$")
+
+
+@dataclass
+class PreftConfig:
+    """A prefill-only adapter: applied at prompt tokens, switched off for generated tokens.
+
+    >>> PreftConfig(method="lora", r=16, alpha=32).scaling
+    2.0
+    >>> PreftConfig(method="loreft", r=4, layers=[3, 9], positions="f7+l7").first_last
+    (7, 7)
+    """
+
+    method: str = field(default="lora", metadata={"help": "One of 'lora', 'loreft', 'direft'."})
+    r: int = field(default=8, metadata={"help": "Rank of the LoRA update or of the ReFT subspace."})
+    alpha: float | None = field(
+        default=None, metadata={"help": "LoRA scaling numerator: scaling = alpha / r. Default 2 * r."}
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input (LoRA and ReFT)."})
+    target_modules: str | list[str] = field(
+        default="all-linear",
+        metadata={
+            "help": "LoRA only. 'all-linear' (every nn.Linear inside the decoder layers, not lm_head) "
+            "or a list of module names such as ['q_proj', 'v_proj'] (matched against the last name "
+            "component or the full dotted path)."
+        },
+    )
+    layers: str | list[int] = field(
+        default="all", metadata={"help": "ReFT only. 'all' or a list of decoder-layer indices to intervene after."}
+    )
+    positions: str = field(
+        default="all",
+        metadata={
+            "help": "ReFT only. 'all' (every prompt token) or 'fN+lM' (first N and last M prompt tokens, "
+            "counted from the first non-pad prompt token)."
+        },
+    )
+    share_first_last: bool = field(
+        default=True,
+        metadata={
+            "help": "ReFT with 'fN+lM': one intervention for first and last positions (default) or two. "
+            "With two, a token in both ranges gets the 'first' one, then the 'last' one."
+        },
+    )
+    init_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Bound s of the uniform(-s, s) random half of the initialisation (LoRA A, DiReFT W1); "
+            "default 1/sqrt(d_in), PEFT's Kaiming-uniform bound. The other half is zero (LoRA B, "
+            "DiReFT W2) or equal to R (LoReFT W, with R random orthogonal), so every method starts "
+            "as an exact no-op that still receives gradients."
+        },
+    )
+    seed: int | None = field(default=None, metadata={"help": "Seed for the adapter initialisation."})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"PreftConfig: unknown method {self.method!r}; use one of {list(METHODS)}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"PreftConfig: r={self.r!r} must be a positive integer, e.g. r=8")
+        if self.alpha is None:
+            self.alpha = float(2 * self.r)
+        if not self.alpha > 0:
+            raise ValueError(f"PreftConfig: alpha={self.alpha!r} must be > 0 (LoRA scaling is alpha / r)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"PreftConfig: dropout={self.dropout!r} must be in [0, 1)")
+        if self.init_scale is not None and not self.init_scale > 0:
+            raise ValueError(f"PreftConfig: init_scale={self.init_scale!r} must be > 0 or None for the default")
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                self.target_modules = [self.target_modules]
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+                raise ValueError(
+                    f"PreftConfig: target_modules={self.target_modules!r} must be 'all-linear' or a "
+                    "non-empty list of module names, e.g. ['q_proj', 'v_proj']"
+                )
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.layers, str):
+            if self.layers != "all":
+                raise ValueError(f"PreftConfig: layers={self.layers!r} must be 'all' or a list of layer indices")
+        else:
+            layers = list(self.layers)
+            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ValueError(f"PreftConfig: layers={self.layers!r} must be 'all' or a non-empty list of ints")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"PreftConfig: layers={self.layers!r} has duplicates")
+            self.layers = sorted(layers)
+        if self.positions != "all" and not _POSITIONS_RE.match(self.positions):
+            raise ValueError(
+                f"PreftConfig: positions={self.positions!r} must be 'all' or 'fN+lM' such as 'f7+l7'"
+            )
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method == "lora"
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha) / self.r
+
+    @property
+    def first_last(self) -> tuple[int, int] | None:
+        """(N, M) for positions 'fN+lM'; None for 'all'."""
+        match = _POSITIONS_RE.match(self.positions)
+        return (int(match.group(1)), int(match.group(2))) if match else None
+
+    @property
+    def intervention_groups(self) -> tuple[str, ...]:
+        """Names of the ReFT interventions per layer: one shared, or 'first' and 'last'."""
+        if self.first_last is not None and not self.share_first_last:
+            return ("first", "last")
+        return ("shared",)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,157 @@
+"""Prefill-only adapter modules for the Hugging Face reference path.
+
+Each module reads the current `TokenSelection` from a `SelectionSlot` shared by the whole model and
+acts only at the selected (prompt) tokens; everywhere else its output is the base output, bit for bit.
+Adapter parameters are kept in fp32 and the adapter arithmetic is done in fp32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from .masks import TokenSelection
+
+
+class SelectionSlot:
+    """Holds the TokenSelection of the decoder layer being run (None: adapter off for this call).
+
+    Set by a pre-hook on every decoder layer from that layer's call kwargs, so gradient checkpointing,
+    which re-runs a layer with its original kwargs during backward, sees the same selection again.
+    """
+
+    def __init__(self) -> None:
+        self.current: TokenSelection | None = None
+
+
+def _uniform_(weight: torch.Tensor, bound: float, generator: torch.Generator | None) -> None:
+    # Drawn on the CPU so that one seeded CPU generator initialises adapters on any device identically.
+    with torch.no_grad():
+        weight.copy_(torch.empty(weight.shape).uniform_(-bound, bound, generator=generator))
+
+
+class PreftLoraLinear(nn.Module):
+    """`y = W x + b + scaling * B A dropout(x)` at prompt tokens, `y = W x + b` elsewhere.
+
+    Parameter names follow PEFT (`lora_A.weight` [r, d_in], `lora_B.weight` [d_out, r]) and the wrapped
+    layer is `base_layer`.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float,
+        slot: SelectionSlot,
+        init_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        _uniform_(self.lora_A.weight, init_scale or 1.0 / math.sqrt(base_layer.in_features), generator)
+        nn.init.zeros_(self.lora_B.weight)  # B = 0: an exact no-op that still gets gradients through B
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / r
+        self._slot = slot
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (B, T, d_out)
+        selection = self._slot.current
+        if selection is None:
+            return out
+        x_prompt = x[selection.prompt].to(torch.float32)  # (P, d_in): prompt tokens only
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x_prompt))) * self.scaling  # (P, d_out)
+        return out.index_put(selection.prompt, delta.to(out.dtype), accumulate=True)
+
+    def extra_repr(self) -> str:
+        return f"r={self.lora_A.out_features}, scaling={self.scaling}"
+
+
+class LoReftIntervention(nn.Module):
+    """LoReFT: `h + R^T (W h + b - R h)` with R [r, d] having orthonormal rows.
+
+    R is a torch orthogonal parametrization of `rotate_layer.weight`; W, b are `learned_source`.
+    Initialised with W = R and b = 0, computed as `(W - R) h + b`, so the start is an exact no-op.
+    """
+
+    def __init__(self, d: int, r: int, dropout: float, device: torch.device, generator: torch.Generator | None) -> None:
+        super().__init__()
+        if r > d:
+            raise ValueError(f"LoReFT rank r={r} exceeds the hidden size {d}; use r <= {d}")
+        rotate = nn.Linear(d, r, bias=False, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            gaussian = torch.randn(d, r, generator=generator)  # on the CPU, as in _uniform_
+            rotate.weight.copy_(torch.linalg.qr(gaussian).Q.T)  # (r, d), orthonormal rows
+        self.rotate_layer = parametrizations.orthogonal(rotate)
+        self.learned_source = nn.Linear(d, r, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            self.learned_source.weight.copy_(self.rotate_layer.weight)
+            self.learned_source.bias.zero_()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """h (P, d) fp32 -> the edit (P, d) fp32."""
+        R = self.rotate_layer.weight  # (r, d)
+        low_rank = F.linear(h, self.learned_source.weight - R, self.learned_source.bias)  # (P, r)
+        return self.dropout(low_rank) @ R  # (P, d)
+
+
+class DiReftIntervention(nn.Module):
+    """DiReFT: `h + W2^T (W1 h + b)`; W1 [r, d] random (`learned_source`), W2 [r, d] zero (`proj_layer`)."""
+
+    def __init__(
+        self, d: int, r: int, dropout: float, device: torch.device, init_scale: float | None, generator: torch.Generator | None
+    ) -> None:
+        super().__init__()
+        self.learned_source = nn.Linear(d, r, device=device, dtype=torch.float32)
+        _uniform_(self.learned_source.weight, init_scale or 1.0 / math.sqrt(d), generator)
+        nn.init.zeros_(self.learned_source.bias)
+        self.proj_layer = nn.Linear(d, r, bias=False, device=device, dtype=torch.float32)
+        nn.init.zeros_(self.proj_layer.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """h (P, d) fp32 -> the edit (P, d) fp32."""
+        return self.dropout(self.learned_source(h)) @ self.proj_layer.weight  # (P, r) @ (r, d)
+
+
+class ReftLayer(nn.Module):
+    """The interventions after one decoder layer, keyed by group ('shared', or 'first' and 'last').
+
+    Attached to the decoder layer as `preft_reft` and run by a forward hook on that layer's output
+    (the residual stream). Groups run in order, so with separate first/last interventions a token in
+    both ranges gets 'first', then 'last'.
+    """
+
+    def __init__(self, interventions: dict[str, nn.Module], slot: SelectionSlot) -> None:
+        super().__init__()
+        self.interventions = nn.ModuleDict(interventions)
+        self._slot = slot
+
+    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        selection = self._slot.current
+        if selection is None:
+            return hidden
+        for group, intervention in self.interventions.items():
+            index = selection.groups.get(group)
+            if index is None:
+                continue
+            h = hidden[index].to(torch.float32)  # (P, d)
+            hidden = hidden.index_put(index, (h + intervention.delta(h)).to(hidden.dtype))
+        return hidden

@@ -1,0 +1,93 @@
+"""Which tokens an adapter touches: prompt masks, ReFT position masks and position ids.
+
+The per-token rule of the whole project: a token is a prompt token iff its position in its own
+sequence is below that sequence's prompt length. Pad tokens are never prompt tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Index = tuple[torch.Tensor, torch.Tensor]  # (batch indices, time indices), as from mask.nonzero(as_tuple=True)
+
+
+def prompt_mask_from_lengths(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor | list[int]) -> torch.Tensor:
+    """Bool [B, T]: True at the first `prompt_lengths[b]` non-pad tokens of row b.
+
+    Works for left and right padding alike, because it counts real tokens, not columns.
+
+    >>> am = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    >>> prompt_mask_from_lengths(am, [2, 1]).int().tolist()
+    [[0, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
+    """
+    am = attention_mask.bool()
+    lengths = torch.as_tensor(prompt_lengths, device=am.device).view(-1, 1)
+    if lengths.shape[0] != am.shape[0]:
+        raise ValueError(f"prompt_lengths has {lengths.shape[0]} entries but the batch has {am.shape[0]} rows")
+    real_tokens = am.sum(-1, keepdim=True)
+    if (lengths < 0).any() or (lengths > real_tokens).any():
+        raise ValueError(
+            f"prompt_lengths {lengths.view(-1).tolist()} must lie in [0, non-pad tokens per row "
+            f"{real_tokens.view(-1).tolist()}]"
+        )
+    rank = am.long().cumsum(-1)  # 1-based rank of each real token in its row
+    return am & (rank <= lengths)
+
+
+def position_ids_from_attention_mask(attention_mask: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """Long [B, T]: position of each token counted over real tokens only, so padding does not shift rotary
+    positions. With a KV cache, `attention_mask` covers past + new tokens and the last `num_tokens` are returned.
+
+    >>> position_ids_from_attention_mask(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])).tolist()
+    [[0, 0, 0, 1], [0, 1, 2, 2]]
+    """
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions if num_tokens is None else positions[:, -num_tokens:]
+
+
+def reft_position_mask(prompt_mask: torch.Tensor, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool masks [B, T] of the first `first` and the last `last` prompt tokens of each row.
+
+    Positions count from each row's first prompt token, so padding on either side does not move them.
+
+    >>> pm = torch.tensor([[False, True, True, True, False]])
+    >>> [m.int().tolist() for m in reft_position_mask(pm, 1, 2)]
+    [[[0, 1, 0, 0, 0]], [[0, 0, 1, 1, 0]]]
+    """
+    rank = prompt_mask.long().cumsum(-1) - 1  # 0-based rank among prompt tokens
+    length = prompt_mask.sum(-1, keepdim=True)
+    first_mask = prompt_mask & (rank < first)
+    last_mask = prompt_mask & (rank >= length - last)
+    return first_mask, last_mask
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """Where the adapter acts in one forward call, resolved once (one host sync) for all layers.
+
+    `prompt` indexes the prompt tokens (LoRA); `groups` maps each ReFT intervention group to the
+    tokens it acts on. Groups with no tokens are left out.
+    """
+
+    prompt: Index
+    groups: dict[str, Index]
+
+    @staticmethod
+    def build(prompt_mask: torch.Tensor, positions: tuple[int, int] | None, groups: tuple[str, ...]) -> TokenSelection | None:
+        """None when no token is a prompt token: a pure-decode call does no adapter work at all."""
+        if not bool(prompt_mask.any()):
+            return None
+        if positions is None:
+            group_masks = {name: prompt_mask for name in groups}
+        else:
+            first_mask, last_mask = reft_position_mask(prompt_mask, *positions)
+            if groups == ("shared",):
+                group_masks = {"shared": first_mask | last_mask}
+            else:
+                group_masks = {"first": first_mask, "last": last_mask}
+        return TokenSelection(
+            prompt=prompt_mask.nonzero(as_tuple=True),
+            groups={name: m.nonzero(as_tuple=True) for name, m in group_masks.items() if bool(m.any())},
+        )

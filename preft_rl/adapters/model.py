@@ -1,0 +1,287 @@
+"""PreftModel: a Hugging Face causal LM with a prefill-only adapter injected.
+
+The adapter acts at prompt tokens only. `forward` takes an explicit `prompt_mask`; `generate` adapts
+the prompt pass and runs every decode step on the plain base model through the HF KV cache.
+How the selection reaches the adapter modules: `forward` resolves it once into a `TokenSelection` and
+passes it down the HF call chain as the `preft_selection` kwarg (Llama-family models forward their
+**kwargs to every decoder layer); a pre-hook on each decoder layer pops it and puts it in the shared
+`SelectionSlot` that the layer's adapter modules read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PreftConfig
+from .layers import DiReftIntervention, LoReftIntervention, PreftLoraLinear, ReftLayer, SelectionSlot
+from .masks import TokenSelection, position_ids_from_attention_mask
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_SELECTION_KWARG = "preft_selection"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a supported causal LM (`model.model.layers`)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported by preft-rl; supported families: "
+            f"{list(SUPPORTED_MODEL_TYPES)} (a Llama-style AutoModelForCausalLM)"
+        )
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"expected {type(model).__name__}.model.layers to be the decoder layers; pass an AutoModelForCausalLM")
+    return layers
+
+
+class PreftModel(nn.Module):
+    """Wraps `base_model` (frozen) and owns the prefill-only adapter modules injected into it."""
+
+    def __init__(self, base_model: nn.Module, config: PreftConfig) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.preft_config = config
+        self._slot = SelectionSlot()
+        self._adapter_enabled = True
+        for param in base_model.parameters():
+            param.requires_grad_(False)
+        generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        layers = decoder_layers(base_model)
+        if config.is_lora:
+            self._inject_lora(layers, generator)
+        else:
+            self._inject_reft(layers, generator)
+        self._hooks = [layer.register_forward_pre_hook(self._select_for_layer, with_kwargs=True) for layer in layers]
+
+    # ----------------------------------------------------------------------------------- injection
+    def _inject_lora(self, layers: nn.ModuleList, generator: torch.Generator | None) -> None:
+        cfg = self.preft_config
+        wanted = cfg.target_modules
+        found: set[str] = set()
+        for layer in layers:
+            targets = [
+                (name, module)
+                for name, module in layer.named_modules()
+                if isinstance(module, nn.Linear) and (wanted == "all-linear" or _matches(name, wanted, found))
+            ]
+            for name, module in targets:
+                parent_name, _, child = name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                lora = PreftLoraLinear(module, cfg.r, cfg.alpha, cfg.dropout, self._slot, cfg.init_scale, generator)
+                setattr(parent, child, lora)
+        if wanted != "all-linear":
+            missing = [m for m in wanted if m not in found]
+            if missing:
+                available = sorted({n.rpartition(".")[2] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
+                raise ValueError(
+                    f"target_modules {missing} match no linear layer inside the decoder layers; "
+                    f"available: {available} (or target_modules='all-linear')"
+                )
+
+    def _inject_reft(self, layers: nn.ModuleList, generator: torch.Generator | None) -> None:
+        cfg = self.preft_config
+        indices = range(len(layers)) if cfg.layers == "all" else cfg.layers
+        bad = [i for i in indices if not 0 <= i < len(layers)]
+        if bad:
+            raise ValueError(
+                f"layers {bad} out of range: the model has {len(layers)} decoder layers; "
+                f"use indices in [0, {len(layers) - 1}] or layers='all'"
+            )
+        hidden = self.base_model.config.hidden_size
+        device = next(self.base_model.parameters()).device
+        for i in indices:
+            interventions = {}
+            for group in cfg.intervention_groups:
+                if cfg.method == "loreft":
+                    interventions[group] = LoReftIntervention(hidden, cfg.r, cfg.dropout, device, generator)
+                else:
+                    interventions[group] = DiReftIntervention(hidden, cfg.r, cfg.dropout, device, cfg.init_scale, generator)
+            layers[i].preft_reft = ReftLayer(interventions, self._slot)
+            layers[i].register_forward_hook(_apply_reft_to_output)
+
+    # ------------------------------------------------------------------------------ selection
+    def _select_for_layer(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = dict(kwargs)
+        self._slot.current = kwargs.pop(_SELECTION_KWARG, None)
+        return args, kwargs
+
+    def _selection(self, prompt_mask: torch.Tensor) -> TokenSelection | None:
+        if not self._adapter_enabled:
+            return None
+        cfg = self.preft_config
+        return TokenSelection.build(prompt_mask, cfg.first_last, cfg.intervention_groups)
+
+    # -------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The base model's forward with the adapter at tokens where `prompt_mask` [B, T] is True.
+
+        Position ids default to positions over non-pad tokens (from `attention_mask`).
+        """
+        if prompt_mask is None:
+            raise ValueError(
+                "PreftModel.forward needs prompt_mask: a bool tensor [batch, seq] that is True at prompt "
+                "tokens (build it with preft_rl.prompt_mask_from_lengths(attention_mask, prompt_lengths)); "
+                "use `with model.disable_adapter():` for the base model"
+            )
+        tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise ValueError("PreftModel.forward needs input_ids or inputs_embeds")
+        batch, seq = tokens.shape[:2]
+        if tuple(prompt_mask.shape) != (batch, seq):
+            raise ValueError(f"prompt_mask has shape {tuple(prompt_mask.shape)} but the input is {(batch, seq)}")
+        prompt_mask = prompt_mask.to(device=tokens.device, dtype=torch.bool)
+        if attention_mask is not None:
+            real = attention_mask.bool()[:, -seq:] if attention_mask.dim() == 2 else None
+            if real is not None:
+                prompt_mask = prompt_mask & real
+            if position_ids is None and attention_mask.dim() == 2:
+                position_ids = position_ids_from_attention_mask(attention_mask, seq)
+        kwargs[_SELECTION_KWARG] = self._selection(prompt_mask)
+        try:
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        finally:
+            self._slot.current = None
+
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """HF `generate`: the prompt pass uses the adapter, every generated token runs the base model.
+
+        Batches must be left-padded (`tokenizer.padding_side = "left"`). Which tokens are prompt tokens
+        is decided by position: absolute position < prompt length and not padding.
+        """
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError("PreftModel.generate needs input_ids (a token tensor); inputs_embeds is not supported")
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError(
+                "PreftModel.generate got a right-padded batch; generation needs left padding: "
+                "set tokenizer.padding_side = 'left' before tokenizing"
+            )
+        prompt_len = input_ids.shape[1]
+        prompt_real = attention_mask.bool()
+
+        def select_prompt_tokens(module: nn.Module, call_args: tuple, call_kwargs: dict) -> tuple[tuple, dict]:
+            ids = call_kwargs.get("input_ids", call_args[0] if call_args else None)
+            rows, num_new = ids.shape[:2]
+            cache = call_kwargs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            positions = torch.arange(past, past + num_new, device=ids.device)  # absolute positions of this call
+            in_prompt = positions < prompt_len
+            mask = torch.zeros(rows, num_new, dtype=torch.bool, device=ids.device)
+            if bool(in_prompt.any()):
+                real = prompt_real.repeat_interleave(rows // prompt_real.shape[0], dim=0)  # num_return_sequences
+                mask[:, in_prompt] = real[:, positions[in_prompt]]
+            call_kwargs = dict(call_kwargs)
+            call_kwargs[_SELECTION_KWARG] = self._selection(mask)
+            return call_args, call_kwargs
+
+        hook = self.base_model.register_forward_pre_hook(select_prompt_tokens, with_kwargs=True)
+        try:
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            hook.remove()
+            self._slot.current = None
+
+    # ---------------------------------------------------------------------------- adapter control
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside this block the model is the plain base model (the KL reference policy)."""
+        previous, self._adapter_enabled = self._adapter_enabled, False
+        try:
+            yield
+        finally:
+            self._adapter_enabled = previous
+
+    def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name inside the base model, parameter) for every adapter parameter."""
+        for name, param in self.base_model.named_parameters():
+            if _is_adapter_name(name):
+                yield name, param
+
+    def num_parameters_summary(self) -> str:
+        trainable = sum(p.numel() for _, p in self.adapter_named_parameters())
+        total = sum(p.numel() for p in self.base_model.parameters())
+        return f"adapter params: {trainable:,} || all params: {total:,} || adapter%: {100 * trainable / total:.4f}"
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors in the file format (see serialization.py): what save_pretrained writes
+        and what the engine's update_adapter takes."""
+        from .serialization import adapter_state_dict
+
+        return adapter_state_dict(self)
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from .serialization import load_adapter_state_dict
+
+        load_adapter_state_dict(self, state)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        from .serialization import save_adapter
+
+        save_adapter(self, save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        adapter_dir: str | os.PathLike,
+        *,
+        is_trainable: bool = False,
+        load_peft_lora_as_prefill_only: bool = False,
+    ) -> PreftModel:
+        """Load an adapter saved by `save_pretrained` onto `model`.
+
+        A plain PEFT LoRA directory is refused unless `load_peft_lora_as_prefill_only=True`.
+        """
+        from .serialization import load_adapter
+
+        return load_adapter(cls, model, adapter_dir, is_trainable, load_peft_lora_as_prefill_only)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+
+def get_preft_model(model: nn.Module, config: PreftConfig) -> PreftModel:
+    """Freeze `model` and inject a freshly initialised prefill-only adapter (an exact no-op at start)."""
+    if isinstance(model, PreftModel):
+        raise ValueError("get_preft_model got a PreftModel; pass the plain Hugging Face model")
+    return PreftModel(model, config)
+
+
+def _apply_reft_to_output(layer: nn.Module, args: tuple, output: Any) -> Any:
+    if isinstance(output, tuple):
+        return (layer.preft_reft.apply(output[0]), *output[1:])
+    return layer.preft_reft.apply(output)
+
+
+def _matches(name: str, wanted: list[str], found: set[str]) -> bool:
+    for target in wanted:
+        if name == target or name.endswith("." + target):
+            found.add(target)
+            return True
+    return False
+
+
+def _is_adapter_name(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or ".preft_reft." in name

@@ -1,0 +1,195 @@
+"""Adapter files: `adapter_config.json` + `adapter_model.safetensors`.
+
+Key format (shared by save_pretrained, from_pretrained and the engine's update_adapter):
+`base_model.model.<parameter path inside the HF causal LM>`, as PEFT writes it. LoRA keys are exactly
+PEFT's (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`). ReFT keys live under the
+decoder layer they follow (`base_model.model.model.layers.3.preft_reft.interventions.shared.<param>`).
+LoReFT's orthogonal R is written materialised as `...rotate_layer.weight` (what an engine uses) next to
+the parametrization's free tensor `...rotate_layer.parametrizations.weight.original`, from which a
+reload recomputes R with the same op on the same values, so a save/load round trip is bit-exact.
+
+The config carries `"prefill_only": true` and `"peft_type": "PREFT"`: PEFT itself refuses the
+directory instead of silently loading it as an all-token LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import PreftConfig
+
+if TYPE_CHECKING:
+    from .model import PreftModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+_BASE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def adapter_state_dict(model: PreftModel) -> dict[str, torch.Tensor]:
+    """Every adapter tensor under its file key (detached, contiguous, fp32)."""
+    state = {}
+    for name, param in model.adapter_named_parameters():
+        state[KEY_PREFIX + name] = param.detach().contiguous()
+    if model.preft_config.method == "loreft":
+        for name, module in model.base_model.named_modules():
+            if name.endswith(".rotate_layer"):
+                state[f"{KEY_PREFIX}{name}.weight"] = module.weight.detach().contiguous()
+    return state
+
+
+def load_adapter_state_dict(model: PreftModel, state: dict[str, torch.Tensor]) -> None:
+    """Copy file-format tensors into `model`'s adapter after checking names and shapes."""
+    own = dict(model.adapter_named_parameters())
+    expected = {KEY_PREFIX + name: p for name, p in own.items()}
+    given = {k: v for k, v in state.items() if not k.endswith(".rotate_layer.weight")}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            "adapter tensors do not match this model's adapter: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
+            "was it saved for another base model, method, target_modules or layers?"
+        )
+    wrong = [(k, tuple(given[k].shape), tuple(p.shape)) for k, p in expected.items() if given[k].shape != p.shape]
+    if wrong:
+        key, got, want = wrong[0]
+        raise ValueError(
+            f"adapter tensor {key} has shape {got} but this model needs {want} ({len(wrong)} tensors differ); "
+            "the adapter was saved for a different base model or rank"
+        )
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(given[key].to(device=param.device, dtype=param.dtype))
+
+
+def save_adapter(model: PreftModel, save_directory: str | os.PathLike) -> None:
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.preft_config
+    base_config = model.base_model.config
+    config = {
+        "peft_type": "PREFT",
+        "prefill_only": True,
+        "method": cfg.method,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": cfg.target_modules if cfg.is_lora else None,
+        "layers": cfg.layers if not cfg.is_lora else None,
+        "positions": cfg.positions,
+        "share_first_last": cfg.share_first_last,
+        "init_scale": cfg.init_scale,
+        "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
+        "base_model_config": {field: getattr(base_config, field, None) for field in _BASE_FIELDS},
+        "preft_rl_version": _version(),
+    }
+    # Write to temporary names and rename, so a crash never leaves a half-written adapter.
+    tmp_config, tmp_weights = directory / (CONFIG_NAME + ".tmp"), directory / (WEIGHTS_NAME + ".tmp")
+    tmp_config.write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, str(tmp_weights), metadata={"format": "pt"})
+    os.replace(tmp_weights, directory / WEIGHTS_NAME)
+    os.replace(tmp_config, directory / CONFIG_NAME)
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike, load_peft_lora_as_prefill_only: bool = False) -> PreftConfig:
+    """The PreftConfig of a saved adapter directory (a PEFT LoRA directory only when allowed)."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {adapter_dir}; pass a directory written by PreftModel.save_pretrained")
+    raw: dict[str, Any] = json.loads(path.read_text())
+    if raw.get("prefill_only") is True:
+        return PreftConfig(
+            method=raw.get("method"),
+            r=raw.get("r"),
+            alpha=raw.get("lora_alpha"),
+            dropout=raw.get("lora_dropout", 0.0),
+            target_modules=raw.get("target_modules") or "all-linear",
+            layers=raw.get("layers") or "all",
+            positions=raw.get("positions", "all"),
+            share_first_last=raw.get("share_first_last", True),
+            init_scale=raw.get("init_scale"),
+        )
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{path} is not a prefill-only adapter (no \"prefill_only\": true) and not a PEFT LoRA "
+            f"(peft_type={raw.get('peft_type')!r}); pass a directory written by PreftModel.save_pretrained"
+        )
+    if not load_peft_lora_as_prefill_only:
+        raise ValueError(
+            f"{adapter_dir} is a plain PEFT LoRA, trained to act on every token; loading it as prefill-only "
+            "changes what it does. Pass load_peft_lora_as_prefill_only=True if that is what you want"
+        )
+    unsupported = {
+        key: raw[key]
+        for key in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
+        if raw.get(key)
+    }
+    if raw.get("bias", "none") != "none":
+        unsupported["bias"] = raw["bias"]
+    if unsupported:
+        raise ValueError(f"PEFT LoRA options {unsupported} are not supported by prefill-only LoRA; retrain without them")
+    target = raw.get("target_modules")
+    if target not in ("all-linear",) and isinstance(target, str):
+        raise ValueError(f"PEFT target_modules given as a regex ({target!r}) is not supported; use a list of names")
+    return PreftConfig(method="lora", r=raw["r"], alpha=raw.get("lora_alpha", raw["r"]), dropout=0.0, target_modules=target)
+
+
+def load_adapter(
+    cls: type[PreftModel],
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    is_trainable: bool,
+    load_peft_lora_as_prefill_only: bool,
+) -> PreftModel:
+    config = read_adapter_config(adapter_dir, load_peft_lora_as_prefill_only)
+    raw = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text())
+    saved_base = raw.get("base_model_config") or {}
+    for field in _BASE_FIELDS:
+        want, have = saved_base.get(field), getattr(model.config, field, None)
+        if want is not None and want != have:
+            raise ValueError(
+                f"adapter in {adapter_dir} was saved for a base model with {field}={want}, but this model has "
+                f"{field}={have}; load it onto the base model it was trained on "
+                f"({raw.get('base_model_name_or_path') or 'see base_model_config in adapter_config.json'})"
+            )
+    weights = Path(adapter_dir) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir}")
+    state = load_file(str(weights))
+    preft = cls(model, config)
+    preft.load_adapter_state_dict(state)
+    if config.method == "loreft":
+        _check_rotation(preft, state)
+    for _, param in preft.adapter_named_parameters():
+        param.requires_grad_(is_trainable)
+    preft.train(is_trainable)
+    return preft
+
+
+def _check_rotation(model: PreftModel, state: dict[str, torch.Tensor]) -> None:
+    """The recomputed R must equal the saved, materialised R (else the file was edited or corrupted)."""
+    for name, module in model.base_model.named_modules():
+        if name.endswith(".rotate_layer"):
+            saved = state[f"{KEY_PREFIX}{name}.weight"]
+            recomputed = module.weight.detach().cpu()
+            if not torch.allclose(saved, recomputed, atol=1e-5, rtol=1e-5):
+                raise ValueError(
+                    f"saved rotation {name}.weight does not match the one recomputed from "
+                    f"{name}.parametrizations.weight.original (max diff "
+                    f"{(saved - recomputed).abs().max().item():.3g}); the adapter file is inconsistent"
+                )
+
+
+def _version() -> str:
+    from preft_rl import __version__
+
+    return __version__

@@ -12,7 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrizations
 
 from .masks import TokenSelection
 
@@ -83,22 +82,39 @@ class PreftLoraLinear(nn.Module):
         return f"r={self.lora_A.out_features}, scaling={self.scaling}"
 
 
+class OrthonormalRows(nn.Module):
+    """R [r, d] with orthonormal rows, as a smooth function of a free parameter `raw` [r, d].
+
+    R = Q^T from the QR decomposition of raw^T, with signs fixed so diag of the triangular factor is
+    positive (which makes the map unique and differentiable). Any scaling of `raw` gives the same R, so
+    weight decay on `raw` cannot break orthogonality (unlike torch's householder parametrization, whose
+    sign diagonal AdamW's decay truncates to zero).
+    """
+
+    def __init__(self, d: int, r: int, device: torch.device, generator: torch.Generator | None) -> None:
+        super().__init__()
+        gaussian = torch.randn(d, r, generator=generator)  # drawn on the CPU, as in _uniform_
+        self.raw = nn.Parameter(torch.linalg.qr(gaussian).Q.T.contiguous().to(device))  # (r, d)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        q, tri = torch.linalg.qr(self.raw.T)  # (d, r), (r, r)
+        signs = torch.where(torch.diagonal(tri) < 0, -1.0, 1.0).to(q.dtype)
+        return (q * signs).T  # (r, d)
+
+
 class LoReftIntervention(nn.Module):
     """LoReFT: `h + R^T (W h + b - R h)` with R [r, d] having orthonormal rows.
 
-    R is a torch orthogonal parametrization of `rotate_layer.weight`; W, b are `learned_source`.
-    Initialised with W = R and b = 0, computed as `(W - R) h + b`, so the start is an exact no-op.
+    R is `rotate_layer.weight` (an OrthonormalRows); W, b are `learned_source`. Initialised with
+    W = R and b = 0 and computed as `(W - R) h + b`, so the start is an exact no-op.
     """
 
     def __init__(self, d: int, r: int, dropout: float, device: torch.device, generator: torch.Generator | None) -> None:
         super().__init__()
         if r > d:
             raise ValueError(f"LoReFT rank r={r} exceeds the hidden size {d}; use r <= {d}")
-        rotate = nn.Linear(d, r, bias=False, device=device, dtype=torch.float32)
-        with torch.no_grad():
-            gaussian = torch.randn(d, r, generator=generator)  # on the CPU, as in _uniform_
-            rotate.weight.copy_(torch.linalg.qr(gaussian).Q.T)  # (r, d), orthonormal rows
-        self.rotate_layer = parametrizations.orthogonal(rotate)
+        self.rotate_layer = OrthonormalRows(d, r, device, generator)
         self.learned_source = nn.Linear(d, r, device=device, dtype=torch.float32)
         with torch.no_grad():
             self.learned_source.weight.copy_(self.rotate_layer.weight)

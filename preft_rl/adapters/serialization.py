@@ -5,8 +5,8 @@ Key format (shared by save_pretrained, from_pretrained and the engine's update_a
 PEFT's (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`). ReFT keys live under the
 decoder layer they follow (`base_model.model.model.layers.3.preft_reft.interventions.shared.<param>`).
 LoReFT's orthogonal R is written materialised as `...rotate_layer.weight` (what an engine uses) next to
-the parametrization's free tensor `...rotate_layer.parametrizations.weight.original`, from which a
-reload recomputes R with the same op on the same values, so a save/load round trip is bit-exact.
+its free parameter `...rotate_layer.raw`, from which a reload recomputes R with the same op on the same
+values, so a save/load round trip is bit-exact (and checked against the saved R).
 
 The config carries `"prefill_only": true` and `"peft_type": "PREFT"`: PEFT itself refuses the
 directory instead of silently loading it as an all-token LoRA.
@@ -184,7 +184,7 @@ def _check_rotation(model: PreftModel, state: dict[str, torch.Tensor]) -> None:
             if not torch.allclose(saved, recomputed, atol=1e-5, rtol=1e-5):
                 raise ValueError(
                     f"saved rotation {name}.weight does not match the one recomputed from "
-                    f"{name}.parametrizations.weight.original (max diff "
+                    f"{name}.raw (max diff "
                     f"{(saved - recomputed).abs().max().item():.3g}); the adapter file is inconsistent"
                 )
 

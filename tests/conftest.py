@@ -1,0 +1,114 @@
+"""Shared fixtures: a tiny random Llama with a locally trained tokenizer, saved once per session.
+
+The model is small enough for milliseconds per forward, yet has the shapes vLLM's CPU attention accepts
+(head_dim 32), so later engine tests can load the same directory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+_WORDS = (
+    "the a one two three four five six seven eight nine ten apples pears books coins cats birds has "
+    "had gets buys sells gives takes more less than each many how what is are and then left total "
+    "answer number times plus minus equals she he they we market school farm friend sister brother"
+).split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _corpus(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        words.insert(rng.randrange(len(words)), str(rng.randint(0, 999)))
+        lines.append(" ".join(words) + rng.choice(["?", ".", "!"]))
+    return lines
+
+
+def build_tokenizer(save_dir: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_corpus(2000), trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(save_dir)
+    return hf_tok
+
+
+def build_tiny_llama(tokenizer, num_layers: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger-than-default weights so logits are far from uniform and argmax is stable
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer(path)
+    model = build_tiny_llama(tokenizer)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture
+def load_tiny(tiny_llama_dir):
+    """Factory: a fresh copy of the tiny Llama in the given dtype (fresh, so adapters never leak between tests)."""
+    from transformers import AutoModelForCausalLM
+
+    def load(dtype: torch.dtype = torch.float32):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype).eval()
+        model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+        model.generation_config.pad_token_id = model.config.pad_token_id
+        return model
+
+    return load

@@ -49,14 +49,15 @@ class PreftModel(nn.Module):
         self.preft_config = config
         self._slot = SelectionSlot()
         self._adapter_enabled = True
-        for param in base_model.parameters():
-            param.requires_grad_(False)
+        base_params = list(base_model.parameters())
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         layers = decoder_layers(base_model)
         if config.is_lora:
             self._inject_lora(layers, generator)
         else:
             self._inject_reft(layers, generator)
+        for param in base_params:  # after injection succeeded: only the adapter's own parameters train
+            param.requires_grad_(False)
         self._hooks = [layer.register_forward_pre_hook(self._select_for_layer, with_kwargs=True) for layer in layers]
 
     # ----------------------------------------------------------------------------------- injection
@@ -64,25 +65,23 @@ class PreftModel(nn.Module):
         cfg = self.preft_config
         wanted = cfg.target_modules
         found: set[str] = set()
-        for layer in layers:
-            targets = [
-                (name, module)
-                for name, module in layer.named_modules()
-                if isinstance(module, nn.Linear) and (wanted == "all-linear" or _matches(name, wanted, found))
-            ]
-            for name, module in targets:
-                parent_name, _, child = name.rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                lora = PreftLoraLinear(module, cfg.r, cfg.alpha, cfg.dropout, self._slot, cfg.init_scale, generator)
-                setattr(parent, child, lora)
-        if wanted != "all-linear":
-            missing = [m for m in wanted if m not in found]
-            if missing:
-                available = sorted({n.rpartition(".")[2] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
-                raise ValueError(
-                    f"target_modules {missing} match no linear layer inside the decoder layers; "
-                    f"available: {available} (or target_modules='all-linear')"
-                )
+        targets = [
+            (layer, name, module)
+            for layer in layers
+            for name, module in layer.named_modules()
+            if isinstance(module, nn.Linear) and (wanted == "all-linear" or _matches(name, wanted, found))
+        ]
+        if wanted != "all-linear" and (missing := [m for m in wanted if m not in found]):
+            available = sorted({n.rpartition(".")[2] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(
+                f"target_modules {missing} match no linear layer inside the decoder layers; "
+                f"available: {available} (or target_modules='all-linear')"
+            )
+        # Validate everything first, then mutate: a refused config leaves the base model untouched.
+        for layer, name, module in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            setattr(parent, child, PreftLoraLinear(module, cfg.r, cfg.alpha, cfg.dropout, self._slot, cfg.init_scale, generator))
 
     def _inject_reft(self, layers: nn.ModuleList, generator: torch.Generator | None) -> None:
         cfg = self.preft_config

@@ -1,0 +1,29 @@
+"""Packaging: the namespace mapping of kernels/ and rewards/, and a cheap, vLLM-free import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_top_level_folders_install_under_preft_rl():
+    import preft_rl.kernels
+    import preft_rl.rewards
+
+    assert Path(preft_rl.kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
+    assert Path(preft_rl.rewards.__file__).resolve() == REPO / "rewards" / "__init__.py"
+
+
+def test_import_is_cheap_and_does_not_shadow_hf_kernels():
+    code = (
+        "import sys, importlib.util; import preft_rl; "
+        "assert 'vllm' not in sys.modules, 'import preft_rl imported vllm'; "
+        "spec = importlib.util.find_spec('kernels'); "
+        "assert spec is None or 'preft' not in (spec.origin or ''), spec.origin; "
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -9,9 +9,18 @@ from .adapters import PreftConfig, PreftModel, get_preft_model, position_ids_fro
 __version__ = "0.1.0"
 
 __all__ = [
+    "PreftEngine",
     "PreftConfig",
     "PreftModel",
     "get_preft_model",
     "prompt_mask_from_lengths",
     "position_ids_from_attention_mask",
 ]
+
+
+def __getattr__(name: str):
+    if name == "PreftEngine":  # imports vLLM: only on first use
+        from .engine import PreftEngine
+
+        return PreftEngine
+    raise AttributeError(f"module 'preft_rl' has no attribute {name!r}")

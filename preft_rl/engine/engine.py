@@ -1,0 +1,267 @@
+"""PreftEngine: one in-process vLLM serving many prefill-only adapters per batch.
+
+The base weights are loaded once and never change; adapters are registered by name and applied only
+at their own requests' prompt tokens. Prefix caching stays on: each adapted prompt carries a cache salt
+of (adapter, version, prompt length), so cached prompt KV is never shared across adapters or versions,
+and KV computed for generated tokens (plain) is never reused as prompt KV (adapted) when a later prompt
+extends an earlier conversation: the longer prompt has another length, so another salt.
+
+Compilation: the engine runs vLLM eagerly (`enforce_eager=True`, which is also compilation mode NONE).
+The adapter hooks read per-step Python state, which torch.compile would freeze at trace time.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from preft_rl.adapters.config import PreftConfig
+from preft_rl.models import resolve_model
+
+from . import vllm_compat
+from .model import EXTRA_ARGS_KEY, PreftRuntime, preft_model_class
+from .registry import AdapterEntry, AdapterRegistry, ModelShape
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+Prompt = str | list[int] | list[dict[str, str]]
+
+
+class PreftEngine:
+    """Colocated vLLM with multi-adapter, prefill-only adapter application.
+
+    >>> engine = PreftEngine("smollm2-135m-instruct", max_adapters=64, max_rank=16)   # doctest: +SKIP
+    >>> engine.add_adapter("user-7", "path/to/adapter")                                 # doctest: +SKIP
+    >>> outs = engine.generate(["2+2="], SamplingParams(max_tokens=8), adapters=["user-7"])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        max_adapters: int = 64,
+        max_rank: int = 64,
+        method: str = "lora",
+        *,
+        adapter_scope: str = "prompt",
+        cpu_kv_cache_gib: int = 1,
+        **vllm_kwargs: Any,
+    ) -> None:
+        vllm_compat.check_vllm_version()
+        if adapter_scope not in ("prompt", "all"):
+            raise ValueError(f"adapter_scope={adapter_scope!r}: use 'prompt' (PreFT) or 'all' (an all-token baseline)")
+        if vllm_kwargs.get("tensor_parallel_size", 1) != 1:
+            raise ValueError("PreftEngine runs vLLM in-process on one device; tensor_parallel_size must be 1")
+        # In-process engine (the model is reachable and hooks see the runner) and a modest CPU KV cache,
+        # set here so that users need no environment variables.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cpu_kv_cache_gib)))
+
+        from transformers import AutoConfig
+        from vllm import LLM, ModelRegistry
+
+        self.model_path = resolve_model(model_path)
+        hf_config = AutoConfig.from_pretrained(self.model_path)
+        arch = (getattr(hf_config, "architectures", None) or [None])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"architecture {arch!r} is not supported by PreftEngine; supported: {list(SUPPORTED_ARCHITECTURES)}")
+        cls = preft_model_class(ModelRegistry.models[arch].load_model_cls(), method)
+        ModelRegistry.register_model(cls.__name__, cls)
+
+        overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
+        overrides["architectures"] = [cls.__name__]
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        settings = dict(
+            dtype=str(config_dtype).replace("torch.", "") if config_dtype else "auto",  # never a silent downcast
+            enforce_eager=True,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",  # after temperature, as the trainer's loss needs
+            seed=0,
+        )
+        settings.update(vllm_kwargs)
+        if not settings["enforce_eager"]:
+            raise ValueError("PreftEngine needs enforce_eager=True: its adapter hooks are not torch.compile-safe yet")
+        self.llm = LLM(self.model_path, hf_overrides=overrides, **settings)
+        self.tokenizer = self.llm.get_tokenizer()
+
+        self._runner = vllm_compat.model_runner(self.llm)
+        model = self._runner.model
+        if type(model) is not cls:
+            raise RuntimeError(f"vLLM built {type(model).__name__}, not {cls.__name__}; the adapter hooks are missing")
+        param = next(model.parameters())
+        registry = AdapterRegistry(method, ModelShape.from_hf_config(hf_config), max_adapters, max_rank, param.dtype, param.device)
+        self._check_registry_fits(registry, param.device)
+        self._runtime = PreftRuntime(registry=registry, runner=self._runner, prompt_only=adapter_scope == "prompt")
+        model.preft_runtime = self._runtime
+        vllm_compat.wrap_execute_model(self._runner, self._begin_step, self._end_step)
+        self.method, self.adapter_scope = method, adapter_scope
+
+    # ------------------------------------------------------------------------------ registry
+    @property
+    def registry(self) -> AdapterRegistry:
+        return self._runtime.registry
+
+    @property
+    def adapters(self) -> dict[str, AdapterEntry]:
+        """Registered adapters by name (slot, version, rank, config); a copy."""
+        return {name: copy.copy(entry) for name, entry in self.registry.entries.items()}
+
+    def add_adapter(self, name: str, source: Any, config: PreftConfig | None = None) -> AdapterEntry:
+        """Register an adapter from a directory (save_pretrained), a PreftModel, or a state dict + config."""
+        state, config = _adapter_source(source, config)
+        return self.registry.add(name, state, config)
+
+    def update_adapter(self, name: str, state_dict: dict[str, torch.Tensor]) -> AdapterEntry:
+        """Replace an adapter's tensors in memory (the save_pretrained key format); bumps its version."""
+        return self.registry.update(name, state_dict)
+
+    def remove_adapter(self, name: str) -> None:
+        self.registry.remove(name)
+
+    # ------------------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        sampling_params: Any = None,
+        adapters: Sequence[str | None] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[Any]:
+        """One vLLM RequestOutput per prompt, in order. Prompts: text, token ids, or chat messages."""
+        from vllm import SamplingParams
+
+        prompts = list(prompts)
+        adapters = [None] * len(prompts) if adapters is None else list(adapters)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(adapters)} adapter names; pass one name (or None) per prompt")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params; pass one, or one per prompt")
+        entries = []
+        for name in adapters:  # every name checked before any work starts
+            if name is None:
+                entries.append(None)
+                continue
+            try:
+                entries.append(self.registry.get(name))
+            except KeyError as exc:
+                raise ValueError(exc.args[0]) from None
+        requests, request_params = [], []
+        for prompt, entry, sp in zip(prompts, entries, params):
+            token_ids = self._token_ids(prompt)
+            request: dict[str, Any] = {"prompt_token_ids": token_ids}
+            sp = sp.clone()
+            if entry is not None:
+                sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: {"name": entry.name, "version": entry.version}}
+                request["cache_salt"] = f"preft:{entry.name}:v{entry.version}:p{len(token_ids)}"
+            requests.append(request)
+            request_params.append(sp)
+        try:
+            return self.llm.generate(requests, request_params, use_tqdm=use_tqdm)
+        finally:
+            self._runtime.request_slots.clear()
+
+    def _token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)  # special tokens added, as vllm.LLM.generate does
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            ids = [int(t) for t in prompt]
+        else:
+            raise ValueError(f"a prompt must be text, a list of token ids or a list of chat messages, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("got an empty prompt; every prompt needs at least one token")
+        return list(ids)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def _begin_step(self) -> None:
+        self._runtime.in_step = True
+
+    def _end_step(self) -> None:
+        self._runtime.in_step = False
+        self._runtime.selection = None
+
+    def sleep(self, level: int = 1) -> None:
+        """Free vLLM's GPU memory for colocated training (vLLM sleep mode); a logged no-op without a GPU."""
+        if self._device_type() != "cuda":
+            logger.warning("PreftEngine.sleep: sleep mode needs a CUDA device; nothing to do on %s", self._device_type())
+            return
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        if self._device_type() != "cuda":
+            logger.warning("PreftEngine.wake_up: sleep mode needs a CUDA device; nothing to do on %s", self._device_type())
+            return
+        self.llm.wake_up()
+
+    def close(self) -> None:
+        """Release vLLM and its memory; the engine cannot be used afterwards."""
+        if getattr(self, "llm", None) is None:
+            return
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        self._runner.model.preft_runtime = None
+        self.llm.llm_engine.engine_core.shutdown() if hasattr(self.llm.llm_engine, "engine_core") else None
+        self.llm = None
+        self._runner = None
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        gc.collect()
+
+    def __enter__(self) -> PreftEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _device_type(self) -> str:
+        return self.registry.device.type
+
+    @staticmethod
+    def _check_registry_fits(registry: AdapterRegistry, device: torch.device) -> None:
+        per_adapter = registry.bytes_per_adapter()
+        total = per_adapter * registry.max_adapters
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        logger.info(
+            "adapter registry: %.2f MiB per adapter (rank %d), at most %.1f MiB for %d adapters; %.1f GiB free",
+            per_adapter / 2**20, registry.max_rank, total / 2**20, registry.max_adapters, free / 2**30,
+        )
+        if total > 0.9 * free:
+            raise ValueError(
+                f"max_adapters={registry.max_adapters} at max_rank={registry.max_rank} needs up to {total / 2**30:.2f} GiB "
+                f"({per_adapter / 2**20:.2f} MiB each) but only {free / 2**30:.2f} GiB is free; lower max_adapters or max_rank"
+            )
+
+
+def _adapter_source(source: Any, config: PreftConfig | None) -> tuple[dict[str, torch.Tensor], PreftConfig]:
+    from preft_rl.adapters.model import PreftModel
+
+    if isinstance(source, PreftModel):
+        return source.adapter_state_dict(), source.preft_config
+    if isinstance(source, (str, os.PathLike)):
+        from safetensors.torch import load_file
+
+        from preft_rl.adapters.serialization import WEIGHTS_NAME, read_adapter_config
+
+        file_config = read_adapter_config(source)
+        return load_file(str(Path(source) / WEIGHTS_NAME)), file_config
+    if isinstance(source, dict):
+        if config is None:
+            raise ValueError("add_adapter(name, state_dict) needs config=PreftConfig(...) (method, r, alpha, positions)")
+        return source, config
+    raise TypeError(f"adapter source must be a directory, a PreftModel or a state dict, got {type(source).__name__}")

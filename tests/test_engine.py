@@ -17,27 +17,13 @@ from vllm import SamplingParams  # noqa: E402
 
 from preft_rl.engine import PreftEngine  # noqa: E402
 from preft_rl.engine.registry import AdapterRegistry, ModelShape  # noqa: E402
+from conftest import ENGINE_ARGS  # noqa: E402
 
-ENGINE_ARGS = dict(max_model_len=512, max_num_batched_tokens=128, max_num_seqs=32)
 CONFIGS = {
     "lora": PreftConfig(method="lora", r=4, alpha=8),
     "loreft": PreftConfig(method="loreft", r=4, positions="f3+l3"),
 }
 GEN = 8
-
-
-@pytest.fixture(scope="session")
-def engines(tiny_llama_dir):
-    created = {}
-
-    def get(method: str) -> PreftEngine:
-        if method not in created:
-            created[method] = PreftEngine(str(tiny_llama_dir), max_adapters=80, max_rank=8, method=method, **ENGINE_ARGS)
-        return created[method]
-
-    yield get
-    for engine in created.values():
-        engine.close()
 
 
 def reference_model(load_tiny, method: str, seed: int) -> PreftModel:

@@ -253,3 +253,29 @@ def test_a_512_adapter_registry_fits_and_the_513th_is_refused(tiny_llama_dir):
         registry.add("user-512", state, config)
     registry.remove("user-7")
     assert registry.add("user-512", state, config).slot == 7  # a freed slot is reused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "loreft"])
+def test_compiled_engine_applies_adapters(tiny_llama_dir, load_tiny, method):
+    """With torch.compile (enforce_eager=False) the adapter ops stay opaque and still act per step."""
+    with PreftEngine(str(tiny_llama_dir), max_adapters=4, max_rank=8, method=method, enforce_eager=False, **ENGINE_ARGS) as engine:
+        assert engine.llm.llm_engine.vllm_config.compilation_config.mode != 0  # really compiled
+        ref = reference_model(load_tiny, method, seed=40)
+        engine.add_adapter("compiled", ref)
+        rng = np.random.default_rng(9)
+        prompts = [random_prompt(rng, n) for n in (150, 12)]
+        outs = engine.generate(prompts, greedy(), adapters=["compiled", None])
+        base = load_tiny()
+        assert list(outs[0].outputs[0].token_ids) == reference_greedy(ref, base, prompts[0])
+        assert list(outs[1].outputs[0].token_ids) == reference_greedy(None, base, prompts[1])
+        assert engine._runtime.step_log[-1][1] == 0  # the last (decode) step selected nothing
+
+
+def test_sleep_and_wake_up_are_logged_no_ops_without_a_gpu(engines, caplog):
+    engine = engines("lora")
+    with caplog.at_level("WARNING", logger="preft_rl.engine.engine"):
+        engine.sleep()
+        engine.wake_up()
+    assert sum("sleep mode needs a CUDA device" in r.message for r in caplog.records) == 2
+    assert engine.generate([[5, 6, 7]], greedy(max_tokens=2))[0].outputs[0].token_ids  # still serving

@@ -6,8 +6,11 @@ of (adapter, version, prompt length), so cached prompt KV is never shared across
 and KV computed for generated tokens (plain) is never reused as prompt KV (adapted) when a later prompt
 extends an earlier conversation: the longer prompt has another length, so another salt.
 
-Compilation: the engine runs vLLM eagerly (`enforce_eager=True`, which is also compilation mode NONE).
-The adapter hooks read per-step Python state, which torch.compile would freeze at trace time.
+Compilation: by default the engine runs vLLM eagerly (`enforce_eager=True`: no torch.compile, no CUDA
+graphs), which starts in seconds. With `enforce_eager=False` vLLM compiles the model: the adapters are
+registered custom ops (`preft_rl::apply_lora`, `preft_rl::apply_reft`) added to vLLM's splitting ops,
+so they stay opaque to torch.compile and run eagerly between piecewise graphs, reading each step's
+token selection when they run.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from preft_rl.adapters.config import PreftConfig
 from preft_rl.models import resolve_model
 
 from . import vllm_compat
-from .model import EXTRA_ARGS_KEY, PreftRuntime, preft_model_class
+from .model import EXTRA_ARGS_KEY, SPLITTING_OPS, PreftRuntime, preft_model_class, register_runtime
 from .registry import AdapterEntry, AdapterRegistry, ModelShape
 
 logger = logging.getLogger(__name__)
@@ -92,7 +95,7 @@ class PreftEngine:
         )
         settings.update(vllm_kwargs)
         if not settings["enforce_eager"]:
-            raise ValueError("PreftEngine needs enforce_eager=True: its adapter hooks are not torch.compile-safe yet")
+            vllm_compat.add_splitting_ops(SPLITTING_OPS)  # adapter ops stay opaque, outside captured graphs
         self.llm = LLM(self.model_path, hf_overrides=overrides, **settings)
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -105,6 +108,7 @@ class PreftEngine:
         self._check_registry_fits(registry, param.device)
         self._runtime = PreftRuntime(registry=registry, runner=self._runner, prompt_only=adapter_scope == "prompt")
         model.preft_runtime = self._runtime
+        register_runtime(self._runtime, model.preft_runtime_id)
         vllm_compat.wrap_execute_model(self._runner, self._begin_step, self._end_step)
         self.method, self.adapter_scope = method, adapter_scope
         global _live_engines
@@ -218,6 +222,7 @@ class PreftEngine:
 
         global _live_engines
         self._runner.model.preft_runtime = None
+        register_runtime(None, self._runner.model.preft_runtime_id)
         _parked.append(self.llm)
         self.llm = self._runner = None
         _live_engines -= 1

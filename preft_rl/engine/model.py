@@ -111,28 +111,88 @@ class PreftRuntime:
                 self.on_selection(self.selection)
 
 
-def _lora_hook(model: nn.Module, layer: int, module_name: str) -> Callable:
-    def hook(module: nn.Module, args: tuple, output):
-        runtime = model.preft_runtime
-        selection = None if runtime is None else runtime.selection
-        if selection is None:
-            return output
+# ------------------------------------------------------------------------------------ adapter ops
+# The hooks call these through registered torch custom ops, so that under torch.compile each one is an
+# opaque call (and a splitting op for piecewise graphs) that reads the step's selection when it runs,
+# instead of a Python branch that Dynamo would freeze at trace time.
+_RUNTIMES: dict[int, PreftRuntime] = {}
+_MODULES = tuple(LORA_TARGETS)
+
+
+def register_runtime(runtime: PreftRuntime | None, runtime_id: int) -> None:
+    if runtime is None:
+        _RUNTIMES.pop(runtime_id, None)
+    else:
+        _RUNTIMES[runtime_id] = runtime
+
+
+def _apply_lora(x: torch.Tensor, out: torch.Tensor, runtime_id: int, layer: int, module_index: int) -> None:
+    runtime = _RUNTIMES.get(runtime_id)
+    selection = None if runtime is None else runtime.selection
+    if selection is None:
+        return
+    runtime.adapter_calls += 1
+    reg = runtime.registry
+    module_name = _MODULES[module_index]
+    A = reg.tensors[f"{layer}.{module_name}.A"]  # (S, n_slices * R, d_in)
+    B = reg.tensors[f"{layer}.{module_name}.B"]  # (S, d_out_total, R)
+    scaling = reg.tensors["scaling"]  # (S,)
+    R = reg.max_rank
+    _, slices = reg.shape.lora_io(module_name)
+    for slot, rows in selection.groups:
+        shrunk = x.index_select(0, rows) @ A[slot].T  # (P, n_slices * R)
+        lo = 0
+        for i, size in enumerate(slices):
+            delta = (shrunk[:, i * R : (i + 1) * R] @ B[slot, lo : lo + size].T) * scaling[slot]  # (P, size)
+            out[:, lo : lo + size].index_add_(0, rows, delta.to(out.dtype))
+            lo += size
+
+
+def _apply_reft(hidden: torch.Tensor, residual: torch.Tensor, runtime_id: int, layer: int) -> None:
+    runtime = _RUNTIMES.get(runtime_id)
+    selection = None if runtime is None else runtime.selection
+    if selection is None:
+        return
+    reg = runtime.registry
+    t = reg.tensors
+    for slot, rows in selection.groups:
+        if not reg.layer_mask[slot, layer]:
+            continue
         runtime.adapter_calls += 1
-        reg = runtime.registry
-        x = args[0]  # (T, d_in)
+        stream = (hidden.index_select(0, rows) + residual.index_select(0, rows)).to(torch.float32)  # (P, d)
+        if reg.method == "loreft":
+            R = t["rotate"][layer, slot].float()  # (R, d)
+            low = F.linear(stream, t["source_w"][layer, slot].float() - R, t["source_b"][layer, slot].float())
+            edited = stream + low @ R
+        else:
+            low = F.linear(stream, t["source_w"][layer, slot].float(), t["source_b"][layer, slot].float())
+            edited = stream + low @ t["proj"][layer, slot].float()
+        # The residual stream is hidden + residual: put all of `edited` in residual and zero hidden,
+        # so the next layer's fused add sees exactly `edited`.
+        residual.index_copy_(0, rows, edited.to(residual.dtype))
+        hidden.index_fill_(0, rows, 0)
+
+
+def _register_ops() -> None:
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    global _LIB
+    _LIB = torch.library.Library("preft_rl", "FRAGMENT")
+    direct_register_custom_op("apply_lora", _apply_lora, mutates_args=["out"], fake_impl=lambda *a: None, target_lib=_LIB)
+    direct_register_custom_op(
+        "apply_reft", _apply_reft, mutates_args=["hidden", "residual"], fake_impl=lambda *a: None, target_lib=_LIB
+    )
+
+
+_LIB = None
+_register_ops()
+SPLITTING_OPS = ["preft_rl::apply_lora", "preft_rl::apply_reft"]
+
+
+def _lora_hook(model: nn.Module, layer: int, module_index: int) -> Callable:
+    def hook(module: nn.Module, args: tuple, output):
         out = output[0] if isinstance(output, tuple) else output  # (T, d_out_total), edited in place
-        A = reg.tensors[f"{layer}.{module_name}.A"]  # (S, n_slices * R, d_in)
-        B = reg.tensors[f"{layer}.{module_name}.B"]  # (S, d_out_total, R)
-        scaling = reg.tensors["scaling"]  # (S,)
-        R = reg.max_rank
-        _, slices = reg.shape.lora_io(module_name)
-        for slot, rows in selection.groups:
-            shrunk = x.index_select(0, rows) @ A[slot].T  # (P, n_slices * R)
-            lo = 0
-            for i, size in enumerate(slices):
-                delta = (shrunk[:, i * R : (i + 1) * R] @ B[slot, lo : lo + size].T) * scaling[slot]  # (P, size)
-                out[:, lo : lo + size].index_add_(0, rows, delta.to(out.dtype))
-                lo += size
+        torch.ops.preft_rl.apply_lora(args[0], out, model.preft_runtime_id, layer, module_index)
         return output
 
     return hook
@@ -140,39 +200,18 @@ def _lora_hook(model: nn.Module, layer: int, module_name: str) -> Callable:
 
 def _reft_hook(model: nn.Module, layer: int) -> Callable:
     def hook(module: nn.Module, args: tuple, output):
-        runtime = model.preft_runtime
-        selection = None if runtime is None else runtime.selection
-        if selection is None:
-            return output
-        reg = runtime.registry
-        hidden, residual = output  # the residual stream is hidden + residual
-        t = reg.tensors
-        for slot, rows in selection.groups:
-            if not reg.layer_mask[slot, layer]:
-                continue
-            runtime.adapter_calls += 1
-            stream = (hidden.index_select(0, rows) + residual.index_select(0, rows)).to(torch.float32)  # (P, d)
-            if reg.method == "loreft":
-                R = t["rotate"][layer, slot].float()  # (R, d)
-                low = F.linear(stream, t["source_w"][layer, slot].float() - R, t["source_b"][layer, slot].float())
-                edited = stream + low @ R
-            else:
-                low = F.linear(stream, t["source_w"][layer, slot].float(), t["source_b"][layer, slot].float())
-                edited = stream + low @ t["proj"][layer, slot].float()
-            # Put the whole edited stream in `residual` and zero `hidden`: their sum is then exactly `edited`.
-            residual.index_copy_(0, rows, edited.to(residual.dtype))
-            hidden.index_fill_(0, rows, 0)
+        hidden, residual = output
+        torch.ops.preft_rl.apply_reft(hidden, residual, model.preft_runtime_id, layer)
         return hidden, residual
 
     return hook
 
 
 def install_hooks(model: nn.Module, method: str) -> None:
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(model.model.layers):
         if method == "lora":
-            for module_name in LORA_TARGETS:
-                layer.get_submodule(module_name).register_forward_hook(_lora_hook(model, i, module_name))
+            for index, module_name in enumerate(_MODULES):
+                layer.get_submodule(module_name).register_forward_hook(_lora_hook(model, i, index))
         else:
             layer.register_forward_hook(_reft_hook(model, i))
 
@@ -189,6 +228,7 @@ def preft_model_class(base_cls: type, method: str) -> type:
     def __init__(self, *, vllm_config, prefix: str = ""):
         base_cls.__init__(self, vllm_config=vllm_config, prefix=prefix)
         self.preft_runtime = None  # attached by PreftEngine once vLLM is up
+        self.preft_runtime_id = id(self)  # how the custom ops find the runtime (a constant under compile)
         install_hooks(self, method)
 
     def forward(self, input_ids, positions, *args, **kwargs):

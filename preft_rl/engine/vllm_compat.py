@@ -93,3 +93,15 @@ def wrap_execute_model(runner: Any, before, after) -> None:
             after()
 
     runner.execute_model = execute_model
+
+
+def add_splitting_ops(ops: list[str]) -> None:
+    """Make vLLM split its compiled graph at these ops, as it does at attention (process-wide).
+
+    vLLM builds its default splitting ops from CompilationConfig._attention_ops when the user gives none.
+    """
+    from vllm.config import CompilationConfig
+
+    for op in ops:
+        if op not in CompilationConfig._attention_ops:
+            CompilationConfig._attention_ops.append(op)

@@ -279,3 +279,34 @@ def test_sleep_and_wake_up_are_logged_no_ops_without_a_gpu(engines, caplog):
         engine.wake_up()
     assert sum("sleep mode needs a CUDA device" in r.message for r in caplog.records) == 2
     assert engine.generate([[5, 6, 7]], greedy(max_tokens=2))[0].outputs[0].token_ids  # still serving
+
+
+def test_all_token_baselines_match_peft_lora(tiny_llama_dir, load_tiny, engines):
+    """adapter_scope='all' and vLLM's native multi-LoRA both equal an ordinary (all-token) PEFT LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    from preft_rl.engine.baselines import NativeLoraEngine
+
+    engines("lora")  # keep the shared engine alive while these come and go
+    ref = reference_model(load_tiny, "lora", seed=50)
+    peft_model = get_peft_model(load_tiny(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    peft_state = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    ours = ref.adapter_state_dict()
+    assert set(peft_state) == set(ours)  # one key format
+    peft_model.load_state_dict({k.replace("lora_A.weight", "lora_A.default.weight").replace("lora_B.weight", "lora_B.default.weight"): v
+                                for k, v in ours.items()}, strict=False)
+    peft_model.base_model.model.generation_config.eos_token_id = None
+    rng = np.random.default_rng(11)
+    prompts = [random_prompt(rng, n) for n in (30, 9)]
+    expected = [peft_model.generate(input_ids=torch.tensor([p]), max_new_tokens=GEN, do_sample=False)[0, len(p):].tolist() for p in prompts]
+    prefill_only = [reference_greedy(ref, load_tiny(), p) for p in prompts]
+    assert expected != prefill_only  # the two policies differ, so the checks below can fail
+
+    with PreftEngine(str(tiny_llama_dir), max_adapters=2, max_rank=8, adapter_scope="all", **ENGINE_ARGS) as engine:
+        engine.add_adapter("all", ref)
+        outs = engine.generate(prompts, greedy(), adapters=["all", "all"])
+        assert [list(o.outputs[0].token_ids) for o in outs] == expected
+    with NativeLoraEngine(str(tiny_llama_dir), max_adapters=2, max_rank=8, **ENGINE_ARGS) as native:
+        native.add_adapter("all", ref)
+        outs = native.generate(prompts, greedy(), adapters=["all", "all"])
+        assert [list(o.outputs[0].token_ids) for o in outs] == expected

@@ -111,8 +111,7 @@ class PreftEngine:
         register_runtime(self._runtime, model.preft_runtime_id)
         vllm_compat.wrap_execute_model(self._runner, self._begin_step, self._end_step)
         self.method, self.adapter_scope = method, adapter_scope
-        global _live_engines
-        _live_engines += 1
+        _track_llm()
 
     # ------------------------------------------------------------------------------ registry
     @property
@@ -218,22 +217,10 @@ class PreftEngine:
         """Release vLLM and its memory; the engine cannot be used afterwards."""
         if getattr(self, "llm", None) is None:
             return
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-        global _live_engines
         self._runner.model.preft_runtime = None
         register_runtime(None, self._runner.model.preft_runtime_id)
-        _parked.append(self.llm)
+        _release_llm(self.llm)
         self.llm = self._runner = None
-        _live_engines -= 1
-        if _live_engines == 0:
-            while _parked:
-                _parked.pop().llm_engine.engine_core.shutdown()
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        else:
-            logger.info("PreftEngine.close: other engines are live; this engine's memory is freed when the last one closes")
-        gc.collect()
 
     def __enter__(self) -> PreftEngine:
         return self
@@ -263,6 +250,28 @@ class PreftEngine:
                 f"max_adapters={registry.max_adapters} at max_rank={registry.max_rank} needs up to {total / 2**30:.2f} GiB "
                 f"({per_adapter / 2**20:.2f} MiB each) but only {free / 2**30:.2f} GiB is free; lower max_adapters or max_rank"
             )
+
+
+def _track_llm() -> None:
+    global _live_engines
+    _live_engines += 1
+
+
+def _release_llm(llm: Any) -> None:
+    """Park a closed engine's vLLM; shut all parked ones down once no engine in the process is live."""
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    global _live_engines
+    _parked.append(llm)
+    _live_engines -= 1
+    if _live_engines == 0:
+        while _parked:
+            _parked.pop().llm_engine.engine_core.shutdown()
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    else:
+        logger.info("engine closed while other engines are live: its memory is freed when the last one closes")
+    gc.collect()
 
 
 def _adapter_source(source: Any, config: PreftConfig | None) -> tuple[dict[str, torch.Tensor], PreftConfig]:

@@ -1,0 +1,116 @@
+"""The all-token baseline users pick today: vLLM's native multi-LoRA (`enable_lora`, `LoRARequest`).
+
+`NativeLoraEngine` has PreftEngine's registry/generate shape so one benchmark drives both. Its adapters
+act on every token (prompt and generated), as an ordinary LoRA does. It takes the same adapter sources
+as PreftEngine and writes each as a PEFT LoRA directory, which is what vLLM loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from preft_rl.adapters.config import PreftConfig
+from preft_rl.models import resolve_model
+
+from . import vllm_compat
+from .engine import Prompt, _adapter_source, _release_llm, _track_llm
+
+_VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class NativeLoraEngine:
+    def __init__(self, model_path: str | os.PathLike, max_adapters: int = 64, max_rank: int = 16, **vllm_kwargs: Any) -> None:
+        vllm_compat.check_vllm_version()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        vllm_rank = next((r for r in _VLLM_RANKS if r >= max_rank), None)
+        if vllm_rank is None:
+            raise ValueError(f"max_rank={max_rank} exceeds vLLM's largest LoRA rank {_VLLM_RANKS[-1]}")
+        self.model_path = resolve_model(model_path)
+        config_dtype = getattr(AutoConfig.from_pretrained(self.model_path), "dtype", None)
+        settings = dict(
+            dtype=str(config_dtype).replace("torch.", "") if config_dtype else "auto",
+            enforce_eager=True,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            seed=0,
+            enable_lora=True,
+            max_loras=max_adapters,
+            max_cpu_loras=max_adapters,
+            max_lora_rank=vllm_rank,
+        )
+        settings.update(vllm_kwargs)
+        self.llm = LLM(self.model_path, **settings)
+        _track_llm()
+        self.tokenizer = self.llm.get_tokenizer()
+        self._dir = tempfile.TemporaryDirectory(prefix="preft-native-lora-")
+        self._requests: dict[str, Any] = {}
+        self.max_rank = max_rank
+
+    def add_adapter(self, name: str, source: Any, config: PreftConfig | None = None) -> None:
+        from vllm.lora.request import LoRARequest
+
+        state, config = _adapter_source(source, config)
+        if not config.is_lora:
+            raise ValueError(f"vLLM's native LoRA serves LoRA adapters only, not {config.method!r}")
+        if config.r > self.max_rank:
+            raise ValueError(f"adapter {name!r} has rank {config.r} but the engine was started with max_rank={self.max_rank}")
+        if name in self._requests:
+            raise ValueError(f"adapter {name!r} is already registered")
+        path = Path(self._dir.name) / f"{len(self._requests)}"
+        path.mkdir()
+        targets = sorted({key.split(".")[-3] for key in state})
+        peft_config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
+            "lora_dropout": 0.0, "bias": "none", "target_modules": targets if targets != sorted(_ALL_LINEAR) else _ALL_LINEAR,
+        }
+        (path / "adapter_config.json").write_text(json.dumps(peft_config))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / "adapter_model.safetensors"))
+        self._requests[name] = LoRARequest(name, len(self._requests) + 1, str(path))
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._requests)
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling_params: Any = None, adapters: Sequence[str | None] | None = None, use_tqdm: bool = False
+    ) -> list[Any]:
+        adapters = [None] * len(prompts) if adapters is None else list(adapters)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(adapters)} adapter names")
+        unknown = sorted({a for a in adapters if a is not None and a not in self._requests})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; add_adapter first")
+        requests = [{"prompt_token_ids": self._token_ids(p)} for p in prompts]
+        lora_requests = [self._requests[a] if a is not None else None for a in adapters]
+        return self.llm.generate(requests, sampling_params, lora_request=lora_requests, use_tqdm=use_tqdm)
+
+    def _token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return [int(t) for t in prompt]
+
+    def close(self) -> None:
+        if self.llm is not None:
+            _release_llm(self.llm)
+            self.llm = None
+            self._dir.cleanup()
+
+    def __enter__(self) -> NativeLoraEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

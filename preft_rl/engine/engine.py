@@ -96,6 +96,13 @@ class PreftEngine:
         settings.update(vllm_kwargs)
         if not settings["enforce_eager"]:
             vllm_compat.add_splitting_ops(SPLITTING_OPS)  # adapter ops stay opaque, outside captured graphs
+        # Size the registry before vLLM starts, so an impossible max_adapters fails in seconds.
+        shape = ModelShape.from_hf_config(hf_config)
+        expected_dtype = getattr(torch, settings["dtype"], None) if settings["dtype"] != "auto" else torch.bfloat16
+        expected_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        registry = AdapterRegistry(method, shape, max_adapters, max_rank, expected_dtype or torch.bfloat16, expected_device)
+        self._check_registry_fits(registry, expected_device)
+
         self.llm = LLM(self.model_path, hf_overrides=overrides, **settings)
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -104,8 +111,8 @@ class PreftEngine:
         if type(model) is not cls:
             raise RuntimeError(f"vLLM built {type(model).__name__}, not {cls.__name__}; the adapter hooks are missing")
         param = next(model.parameters())
-        registry = AdapterRegistry(method, ModelShape.from_hf_config(hf_config), max_adapters, max_rank, param.dtype, param.device)
-        self._check_registry_fits(registry, param.device)
+        if (registry.dtype, registry.device) != (param.dtype, param.device):
+            registry = AdapterRegistry(method, shape, max_adapters, max_rank, param.dtype, param.device)
         self._runtime = PreftRuntime(registry=registry, runner=self._runner, prompt_only=adapter_scope == "prompt")
         model.preft_runtime = self._runtime
         register_runtime(self._runtime, model.preft_runtime_id)

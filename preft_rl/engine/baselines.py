@@ -20,7 +20,7 @@ from preft_rl.adapters.config import PreftConfig
 from preft_rl.models import resolve_model
 
 from . import vllm_compat
-from .engine import Prompt, _adapter_source, _release_llm, _track_llm
+from .engine import Prompt, _adapter_source, _release_llm, _track_llm, prompt_token_ids
 
 _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -84,7 +84,7 @@ class NativeLoraEngine:
         return list(self._requests)
 
     def generate(
-        self, prompts: Sequence[Prompt], sampling_params: Any = None, adapters: Sequence[str | None] | None = None, use_tqdm: bool = False
+        self, prompts: Sequence[Prompt], sampling_params: Any = None, adapters: Sequence[str | None] | None = None, use_tqdm: bool = True
     ) -> list[Any]:
         adapters = [None] * len(prompts) if adapters is None else list(adapters)
         if len(adapters) != len(prompts):
@@ -92,16 +92,9 @@ class NativeLoraEngine:
         unknown = sorted({a for a in adapters if a is not None and a not in self._requests})
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; add_adapter first")
-        requests = [{"prompt_token_ids": self._token_ids(p)} for p in prompts]
+        requests = [{"prompt_token_ids": prompt_token_ids(self.tokenizer, p)} for p in prompts]
         lora_requests = [self._requests[a] if a is not None else None for a in adapters]
         return self.llm.generate(requests, sampling_params, lora_request=lora_requests, use_tqdm=use_tqdm)
-
-    def _token_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
-        return [int(t) for t in prompt]
 
     def close(self) -> None:
         if self.llm is not None:

@@ -148,7 +148,7 @@ class PreftEngine:
         prompts: Sequence[Prompt],
         sampling_params: Any = None,
         adapters: Sequence[str | None] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool = True,
     ) -> list[Any]:
         """One vLLM RequestOutput per prompt, in order. Prompts: text, token ids, or chat messages."""
         from vllm import SamplingParams
@@ -173,7 +173,7 @@ class PreftEngine:
                 raise ValueError(exc.args[0]) from None
         requests, request_params = [], []
         for prompt, entry, sp in zip(prompts, entries, params):
-            token_ids = self._token_ids(prompt)
+            token_ids = prompt_token_ids(self.tokenizer, prompt)
             request: dict[str, Any] = {"prompt_token_ids": token_ids}
             sp = sp.clone()
             if entry is not None:
@@ -185,19 +185,6 @@ class PreftEngine:
             return self.llm.generate(requests, request_params, use_tqdm=use_tqdm)
         finally:
             self._runtime.request_slots.clear()
-
-    def _token_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)  # special tokens added, as vllm.LLM.generate does
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
-            ids = [int(t) for t in prompt]
-        else:
-            raise ValueError(f"a prompt must be text, a list of token ids or a list of chat messages, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("got an empty prompt; every prompt needs at least one token")
-        return list(ids)
 
     # ------------------------------------------------------------------------------ lifecycle
     def _begin_step(self) -> None:
@@ -257,6 +244,22 @@ class PreftEngine:
                 f"max_adapters={registry.max_adapters} at max_rank={registry.max_rank} needs up to {total / 2**30:.2f} GiB "
                 f"({per_adapter / 2**20:.2f} MiB each) but only {free / 2**30:.2f} GiB is free; lower max_adapters or max_rank"
             )
+
+
+def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt given as text (special tokens added, as vllm.LLM.generate does), token ids,
+    or chat messages (chat template with the generation prompt)."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+        ids = [int(t) for t in prompt]
+    else:
+        raise ValueError(f"a prompt must be text, a list of token ids or a list of chat messages, got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError("got an empty prompt; every prompt needs at least one token")
+    return list(ids)
 
 
 def _track_llm() -> None:

@@ -1,0 +1,140 @@
+"""GRPO as pure, shape-documented functions: advantages, log-probs, KL, importance weights, policy loss.
+
+Conventions follow TRL's GRPOTrainer: rewards are grouped by prompt (num_generations consecutive
+completions share one prompt); the policy loss is the PPO-style clipped ratio against the old policy's
+log-probs; the engine-vs-trainer mismatch is corrected with a truncated importance-sampling weight;
+the KL term is the k3 estimator against the reference (here: the base model, adapter off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+IS_MODES = ("token_truncate", "sequence_truncate")
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
+    """rewards (B,) in prompt-major order -> advantages (B,): reward minus its group's mean, divided by
+    the group's ('group') or the batch's ('batch') std, or unscaled ('none').
+
+    >>> group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2, "none").tolist()
+    [0.5, -0.5, 0.0, 0.0]
+    """
+    if rewards.dim() != 1 or rewards.numel() % num_generations:
+        raise ValueError(f"rewards {tuple(rewards.shape)} must be (B,) with B divisible by num_generations={num_generations}")
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r}: use one of {SCALE_REWARDS}")
+    grouped = rewards.view(-1, num_generations)  # (G, n)
+    advantages = (grouped - grouped.mean(-1, keepdim=True)).view(-1)  # (B,)
+    if scale_rewards == "group":
+        std = grouped.std(-1, keepdim=True).expand_as(grouped).reshape(-1)
+    elif scale_rewards == "batch":
+        std = rewards.std().expand_as(rewards)
+    else:
+        return advantages
+    return advantages / (std + 1e-4)
+
+
+def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at `token_ids`: logits (B, T, V), token_ids (B, T) -> (B, T) fp32.
+
+    Computed row by row so the (B, T, V) fp32 log-softmax is never materialised at once.
+    """
+    out = []
+    for row_logits, row_ids in zip(logits, token_ids):
+        row = row_logits.float() / temperature  # (T, V)
+        out.append(row.gather(-1, row_ids[:, None])[:, 0] - torch.logsumexp(row, dim=-1))
+    return torch.stack(out)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token entropy (B, T) of softmax(logits / temperature)."""
+    out = []
+    for row_logits in logits:
+        logp = torch.log_softmax(row_logits.float() / temperature, dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(out)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate exp(ref - logp) - (ref - logp) - 1 (>= 0), (B, T)."""
+    diff = ref_logps - logps
+    return torch.exp(diff) - diff - 1
+
+
+def importance_weights(
+    old_logps: torch.Tensor, engine_logps: torch.Tensor, mask: torch.Tensor, mode: str = "token_truncate", clip_max: float = 3.0
+) -> torch.Tensor:
+    """Truncated importance weights pi_old / pi_engine for tokens sampled by the engine, (B, T), no grad.
+
+    'token_truncate': per-token ratio, clipped at clip_max; 'sequence_truncate': one ratio per sequence
+    (geometric mean over its tokens), clipped and broadcast.
+    """
+    if mode not in IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode={mode!r}: use one of {IS_MODES}")
+    log_ratio = (old_logps - engine_logps).detach() * mask
+    if mode == "sequence_truncate":
+        seq = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = seq.expand_as(log_ratio)
+    return torch.exp(log_ratio).clamp(max=clip_max) * mask
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar
+    clip_ratio: torch.Tensor  # fraction of tokens whose ratio was clipped (scalar, no grad)
+    kl: torch.Tensor | None  # mean per-token KL (scalar, no grad) when beta > 0
+
+
+def policy_loss(
+    logps: torch.Tensor,  # (B, T) current policy log-probs of the completion tokens
+    old_logps: torch.Tensor,  # (B, T) log-probs of the policy that sampled (detached)
+    advantages: torch.Tensor,  # (B,)
+    mask: torch.Tensor,  # (B, T) 1 at completion tokens (EOS included), 0 at padding
+    *,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,  # (B, T) reference log-probs, needed when beta > 0
+    is_weights: torch.Tensor | None = None,  # (B, T) importance weights (engine mismatch), detached
+    max_completion_length: int | None = None,  # dr_grpo's constant
+    num_items: float | None = None,  # dapo: completion tokens in the whole accumulated batch (default: this batch)
+) -> LossOutput:
+    """Clipped-ratio policy loss, aggregated as TRL's loss_type says.
+
+    grpo: mean over each sequence's tokens, then over sequences; dr_grpo: sum / (B * max_completion_length);
+    dapo: sum over tokens / completion tokens in the global accumulated batch.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: use one of {LOSS_TYPES}")
+    mask = mask.to(logps.dtype)
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logps - old_logps)  # (B, T)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    adv = advantages[:, None]  # (B, 1)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # (B, T)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    kl = None
+    if beta > 0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps (the base model's log-probs)")
+        per_token_kl = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * per_token_kl
+        kl = ((per_token_kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+        loss = (per_token * mask).sum() / (per_token.shape[0] * max_completion_length)
+    else:
+        loss = (per_token * mask).sum() / (num_items if num_items is not None else mask.sum().clamp(min=1))
+    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    clip_ratio = ((is_clipped.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)).detach()
+    return LossOutput(loss=loss, clip_ratio=clip_ratio, kl=kl)

@@ -5,11 +5,14 @@ and never imports vLLM.
 """
 
 from .adapters import PreftConfig, PreftModel, get_preft_model, position_ids_from_attention_mask, prompt_mask_from_lengths
+from .trainers import PreftGRPOConfig, PreftGRPOTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PreftEngine",
+    "PreftGRPOConfig",
+    "PreftGRPOTrainer",
     "PreftConfig",
     "PreftModel",
     "get_preft_model",

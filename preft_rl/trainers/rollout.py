@@ -1,0 +1,98 @@
+"""One GRPO rollout: generate with the engine, score with the reward functions, pack into tensors.
+
+The packed batch carries the engine's own prompt and completion token ids (never re-tokenised text),
+right-padded, with the masks the trainer's forward and loss need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def sampling_seed(seed: int, step: int, index: int) -> int:
+    """A per-request sampling seed from (run seed, step, index in the global batch): reproducible runs."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+@dataclass
+class RolloutBatch:
+    """B completions (B = prompts x num_generations, prompt-major) of one process."""
+
+    input_ids: torch.Tensor  # (B, T) prompt + completion ids, right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    prompt_mask: torch.Tensor  # (B, T) True at prompt tokens
+    completion_mask: torch.Tensor  # (B, T) True at completion tokens (EOS included)
+    engine_logps: torch.Tensor  # (B, T) engine's processed log-prob of each completion token, 0 elsewhere
+    advantages: torch.Tensor  # (B,)
+    rewards: torch.Tensor  # (B,) weighted sum over reward functions
+    rewards_per_func: torch.Tensor  # (B, F), NaN where a function gave None
+    completion_lengths: torch.Tensor  # (B,)
+    truncated: torch.Tensor  # (B,) bool: hit max_completion_length without EOS
+    old_logps: torch.Tensor | None = None  # (B, T) trainer log-probs at sampling time (num_iterations > 1)
+    ref_logps: torch.Tensor | None = None  # (B, T) base-model log-probs (beta > 0)
+
+    def micro_batches(self, size: int) -> list[slice]:
+        return [slice(i, i + size) for i in range(0, self.input_ids.shape[0], size)]
+
+    def to_dict(self) -> dict[str, torch.Tensor | None]:
+        return dict(self.__dict__)
+
+
+def prompt_ids_for(tokenizer: Any, prompt: Any, max_prompt_length: int | None) -> list[int]:
+    from preft_rl.engine.engine import prompt_token_ids
+
+    ids = prompt_token_ids(tokenizer, prompt)
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        ids = ids[-max_prompt_length:]  # keep the end: the question and the generation prompt
+    return ids
+
+
+def score(
+    reward_funcs: Sequence[Callable],
+    reward_names: Sequence[str],
+    prompts: list[Any],
+    completions: list[Any],
+    completion_ids: list[list[int]],
+    columns: dict[str, list[Any]],
+) -> torch.Tensor:
+    """(B, F) rewards, NaN where a function returned None for a sample."""
+    out = torch.full((len(completions), len(reward_funcs)), math.nan)
+    for j, (fn, name) in enumerate(zip(reward_funcs, reward_names)):
+        values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        if len(values) != len(completions):
+            raise ValueError(f"reward function {name} returned {len(values)} rewards for {len(completions)} completions")
+        out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
+        if out[:, j].isnan().all():
+            logger.warning("reward function %s returned None for every completion of this batch", name)
+    return out
+
+
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], completion_logps: list[list[float]], pad_id: int) -> dict:
+    """Right-padded (B, T) tensors of prompt + completion with their masks and the engine log-probs."""
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    width = max(map(len, rows))
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    prompt_mask = torch.zeros(batch, width, dtype=torch.bool)
+    completion_mask = torch.zeros(batch, width, dtype=torch.bool)
+    engine_logps = torch.zeros(batch, width)
+    for i, (p, c, lp) in enumerate(zip(prompt_ids, completion_ids, completion_logps)):
+        n = len(p) + len(c)
+        input_ids[i, :n] = torch.tensor(p + c)
+        attention_mask[i, :n] = 1
+        prompt_mask[i, : len(p)] = True
+        completion_mask[i, len(p) : n] = True
+        engine_logps[i, len(p) : n] = torch.tensor(lp, dtype=torch.float32)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, prompt_mask=prompt_mask,
+                completion_mask=completion_mask, engine_logps=engine_logps)

@@ -1,0 +1,137 @@
+"""PreftGRPOTrainer end to end on the tiny Llama (fp32, CPU, one process)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset
+
+from preft_rl import PreftConfig, PreftGRPOConfig, PreftGRPOTrainer
+
+pytest.importorskip("vllm")
+
+WORDS = ["five apples and", "how many books", "she buys", "three cats then", "each market"]
+
+
+def dataset(chat: bool, n: int = 32) -> Dataset:
+    rows = []
+    for i in range(n):
+        text = f"{WORDS[i % len(WORDS)]} {i} pears?"
+        rows.append({"prompt": [{"role": "user", "content": text}] if chat else text, "answer": f"#### {i}"})
+    return Dataset.from_list(rows)
+
+
+def first_token_even(prompts, completions, completion_ids=None, **columns):
+    assert len(columns["answer"]) == len(completions)  # dataset columns reach the reward function
+    return [float(bool(ids) and ids[0] % 2 == 0) for ids in completion_ids]
+
+
+def config(tmp_path, **overrides) -> PreftGRPOConfig:
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=8,
+        max_steps=4, max_completion_length=4, learning_rate=3e-2, save_steps=0, disable_tqdm=True,
+        engine_kwargs={"max_num_batched_tokens": 256},
+    )
+    settings.update(overrides)
+    return PreftGRPOConfig(**settings)
+
+
+def even_mass(trainer: PreftGRPOTrainer, rows: Dataset) -> float:
+    """Mean probability the policy gives to an even first completion token (exact, not sampled)."""
+    from preft_rl.trainers.rollout import prompt_ids_for
+
+    model = trainer.preft_model
+    total = 0.0
+    with torch.no_grad():
+        for prompt in rows["prompt"]:
+            ids = torch.tensor([prompt_ids_for(trainer.engine.tokenizer, prompt, None)])
+            logits = model(input_ids=ids, prompt_mask=torch.ones_like(ids, dtype=torch.bool)).logits[0, -1]
+            total += torch.softmax(logits.float(), -1)[0::2].sum().item()
+    return total / len(rows)
+
+
+@pytest.mark.parametrize("method,chat", [("lora", True), ("loreft", False)])
+def test_grpo_learns_and_keeps_its_invariants(tiny_llama_dir, tmp_path, method, chat):
+    preft = PreftConfig(method="lora", r=4) if method == "lora" else PreftConfig(method="loreft", r=4, positions="f2+l2")
+    train = dataset(chat)
+    trainer = PreftGRPOTrainer(
+        str(tiny_llama_dir), first_token_even, args=config(tmp_path, max_steps=16, gradient_accumulation_steps=2, num_generations=4), train_dataset=train, preft_config=preft
+    )
+    try:
+        base_before = {n: p.detach().clone() for n, p in trainer.preft_model.base_model.named_parameters() if not p.requires_grad}
+        engine_weight = next(trainer.engine._runner.model.parameters()).detach().clone()
+        # trainer log-probs on the engine's own token ids agree with the engine's (processed) log-probs
+        batch, _ = trainer._generate_and_score(0)
+        trainer_logps = trainer._logps_no_grad(batch)
+        gap = (trainer_logps - batch.engine_logps)[batch.completion_mask].abs().max().item()
+        assert gap < 1e-4, gap  # fp32 on both sides; measured ~1e-6
+        before = even_mass(trainer, train.select(range(8)))
+        syncs = []
+        original = trainer.engine.update_adapter
+        trainer.engine.update_adapter = lambda name, state: (syncs.append(set(state)), original(name, state))[1]
+        metrics = trainer.train()
+        after = even_mass(trainer, train.select(range(8)))
+        engine_weight_after = next(trainer.engine._runner.model.parameters()).detach().clone()
+    finally:
+        trainer.close()
+    assert after > before + 0.1, (before, after)  # GRPO moved probability onto rewarded first tokens
+    # only adapter tensors ever went to the engine, once per new rollout; its base weights never changed
+    adapter_keys = set(trainer.preft_model.adapter_state_dict())
+    assert len(syncs) == 15 and all(keys == adapter_keys for keys in syncs)
+    assert torch.equal(engine_weight_after, engine_weight)
+    for name, param in trainer.preft_model.base_model.named_parameters():
+        if name in base_before:
+            assert torch.equal(param, base_before[name]), name
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, 17))
+    for key in ("reward", "reward_std", "rewards/first_token_even/mean", "completions/mean_length", "kl", "clip_ratio",
+                "entropy", "time/generate", "time/score", "time/backward", "rollout/tokens_per_s"):
+        assert key in metrics and key in log[-1], key
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "checkpoint-16").is_dir()
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_llama_dir, tmp_path):
+    """4 steps straight vs 3 steps + crash + resume: identical adapter parameters (fp32, CPU)."""
+    preft = PreftConfig(method="lora", r=4)
+    args = dict(max_steps=4, num_iterations=2, save_steps=1, beta=0.05, loss_type="grpo")
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    trainer = PreftGRPOTrainer(str(tiny_llama_dir), first_token_even, args=config(straight_dir, **args),
+                               train_dataset=dataset(False), preft_config=preft)
+    try:
+        trainer.train()
+        straight = {k: v.clone() for k, v in trainer.preft_model.adapter_state_dict().items()}
+    finally:
+        trainer.close()
+    # a run that "crashed" after step 3: only its checkpoints up to 3 exist (3 is mid-way through a rollout)
+    resumed_dir.mkdir()
+    for step in (1, 2, 3):
+        shutil.copytree(straight_dir / f"checkpoint-{step}", resumed_dir / f"checkpoint-{step}")
+    log_lines = (straight_dir / "log.jsonl").read_text().splitlines()
+    (resumed_dir / "log.jsonl").write_text("\n".join(log_lines) + "\n")  # includes step 4, which is redone
+    trainer = PreftGRPOTrainer(str(tiny_llama_dir), first_token_even, args=config(resumed_dir, **args),
+                               train_dataset=dataset(False), preft_config=preft)
+    try:
+        trainer.train(resume_from_checkpoint=True)
+        resumed = trainer.preft_model.adapter_state_dict()
+    finally:
+        trainer.close()
+    assert set(straight) == set(resumed)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    steps = [json.loads(line)["step"] for line in (resumed_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_config_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"= 6 completions per process per step must be divisible by num_generations=4; use num_generations in \[2, 3, 6\]"):
+        PreftGRPOConfig(per_device_train_batch_size=3, gradient_accumulation_steps=2, num_generations=4).check_batch(1)
+    with pytest.raises(ValueError, match="loss_type='ppo'"):
+        PreftGRPOConfig(loss_type="ppo")
+    with pytest.raises(ValueError, match="num_generations=1 must be >= 2"):
+        PreftGRPOConfig(num_generations=1)
+    assert PreftGRPOConfig(scale_rewards=False).scale_rewards == "none"
+    with pytest.raises(ValueError, match="report_to=\\['mlflow'\\]"):
+        PreftGRPOConfig(report_to="mlflow")

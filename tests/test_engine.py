@@ -151,7 +151,7 @@ def test_sixty_four_adapters_in_one_batch(engines, load_tiny):
     prompts = [random_prompt(rng, 6) for _ in range(64)]
     names = [f"many-{i}" for i in range(64)]
     distinct_per_step = []
-    engine._runtime.on_selection = lambda sel: distinct_per_step.append(0 if sel is None else len(sel.groups))
+    engine._runtime.on_selection = lambda sel: distinct_per_step.append(0 if sel is None else sel.num_adapters)
     try:
         outs = engine.generate(prompts, greedy(max_tokens=4), adapters=names)
     finally:
@@ -319,3 +319,17 @@ def test_a_registry_that_cannot_fit_fails_before_vllm_starts(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"max_adapters=100000000 at max_rank=64 needs up to .* GiB .*lower max_adapters or max_rank"):
         PreftEngine(str(tiny_llama_dir), max_adapters=10**8, max_rank=64, **ENGINE_ARGS)
     assert time.perf_counter() - start < 10  # refused up front, not after loading the model
+
+
+@pytest.mark.parametrize("method", ["lora", "loreft"])
+def test_engine_through_the_triton_kernels_matches_hf(tiny_llama_dir, method):
+    """The CUDA code path of the engine (Triton kernels), run under the Triton interpreter on CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PREFT_KERNEL_BACKEND": "triton"}
+    script = Path(__file__).with_name("engine_triton_check.py")
+    out = subprocess.run([sys.executable, str(script), method, str(tiny_llama_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert "RESULT True True" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]

@@ -10,6 +10,7 @@ acts on: token t of request i is a prompt token iff its absolute position < prom
 position, never by "is this a prefill step", so chunked prefill, mixed batches, n > 1 children and
 recomputed preempted requests are all handled by the same rule. A step with no adapted prompt token
 (every pure-decode step) gets no selection, and then every hook returns at once: no kernel, no gather.
+The adapter math is preft_rl.kernels: Triton on CUDA, the torch reference on CPU.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from preft_rl.kernels import AdapterTokenMetadata, apply_direft, apply_lora, apply_loreft
 
 from . import vllm_compat
 from .registry import LORA_TARGETS, AdapterRegistry
@@ -30,10 +32,15 @@ EXTRA_ARGS_KEY = "preft_adapter"  # sampling_params.extra_args[...] = {"name": .
 
 @dataclass(frozen=True)
 class StepSelection:
-    """Tokens of one step grouped by adapter slot: [(slot, row indices on the model's device)]."""
+    """Where adapters act in one forward step: each token's adapter slot (-1: none), grouped by slot
+    once per step into the kernels' metadata and reused by every layer."""
 
     token_slot: np.ndarray  # (T,) int: slot of each token's adapter where it acts, else -1
-    groups: list[tuple[int, torch.Tensor]]
+    metadata: AdapterTokenMetadata
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.metadata.active_ids_host)
 
     @staticmethod
     def build(
@@ -42,6 +49,7 @@ class StepSelection:
         request_slots: np.ndarray,
         device: torch.device,
         prompt_only: bool = True,
+        num_tokens: int | None = None,
     ) -> StepSelection | None:
         if not (request_slots >= 0).any():
             return None
@@ -52,22 +60,16 @@ class StepSelection:
             acts = slot >= 0
         else:
             acts = (slot >= 0) & (position < prompt_len)
-        if prompt_only and registry.method != "lora":  # ReFT positions: the first N / last M prompt tokens of the request
+        if prompt_only and registry.method != "lora":  # ReFT positions: the first N / last M prompt tokens
             safe = np.maximum(slot, 0)
             acts &= (position < registry.first_n[safe]) | (position >= prompt_len - registry.last_m[safe])
         if not acts.any():
             return None
-        token_slot = np.where(acts, slot, -1)
-        order = np.argsort(token_slot, kind="stable")
-        sorted_slots = token_slot[order]
-        start = int(np.searchsorted(sorted_slots, 0))
-        uniques, offsets = np.unique(sorted_slots[start:], return_index=True)
-        bounds = list(offsets + start) + [len(order)]
-        groups = [
-            (int(s), torch.from_numpy(order[bounds[k] : bounds[k + 1]].copy()).to(device))
-            for k, s in enumerate(uniques)
-        ]
-        return StepSelection(token_slot=token_slot, groups=groups)
+        token_slot = np.full(max(num_tokens or 0, len(slot)), -1, dtype=np.int32)  # padded tokens: no adapter
+        token_slot[: len(slot)] = np.where(acts, slot, -1)
+        # Grouped on the host from a host index: no device sync.
+        metadata = AdapterTokenMetadata.build(torch.from_numpy(token_slot), device=device)
+        return StepSelection(token_slot=token_slot, metadata=metadata)
 
 
 @dataclass
@@ -80,7 +82,7 @@ class PreftRuntime:
     selection: StepSelection | None = None
     in_step: bool = False
     request_slots: dict[str, int] = field(default_factory=dict)
-    # spies for tests and reports: (tokens in the forward, adapter groups applied) per forward
+    # spies for tests and reports: (tokens in the forward, adapters acting in it) per forward
     step_log: list[tuple[int, int]] = field(default_factory=list)
     adapter_calls: int = 0
     on_selection: Callable[[StepSelection | None], None] | None = None
@@ -105,8 +107,8 @@ class PreftRuntime:
         if self.in_step:
             layout = vllm_compat.batch_layout(self.runner)
             slots = np.array([self.slot_of(r) for r in layout.req_ids], dtype=np.int64)
-            self.selection = StepSelection.build(self.registry, layout, slots, device, self.prompt_only)
-            self.step_log.append((num_tokens, 0 if self.selection is None else len(self.selection.groups)))
+            self.selection = StepSelection.build(self.registry, layout, slots, device, self.prompt_only, num_tokens)
+            self.step_log.append((num_tokens, 0 if self.selection is None else self.selection.num_adapters))
             if self.on_selection is not None:
                 self.on_selection(self.selection)
 
@@ -134,18 +136,16 @@ def _apply_lora(x: torch.Tensor, out: torch.Tensor, runtime_id: int, layer: int,
     runtime.adapter_calls += 1
     reg = runtime.registry
     module_name = _MODULES[module_index]
-    A = reg.tensors[f"{layer}.{module_name}.A"]  # (S, n_slices * R, d_in)
-    B = reg.tensors[f"{layer}.{module_name}.B"]  # (S, d_out_total, R)
-    scaling = reg.tensors["scaling"]  # (S,)
-    R = reg.max_rank
     _, slices = reg.shape.lora_io(module_name)
-    for slot, rows in selection.groups:
-        shrunk = x.index_select(0, rows) @ A[slot].T  # (P, n_slices * R)
-        lo = 0
-        for i, size in enumerate(slices):
-            delta = (shrunk[:, i * R : (i + 1) * R] @ B[slot, lo : lo + size].T) * scaling[slot]  # (P, size)
-            out[:, lo : lo + size].index_add_(0, rows, delta.to(out.dtype))
-            lo += size
+    apply_lora(
+        out,  # (T, d_out_total), edited in place at adapted rows
+        x,  # (T, d_in)
+        reg.tensors[f"{layer}.{module_name}.A"],  # (S, n_slices * R, d_in)
+        reg.tensors[f"{layer}.{module_name}.B"],  # (S, d_out_total, R)
+        reg.tensors["scaling"],  # (S,)
+        selection.metadata,
+        output_slices=slices,
+    )
 
 
 def _apply_reft(hidden: torch.Tensor, residual: torch.Tensor, runtime_id: int, layer: int) -> None:
@@ -154,23 +154,18 @@ def _apply_reft(hidden: torch.Tensor, residual: torch.Tensor, runtime_id: int, l
     if selection is None:
         return
     reg = runtime.registry
+    if not reg.layer_mask[list(selection.metadata.active_ids_host), layer].any():
+        return  # no adapter of this step intervenes after this layer (the others hold exact zeros here)
+    runtime.adapter_calls += 1
+    # The residual stream is hidden + residual. Fold it into `residual` and zero `hidden`: the next
+    # layer's fused add then sees exactly the edited stream.
+    residual.add_(hidden)
+    hidden.zero_()
     t = reg.tensors
-    for slot, rows in selection.groups:
-        if not reg.layer_mask[slot, layer]:
-            continue
-        runtime.adapter_calls += 1
-        stream = (hidden.index_select(0, rows) + residual.index_select(0, rows)).to(torch.float32)  # (P, d)
-        if reg.method == "loreft":
-            R = t["rotate"][layer, slot].float()  # (R, d)
-            low = F.linear(stream, t["source_w"][layer, slot].float() - R, t["source_b"][layer, slot].float())
-            edited = stream + low @ R
-        else:
-            low = F.linear(stream, t["source_w"][layer, slot].float(), t["source_b"][layer, slot].float())
-            edited = stream + low @ t["proj"][layer, slot].float()
-        # The residual stream is hidden + residual: put all of `edited` in residual and zero hidden,
-        # so the next layer's fused add sees exactly `edited`.
-        residual.index_copy_(0, rows, edited.to(residual.dtype))
-        hidden.index_fill_(0, rows, 0)
+    if reg.method == "loreft":
+        apply_loreft(residual, t["rotate"][layer], t["source_w"][layer], t["source_b"][layer], selection.metadata)
+    else:
+        apply_direft(residual, t["source_w"][layer], t["source_b"][layer], t["proj"][layer], selection.metadata)
 
 
 def _register_ops() -> None:

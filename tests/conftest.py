@@ -16,6 +16,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# The Triton kernel tests run natively on a GPU, or on CPU in a child pytest with TRITON_INTERPRET=1
+# (tests/test_kernels.py::test_triton_kernels_under_interpreter); elsewhere they are not collected.
+collect_ignore = []
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    collect_ignore.append("test_kernels_triton.py")
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 _WORDS = (
     "the a one two three four five six seven eight nine ten apples pears books coins cats birds has "

@@ -54,8 +54,19 @@ class PreftGRPOTrainer:
             raise ValueError("PreftGRPOTrainer needs a non-empty train_dataset with a 'prompt' column")
         if "prompt" not in train_dataset.column_names:
             raise ValueError(f"train_dataset has columns {train_dataset.column_names}; it needs a 'prompt' column")
-        self.accelerator = Accelerator(log_with=args.report_to or None, project_dir=args.output_dir)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps, log_with=args.report_to or None, project_dir=args.output_dir
+        )
         args.check_batch(self.accelerator.num_processes)
+        ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if ds_plugin is not None:  # no dataloader goes through accelerate, so fill DeepSpeed's "auto" batch fields here
+            ds_config = ds_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+            ds_config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+            ds_config["train_batch_size"] = args.generation_batch_size(self.accelerator.num_processes)
+            if ds_config.get("gradient_clipping", "auto") == "auto":
+                ds_config["gradient_clipping"] = args.max_grad_norm if args.max_grad_norm > 0 else 0.0
+            ds_config.setdefault("zero_allow_untested_optimizer", True)
         if self.accelerator.is_main_process:
             print(f"PreftGRPOTrainer: {args.describe(self.accelerator.num_processes)}", flush=True)
         torch.manual_seed(args.seed)
@@ -102,7 +113,8 @@ class PreftGRPOTrainer:
             engine_kwargs["enable_sleep_mode"] = args.engine_sleep
         engine_kwargs.update(args.engine_kwargs)
         self.engine = PreftEngine(self.model_path, max_adapters=1, max_rank=config.r, method=config.method, **engine_kwargs)
-        self.engine.add_adapter(POLICY, self.preft_model)
+        with _gathered([p for _, p in self.preft_model.adapter_named_parameters()], self.accelerator):
+            self.engine.add_adapter(POLICY, self.preft_model.adapter_state_dict(), config=config)
         self._engine_in_sync = True
 
         self.step = 0
@@ -227,33 +239,36 @@ class PreftGRPOTrainer:
         mask_all = batch.completion_mask.float()
         num_items = acc.reduce(mask_all.sum().to(device), reduction="sum").item() / acc.num_processes
         stats = {"loss": 0.0, "clip_ratio": 0.0, "kl": 0.0, "entropy": 0.0}
-        micro = batch.micro_batches(args.per_device_train_batch_size)
+        micro = batch.micro_batches(args.per_device_train_batch_size)  # gradient_accumulation_steps of them
         for rows in micro:
-            mask = batch.completion_mask[rows].to(device).float()
-            logps, entropy = self._completion_logps(batch, rows, with_entropy=True)
-            old = batch.old_logps[rows].to(device) if batch.old_logps is not None else logps.detach()
-            is_w = None
-            if args.vllm_importance_sampling_correction:
-                is_w = importance_weights(old, batch.engine_logps[rows].to(device), mask, args.vllm_importance_sampling_mode,
-                                          args.vllm_importance_sampling_clip_max)
-            out = policy_loss(
-                logps, old, batch.advantages[rows].to(device), mask, loss_type=args.loss_type, epsilon=args.epsilon,
-                epsilon_high=args.epsilon_high, beta=args.beta,
-                ref_logps=None if batch.ref_logps is None else batch.ref_logps[rows].to(device),
-                is_weights=is_w, max_completion_length=args.max_completion_length, num_items=num_items,
-            )
-            loss = out.loss if args.loss_type == "dapo" else out.loss / len(micro)
-            acc.backward(loss)
-            stats["loss"] += loss.item()
+            with acc.accumulate(self.model):  # backward divides by gradient_accumulation_steps; steps at the last
+                mask = batch.completion_mask[rows].to(device).float()
+                logps, entropy = self._completion_logps(batch, rows, with_entropy=True)
+                old = batch.old_logps[rows].to(device) if batch.old_logps is not None else logps.detach()
+                is_w = None
+                if args.vllm_importance_sampling_correction:
+                    is_w = importance_weights(old, batch.engine_logps[rows].to(device), mask,
+                                              args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_max)
+                out = policy_loss(
+                    logps, old, batch.advantages[rows].to(device), mask, loss_type=args.loss_type, epsilon=args.epsilon,
+                    epsilon_high=args.epsilon_high, beta=args.beta,
+                    ref_logps=None if batch.ref_logps is None else batch.ref_logps[rows].to(device),
+                    is_weights=is_w, max_completion_length=args.max_completion_length, num_items=num_items,
+                )
+                # dapo is already normalised by the whole accumulated batch's tokens: undo accelerate's division
+                loss = out.loss * len(micro) if args.loss_type == "dapo" else out.loss
+                acc.backward(loss)
+                if acc.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    if grad_norm is not None:
+                        stats["grad_norm"] = float(grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            stats["loss"] += loss.item() / len(micro)
             stats["clip_ratio"] += out.clip_ratio.item() / len(micro)
             stats["kl"] += (out.kl.item() if out.kl is not None else 0.0) / len(micro)
             stats["entropy"] += ((entropy * mask).sum() / mask.sum().clamp(min=1)).item() / len(micro)
-        if args.max_grad_norm and args.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-            stats["grad_norm"] = float(grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self._engine_in_sync = False
         stats["learning_rate"] = self.scheduler.get_last_lr()[0]
         return stats

@@ -1,7 +1,7 @@
 """Run by tests/test_grpo_distributed.py under `accelerate launch` / `torchrun`: 3 GRPO steps on the tiny
 Llama; every rank prints a digest of its adapter so the test can check the ranks agree.
 
-Usage: python distributed_train_check.py MODEL_DIR OUTPUT_DIR
+Usage: python distributed_train_check.py MODEL_DIR OUTPUT_DIR [MAX_STEPS SAVE_STEPS [resume]]
 """
 
 import hashlib
@@ -19,13 +19,15 @@ if __name__ == "__main__":
     def first_token_even(prompts, completions, completion_ids=None, **columns):
         return [float(bool(c) and c[0] % 2 == 0) for c in completion_ids]
 
+    max_steps, save_steps = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (3, 0)
     args = PreftGRPOConfig(
-        output_dir=sys.argv[2], per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4, max_steps=3,
-        max_completion_length=4, learning_rate=3e-2, save_steps=0, disable_tqdm=True, engine_kwargs={"max_num_batched_tokens": 256},
+        output_dir=sys.argv[2], per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4,
+        max_steps=max_steps, max_completion_length=4, learning_rate=3e-2, save_steps=save_steps, disable_tqdm=True,
+        engine_kwargs={"max_num_batched_tokens": 256},
     )
     trainer = PreftGRPOTrainer(sys.argv[1], first_token_even, args=args, train_dataset=Dataset.from_list(rows),
                                preft_config=PreftConfig(method="lora", r=4))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if sys.argv[-1] == "resume" else None)
     with _gathered([p for _, p in trainer.preft_model.adapter_named_parameters()], trainer.accelerator):
         state = trainer.preft_model.adapter_state_dict()
         digest = hashlib.sha256(b"".join(state[k].float().numpy().tobytes() for k in sorted(state))).hexdigest()[:16]

@@ -67,3 +67,22 @@ def test_two_cpu_processes_each_with_an_engine_stay_in_sync(tiny_llama_dir, tmp_
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], stdout[-2000:]
     log = (tmp_path / "log.jsonl").read_text().splitlines()
     assert len(log) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resume_is_bit_identical(tiny_llama_dir, tmp_path, stage):
+    import shutil
+
+    config = REPO / "examples" / "accelerate_configs" / f"zero{stage}.yaml"
+
+    def launch(out: Path, *extra: str) -> str:
+        stdout = run([str(BIN / "accelerate"), "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
+                      str(SCRIPT), str(tiny_llama_dir), str(out), "4", "2", *extra])
+        return re.search(r"ADAPTER (\w+)", stdout).group(1)
+
+    straight = launch(tmp_path / "straight")
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    assert (tmp_path / "resumed" / "checkpoint-2" / "deepspeed").is_dir()  # DeepSpeed's sharded optimizer state
+    assert launch(tmp_path / "resumed", "resume") == straight

@@ -49,8 +49,11 @@ def save(trainer: PreftGRPOTrainer, step: int, rollout: RolloutBatch | None) -> 
     acc.wait_for_everyone()
     trainer.save_model(tmp)
     rank = acc.process_index
-    if acc.is_main_process:
+    if _uses_deepspeed(trainer):  # sharded optimizer state: every rank writes its part (adapter only)
+        trainer.model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+    elif acc.is_main_process:
         torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+    if acc.is_main_process:
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -85,8 +88,12 @@ def load(trainer: PreftGRPOTrainer, path: str | Path) -> tuple[int, RolloutBatch
             f"{path} was written by {state['num_processes']} process(es) but this run has {acc.num_processes}; "
             "resume with the same number of processes"
         )
-    trainer.preft_model.load_adapter_state_dict(load_file(str(path / "adapter_model.safetensors")))
-    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    if _uses_deepspeed(trainer):
+        trainer.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
+                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        trainer.preft_model.load_adapter_state_dict(load_file(str(path / "adapter_model.safetensors")))
+        trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = torch.load(path / f"rng_state_{acc.process_index}.pt", weights_only=False)
     random.setstate(rng["python"])
@@ -103,3 +110,7 @@ def load(trainer: PreftGRPOTrainer, path: str | Path) -> tuple[int, RolloutBatch
         log.write_text("".join(line + "\n" for line in kept))
     acc.wait_for_everyone()
     return step, rollout
+
+
+def _uses_deepspeed(trainer: PreftGRPOTrainer) -> bool:
+    return getattr(trainer.accelerator.state, "deepspeed_plugin", None) is not None

@@ -135,3 +135,30 @@ def test_config_errors_name_the_fix(tmp_path):
     assert PreftGRPOConfig(scale_rewards=False).scale_rewards == "none"
     with pytest.raises(ValueError, match="report_to=\\['mlflow'\\]"):
         PreftGRPOConfig(report_to="mlflow")
+
+
+def test_evaluate_scores_greedy_completions_and_tensorboard_logs(tiny_llama_dir, tmp_path):
+    from preft_rl.trainers.rollout import prompt_ids_for
+
+    eval_rows = dataset(True, n=6)
+    trainer = PreftGRPOTrainer(
+        str(tiny_llama_dir), first_token_even, args=config(tmp_path, max_steps=2, eval_steps=1, report_to="tensorboard"),
+        train_dataset=dataset(True), eval_dataset=eval_rows, preft_config=PreftConfig(method="lora", r=4),
+    )
+    try:
+        trainer.train()
+        metrics = trainer.evaluate()
+        model = trainer.preft_model
+        model.base_model.generation_config.eos_token_id = None
+        expected = []
+        for prompt in eval_rows["prompt"]:
+            ids = torch.tensor([prompt_ids_for(trainer.engine.tokenizer, prompt, None)])
+            first = model.generate(input_ids=ids, max_new_tokens=1, do_sample=False)[0, -1].item()
+            expected.append(float(first % 2 == 0))
+    finally:
+        trainer.close()
+    assert metrics["eval/num_prompts"] == 6
+    assert metrics["eval/rewards/first_token_even/mean"] == pytest.approx(sum(expected) / 6)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert sum("eval/reward" in row for row in log) == 3  # after step 1, at the end of training, and the call above
+    assert list(tmp_path.rglob("events.out.tfevents.*")), "no tensorboard event file"

@@ -48,6 +48,8 @@ class PreftGRPOConfig:
     bf16: bool = field(default=False, metadata={"help": "Train and serve in bf16 (the adapter stays fp32)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     logging_steps: int = field(default=1, metadata={"help": "Log every N steps."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate on eval_dataset every N steps (<= 0: only at the end)."})
+    eval_max_prompts: int | None = field(default=None, metadata={"help": "Evaluate on at most this many eval prompts."})
     save_steps: int = field(default=50, metadata={"help": "Save a checkpoint every N steps (<= 0: only at the end)."})
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
     report_to: str | list[str] = field(default="none", metadata={"help": "'none', 'tensorboard', 'wandb' or a list."})
@@ -84,6 +86,10 @@ class PreftGRPOConfig:
             self.report_to = [] if self.report_to == "none" else [self.report_to]
         unknown = set(self.report_to) - {"tensorboard", "wandb"}
         need(not unknown, f"report_to={sorted(unknown)}: use 'none', 'tensorboard' or 'wandb'")
+        import importlib.util
+
+        for tracker in self.report_to:
+            need(importlib.util.find_spec(tracker) is not None, f"report_to={tracker!r} but {tracker} is not installed; pip install {tracker}")
 
     def generation_batch_size(self, num_processes: int) -> int:
         """Completions generated per optimizer step over all processes."""

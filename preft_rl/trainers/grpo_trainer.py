@@ -296,15 +296,56 @@ class PreftGRPOTrainer:
             metrics = {**self._rollout_metrics(self._rollout), **stats, **timings, "step": self.step}
             if self.step % args.logging_steps == 0 or self.step == args.max_steps:
                 self._log(metrics)
+            if self.eval_dataset is not None and args.eval_steps > 0 and self.step % args.eval_steps == 0 and self.step < args.max_steps:
+                metrics.update(self.evaluate())
             if args.save_steps > 0 and self.step % args.save_steps == 0 and self.step < args.max_steps:
                 checkpoint.save(self, self.step, self._rollout)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
         bar.close()
+        if self.eval_dataset is not None:
+            metrics.update(self.evaluate())
         checkpoint.save(self, self.step, self._rollout)
         self.save_model(args.output_dir)
-        if args.report_to:
-            acc.end_training()
+        for tracker in acc.trackers:  # not acc.end_training(): it also destroys the process group vLLM uses
+            tracker.finish()
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy completions for eval_dataset (split across processes), scored by the reward functions."""
+        from vllm import SamplingParams
+
+        if self.eval_dataset is None:
+            raise ValueError("evaluate() needs eval_dataset=... when the trainer is built")
+        args, acc = self.args, self.accelerator
+        if not self._engine_in_sync:
+            self._sync_engine()
+        total = min(len(self.eval_dataset), args.eval_max_prompts or len(self.eval_dataset))
+        per_process = math.ceil(total / acc.num_processes)
+        indices = list(range(acc.process_index, total, acc.num_processes))
+        rows = [self.eval_dataset[i] for i in indices]
+        prompts = [row["prompt"] for row in rows]
+        prompt_ids = [prompt_ids_for(self.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
+        greedy = SamplingParams(max_tokens=args.max_completion_length, temperature=0.0)
+        outputs = self.engine.generate(prompt_ids, greedy, adapters=[POLICY] * len(rows), use_tqdm=False) if rows else []
+        completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        texts = [o.outputs[0].text for o in outputs]
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+        columns = {k: [row[k] for row in rows] for k in (rows[0] if rows else {}) if k != "prompt"}
+        per_func = score(self.reward_funcs, self.reward_names, prompts, completions, completion_ids, columns) if rows else torch.empty(0, len(self.reward_funcs))
+        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32)
+        pad = per_process - len(rows)  # equal shapes for gather; NaN rows are ignored below
+        per_func = torch.cat([per_func, torch.full((pad, len(self.reward_funcs)), math.nan)])
+        lengths = torch.cat([lengths, torch.full((pad,), math.nan)])
+        per_func, lengths = acc.gather(per_func.to(acc.device)).cpu(), acc.gather(lengths.to(acc.device)).cpu()
+        valid = ~lengths.isnan()
+        per_func, lengths = per_func[valid], lengths[valid]
+        metrics = {"eval/reward": (per_func * self.reward_weights).nansum(1).mean().item(), "eval/completions/mean_length": lengths.mean().item(),
+                   "eval/num_prompts": float(valid.sum())}
+        for j, name in enumerate(self.reward_names):
+            metrics[f"eval/rewards/{name}/mean"] = torch.nanmean(per_func[:, j]).item()
+        self._log({**metrics, "step": self.step})
         return metrics
 
     def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:

@@ -34,3 +34,29 @@ def test_report_writes_markdown_and_plots(tmp_path, capsys):
 def test_report_on_a_missing_log_says_what_to_pass(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "pass the output_dir of a PreftGRPOTrainer run" in capsys.readouterr().err
+
+
+def test_rollout_benchmark_bookkeeping(tiny_llama_dir, tmp_path):
+    """Every configuration runs, the counts add up and the files are written (speed is not tested)."""
+    import pytest
+
+    pytest.importorskip("vllm")
+    from preft_rl.reports.rollout import RolloutBenchConfig, run, write_report
+
+    cfg = RolloutBenchConfig(model=str(tiny_llama_dir), adapters=[1, 3], methods=["lora", "loreft"], rank=4, prompts=4,
+                             prompt_len=16, gen_len=4, repeats=2, out=str(tmp_path), max_num_seqs=8, max_num_batched_tokens=256)
+    result = run(cfg, progress=False)
+    measurements = result["measurements"]
+    assert len(measurements) == 2 * (1 + 2 * 3)  # repeats x (base + adapters x (2 PreFT methods + all-token LoRA))
+    assert all(m["output_tokens"] == 4 * 4 and m["prompt_tokens"] == 4 * 16 for m in measurements)
+    assert all(m["prefill_steps"] >= 1 and m["decode_steps"] >= 3 for m in measurements)  # 4 tokens: 1 prefill + 3 decode steps
+    assert all(m["prefill_s"] + m["decode_s"] <= m["seconds"] for m in measurements)
+    summary = {(r["config"], r["adapters"]): r for r in result["summary"]}
+    assert set(summary) == {("base", 0)} | {(c, n) for n in (1, 3) for c in ("preft-lora", "preft-loreft", "lora-all-token")}
+    assert summary[("base", 0)]["vs_base"] == 1.0
+    assert summary[("lora-all-token", 3)]["vs_lora_all_token"] == 1.0
+    assert summary[("preft-lora", 3)]["vs_base"] == summary[("preft-lora", 3)]["output_tok_s"] / summary[("base", 0)]["output_tok_s"]
+    paths = write_report(result, tmp_path, "preft-rl bench rollout (test)")
+    assert json.loads(paths["json"].read_text())["command"] == "preft-rl bench rollout (test)"
+    assert paths["markdown"].read_text().count("\n| ") == 2 + 7  # header, separator, 7 configurations
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"

@@ -26,21 +26,62 @@ _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class BaseEngine:
+    """The base model in plain vLLM (no adapter code at all), with PreftEngine's generate shape."""
+
+    def __init__(self, model_path: str | os.PathLike, **vllm_kwargs: Any) -> None:
+        vllm_compat.check_vllm_version()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        self.model_path = resolve_model(model_path)
+        settings = dict(dtype=_checkpoint_dtype(self.model_path), enforce_eager=True, enable_prefix_caching=True,
+                        logprobs_mode="processed_logprobs", seed=0)
+        settings.update(vllm_kwargs)
+        self.llm = LLM(self.model_path, **settings)
+        _track_llm()
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: Sequence[Prompt], sampling_params: Any = None, adapters: Sequence[str | None] | None = None,
+                 use_tqdm: bool = True) -> list[Any]:
+        if adapters is not None and any(a is not None for a in adapters):
+            raise ValueError("BaseEngine serves the base model only; pass adapters=None")
+        requests = [{"prompt_token_ids": prompt_token_ids(self.tokenizer, p)} for p in prompts]
+        return self.llm.generate(requests, sampling_params, use_tqdm=use_tqdm)
+
+    def close(self) -> None:
+        if self.llm is not None:
+            _release_llm(self.llm)
+            self.llm = None
+
+    def __enter__(self) -> BaseEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _checkpoint_dtype(model_path: str) -> str:
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(model_path), "dtype", None)
+    return str(dtype).replace("torch.", "") if dtype else "auto"
+
+
 class NativeLoraEngine:
     def __init__(self, model_path: str | os.PathLike, max_adapters: int = 64, max_rank: int = 16, **vllm_kwargs: Any) -> None:
         vllm_compat.check_vllm_version()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from transformers import AutoConfig
         from vllm import LLM
 
         vllm_rank = next((r for r in _VLLM_RANKS if r >= max_rank), None)
         if vllm_rank is None:
             raise ValueError(f"max_rank={max_rank} exceeds vLLM's largest LoRA rank {_VLLM_RANKS[-1]}")
         self.model_path = resolve_model(model_path)
-        config_dtype = getattr(AutoConfig.from_pretrained(self.model_path), "dtype", None)
         settings = dict(
-            dtype=str(config_dtype).replace("torch.", "") if config_dtype else "auto",
+            dtype=_checkpoint_dtype(self.model_path),
             enforce_eager=True,
             enable_prefix_caching=True,
             logprobs_mode="processed_logprobs",

@@ -105,3 +105,56 @@ def add_splitting_ops(ops: list[str]) -> None:
     for op in ops:
         if op not in CompilationConfig._attention_ops:
             CompilationConfig._attention_ops.append(op)
+
+
+class StepTimer:
+    """Wall time of every model step of a runner, split into steps with prompt work (prefill or mixed
+    prefill/decode) and pure-decode steps. A step runs from execute_model to the end of sample_tokens."""
+
+    def __init__(self, runner: Any) -> None:
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        self.prefill_steps = 0
+        self.decode_steps = 0
+        self._start: float | None = None
+        self._prefill = False
+        execute, sample = runner.execute_model, runner.sample_tokens
+
+        def execute_model(scheduler_output, *args, **kwargs):
+            import time
+
+            self._start = time.perf_counter()
+            # Without speculative decoding a decode step schedules one token per request; more means prompt work.
+            self._prefill = scheduler_output.total_num_scheduled_tokens > len(scheduler_output.num_scheduled_tokens)
+            out = execute(scheduler_output, *args, **kwargs)
+            if out is not None:
+                self._stop()
+            return out
+
+        def sample_tokens(*args, **kwargs):
+            out = sample(*args, **kwargs)
+            self._stop()
+            return out
+
+        runner.execute_model, runner.sample_tokens = execute_model, sample_tokens
+
+    def _stop(self) -> None:
+        import time
+
+        if self._start is None:
+            return
+        elapsed = time.perf_counter() - self._start
+        if self._prefill:
+            self.prefill_s += elapsed
+            self.prefill_steps += 1
+        else:
+            self.decode_s += elapsed
+            self.decode_steps += 1
+        self._start = None
+
+    def reset(self) -> tuple[float, float, int, int]:
+        """(prefill seconds, decode seconds, prefill steps, decode steps) since the last reset."""
+        totals = (self.prefill_s, self.decode_s, self.prefill_steps, self.decode_steps)
+        self.prefill_s = self.decode_s = 0.0
+        self.prefill_steps = self.decode_steps = 0
+        return totals

@@ -1,0 +1,229 @@
+"""Rollout-throughput benchmark: PreFT vs all-token multi-LoRA vs the base model, by number of adapters.
+
+    preft-rl bench rollout --model smollm2-135m-instruct --adapters 1,8,64 --methods lora,loreft \\
+        --rank 16 --prompts 64 --prompt-len 64 --gen-len 64 --repeats 3 --out docs/benchmarks/rollout-cpu
+
+One process, one run: the same request set (random prompt tokens, requests assigned to adapters
+round-robin, greedy, exactly gen-len tokens each) goes through
+  base              the base model in plain vLLM (BaseEngine),
+  preft-<method>    PreftEngine with N prefill-only adapters,
+  lora-all-token    vLLM's native multi-LoRA with the same N adapters (NativeLoraEngine),
+all with identical vLLM settings (eager, prefix caching off, same batch limits). Configurations
+alternate within each repeat; the report gives medians and the min-max spread. Adapters are random
+(rank --rank; LoRA on all linear layers; ReFT on every layer at every prompt token, the costliest case).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RolloutBenchConfig:
+    model: str = "smollm2-135m-instruct"
+    adapters: list[int] = field(default_factory=lambda: [1, 8, 64, 512])
+    methods: list[str] = field(default_factory=lambda: ["lora", "loreft"])
+    rank: int = 16
+    prompts: int = 64
+    prompt_len: int = 64
+    gen_len: int = 64
+    repeats: int = 3
+    out: str = "outputs/bench-rollout"
+    seed: int = 0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.adapters or min(self.adapters) < 1:
+            raise ValueError(f"--adapters {self.adapters}: give positive counts, e.g. 1,8,64")
+        unknown = set(self.methods) - {"lora", "loreft", "direft"}
+        if unknown:
+            raise ValueError(f"--methods {sorted(unknown)}: use lora, loreft or direft")
+        if self.repeats < 1 or self.prompts < 1 or self.prompt_len < 1 or self.gen_len < 1:
+            raise ValueError("--repeats, --prompts, --prompt-len and --gen-len must be >= 1")
+
+
+@dataclass
+class Measurement:
+    config: str  # base | preft-lora | preft-loreft | lora-all-token
+    adapters: int
+    seconds: float
+    output_tokens: int
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    prefill_steps: int
+    decode_steps: int
+
+
+def random_adapter_state(method: str, shape, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """A random adapter in the file format (small values: outputs stay finite and plausible)."""
+    from preft_rl.engine.registry import LORA_TARGETS
+
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=gen) * 0.02  # noqa: E731
+    state = {}
+    for layer in range(shape.num_layers):
+        prefix = f"base_model.model.model.layers.{layer}"
+        if method == "lora":
+            for vllm_module, hf_modules in LORA_TARGETS.items():
+                d_in, slices = shape.lora_io(vllm_module)
+                for hf, d_out in zip(hf_modules, slices):
+                    state[f"{prefix}.{hf}.lora_A.weight"] = rand(rank, d_in)
+                    state[f"{prefix}.{hf}.lora_B.weight"] = rand(d_out, rank)
+        else:
+            base = f"{prefix}.preft_reft.interventions.shared"
+            state[f"{base}.learned_source.weight"] = rand(rank, shape.hidden)
+            state[f"{base}.learned_source.bias"] = rand(rank)
+            if method == "loreft":
+                state[f"{base}.rotate_layer.weight"] = torch.linalg.qr(torch.randn(shape.hidden, rank, generator=gen)).Q.T.contiguous()
+            else:
+                state[f"{base}.proj_layer.weight"] = rand(rank, shape.hidden)
+    return state
+
+
+def _engines(cfg: RolloutBenchConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from preft_rl.adapters.config import PreftConfig
+    from preft_rl.engine import PreftEngine
+    from preft_rl.engine.baselines import BaseEngine, NativeLoraEngine
+    from preft_rl.engine.registry import ModelShape
+    from preft_rl.models import resolve_model
+
+    path = resolve_model(cfg.model)
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(path))
+    most = max(cfg.adapters)
+    engines: dict[str, Any] = {"base": BaseEngine(path, **settings)}
+    for method in cfg.methods:
+        engine = PreftEngine(path, max_adapters=most, max_rank=cfg.rank, method=method, **settings)
+        config = PreftConfig(method=method, r=cfg.rank)
+        for i in range(most):
+            engine.add_adapter(f"a{i}", random_adapter_state(method, shape, cfg.rank, cfg.seed + i), config=config)
+        engines[f"preft-{method}"] = engine
+    native = NativeLoraEngine(path, max_adapters=most, max_rank=cfg.rank, **settings)
+    for i in range(most):
+        native.add_adapter(f"a{i}", random_adapter_state("lora", shape, cfg.rank, cfg.seed + i), config=PreftConfig(method="lora", r=cfg.rank))
+    engines["lora-all-token"] = native
+    return engines
+
+
+def run(cfg: RolloutBenchConfig, progress: bool = True) -> dict[str, Any]:
+    """Run every configuration cfg.repeats times (alternating) and return the raw measurements and summary."""
+    from preft_rl.engine import SamplingParams, vllm_compat
+
+    settings = dict(enforce_eager=True, enable_prefix_caching=False, max_num_seqs=cfg.max_num_seqs,
+                    max_num_batched_tokens=cfg.max_num_batched_tokens, seed=cfg.seed,
+                    max_model_len=cfg.prompt_len + cfg.gen_len + 8)
+    settings.update(cfg.engine_kwargs)
+    engines = _engines(cfg, settings)
+    timers = {name: vllm_compat.StepTimer(_runner(engine)) for name, engine in engines.items()}
+    rng = np.random.default_rng(cfg.seed)
+    vocab = len(engines["base"].tokenizer)
+    prompts = [rng.integers(100, vocab - 100, size=cfg.prompt_len).tolist() for _ in range(cfg.prompts)]
+    params = SamplingParams(max_tokens=cfg.gen_len, min_tokens=cfg.gen_len, temperature=0.0, ignore_eos=True)
+    runs = [("base", 0)] + [(name, n) for n in cfg.adapters for name in engines if name != "base"]
+    measurements: list[Measurement] = []
+    for repeat in range(cfg.repeats):
+        order = runs[repeat % len(runs):] + runs[: repeat % len(runs)]  # rotate, so no configuration always goes first
+        for name, n in order:
+            engine = engines[name]
+            adapters = None if n == 0 else [f"a{i % n}" for i in range(cfg.prompts)]
+            engine.generate(prompts[:2], params, adapters=None if adapters is None else adapters[:2], use_tqdm=False)  # warm
+            timers[name].reset()
+            start = time.perf_counter()
+            outs = engine.generate(prompts, params, adapters=adapters, use_tqdm=False)
+            seconds = time.perf_counter() - start
+            prefill_s, decode_s, prefill_steps, decode_steps = timers[name].reset()
+            output_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            measurements.append(Measurement(name, n, seconds, output_tokens, cfg.prompts * cfg.prompt_len,
+                                            prefill_s, decode_s, prefill_steps, decode_steps))
+            if progress:
+                print(f"[{repeat + 1}/{cfg.repeats}] {name:15s} N={n:<4d} {output_tokens / seconds:9.1f} output tok/s", flush=True)
+    for engine in engines.values():
+        engine.close()
+    return {"config": asdict(cfg), "measurements": [asdict(m) for m in measurements], "summary": summarize(measurements)}
+
+
+def _runner(engine: Any) -> Any:
+    from preft_rl.engine import vllm_compat
+
+    return vllm_compat.model_runner(engine.llm)
+
+
+def summarize(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """Median and spread per (config, adapters), with ratios to base and to all-token LoRA at the same N."""
+    groups: dict[tuple[str, int], list[Measurement]] = {}
+    for m in measurements:
+        groups.setdefault((m.config, m.adapters), []).append(m)
+    rows = []
+    for (name, n), ms in groups.items():
+        out_tps = [m.output_tokens / m.seconds for m in ms]
+        rows.append({
+            "config": name, "adapters": n, "runs": len(ms),
+            "output_tok_s": statistics.median(out_tps), "output_tok_s_min": min(out_tps), "output_tok_s_max": max(out_tps),
+            "total_tok_s": statistics.median((m.output_tokens + m.prompt_tokens) / m.seconds for m in ms),
+            "prefill_s": statistics.median(m.prefill_s for m in ms), "decode_s": statistics.median(m.decode_s for m in ms),
+            "seconds": statistics.median(m.seconds for m in ms),
+        })
+    base = next((r["output_tok_s"] for r in rows if r["config"] == "base"), None)
+    native = {r["adapters"]: r["output_tok_s"] for r in rows if r["config"] == "lora-all-token"}
+    for row in rows:
+        row["vs_base"] = row["output_tok_s"] / base if base else None
+        row["vs_lora_all_token"] = row["output_tok_s"] / native[row["adapters"]] if row["adapters"] in native else None
+    return sorted(rows, key=lambda r: (r["adapters"], r["config"]))
+
+
+def write_report(result: dict[str, Any], out: str | Path, command: str) -> dict[str, Path]:
+    """JSON (everything), Markdown (the table) and a PNG (output tokens/s vs adapters) in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "rollout.json", "markdown": out / "rollout.md", "plot": out / "rollout.png"}
+    paths["json"].write_text(json.dumps({**result, "command": command}, indent=2) + "\n")
+    cfg = result["config"]
+    fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [
+        "# Rollout throughput", "", f"Command: `{command}`", "",
+        f"{cfg['prompts']} requests x {cfg['prompt_len']} prompt tokens -> {cfg['gen_len']} generated tokens each, rank "
+        f"{cfg['rank']}, greedy, eager, prefix caching off; median of {cfg['repeats']} alternating runs (min-max in brackets).", "",
+        "| config | adapters | output tok/s | total tok/s | prefill s | decode s | vs base | vs all-token LoRA |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["summary"]:
+        lines.append(
+            f"| {r['config']} | {r['adapters']} | {r['output_tok_s']:.1f} ({r['output_tok_s_min']:.1f}-{r['output_tok_s_max']:.1f}) | "
+            f"{r['total_tok_s']:.1f} | {r['prefill_s']:.3f} | {r['decode_s']:.3f} | {fmt(r['vs_base'])} | {fmt(r['vs_lora_all_token'])} |"
+        )
+    paths["markdown"].write_text("\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    summary = result["summary"]
+    base = next((r for r in summary if r["config"] == "base"), None)
+    names = sorted({r["config"] for r in summary if r["config"] != "base"})
+    for name in names:
+        pts = sorted((r["adapters"], r["output_tok_s"]) for r in summary if r["config"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if base:
+        ax.axhline(base["output_tok_s"], color="gray", linestyle="--", label="base (no adapters)")
+    ax.set_xscale("log", base=2)
+    ax.set(title="Rollout throughput vs number of adapters", xlabel="adapters in the batch", ylabel="output tokens / s")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths["plot"], dpi=120)
+    plt.close(fig)
+    return paths

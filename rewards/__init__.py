@@ -3,9 +3,9 @@
 `REWARD_FUNCS` maps the names the CLI and configs use to the functions.
 """
 
-from .math import extract_final_answer, format_reward, gsm8k_accuracy_reward
+from .math import extract_final_answer, format_reward, gsm8k_accuracy_reward, gsm8k_last_number_reward
 
-REWARD_FUNCS = {"gsm8k_accuracy": gsm8k_accuracy_reward, "format": format_reward}
+REWARD_FUNCS = {"gsm8k_accuracy": gsm8k_accuracy_reward, "gsm8k_last_number": gsm8k_last_number_reward, "format": format_reward}
 
 
 def get_reward_func(name: str):
@@ -15,4 +15,11 @@ def get_reward_func(name: str):
     return REWARD_FUNCS[name]
 
 
-__all__ = ["REWARD_FUNCS", "extract_final_answer", "format_reward", "get_reward_func", "gsm8k_accuracy_reward"]
+__all__ = [
+    "REWARD_FUNCS",
+    "extract_final_answer",
+    "format_reward",
+    "get_reward_func",
+    "gsm8k_accuracy_reward",
+    "gsm8k_last_number_reward",
+]

@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 _HASHES = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 _FINAL_LINE = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+\s*\$?\s*$")
 
 
@@ -114,3 +115,28 @@ def format_reward(prompts: list[Any], completions: list[Any], completion_ids: li
     [1.0, 0.0]
     """
     return [1.0 if _FINAL_LINE.search(completion_text(c).strip()) else 0.0 for c in completions]
+
+
+def gsm8k_last_number_reward(
+    prompts: list[Any], completions: list[Any], completion_ids: list[list[int]] | None = None, *, answer: list[str], **_: Any
+) -> list[float | None]:
+    """Lenient accuracy: 1.0 when the last number anywhere in the completion equals the GSM8K answer.
+
+    >>> gsm8k_last_number_reward(["q", "q"], ["so she has 72 clips", "72 or maybe 71"], answer=["#### 72", "#### 72"])
+    [1.0, 0.0]
+    """
+    if len(answer) != len(completions):
+        raise ValueError(f"got {len(completions)} completions but {len(answer)} answers")
+    rewards: list[float | None] = []
+    for completion, gold in zip(completions, answer):
+        numbers = _NUMBER.findall(completion_text(completion))
+        if not numbers:
+            rewards.append(0.0)
+            continue
+        try:
+            rewards.append(1.0 if _equal(gsm8k_ground_truth(gold), numbers[-1].rstrip(".")) else 0.0)
+        except Exception:  # noqa: BLE001 - counted and reported, never a silent zero
+            gsm8k_accuracy_reward.errors.add()
+            logger.exception("gsm8k_last_number_reward: could not score %r against %r", numbers[-1], gold)
+            rewards.append(None)
+    return rewards

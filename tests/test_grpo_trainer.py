@@ -75,6 +75,18 @@ def test_grpo_learns_and_keeps_its_invariants(tiny_llama_dir, tmp_path, method, 
         metrics = trainer.train()
         after = even_mass(trainer, train.select(range(8)))
         engine_weight_after = next(trainer.engine._runner.model.parameters()).detach().clone()
+        # after a sync the engine serves exactly the trained adapter: greedy output equals PreftModel.generate
+        from preft_rl.engine import SamplingParams
+        from preft_rl.trainers.rollout import prompt_ids_for
+
+        trainer._sync_engine()
+        model = trainer.preft_model.eval()
+        model.base_model.generation_config.eos_token_id = None
+        for prompt in train["prompt"][:3]:
+            ids = prompt_ids_for(trainer.engine.tokenizer, prompt, None)
+            served = trainer.engine.generate([ids], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), adapters=["policy"])
+            reference = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+            assert list(served[0].outputs[0].token_ids) == reference
     finally:
         trainer.close()
     assert after > before + 0.1, (before, after)  # GRPO moved probability onto rewarded first tokens

@@ -62,6 +62,18 @@ def test_internal_errors_are_counted_and_never_zero():
 
 def test_registry_by_name():
     assert get_reward_func("gsm8k_accuracy") is gsm8k_accuracy_reward
-    assert set(REWARD_FUNCS) == {"gsm8k_accuracy", "format"}
+    assert set(REWARD_FUNCS) == {"gsm8k_accuracy", "gsm8k_last_number", "format"}
     with pytest.raises(ValueError, match="unknown reward 'acc'; available"):
         get_reward_func("acc")
+
+
+def test_malformed_completions_and_answers():
+    from preft_rl.rewards import gsm8k_last_number_reward
+
+    completions = ["", "#### ", "\\boxed{", "#### twelve", "   ", "####\n12"]
+    answers = ["#### 12"] * len(completions)
+    assert gsm8k_accuracy_reward([""] * len(completions), completions, answer=answers) == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert format_reward([""] * len(completions), completions) == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert gsm8k_last_number_reward([""] * 3, ["", "no digits", "1,2,3 then 12."], answer=["#### 12"] * 3) == [0.0, 0.0, 1.0]
+    with pytest.raises(TypeError, match="a completion must be a string or a list of chat messages"):
+        gsm8k_accuracy_reward(["q"], [42], answer=["#### 42"])

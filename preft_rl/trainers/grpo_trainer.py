@@ -312,8 +312,9 @@ class PreftGRPOTrainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Greedy completions for eval_dataset (split across processes), scored by the reward functions."""
+    def evaluate(self, reward_funcs: Sequence[Callable] | None = None, log: bool = True) -> dict[str, float]:
+        """Greedy completions for eval_dataset (split across processes), scored by the training reward
+        functions or by `reward_funcs` (e.g. strict and lenient accuracy); metrics are 'eval/...'."""
         from vllm import SamplingParams
 
         if self.eval_dataset is None:
@@ -333,19 +334,23 @@ class PreftGRPOTrainer:
         texts = [o.outputs[0].text for o in outputs]
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
         columns = {k: [row[k] for row in rows] for k in (rows[0] if rows else {}) if k != "prompt"}
-        per_func = score(self.reward_funcs, self.reward_names, prompts, completions, completion_ids, columns) if rows else torch.empty(0, len(self.reward_funcs))
+        funcs = list(reward_funcs) if reward_funcs is not None else self.reward_funcs
+        names = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(funcs)] if reward_funcs is not None else self.reward_names
+        weights = torch.ones(len(funcs)) if reward_funcs is not None else self.reward_weights
+        per_func = score(funcs, names, prompts, completions, completion_ids, columns) if rows else torch.empty(0, len(funcs))
         lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32)
         pad = per_process - len(rows)  # equal shapes for gather; NaN rows are ignored below
-        per_func = torch.cat([per_func, torch.full((pad, len(self.reward_funcs)), math.nan)])
+        per_func = torch.cat([per_func, torch.full((pad, len(funcs)), math.nan)])
         lengths = torch.cat([lengths, torch.full((pad,), math.nan)])
         per_func, lengths = acc.gather(per_func.to(acc.device)).cpu(), acc.gather(lengths.to(acc.device)).cpu()
         valid = ~lengths.isnan()
         per_func, lengths = per_func[valid], lengths[valid]
-        metrics = {"eval/reward": (per_func * self.reward_weights).nansum(1).mean().item(), "eval/completions/mean_length": lengths.mean().item(),
+        metrics = {"eval/reward": (per_func * weights).nansum(1).mean().item(), "eval/completions/mean_length": lengths.mean().item(),
                    "eval/num_prompts": float(valid.sum())}
-        for j, name in enumerate(self.reward_names):
+        for j, name in enumerate(names):
             metrics[f"eval/rewards/{name}/mean"] = torch.nanmean(per_func[:, j]).item()
-        self._log({**metrics, "step": self.step})
+        if log:
+            self._log({**metrics, "step": self.step})
         return metrics
 
     def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:

@@ -79,6 +79,7 @@ def test_grpo_learns_and_keeps_its_invariants(tiny_llama_dir, tmp_path, method, 
         from preft_rl.engine import SamplingParams
         from preft_rl.trainers.rollout import prompt_ids_for
 
+        trainer.engine.update_adapter = original  # stop counting: this sync is the test's own
         trainer._sync_engine()
         model = trainer.preft_model.eval()
         model.base_model.generation_config.eos_token_id = None

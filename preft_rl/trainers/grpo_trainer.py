@@ -143,7 +143,7 @@ class PreftGRPOTrainer:
     # ------------------------------------------------------------------------------ rollout
     @torch.no_grad()
     def _generate_and_score(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
-        from vllm import SamplingParams
+        from preft_rl.engine import SamplingParams
 
         args, acc = self.args, self.accelerator
         timings: dict[str, float] = {}
@@ -315,7 +315,7 @@ class PreftGRPOTrainer:
     def evaluate(self, reward_funcs: Sequence[Callable] | None = None, log: bool = True) -> dict[str, float]:
         """Greedy completions for eval_dataset (split across processes), scored by the training reward
         functions or by `reward_funcs` (e.g. strict and lenient accuracy); metrics are 'eval/...'."""
-        from vllm import SamplingParams
+        from preft_rl.engine import SamplingParams
 
         if self.eval_dataset is None:
             raise ValueError("evaluate() needs eval_dataset=... when the trainer is built")

@@ -8,7 +8,6 @@ import hashlib
 import sys
 
 if __name__ == "__main__":
-    import torch
     from datasets import Dataset
 
     from preft_rl import PreftConfig, PreftGRPOConfig, PreftGRPOTrainer

@@ -20,7 +20,7 @@ from preft_rl.adapters.config import PreftConfig
 from preft_rl.models import resolve_model
 
 from . import vllm_compat
-from .engine import Prompt, _adapter_source, _release_llm, _track_llm, prompt_token_ids
+from .engine import Prompt, _adapter_source, _release_llm, _track_llm, default_vllm_settings, prompt_token_ids
 
 _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -31,13 +31,10 @@ class BaseEngine:
 
     def __init__(self, model_path: str | os.PathLike, **vllm_kwargs: Any) -> None:
         vllm_compat.check_vllm_version()
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
         self.model_path = resolve_model(model_path)
-        settings = dict(dtype=_checkpoint_dtype(self.model_path), enforce_eager=True, enable_prefix_caching=True,
-                        logprobs_mode="processed_logprobs", seed=0)
+        settings = _settings(self.model_path)
         settings.update(vllm_kwargs)
         self.llm = LLM(self.model_path, **settings)
         _track_llm()
@@ -62,35 +59,23 @@ class BaseEngine:
         self.close()
 
 
-def _checkpoint_dtype(model_path: str) -> str:
+def _settings(model_path: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    dtype = getattr(AutoConfig.from_pretrained(model_path), "dtype", None)
-    return str(dtype).replace("torch.", "") if dtype else "auto"
+    return default_vllm_settings(AutoConfig.from_pretrained(model_path))
 
 
 class NativeLoraEngine:
     def __init__(self, model_path: str | os.PathLike, max_adapters: int = 64, max_rank: int = 16, **vllm_kwargs: Any) -> None:
         vllm_compat.check_vllm_version()
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
         vllm_rank = next((r for r in _VLLM_RANKS if r >= max_rank), None)
         if vllm_rank is None:
             raise ValueError(f"max_rank={max_rank} exceeds vLLM's largest LoRA rank {_VLLM_RANKS[-1]}")
         self.model_path = resolve_model(model_path)
-        settings = dict(
-            dtype=_checkpoint_dtype(self.model_path),
-            enforce_eager=True,
-            enable_prefix_caching=True,
-            logprobs_mode="processed_logprobs",
-            seed=0,
-            enable_lora=True,
-            max_loras=max_adapters,
-            max_cpu_loras=max_adapters,
-            max_lora_rank=vllm_rank,
-        )
+        settings = _settings(self.model_path)
+        settings.update(enable_lora=True, max_loras=max_adapters, max_cpu_loras=max_adapters, max_lora_rank=vllm_rank)
         settings.update(vllm_kwargs)
         self.llm = LLM(self.model_path, **settings)
         _track_llm()

@@ -67,11 +67,6 @@ class PreftEngine:
             raise ValueError(f"adapter_scope={adapter_scope!r}: use 'prompt' (PreFT) or 'all' (an all-token baseline)")
         if vllm_kwargs.get("tensor_parallel_size", 1) != 1:
             raise ValueError("PreftEngine runs vLLM in-process on one device; tensor_parallel_size must be 1")
-        # In-process engine (the model is reachable and hooks see the runner) and a modest CPU KV cache,
-        # set here so that users need no environment variables.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cpu_kv_cache_gib)))
-
         from transformers import AutoConfig
         from vllm import LLM, ModelRegistry
 
@@ -85,14 +80,7 @@ class PreftEngine:
 
         overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
         overrides["architectures"] = [cls.__name__]
-        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-        settings = dict(
-            dtype=str(config_dtype).replace("torch.", "") if config_dtype else "auto",  # never a silent downcast
-            enforce_eager=True,
-            enable_prefix_caching=True,
-            logprobs_mode="processed_logprobs",  # after temperature, as the trainer's loss needs
-            seed=0,
-        )
+        settings = default_vllm_settings(hf_config, cpu_kv_cache_gib)
         settings.update(vllm_kwargs)
         if not settings["enforce_eager"]:
             vllm_compat.add_splitting_ops(SPLITTING_OPS)  # adapter ops stay opaque, outside captured graphs
@@ -244,6 +232,22 @@ class PreftEngine:
                 f"max_adapters={registry.max_adapters} at max_rank={registry.max_rank} needs up to {total / 2**30:.2f} GiB "
                 f"({per_adapter / 2**20:.2f} MiB each) but only {free / 2**30:.2f} GiB is free; lower max_adapters or max_rank"
             )
+
+
+def default_vllm_settings(hf_config: Any, cpu_kv_cache_gib: int = 1) -> dict[str, Any]:
+    """The vLLM settings every engine here starts from (the same for PreftEngine and the baselines, so
+    benchmarks compare like with like). Also puts vLLM in-process (the model is reachable and the hooks see
+    the runner) with a modest CPU KV cache, so users need no environment variables."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cpu_kv_cache_gib)))
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return dict(
+        dtype=str(config_dtype).replace("torch.", "") if config_dtype else "auto",  # never a silent downcast
+        enforce_eager=True,
+        enable_prefix_caching=True,
+        logprobs_mode="processed_logprobs",  # after temperature, as the trainer's loss needs
+        seed=0,
+    )
 
 
 def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from preft_rl.adapters import PreftConfig, PreftModel, get_preft_model
+from preft_rl.adapters import PreftConfig, get_preft_model
 from preft_rl.models import resolve_model
 
 from . import checkpoint
@@ -119,7 +119,6 @@ class PreftGRPOTrainer:
 
         self.step = 0
         self._rollout: RolloutBatch | None = None  # reused for num_iterations optimizer steps
-        self._log_file = None
         if self.accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         if args.report_to:

@@ -55,7 +55,8 @@ class PreftGRPOTrainer:
         if "prompt" not in train_dataset.column_names:
             raise ValueError(f"train_dataset has columns {train_dataset.column_names}; it needs a 'prompt' column")
         self.accelerator = Accelerator(
-            gradient_accumulation_steps=args.gradient_accumulation_steps, log_with=args.report_to or None, project_dir=args.output_dir
+            gradient_accumulation_steps=args.gradient_accumulation_steps, log_with=args.report_to or None,
+            project_dir=args.output_dir, kwargs_handlers=_process_group_kwargs(),
         )
         args.check_batch(self.accelerator.num_processes)
         ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
@@ -387,6 +388,18 @@ class PreftGRPOTrainer:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _process_group_kwargs() -> list:
+    """accelerate has no backend for DeepSpeed on CPU: it lets DeepSpeed start gloo but then reports one
+    process whatever the world size, and DeepSpeed's batch check fails. Naming gloo fixes the count."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    if deepspeed and launched and not torch.cuda.is_available():
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
 
 
 class _gathered:

@@ -25,7 +25,7 @@ def _simple_type(annotation: Any) -> type | None:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
-    """Add `--name` flags for the simple fields of dataclass `cls` (other fields keep their defaults)."""
+    """Add `--field-name` (and `--field_name`) flags for the simple fields of dataclass `cls` (other fields keep their defaults)."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
@@ -33,12 +33,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults
         if kind is None:
             continue
         default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")]
+        if "_" in f.name:  # TRL / HfArgumentParser spelling too: --output_dir
+            flags.append("--" + f.name)
         help_text = f.metadata.get("help", "") + f" (default: {default})"
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            group.add_argument(flag, type=kind, default=default, help=help_text)
+            group.add_argument(*flags, dest=f.name, type=kind, default=default, help=help_text)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:

@@ -36,23 +36,60 @@ def lora_forward_reference(
     scaling: torch.Tensor,  # (N,) fp32
     metadata: AdapterTokenMetadata,
     output_slices: Sequence[int] | None = None,  # (D_0, ..., D_{S-1}), sums to D_out; None = one slice
+    *,
+    by_runs: bool | None = None,  # None: runs when there are few of them per adapter (see below)
 ) -> torch.Tensor:
-    """Pure-torch reference (and the CPU serving path): one small fp32 matmul pair per active adapter."""
+    """Pure-torch path: the oracle for the Triton kernels and the CPU serving path.
+
+    Two strategies with the same math (fp32 low-rank activations, `out` read, added to in fp32, rounded once):
+    - by runs: walk runs of consecutive rows that share an adapter (a request's prompt tokens are consecutive
+      rows) and add into `out`'s row block in place; no gather, no scatter, one small matmul pair per run.
+    - by adapter: gather each adapter's rows, one matmul pair per adapter, scatter the deltas back.
+    Runs win unless rows of one adapter are scattered over many runs: on 2 CPU cores with 64 adapters x 64
+    prompt tokens (SmolLM2's gate_up, rank 16) the run walk takes 10 ms where gather+scatter took 83 ms
+    against 110 ms for the base projection itself. Chosen when runs <= 4 x adapters.
+    """
     if metadata.is_empty:
         return out
     widths = _output_slices(output_slices, lora_b.shape[1])
+    if by_runs is None:
+        by_runs = len(metadata.runs()) <= 4 * len(metadata.active_ids_host)
+    if by_runs:
+        _lora_by_runs(out, x, lora_a, lora_b, scaling, metadata, widths)
+    else:
+        _lora_by_adapter(out, x, lora_a, lora_b, scaling, metadata, widths)
+    return out
+
+
+def _lora_by_runs(out, x, lora_a, lora_b, scaling, metadata, widths) -> None:
+    rank = lora_b.shape[2]
+    columns = [sum(widths[:s]) for s in range(len(widths))]
+    for start, end, slot in metadata.runs():
+        low = x[start:end].to(torch.float32) @ lora_a[slot].to(torch.float32).T  # (m, S * R)
+        low.mul_(scaling[slot])
+        for s, (col, width) in enumerate(zip(columns, widths)):
+            b_s = lora_b[slot, col : col + width].to(torch.float32).T  # (R, D_s)
+            block = out[start:end, col : col + width]  # a view: written in place
+            if out.dtype == torch.float32:
+                block.addmm_(low[:, s * rank : (s + 1) * rank], b_s)
+            else:
+                block.copy_(torch.addmm(block.to(torch.float32), low[:, s * rank : (s + 1) * rank], b_s))
+
+
+def _lora_by_adapter(out, x, lora_a, lora_b, scaling, metadata, widths) -> None:
     rank = lora_b.shape[2]
     rows = metadata.sorted_token_indices.long()  # (T_active,)
     x_rows = x[rows].to(torch.float32)  # (T_active, d_in), grouped by adapter
     deltas = []
-    for adapter, x_group in zip(metadata.active_ids_host, x_rows.split(metadata.counts_host)):
-        low = x_group @ lora_a[adapter].to(torch.float32).T  # (m, S * R)
-        b_slices = lora_b[adapter].to(torch.float32).split(widths)  # S x (D_s, R)
-        parts = [low[:, s * rank : (s + 1) * rank] @ b_s.T for s, b_s in enumerate(b_slices)]  # S x (m, D_s)
-        deltas.append(torch.cat(parts, dim=1) * scaling[adapter].to(torch.float32))  # (m, D_out)
+    for slot, x_group in zip(metadata.active_ids_host, x_rows.split(metadata.counts_host)):
+        low = (x_group @ lora_a[slot].to(torch.float32).T).mul_(scaling[slot])  # (m, S * R)
+        b_slices = lora_b[slot].to(torch.float32).split(widths)  # S x (D_s, R)
+        deltas.append(torch.cat([low[:, s * rank : (s + 1) * rank] @ b_s.T for s, b_s in enumerate(b_slices)], dim=1))
     delta = torch.cat(deltas)  # (T_active, D_out)
-    out.index_put_((rows,), (out[rows].to(torch.float32) + delta).to(out.dtype))
-    return out
+    if out.dtype == torch.float32:
+        out.index_add_(0, rows, delta)  # rows are distinct, so this is one add per element
+    else:
+        out.index_put_((rows,), (out[rows].to(torch.float32) + delta).to(out.dtype))
 
 
 def apply_lora(

@@ -32,6 +32,7 @@ class AdapterTokenMetadata:
     active_ids_host: tuple[int, ...]  # host copies of the two small tensors above (no sync to read them)
     counts_host: tuple[int, ...]
     _tiles: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _runs: list[tuple[tuple[int, int, int], ...]] = field(default_factory=list, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -124,3 +125,22 @@ class AdapterTokenMetadata:
             cached = torch.stack([adapter, start, end]).to(torch.int32).to(self.device)
             self._tiles[block_m] = cached
         return cached
+
+    def runs(self) -> tuple[tuple[int, int, int], ...]:
+        """Host list of (start, end, adapter): maximal runs of consecutive rows that share an adapter slot,
+        in row order, rows with -1 left out. In a vLLM step each request's prompt tokens are consecutive
+        rows, so a step has at most one run per prefilling request. Example: [2, 2, -1, 0, 0, 2] gives
+        ((0, 2, 2), (3, 5, 0), (5, 6, 2)). Computed once per step on the host (one copy of the index)."""
+        if not self._runs:
+            index = self.token_adapter_index.cpu()
+            if index.numel() == 0:
+                self._runs.append(())
+                return self._runs[0]
+            starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(index[1:] != index[:-1]).flatten() + 1])
+            ends = torch.cat([starts[1:], torch.tensor([index.numel()])])
+            slots = index[starts]
+            keep = slots >= 0
+            rows = torch.stack([starts[keep], ends[keep], slots[keep].long()], dim=1).tolist()
+            self._runs.append(tuple((start, end, slot) for start, end, slot in rows))
+        return self._runs[0]
+

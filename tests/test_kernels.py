@@ -22,6 +22,7 @@ from preft_rl.kernels import (
     apply_direft,
     apply_lora,
     apply_loreft,
+    lora_forward_reference,
     prefill_direft,
     prefill_lora,
     prefill_loreft,
@@ -63,6 +64,14 @@ def test_metadata_and_tiles_partition_the_active_tokens(num_tokens, num_slots, b
         assert len(span) > 0 and (index[rows[list(span)]] == adapter).all()  # no empty tile, one adapter per tile
         covered.extend(span)
     assert covered == list(range(meta.num_active_tokens))
+
+
+def test_runs_are_maximal_blocks_of_one_adapter_in_row_order():
+    meta = AdapterTokenMetadata.build(torch.tensor([2, 2, -1, 0, 0, 2, -1, -1], dtype=torch.int32))
+    assert meta.runs() == ((0, 2, 2), (3, 5, 0), (5, 6, 2))
+    assert sum(end - start for start, end, _ in meta.runs()) == meta.num_active_tokens
+    assert AdapterTokenMetadata.build(torch.full((3,), -1, dtype=torch.int32)).runs() == ()
+    assert AdapterTokenMetadata.build(torch.zeros(0, dtype=torch.int32)).runs() == ()
 
 
 def test_all_minus_one_metadata_is_empty_and_gathers_nothing():
@@ -143,9 +152,10 @@ def _naive_lora(out, x, a_list, b_list, scaling, index, widths):
     return out
 
 
+@pytest.mark.parametrize("by_runs", [None, True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens,num_slots,rank,d,widths", [(1, 1, 1, 64, (64,)), (37, 3, 16, 96, (96, 48, 48)), (130, 17, 64, 160, (160, 160))])
-def test_lora_reference_matches_naive_with_rank_padding(dtype, num_tokens, num_slots, rank, d, widths):
+def test_lora_reference_matches_naive_with_rank_padding(dtype, num_tokens, num_slots, rank, d, widths, by_runs):
     gen = torch.Generator().manual_seed(num_tokens)
     ranks = [rank] + torch.randint(1, rank + 1, (num_slots - 1,), generator=gen).tolist()
     a_list = [[torch.randn(ri, d, generator=gen).to(dtype) for _ in widths] for ri in ranks]  # unpadded
@@ -159,9 +169,19 @@ def test_lora_reference_matches_naive_with_rank_padding(dtype, num_tokens, num_s
     scaling = torch.rand(num_slots, generator=gen) + 0.5
     x = torch.randn(num_tokens, d, generator=gen).to(dtype)
     base = torch.randn(num_tokens, sum(widths), generator=gen).to(dtype)
-    index = torch.randint(-1, num_slots, (num_tokens,), generator=gen, dtype=torch.int32)
+    if by_runs is None:  # the engine's layout: requests of consecutive rows (prompt, then generated = -1)
+        lengths = torch.randint(1, 12, (num_tokens,), generator=gen).tolist()
+        slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen).tolist()
+        index = torch.tensor([slot if i < n // 2 + 1 else -1 for n, slot in zip(lengths, slots) for i in range(n)][:num_tokens],
+                             dtype=torch.int32)
+    else:
+        index = torch.randint(-1, num_slots, (num_tokens,), generator=gen, dtype=torch.int32)
     index[0] = num_slots - 1
-    got = apply_lora(base.clone(), x, lora_a, lora_b, scaling, AdapterTokenMetadata.build(index), output_slices=widths, backend="torch")
+    metadata = AdapterTokenMetadata.build(index)
+    if by_runs is None:
+        got = apply_lora(base.clone(), x, lora_a, lora_b, scaling, metadata, output_slices=widths, backend="torch")
+    else:
+        got = lora_forward_reference(base.clone(), x, lora_a, lora_b, scaling, metadata, widths, by_runs=by_runs)
     want = _naive_lora(base, x, a_list, b_list, scaling, index, widths)
     off = index < 0
     assert torch.equal(got[off], base[off])

@@ -60,3 +60,19 @@ def test_rollout_benchmark_bookkeeping(tiny_llama_dir, tmp_path):
     assert json.loads(paths["json"].read_text())["command"] == "preft-rl bench rollout (test)"
     assert paths["markdown"].read_text().count("\n| ") == 2 + 7  # header, separator, 7 configurations
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rollout_summary_and_report_without_the_all_token_baseline(tmp_path):
+    from dataclasses import asdict
+
+    from preft_rl.reports.rollout import Measurement, RolloutBenchConfig, summarize, write_report
+
+    ms = [Measurement("base", 0, 2.0, 100, 50, 0.5, 1.5, 1, 9), Measurement("base", 0, 4.0, 100, 50, 0.5, 3.5, 1, 9),
+          Measurement("preft-lora", 8, 2.5, 100, 50, 1.0, 1.5, 1, 9)]
+    rows = {(r["config"], r["adapters"]): r for r in summarize(ms)}
+    assert rows[("base", 0)]["output_tok_s"] == 37.5 and rows[("base", 0)]["runs"] == 2  # median of 50 and 25
+    assert rows[("preft-lora", 8)]["vs_base"] == 40.0 / 37.5
+    assert rows[("preft-lora", 8)]["vs_lora_all_token"] is None
+    cfg = RolloutBenchConfig(adapters=[8], methods=["lora"], all_token=False)
+    paths = write_report({"config": asdict(cfg), "measurements": [asdict(m) for m in ms], "summary": summarize(ms)}, tmp_path, "x")
+    assert "| preft-lora | 8 |" in paths["markdown"].read_text()

@@ -40,6 +40,7 @@ class RolloutBenchConfig:
     seed: int = 0
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
+    all_token: bool = True  # also run vLLM's native all-token multi-LoRA (the baseline users pick today)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,10 +111,12 @@ def _engines(cfg: RolloutBenchConfig, settings: dict[str, Any]) -> dict[str, Any
         for i in range(most):
             engine.add_adapter(f"a{i}", random_adapter_state(method, shape, cfg.rank, cfg.seed + i), config=config)
         engines[f"preft-{method}"] = engine
-    native = NativeLoraEngine(path, max_adapters=most, max_rank=cfg.rank, **settings)
-    for i in range(most):
-        native.add_adapter(f"a{i}", random_adapter_state("lora", shape, cfg.rank, cfg.seed + i), config=PreftConfig(method="lora", r=cfg.rank))
-    engines["lora-all-token"] = native
+    if cfg.all_token:
+        native = NativeLoraEngine(path, max_adapters=most, max_rank=cfg.rank, **settings)
+        for i in range(most):
+            state = random_adapter_state("lora", shape, cfg.rank, cfg.seed + i)
+            native.add_adapter(f"a{i}", state, config=PreftConfig(method="lora", r=cfg.rank))
+        engines["lora-all-token"] = native
     return engines
 
 

@@ -175,3 +175,25 @@ def test_evaluate_scores_greedy_completions_and_tensorboard_logs(tiny_llama_dir,
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert sum("eval/reward" in row for row in log) == 3  # after step 1, at the end of training, and the call above
     assert list(tmp_path.rglob("events.out.tfevents.*")), "no tensorboard event file"
+
+
+def test_wandb_tracker_logs_offline(tiny_llama_dir, tmp_path, monkeypatch):
+    """report_to="wandb" under WANDB_MODE=offline: the run's metrics land in a local wandb run folder."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer = PreftGRPOTrainer(
+        str(tiny_llama_dir), first_token_even, args=config(tmp_path / "out", max_steps=2, report_to="wandb"),
+        train_dataset=dataset(False), preft_config=PreftConfig(method="lora", r=4),
+    )
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list(tmp_path.rglob("*"))[:20]
+    (history,) = runs[0].glob("*.wandb")  # the run's records (protobuf); offline runs write no summary json
+    records = history.read_bytes()
+    for key in (b"rewards/first_token_even/mean", b"time/generate", b"rollout/tokens_per_s", b"learning_rate"):
+        assert key in records, key

@@ -170,7 +170,7 @@ def test_lora_reference_matches_naive_with_rank_padding(dtype, num_tokens, num_s
     x = torch.randn(num_tokens, d, generator=gen).to(dtype)
     base = torch.randn(num_tokens, sum(widths), generator=gen).to(dtype)
     if by_runs is None:  # the engine's layout: requests of consecutive rows (prompt, then generated = -1)
-        lengths = torch.randint(1, 12, (num_tokens,), generator=gen).tolist()
+        lengths = torch.randint(1, 24, (num_tokens,), generator=gen).tolist()
         slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen).tolist()
         index = torch.tensor([slot if i < n // 2 + 1 else -1 for n, slot in zip(lengths, slots) for i in range(n)][:num_tokens],
                              dtype=torch.int32)

@@ -106,7 +106,12 @@ class PreftRuntime:
         self.selection = None
         if self.in_step:
             layout = vllm_compat.batch_layout(self.runner)
-            slots = np.array([self.slot_of(r) for r in layout.req_ids], dtype=np.int64)
+            slots = np.full(len(layout.req_ids), -1, dtype=np.int64)
+            # prompt-only: a request acts only while its prompt is being computed, so a pure-decode step
+            # looks up no adapter at all
+            busy = np.flatnonzero(layout.num_computed < layout.num_prompt) if self.prompt_only else range(len(slots))
+            for i in busy:
+                slots[i] = self.slot_of(layout.req_ids[i])
             self.selection = StepSelection.build(self.registry, layout, slots, device, self.prompt_only, num_tokens)
             self.step_log.append((num_tokens, 0 if self.selection is None else self.selection.num_adapters))
             if self.on_selection is not None:

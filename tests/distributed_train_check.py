@@ -30,6 +30,8 @@ if __name__ == "__main__":
     with _gathered([p for _, p in trainer.preft_model.adapter_named_parameters()], trainer.accelerator):
         state = trainer.preft_model.adapter_state_dict()
         digest = hashlib.sha256(b"".join(state[k].float().numpy().tobytes() for k in sorted(state))).hexdigest()[:16]
-    print(f"RANK {trainer.accelerator.process_index} OF {trainer.accelerator.num_processes} "
-          f"{type(trainer.model).__name__} ADAPTER {digest}", flush=True)
+    # One write per line: both ranks share torchrun's stdout, and print() writes the newline separately.
+    sys.stdout.write(f"RANK {trainer.accelerator.process_index} OF {trainer.accelerator.num_processes} "
+                     f"{type(trainer.model).__name__} ADAPTER {digest}\n")
+    sys.stdout.flush()
     trainer.close()

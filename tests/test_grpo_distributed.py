@@ -64,7 +64,7 @@ def two_process_ddp_run(tiny_llama_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     stdout = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT),
                   str(tiny_llama_dir), str(out)], {"ACCELERATE_USE_CPU": "true"})
-    digests = dict(re.findall(r"RANK (\d) OF 2 DistributedDataParallel ADAPTER (\w+)", stdout))
+    digests = dict(re.findall(r"RANK (\d) OF 2 DistributedDataParallel ADAPTER ([0-9a-f]{16})", stdout))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], stdout[-2000:]
     return out
 
@@ -84,7 +84,7 @@ def test_two_process_zero2_under_torchrun_matches_ddp(tiny_llama_dir, tmp_path, 
                  {"ACCELERATE_USE_DEEPSPEED": "true",
                   "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "examples" / "accelerate_configs" / "ds_zero2.json")})
     assert "2 process(es) x 4 completions" in stdout
-    digests = dict(re.findall(r"RANK (\d) OF 2 DeepSpeedEngine ADAPTER (\w+)", stdout))
+    digests = dict(re.findall(r"RANK (\d) OF 2 DeepSpeedEngine ADAPTER ([0-9a-f]{16})", stdout))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], stdout[-2000:]
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
     ours = load_file(str(tmp_path / "adapter_model.safetensors"))
@@ -103,7 +103,7 @@ def test_deepspeed_resume_is_bit_identical(tiny_llama_dir, tmp_path, stage):
     def launch(out: Path, *extra: str) -> str:
         stdout = run([str(BIN / "accelerate"), "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
                       str(SCRIPT), str(tiny_llama_dir), str(out), "4", "2", *extra])
-        return re.search(r"ADAPTER (\w+)", stdout).group(1)
+        return re.search(r"ADAPTER ([0-9a-f]{16})", stdout).group(1)
 
     straight = launch(tmp_path / "straight")
     (tmp_path / "resumed").mkdir()

@@ -27,6 +27,13 @@ if __name__ == "__main__":
     trainer = PreftGRPOTrainer(sys.argv[1], first_token_even, args=args, train_dataset=Dataset.from_list(rows),
                                preft_config=PreftConfig(method="lora", r=4))
     trainer.train(resume_from_checkpoint=True if sys.argv[-1] == "resume" else None)
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:  # outside a gather the adapter is ZeRO-3 shards
+        try:
+            trainer.preft_model.adapter_state_dict()
+        except RuntimeError as err:
+            assert "GatheredParameters" in str(err), err
+            print("ZERO3 UNGATHERED STATE REFUSED", flush=True)
     with _gathered([p for _, p in trainer.preft_model.adapter_named_parameters()], trainer.accelerator):
         state = trainer.preft_model.adapter_state_dict()
         digest = hashlib.sha256(b"".join(state[k].float().numpy().tobytes() for k in sorted(state))).hexdigest()[:16]

@@ -36,6 +36,14 @@ _BASE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 
 def adapter_state_dict(model: PreftModel) -> dict[str, torch.Tensor]:
     """Every adapter tensor under its file key (detached, contiguous, fp32)."""
+    partitioned = [name for name, p in model.adapter_named_parameters() if _zero3_partitioned(p)]
+    if partitioned:
+        raise RuntimeError(
+            f"adapter_state_dict(): {len(partitioned)} adapter parameters (e.g. {partitioned[0]!r}) are DeepSpeed "
+            "ZeRO-3 shards, so this would return empty tensors. Call it on every rank inside "
+            "`deepspeed.zero.GatheredParameters(params)` (params from adapter_named_parameters()), or use "
+            "PreftGRPOTrainer.save_model(), which gathers for you."
+        )
     state = {}
     for name, param in model.adapter_named_parameters():
         state[KEY_PREFIX + name] = param.detach().contiguous()
@@ -44,6 +52,12 @@ def adapter_state_dict(model: PreftModel) -> dict[str, torch.Tensor]:
             if name.endswith(".rotate_layer"):
                 state[f"{KEY_PREFIX}{name}.weight"] = module.weight.detach().contiguous()
     return state
+
+
+def _zero3_partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose data currently lives in shards on the ranks (ds_status NOT_AVAILABLE)."""
+    status = getattr(param, "ds_status", None)
+    return status is not None and getattr(status, "name", "") == "NOT_AVAILABLE"
 
 
 def load_adapter_state_dict(model: PreftModel, state: dict[str, torch.Tensor]) -> None:

@@ -74,6 +74,44 @@ def test_mixed_batch_matches_hf_reference(engines, load_tiny, method):
     assert sum(differs) >= 2
 
 
+@pytest.mark.parametrize("method", ["loreft", "direft"])
+def test_separate_first_last_interventions_match_hf_reference(engines, load_tiny, method):
+    """ReFT with share_first_last=False next to shared ones in one batch: overlapping ranges (a token in
+    both gets 'first' then 'last'), a chunked long prompt, and a shared adapter registered before the
+    "last" tensors existed."""
+    engine = engines(method)
+    base = load_tiny()
+
+    def adapter(seed: int, **config) -> PreftModel:
+        model = get_preft_model(load_tiny(), PreftConfig(method=method, r=4, **config))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, param in model.adapter_named_parameters():
+                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+        return model
+
+    refs = {"sfl-shared": adapter(30, positions="f2+l3")}
+    engine.add_adapter("sfl-shared", refs["sfl-shared"])
+    refs["sfl-split"] = adapter(31, positions="f2+l3", share_first_last=False)
+    refs["sfl-split-wide"] = adapter(32, positions="f5+l6", share_first_last=False, layers=[1])
+    for name in ("sfl-split", "sfl-split-wide"):
+        engine.add_adapter(name, refs[name])
+    rng = np.random.default_rng(5)
+    prompts = [random_prompt(rng, n) for n in (4, 200, 9, 4, 30)]  # 4 tokens: f2 and l3 overlap at position 1
+    names = ["sfl-split", "sfl-split", "sfl-split-wide", "sfl-shared", "sfl-split-wide"]
+    outs = engine.generate(prompts, greedy(), adapters=names)
+    for prompt, name, out in zip(prompts, names, outs):
+        assert list(out.outputs[0].token_ids) == reference_greedy(refs[name], base, prompt), (name, len(prompt))
+    # the 'last' interventions mattered: dropping them changes the output
+    first_only = adapter(31, positions="f2+l3", share_first_last=False)
+    with torch.no_grad():
+        for name, param in first_only.adapter_named_parameters():
+            if ".last." in name:
+                param.zero_()
+    assert any(reference_greedy(first_only, base, p) != list(o.outputs[0].token_ids)
+               for p, n, o in zip(prompts, names, outs) if n == "sfl-split")
+
+
 def test_logprobs_match_hf_reference(engines, load_tiny):
     engine = engines("lora")
     ref = reference_model(load_tiny, "lora", seed=3)

@@ -33,14 +33,27 @@ EXTRA_ARGS_KEY = "preft_adapter"  # sampling_params.extra_args[...] = {"name": .
 @dataclass(frozen=True)
 class StepSelection:
     """Where adapters act in one forward step: each token's adapter slot (-1: none), grouped by slot
-    once per step into the kernels' metadata and reused by every layer."""
+    once per step into the kernels' metadata and reused by every layer.
 
-    token_slot: np.ndarray  # (T,) int: slot of each token's adapter where it acts, else -1
+    ReFT adapters with separate first/last interventions act in two passes per layer: `metadata` drives
+    the main tensors ('shared' interventions at first|last positions, 'first' ones at first positions),
+    then `last_metadata` drives the "last.*" tensors at last positions, so a token in both ranges gets
+    'first', then 'last', as in the HF model."""
+
+    token_slot: np.ndarray  # (T,) int: slot of each token's adapter where it acts (first pass), else -1
     metadata: AdapterTokenMetadata
+    last_metadata: AdapterTokenMetadata | None = None  # the second ReFT pass; None when no split adapter acts
+
+    @property
+    def active_slots(self) -> list[int]:
+        ids = set(self.metadata.active_ids_host)
+        if self.last_metadata is not None:
+            ids.update(self.last_metadata.active_ids_host)
+        return sorted(ids)
 
     @property
     def num_adapters(self) -> int:
-        return len(self.metadata.active_ids_host)
+        return len(self.active_slots)
 
     @staticmethod
     def build(
@@ -60,16 +73,31 @@ class StepSelection:
             acts = slot >= 0
         else:
             acts = (slot >= 0) & (position < prompt_len)
-        if prompt_only and registry.method != "lora":  # ReFT positions: the first N / last M prompt tokens
+        acts_last = None  # ReFT adapters with separate first/last interventions: the second pass
+        if registry.method != "lora":
             safe = np.maximum(slot, 0)
-            acts &= (position < registry.first_n[safe]) | (position >= prompt_len - registry.last_m[safe])
-        if not acts.any():
+            split = registry.split[safe] & (slot >= 0)
+            if prompt_only:  # ReFT positions: the first N / last M prompt tokens
+                in_first, in_last = position < registry.first_n[safe], position >= prompt_len - registry.last_m[safe]
+                acts_last = acts & split & in_last
+                acts &= in_first | (in_last & ~split)
+            else:  # every token is in both ranges
+                acts_last = acts & split
+            if not acts_last.any():
+                acts_last = None
+        if not acts.any() and acts_last is None:
             return None
-        token_slot = np.full(max(num_tokens or 0, len(slot)), -1, dtype=np.int32)  # padded tokens: no adapter
-        token_slot[: len(slot)] = np.where(acts, slot, -1)
-        # Grouped on the host from a host index: no device sync.
-        metadata = AdapterTokenMetadata.build(torch.from_numpy(token_slot), device=device)
-        return StepSelection(token_slot=token_slot, metadata=metadata)
+        size = max(num_tokens or 0, len(slot))  # padded tokens: no adapter
+
+        def grouped(mask: np.ndarray) -> tuple[np.ndarray, AdapterTokenMetadata]:
+            token_slot = np.full(size, -1, dtype=np.int32)
+            token_slot[: len(slot)] = np.where(mask, slot, -1)
+            # Grouped on the host from a host index: no device sync.
+            return token_slot, AdapterTokenMetadata.build(torch.from_numpy(token_slot), device=device)
+
+        token_slot, metadata = grouped(acts)
+        last_metadata = None if acts_last is None else grouped(acts_last)[1]
+        return StepSelection(token_slot=token_slot, metadata=metadata, last_metadata=last_metadata)
 
 
 @dataclass
@@ -159,18 +187,22 @@ def _apply_reft(hidden: torch.Tensor, residual: torch.Tensor, runtime_id: int, l
     if selection is None:
         return
     reg = runtime.registry
-    if not reg.layer_mask[list(selection.metadata.active_ids_host), layer].any():
+    if not reg.layer_mask[selection.active_slots, layer].any():
         return  # no adapter of this step intervenes after this layer (the others hold exact zeros here)
     runtime.adapter_calls += 1
     # The residual stream is hidden + residual. Fold it into `residual` and zero `hidden`: the next
     # layer's fused add then sees exactly the edited stream.
     residual.add_(hidden)
     hidden.zero_()
+    passes = [("", selection.metadata)]
+    if selection.last_metadata is not None:
+        passes.append(("last.", selection.last_metadata))
     t = reg.tensors
-    if reg.method == "loreft":
-        apply_loreft(residual, t["rotate"][layer], t["source_w"][layer], t["source_b"][layer], selection.metadata)
-    else:
-        apply_direft(residual, t["source_w"][layer], t["source_b"][layer], t["proj"][layer], selection.metadata)
+    for prefix, metadata in passes:  # in order: a token in both ranges gets 'first', then 'last'
+        if reg.method == "loreft":
+            apply_loreft(residual, t[prefix + "rotate"][layer], t[prefix + "source_w"][layer], t[prefix + "source_b"][layer], metadata)
+        else:
+            apply_direft(residual, t[prefix + "source_w"][layer], t[prefix + "source_b"][layer], t[prefix + "proj"][layer], metadata)
 
 
 def _register_ops() -> None:

@@ -2,7 +2,9 @@
 
 Every adapter occupies one slot; all adapters of an engine share one method and are zero-padded to
 `max_rank` (zero rows/columns add exactly 0.0, so padding never changes a result). Capacity grows on
-demand by doubling, up to `max_adapters`. Adapters arrive in the file format that
+demand by doubling, up to `max_adapters`. A ReFT adapter with separate first/last interventions
+(share_first_last=False) keeps its 'first' intervention in the main tensors and its 'last' one in a
+second set ("last.<name>"), allocated when the first such adapter arrives. Adapters arrive in the file format that
 `PreftModel.save_pretrained` writes (see preft_rl/adapters/serialization.py) and are validated fully
 before any slot is touched, so a refused adapter leaves the engine as it was.
 """
@@ -89,6 +91,8 @@ class AdapterRegistry:
         self.first_n = np.zeros(0, dtype=np.int64)
         self.last_m = np.zeros(0, dtype=np.int64)
         self.layer_mask = np.zeros((0, shape.num_layers), dtype=bool)
+        self.split = np.zeros(0, dtype=bool)  # ReFT: the slot has separate first/last interventions
+        self.has_last_set = False  # the "last.*" tensors exist
         self._grow(min(8, max_adapters))
 
     # ------------------------------------------------------------------------------ sizes
@@ -104,11 +108,13 @@ class AdapterRegistry:
             shapes["scaling"] = (capacity,)
         else:
             names = ("rotate", "source_w", "source_b") if self.method == "loreft" else ("source_w", "source_b", "proj")
-            for name in names:
-                shapes[name] = (s.num_layers, capacity, R) if name == "source_b" else (s.num_layers, capacity, R, s.hidden)
+            for prefix in ("", "last.") if self.has_last_set else ("",):
+                for name in names:
+                    shapes[prefix + name] = (s.num_layers, capacity, R) if name == "source_b" else (s.num_layers, capacity, R, s.hidden)
         return shapes
 
     def bytes_per_adapter(self) -> int:
+        """Bytes of one slot (ReFT: doubles once an adapter with separate first/last interventions is added)."""
         elem = torch.empty(0, dtype=self.dtype).element_size()
         return sum(int(np.prod(shape)) for shape in self._tensor_shapes(1).values()) * elem
 
@@ -127,6 +133,7 @@ class AdapterRegistry:
         self.first_n = np.concatenate([self.first_n, np.zeros(pad, dtype=np.int64)])
         self.last_m = np.concatenate([self.last_m, np.zeros(pad, dtype=np.int64)])
         self.layer_mask = np.concatenate([self.layer_mask, np.zeros((pad, self.shape.num_layers), dtype=bool)])
+        self.split = np.concatenate([self.split, np.zeros(pad, dtype=bool)])
         self.capacity = capacity
 
     # -------------------------------------------------------------------------- public API
@@ -178,8 +185,6 @@ class AdapterRegistry:
                 f"adapter {name!r} has rank {config.r} but the engine was started with max_rank={self.max_rank}; "
                 f"start it with max_rank>={config.r}"
             )
-        if not config.is_lora and config.intervention_groups != ("shared",):
-            raise ValueError(f"adapter {name!r}: separate first/last ReFT interventions are not served yet; use share_first_last=True")
         stage = self._stage_lora if config.is_lora else self._stage_reft
         staged = stage(name, state, config)
         staged["__rank__"] = config.r
@@ -219,23 +224,28 @@ class AdapterRegistry:
         r, s = config.r, self.shape
         wanted = {"learned_source.weight": (r, s.hidden), "learned_source.bias": (r,)}
         wanted.update({"rotate_layer.weight": (r, s.hidden)} if self.method == "loreft" else {"proj_layer.weight": (r, s.hidden)})
+        groups = config.intervention_groups  # ("shared",) or ("first", "last")
         staged: dict[str, torch.Tensor] = {}
         for key, tensor in state.items():
             match = _REFT_KEY.match(key)
-            if not match or int(match.group(1)) >= s.num_layers or match.group(2) != "shared":
-                raise ValueError(f"adapter {name!r}: unexpected tensor {key!r} for a {self.method} adapter on this {s.num_layers}-layer model")
+            if not match or int(match.group(1)) >= s.num_layers or match.group(2) not in groups:
+                raise ValueError(
+                    f"adapter {name!r}: unexpected tensor {key!r} for a {self.method} adapter with interventions "
+                    f"{list(groups)} on this {s.num_layers}-layer model"
+                )
             if match.group(3) == "rotate_layer.raw":
                 continue  # the free parameter of R; the engine uses the materialised R
             if match.group(3) not in wanted:
                 raise ValueError(f"adapter {name!r}: tensor {key!r} does not belong to a {self.method} adapter")
-            staged[f"{match.group(1)}.{match.group(3)}"] = self._check(name, key, tensor, wanted[match.group(3)])
-        layers = sorted({int(k.split(".")[0]) for k in staged})
+            staged[f"{match.group(2)}.{match.group(1)}.{match.group(3)}"] = self._check(name, key, tensor, wanted[match.group(3)])
+        layers = sorted({int(k.split(".")[1]) for k in staged})
         if not layers:
             raise ValueError(f"adapter {name!r}: no {self.method} tensors found")
         for layer in layers:
-            for part in wanted:
-                if f"{layer}.{part}" not in staged:
-                    raise ValueError(f"adapter {name!r}: layer {layer} lacks {part}")
+            for group in groups:
+                for part in wanted:
+                    if f"{group}.{layer}.{part}" not in staged:
+                        raise ValueError(f"adapter {name!r}: layer {layer} lacks {group} {part}")
         return staged
 
     # --------------------------------------------------------------------------- writing
@@ -260,14 +270,20 @@ class AdapterRegistry:
                         target[lo : lo + slices[i], :r].copy_(value)
                 self.layer_mask[slot] = staged is not None
             else:
+                split = staged is not None and "last" in config.intervention_groups
+                if split and not self.has_last_set:
+                    self.has_last_set = True
+                    self._grow(self.capacity)  # same capacity: adds the zero "last.*" tensors
                 for tensor in self.tensors.values():
                     tensor[:, slot].zero_()
                 names = {"rotate_layer.weight": "rotate", "learned_source.weight": "source_w",
                          "learned_source.bias": "source_b", "proj_layer.weight": "proj"}
                 self.layer_mask[slot] = False
+                self.split[slot] = split
                 for key, value in (staged or {}).items():
-                    layer, part = key.split(".", 1)
-                    self.tensors[names[part]][int(layer), slot, : value.shape[0]].copy_(value)
+                    group, layer, part = key.split(".", 2)
+                    prefix = "last." if group == "last" else ""  # 'shared' and 'first' live in the main set
+                    self.tensors[prefix + names[part]][int(layer), slot, : value.shape[0]].copy_(value)
                     self.layer_mask[slot, int(layer)] = True
         first_last = config.first_last
         self.first_n[slot] = NO_LIMIT if first_last is None else first_last[0]

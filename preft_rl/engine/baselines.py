@@ -37,6 +37,7 @@ class BaseEngine:
         settings = _settings(self.model_path)
         settings.update(vllm_kwargs)
         self.llm = LLM(self.model_path, **settings)
+        vllm_compat.rewind_discarded_samples_on_cpu(self.llm)
         _track_llm()
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -78,6 +79,7 @@ class NativeLoraEngine:
         settings.update(enable_lora=True, max_loras=max_adapters, max_cpu_loras=max_adapters, max_lora_rank=vllm_rank)
         settings.update(vllm_kwargs)
         self.llm = LLM(self.model_path, **settings)
+        vllm_compat.rewind_discarded_samples_on_cpu(self.llm)
         _track_llm()
         self.tokenizer = self.llm.get_tokenizer()
         self._dir = tempfile.TemporaryDirectory(prefix="preft-native-lora-")

@@ -95,6 +95,7 @@ class PreftEngine:
         self.tokenizer = self.llm.get_tokenizer()
 
         self._runner = vllm_compat.model_runner(self.llm)
+        vllm_compat.rewind_discarded_samples_on_cpu(self.llm)
         model = self._runner.model
         if type(model) is not cls:
             raise RuntimeError(f"vLLM built {type(model).__name__}, not {cls.__name__}; the adapter hooks are missing")

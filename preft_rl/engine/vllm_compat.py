@@ -95,6 +95,51 @@ def wrap_execute_model(runner: Any, before, after) -> None:
     runner.execute_model = execute_model
 
 
+def rewind_discarded_samples_on_cpu(llm: Any) -> bool:
+    """Make seeded sampling work with chunked prefill on vLLM-CPU; returns whether a patch was installed.
+
+    A request whose prompt is split over several steps samples a token at each non-final chunk, which
+    vLLM discards and then rewinds the request's generator with `set_offset(get_offset() - 4)`, a
+    Philox (CUDA) offset. A CPU generator has no offset, so any seeded request with a chunked prompt
+    raised "CPU Generator does not use offset". On CPU we instead save the generator's state before
+    sampling and restore it after, which undoes the discarded draw exactly, and hide those generators
+    from vLLM's own rewind. The seeded stream is then what it would be without chunking, as on GPU.
+    """
+    try:
+        runner = model_runner(llm)
+    except RuntimeError:
+        return False  # vLLM in another process: nothing to patch here
+    if getattr(runner, "device", None) is None or runner.device.type != "cpu":
+        return False
+    sample, bookkeeping = runner._sample, runner._bookkeeping_sync
+
+    def discarded_generators() -> dict[int, Any]:
+        num_reqs = int(runner.input_batch.num_reqs)
+        generators = runner.input_batch.generators
+        indices = np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]
+        return {int(i): generators[int(i)] for i in indices if int(i) in generators}
+
+    def _sample(*args, **kwargs):
+        saved = {i: g.get_state() for i, g in discarded_generators().items()}
+        try:
+            return sample(*args, **kwargs)
+        finally:
+            for i, state in saved.items():
+                runner.input_batch.generators[i].set_state(state)
+
+    def _bookkeeping_sync(*args, **kwargs):
+        hidden = discarded_generators()
+        for i in hidden:
+            del runner.input_batch.generators[i]
+        try:
+            return bookkeeping(*args, **kwargs)
+        finally:
+            runner.input_batch.generators.update(hidden)
+
+    runner._sample, runner._bookkeeping_sync = _sample, _bookkeeping_sync
+    return True
+
+
 def add_splitting_ops(ops: list[str]) -> None:
     """Make vLLM split its compiled graph at these ops, as it does at attention (process-wide).
 

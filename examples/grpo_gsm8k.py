@@ -1,6 +1,6 @@
 """GRPO fine-tuning of a prefill-only adapter on GSM8K, rolling out with the colocated PreftEngine.
 
-CPU (the offline default model, ~10 min on 2 cores):
+CPU (the offline default model, ~5 min on 2 cores):
     bash scripts/setup.sh && .venv/bin/accelerate launch --config_file examples/accelerate_configs/cpu.yaml examples/grpo_gsm8k.py
     .venv/bin/python examples/grpo_gsm8k.py --method loreft --r 8 --positions f5+l5     # a plain process works too
     ACCELERATE_USE_CPU=true .venv/bin/torchrun --nproc_per_node 2 examples/grpo_gsm8k.py  # two CPU processes

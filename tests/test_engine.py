@@ -110,6 +110,11 @@ def test_separate_first_last_interventions_match_hf_reference(engines, load_tiny
                 param.zero_()
     assert any(reference_greedy(first_only, base, p) != list(o.outputs[0].token_ids)
                for p, n, o in zip(prompts, names, outs) if n == "sfl-split")
+    # an in-place update (as the trainer's sync does) reaches both interventions
+    updated = adapter(33, positions="f2+l3", share_first_last=False)
+    engine.update_adapter("sfl-split", updated.adapter_state_dict())
+    out = engine.generate([prompts[0]], greedy(), adapters=["sfl-split"])[0]
+    assert list(out.outputs[0].token_ids) == reference_greedy(updated, base, prompts[0])
 
 
 def test_logprobs_match_hf_reference(engines, load_tiny):

@@ -250,6 +250,18 @@ def test_n_greater_than_one_and_preemption(tiny_llama_dir, load_tiny, engines):
             assert len(out.outputs) == 2
             for child in out.outputs:
                 assert list(child.token_ids) == expected, name
+        # Seeded sampling survives preemption and recompute (and the chunked recompute's discarded samples on
+        # vLLM-CPU): the same tokens as the shared engine, whose KV cache never runs out.
+        preempted.clear()
+        seeded = [SamplingParams(max_tokens=40, temperature=1.0, seed=100 + i, ignore_eos=True) for i in range(4)]
+        small = engine.generate(prompts, seeded, adapters=names)
+        assert preempted
+    roomy = engines("lora")
+    for i, ref in enumerate(refs):
+        if f"roomy-p{i}" not in roomy.adapters:
+            roomy.add_adapter(f"roomy-p{i}", ref)
+    large = roomy.generate(prompts, seeded, adapters=[f"roomy-{n}" if n else None for n in names])
+    assert [list(o.outputs[0].token_ids) for o in small] == [list(o.outputs[0].token_ids) for o in large]
 
 
 def test_bad_inputs_fail_clearly_and_leave_the_engine_usable(engines, load_tiny):

@@ -1,4 +1,4 @@
-"""Packaging: the namespace mapping of kernels/ and rewards/, and a cheap, vLLM-free import."""
+"""Packaging: the namespace mapping of kernels/ and rewards/, a cheap, vLLM-free import, and the docstring examples."""
 
 from __future__ import annotations
 

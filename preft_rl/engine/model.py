@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class StepSelection:
     metadata: AdapterTokenMetadata
     last_metadata: AdapterTokenMetadata | None = None  # the second ReFT pass; None when no split adapter acts
 
-    @property
+    @cached_property  # read by every ReFT layer of the step
     def active_slots(self) -> list[int]:
         ids = set(self.metadata.active_ids_host)
         if self.last_metadata is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,12 +72,18 @@ class PreftConfig:
             raise ValueError(f"PreftConfig: r={self.r!r} must be a positive integer, e.g. r=8")
         if self.alpha is None:
             self.alpha = float(2 * self.r)
-        if not self.alpha > 0:
-            raise ValueError(f"PreftConfig: alpha={self.alpha!r} must be > 0 (LoRA scaling is alpha / r)")
+        _check_number("alpha", self.alpha)
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"PreftConfig: alpha={self.alpha!r} must be > 0 and finite (LoRA scaling is alpha / r), e.g. alpha={2 * self.r}")
+        _check_number("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PreftConfig: dropout={self.dropout!r} must be in [0, 1)")
-        if self.init_scale is not None and not self.init_scale > 0:
-            raise ValueError(f"PreftConfig: init_scale={self.init_scale!r} must be > 0 or None for the default")
+        if self.init_scale is not None:
+            _check_number("init_scale", self.init_scale)
+            if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
+                raise ValueError(f"PreftConfig: init_scale={self.init_scale!r} must be > 0 and finite, or None for the default")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise ValueError(f"PreftConfig: seed={self.seed!r} must be an integer or None")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 self.target_modules = [self.target_modules]
@@ -124,3 +132,8 @@ class PreftConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"PreftConfig: {name}={value!r} must be a number, got {type(value).__name__}")

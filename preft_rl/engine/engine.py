@@ -2,7 +2,8 @@
 
 The base weights are loaded once and never change; adapters are registered by name and applied only
 at their own requests' prompt tokens. Prefix caching stays on: each adapted prompt carries a cache salt
-of (adapter, version, prompt length), so cached prompt KV is never shared across adapters or versions,
+of (adapter, version, prompt length), so cached prompt KV is never shared across adapters or versions
+(a name's versions never repeat, not even across remove_adapter and a new add_adapter of that name),
 and KV computed for generated tokens (plain) is never reused as prompt KV (adapted) when a later prompt
 extends an earlier conversation: the longer prompt has another length, so another salt.
 
@@ -122,11 +123,12 @@ class PreftEngine:
     def add_adapter(self, name: str, source: Any, config: PreftConfig | None = None) -> AdapterEntry:
         """Register an adapter from a directory (save_pretrained), a PreftModel, or a state dict + config."""
         state, config = _adapter_source(source, config)
-        return self.registry.add(name, state, config)
+        return copy.copy(self.registry.add(name, state, config))
 
     def update_adapter(self, name: str, state_dict: dict[str, torch.Tensor]) -> AdapterEntry:
-        """Replace an adapter's tensors in memory (the save_pretrained key format); bumps its version."""
-        return self.registry.update(name, state_dict)
+        """Replace all of an adapter's tensors in memory (the save_pretrained key format, every key the adapter
+        was added with); bumps its version. A refused state leaves the adapter as it was."""
+        return copy.copy(self.registry.update(name, state_dict))
 
     def remove_adapter(self, name: str) -> None:
         self.registry.remove(name)

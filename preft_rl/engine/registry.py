@@ -6,13 +6,18 @@ demand by doubling, up to `max_adapters`. A ReFT adapter with separate first/las
 (share_first_last=False) keeps its 'first' intervention in the main tensors and its 'last' one in a
 second set ("last.<name>"), allocated when the first such adapter arrives. Adapters arrive in the file format that
 `PreftModel.save_pretrained` writes (see preft_rl/adapters/serialization.py) and are validated fully
-before any slot is touched, so a refused adapter leaves the engine as it was.
+(config, every expected tensor present, shapes, finite in the engine's dtype) before any slot is touched,
+so a refused adapter leaves the engine as it was.
+
+Versions key the engine's prefix cache, so a name's version never repeats: removing "x" and adding "x"
+again continues from the removed version instead of restarting at 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -72,6 +77,7 @@ class AdapterEntry:
     version: int
     rank: int
     config: PreftConfig
+    keys: frozenset[str] = field(default=frozenset(), repr=False)  # the file-format keys the engine uses; an update must give exactly these
 
 
 class AdapterRegistry:
@@ -85,6 +91,7 @@ class AdapterRegistry:
         self.method, self.shape, self.max_adapters, self.max_rank = method, shape, max_adapters, max_rank
         self.dtype, self.device = dtype, device
         self.entries: dict[str, AdapterEntry] = {}
+        self._removed_versions: dict[str, int] = {}  # last version of a removed name: a re-add continues from it
         self.capacity = 0
         self.tensors: dict[str, torch.Tensor] = {}
         # per-slot host-side facts used to build each step's token selection
@@ -147,20 +154,20 @@ class AdapterRegistry:
                 f"the registry is full ({self.max_adapters} adapters); remove_adapter() one or start the engine "
                 f"with max_adapters>{self.max_adapters}"
             )
-        staged = self._stage(name, state, config)  # validates everything before touching a slot
+        staged, keys = self._stage(name, state, config)  # validates everything before touching a slot
         used = {e.slot for e in self.entries.values()}
         slot = next(i for i in range(self.max_adapters) if i not in used)
         if slot >= self.capacity:
             self._grow(2 * self.capacity)
-        entry = AdapterEntry(name=name, slot=slot, version=1, rank=staged.pop("__rank__"), config=config)
+        version = self._removed_versions.get(name, 0) + 1  # never a version this name had before
+        entry = AdapterEntry(name=name, slot=slot, version=version, rank=config.r, config=config, keys=keys)
         self._write(slot, staged, config)
         self.entries[name] = entry
         return entry
 
     def update(self, name: str, state: dict[str, torch.Tensor]) -> AdapterEntry:
         entry = self.get(name)
-        staged = self._stage(name, state, entry.config)
-        staged.pop("__rank__")
+        staged, _ = self._stage(name, state, entry.config, expected=entry.keys)
         self._write(entry.slot, staged, entry.config)
         entry.version += 1
         return entry
@@ -169,6 +176,7 @@ class AdapterRegistry:
         entry = self.get(name)
         self._write(entry.slot, None, entry.config)
         del self.entries[name]
+        self._removed_versions[name] = entry.version
 
     def get(self, name: str) -> AdapterEntry:
         if name not in self.entries:
@@ -177,7 +185,14 @@ class AdapterRegistry:
         return self.entries[name]
 
     # ----------------------------------------------------------------------- validation
-    def _stage(self, name: str, state: dict[str, torch.Tensor], config: PreftConfig) -> dict:
+    def _stage(
+        self, name: str, state: dict[str, torch.Tensor], config: PreftConfig, expected: frozenset[str] | None = None
+    ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+        """Validated tensors by internal key, and the file keys they came from. `expected`: the keys an
+        update must give (those of the registered adapter); else the keys the config describes."""
+        if not isinstance(config, PreftConfig):
+            raise TypeError(f"adapter {name!r}: config must be a PreftConfig, got {type(config).__name__}")
+        PreftConfig(**dataclasses.asdict(config))  # fields may have been changed since construction: check again
         if config.method != self.method:
             raise ValueError(f"adapter {name!r} is {config.method!r} but this engine serves {self.method!r} adapters")
         if config.r > self.max_rank:
@@ -185,19 +200,69 @@ class AdapterRegistry:
                 f"adapter {name!r} has rank {config.r} but the engine was started with max_rank={self.max_rank}; "
                 f"start it with max_rank>={config.r}"
             )
+        if config.is_lora and not torch.isfinite(torch.tensor(config.scaling, dtype=self.dtype)):
+            raise ValueError(
+                f"adapter {name!r}: LoRA scaling alpha / r = {config.scaling} is not finite in {self.dtype} "
+                f"(alpha={config.alpha}, r={config.r}); use a finite alpha such as alpha={2 * config.r}"
+            )
+        if not isinstance(state, dict):
+            raise TypeError(f"adapter {name!r}: the state must be a dict of tensors, got {type(state).__name__}")
         stage = self._stage_lora if config.is_lora else self._stage_reft
-        staged = stage(name, state, config)
-        staged["__rank__"] = config.r
-        return staged
+        staged, keys = stage(name, state, config)
+        if expected is None:
+            expected = self._expected_keys(config)
+        if expected is None:  # LoRA on modules the config cannot name here: at least every A needs its B
+            expected = frozenset(k[: -len("A.weight")] + ab + ".weight" for k in keys for ab in "AB")
+        missing, extra = sorted(expected - keys), sorted(keys - expected)
+        if missing:
+            raise ValueError(
+                f"adapter {name!r}: missing {len(missing)} tensors, e.g. {missing[:3]}; pass every tensor of the "
+                "adapter (PreftModel.adapter_state_dict() gives them all): a missing one would silently be zero"
+            )
+        if extra:
+            raise ValueError(
+                f"adapter {name!r}: {len(extra)} tensors are not part of this adapter, e.g. {extra[:3]}; "
+                "its config (target_modules, layers, positions) does not describe them"
+            )
+        return staged, keys
+
+    def _expected_keys(self, config: PreftConfig) -> frozenset[str] | None:
+        """The file keys `config` describes on this model; None where the config alone cannot say."""
+        layers = range(self.shape.num_layers)
+        if config.is_lora:
+            modules = [hf for hfs in LORA_TARGETS.values() for hf in hfs]
+            if config.target_modules != "all-linear":
+                hit = lambda m, t: m == t or m.endswith("." + t)  # noqa: E731 - PreftModel's matching rule
+                if not all(any(hit(m, t) for m in modules) for t in config.target_modules):
+                    return None  # a name this engine does not know: the tensors alone define the adapter
+                modules = [m for m in modules if any(hit(m, t) for t in config.target_modules)]
+            return frozenset(
+                f"base_model.model.model.layers.{i}.{m}.lora_{ab}.weight" for i in layers for m in modules for ab in "AB"
+            )
+        if config.layers != "all":
+            layers = config.layers
+        parts = ("rotate_layer.weight", "learned_source.weight", "learned_source.bias") if self.method == "loreft" else (
+            "learned_source.weight", "learned_source.bias", "proj_layer.weight")
+        return frozenset(
+            f"base_model.model.model.layers.{i}.preft_reft.interventions.{group}.{part}"
+            for i in layers for group in config.intervention_groups for part in parts
+        )
 
     def _check(self, name: str, key: str, tensor: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"adapter {name!r}: tensor {key} is a {type(tensor).__name__}; pass torch tensors (torch.as_tensor(x))")
         if tuple(tensor.shape) != want:
             raise ValueError(f"adapter {name!r}: tensor {key} has shape {tuple(tensor.shape)}, expected {want} for this base model")
         if not torch.isfinite(tensor).all():
-            raise ValueError(f"adapter {name!r}: tensor {key} has non-finite values")
+            raise ValueError(f"adapter {name!r}: tensor {key} has non-finite values (NaN or inf); the adapter is broken: fix or retrain it")
+        if not torch.isfinite(tensor.to(self.dtype)).all():  # what the engine would hold: finite fp32 may overflow fp16
+            raise ValueError(
+                f"adapter {name!r}: tensor {key} has values up to {tensor.abs().max().item():.3g} that overflow the "
+                f"engine's {self.dtype}; rescale the adapter or start the engine with a wider dtype"
+            )
         return tensor
 
-    def _stage_lora(self, name: str, state: dict[str, torch.Tensor], config: PreftConfig) -> dict:
+    def _stage_lora(self, name: str, state: dict[str, torch.Tensor], config: PreftConfig) -> tuple[dict, frozenset[str]]:
         r, s = config.r, self.shape
         hf_to_vllm = {hf: (vm, i) for vm, hfs in LORA_TARGETS.items() for i, hf in enumerate(hfs)}
         staged: dict[str, torch.Tensor] = {}
@@ -212,15 +277,9 @@ class AdapterRegistry:
             staged[f"{layer}.{vllm_module}.{which}.{index}"] = self._check(name, key, tensor, want)
         if not staged:
             raise ValueError(f"adapter {name!r}: no LoRA tensors found (keys like base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight)")
-        halves = {k[:-4] + k[-2:] for k in staged}  # "layer.module.index"
-        for half in halves:
-            layer_module, index = half.rsplit(".", 1)
-            for which in "AB":
-                if f"{layer_module}.{which}.{index}" not in staged:
-                    raise ValueError(f"adapter {name!r}: {layer_module} slice {index} has lora_{'B' if which == 'B' else 'A'} missing")
-        return staged
+        return staged, frozenset(state)
 
-    def _stage_reft(self, name: str, state: dict[str, torch.Tensor], config: PreftConfig) -> dict:
+    def _stage_reft(self, name: str, state: dict[str, torch.Tensor], config: PreftConfig) -> tuple[dict, frozenset[str]]:
         r, s = config.r, self.shape
         wanted = {"learned_source.weight": (r, s.hidden), "learned_source.bias": (r,)}
         wanted.update({"rotate_layer.weight": (r, s.hidden)} if self.method == "loreft" else {"proj_layer.weight": (r, s.hidden)})
@@ -238,15 +297,9 @@ class AdapterRegistry:
             if match.group(3) not in wanted:
                 raise ValueError(f"adapter {name!r}: tensor {key!r} does not belong to a {self.method} adapter")
             staged[f"{match.group(2)}.{match.group(1)}.{match.group(3)}"] = self._check(name, key, tensor, wanted[match.group(3)])
-        layers = sorted({int(k.split(".")[1]) for k in staged})
-        if not layers:
+        if not staged:
             raise ValueError(f"adapter {name!r}: no {self.method} tensors found")
-        for layer in layers:
-            for group in groups:
-                for part in wanted:
-                    if f"{group}.{layer}.{part}" not in staged:
-                        raise ValueError(f"adapter {name!r}: layer {layer} lacks {group} {part}")
-        return staged
+        return staged, frozenset(k for k in state if not k.endswith(".rotate_layer.raw"))
 
     # --------------------------------------------------------------------------- writing
     def _write(self, slot: int, staged: dict | None, config: PreftConfig) -> None:

@@ -1,0 +1,128 @@
+"""Engine probes from the reliability sweep (issue 14): nothing wrong is ever served, every refused input
+leaves the engine as it was. Uses the session's shared engines (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from preft_rl import PreftConfig
+
+vllm = pytest.importorskip("vllm")
+
+from preft_rl.engine.registry import AdapterRegistry, ModelShape  # noqa: E402
+from test_engine import CONFIGS, greedy, random_prompt, reference_greedy, reference_model  # noqa: E402
+
+
+def served(engine, prompt: list[int], name: str | None) -> list[int]:
+    return list(engine.generate([prompt], greedy(), adapters=[name])[0].outputs[0].token_ids)
+
+
+def test_remove_then_add_under_the_same_name_never_serves_the_old_prompt_cache(engines, load_tiny):
+    """A prompt longer than one KV block (128 tokens) is cached under the adapter's salt; re-adding the name
+    with other weights must not hit that cache (the version used to restart at 1, so the salt repeated)."""
+    engine = engines("lora")
+    old, new = reference_model(load_tiny, "lora", seed=61), reference_model(load_tiny, "lora", seed=62)
+    base = load_tiny()
+    prompt = random_prompt(np.random.default_rng(61), 300)
+    assert reference_greedy(old, base, prompt) != reference_greedy(new, base, prompt)  # so the check below can fail
+
+    first = engine.add_adapter("reused-name", old)
+    assert served(engine, prompt, "reused-name") == reference_greedy(old, base, prompt)
+    engine.remove_adapter("reused-name")
+    second = engine.add_adapter("reused-name", new)
+    assert second.version > first.version  # versions never repeat for a name
+    out = engine.generate([prompt], greedy(), adapters=["reused-name"])[0]
+    assert out.num_cached_tokens == 0
+    assert list(out.outputs[0].token_ids) == reference_greedy(new, base, prompt)
+    # and after an update of the re-added adapter, the cache of its first life is still never hit
+    engine.update_adapter("reused-name", old.adapter_state_dict())
+    engine.remove_adapter("reused-name")
+    engine.add_adapter("reused-name", new)
+    out = engine.generate([prompt], greedy(), adapters=["reused-name"])[0]
+    assert out.num_cached_tokens == 0
+    assert list(out.outputs[0].token_ids) == reference_greedy(new, base, prompt)
+    engine.remove_adapter("reused-name")
+
+
+@pytest.mark.parametrize("method", ["lora", "loreft"])
+def test_update_with_a_partial_state_dict_is_refused_and_changes_nothing(engines, load_tiny, method):
+    engine = engines(method)
+    ref = reference_model(load_tiny, method, seed=63)
+    entry = engine.add_adapter(f"partial-{method}", ref)
+    prompt = random_prompt(np.random.default_rng(63), 20)
+    before = served(engine, prompt, f"partial-{method}")
+
+    other = reference_model(load_tiny, method, seed=64).adapter_state_dict()
+    layer0 = {k: v for k, v in other.items() if ".layers.0." in k}
+    with pytest.raises(ValueError, match=r"missing \d+ tensors.*layers\.1\..*pass every tensor"):
+        engine.update_adapter(f"partial-{method}", layer0)
+    assert engine.adapters[f"partial-{method}"].version == entry.version
+    assert served(engine, prompt, f"partial-{method}") == before == reference_greedy(ref, load_tiny(), prompt)
+    # one missing tensor is enough, and the error names it
+    key = sorted(other)[-1]
+    with pytest.raises(ValueError, match=f"missing 1 tensors.*{key}"):
+        engine.update_adapter(f"partial-{method}", {k: v for k, v in other.items() if k != key})
+    # a full state dict is still accepted
+    assert engine.update_adapter(f"partial-{method}", other).version == entry.version + 1
+    engine.remove_adapter(f"partial-{method}")
+
+
+def test_add_with_fewer_tensors_than_the_config_describes_is_refused(engines, load_tiny):
+    engine = engines("lora")
+    state = reference_model(load_tiny, "lora", seed=65).adapter_state_dict()
+    layer0 = {k: v for k, v in state.items() if ".layers.0." in k}
+    with pytest.raises(ValueError, match=r"missing \d+ tensors.*layers\.1\."):
+        engine.add_adapter("too-few", layer0, config=CONFIGS["lora"])  # config: all-linear on every layer
+    assert "too-few" not in engine.adapters
+    # a target list describes fewer modules: exactly those are expected
+    only_q = {k: v for k, v in state.items() if ".q_proj." in k}
+    engine.add_adapter("only-q", only_q, config=PreftConfig(method="lora", r=4, alpha=8, target_modules=["q_proj"]))
+    engine.remove_adapter("only-q")
+
+
+def test_non_finite_scaling_or_tensors_are_refused_and_other_requests_stay_exact(engines, load_tiny):
+    engine = engines("lora")
+    good = reference_model(load_tiny, "lora", seed=66)
+    engine.add_adapter("finite-good", good)
+    state = good.adapter_state_dict()
+    config = PreftConfig(method="lora", r=4, alpha=8)
+    config.alpha = math.inf  # changed after validation: the engine checks again
+    with pytest.raises(ValueError, match=r"alpha=inf"):
+        engine.add_adapter("inf-scaling", state, config=config)
+    assert "inf-scaling" not in engine.adapters
+
+    key = sorted(state)[3]
+    for bad_value in (math.nan, math.inf):
+        bad = dict(state)
+        bad[key] = state[key].clone()
+        bad[key][0, 0] = bad_value
+        with pytest.raises(ValueError, match=f"tensor {key} has non-finite values"):
+            engine.add_adapter("nan-adapter", bad, config=CONFIGS["lora"])
+        with pytest.raises(ValueError, match=f"tensor {key} has non-finite values"):
+            engine.update_adapter("finite-good", bad)
+    assert "nan-adapter" not in engine.adapters and engine.adapters["finite-good"].version == 1
+    base = load_tiny()
+    prompts = [random_prompt(np.random.default_rng(66), n) for n in (200, 15)]
+    outs = engine.generate(prompts, greedy(), adapters=["finite-good", None])
+    assert [list(o.outputs[0].token_ids) for o in outs] == [reference_greedy(good, base, prompts[0]), reference_greedy(None, base, prompts[1])]
+    engine.remove_adapter("finite-good")
+
+
+def test_tensors_that_overflow_the_engine_dtype_are_refused(tiny_llama_dir, load_tiny):
+    """1e5 is finite in fp32 but inf in fp16: the registry checks the values it would actually serve."""
+    from transformers import AutoConfig
+
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny_llama_dir))
+    registry = AdapterRegistry("lora", shape, max_adapters=2, max_rank=4, dtype=torch.float16, device=torch.device("cpu"))
+    state = reference_model(load_tiny, "lora", seed=67).adapter_state_dict()
+    key = sorted(state)[0]
+    state[key] = state[key].clone()
+    state[key][0, 0] = 1e5
+    with pytest.raises(ValueError, match=f"tensor {key} .*float16"):
+        registry.add("overflow", state, CONFIGS["lora"])
+    assert not registry.entries
+    assert all(int(t.count_nonzero()) == 0 for t in registry.tensors.values())

@@ -98,9 +98,14 @@ class OrthonormalRows(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        q, tri = torch.linalg.qr(self.raw.T)  # (d, r), (r, r)
-        signs = torch.where(torch.diagonal(tri) < 0, -1.0, 1.0).to(q.dtype)
-        return (q * signs).T  # (r, d)
+        return orthonormal_rows(self.raw)
+
+
+def orthonormal_rows(raw: torch.Tensor) -> torch.Tensor:
+    """R (r, d) with orthonormal rows from the free parameter raw (r, d): OrthonormalRows.weight."""
+    q, tri = torch.linalg.qr(raw.T)  # (d, r), (r, r)
+    signs = torch.where(torch.diagonal(tri) < 0, -1.0, 1.0).to(q.dtype)
+    return (q * signs).T  # (r, d)
 
 
 class LoReftIntervention(nn.Module):

@@ -11,6 +11,7 @@ passes it down the HF call chain as the `preft_selection` kwarg (Llama-family mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -41,27 +42,38 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class PreftModel(nn.Module):
-    """Wraps `base_model` (frozen) and owns the prefill-only adapter modules injected into it."""
+    """Wraps `base_model` (frozen) and owns the prefill-only adapter modules injected into it.
 
-    def __init__(self, base_model: nn.Module, config: PreftConfig) -> None:
+    `adapter_state` (file-format tensors, see serialization.py) is loaded into the new adapter modules
+    before they are attached: the base model is changed only once the config and every tensor fit.
+    """
+
+    def __init__(self, base_model: nn.Module, config: PreftConfig, *, adapter_state: dict[str, torch.Tensor] | None = None,
+                 adapter_source: str = "the given state dict") -> None:
         super().__init__()
-        self.base_model = base_model
         self.preft_config = config
         self._slot = SelectionSlot()
         self._adapter_enabled = True
-        base_params = list(base_model.parameters())
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         layers = decoder_layers(base_model)
-        if config.is_lora:
-            self._inject_lora(layers, generator)
-        else:
-            self._inject_reft(layers, generator)
-        for param in base_params:  # after injection succeeded: only the adapter's own parameters train
+        # Build (and load) every adapter module detached from the base model; attach only if all of it succeeded.
+        built = self._build_lora(layers, generator) if config.is_lora else self._build_reft(base_model, layers, generator)
+        if adapter_state is not None:
+            from .serialization import load_into_modules
+
+            layers_name = next(name for name, module in base_model.named_modules() if module is layers)
+            load_into_modules({f"{layers_name}.{name}": module for name, module, _ in built}, adapter_state, adapter_source)
+        self.base_model = base_model
+        base_params = list(base_model.parameters())
+        for _, _, attach in built:
+            attach()
+        for param in base_params:  # only the adapter's own parameters train
             param.requires_grad_(False)
         self._hooks = [layer.register_forward_pre_hook(self._select_for_layer, with_kwargs=True) for layer in layers]
 
     # ----------------------------------------------------------------------------------- injection
-    def _inject_lora(self, layers: nn.ModuleList, generator: torch.Generator | None) -> None:
+    # The _build_* methods change nothing: they return (name under the decoder layers, new module, attach()).
+    def _build_lora(self, layers: nn.ModuleList, generator: torch.Generator | None) -> list[tuple[str, nn.Module, Any]]:
         cfg = self.preft_config
         wanted = cfg.target_modules
         found: set[str] = set()
@@ -77,13 +89,16 @@ class PreftModel(nn.Module):
                 f"target_modules {missing} match no linear layer inside the decoder layers; "
                 f"available: {available} (or target_modules='all-linear')"
             )
-        # Validate everything first, then mutate: a refused config leaves the base model untouched.
+        index = {id(layer): i for i, layer in enumerate(layers)}
+        built = []
         for layer, name, module in targets:
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
-            setattr(parent, child, PreftLoraLinear(module, cfg.r, cfg.alpha, cfg.dropout, self._slot, cfg.init_scale, generator))
+            lora = PreftLoraLinear(module, cfg.r, cfg.alpha, cfg.dropout, self._slot, cfg.init_scale, generator)
+            built.append((f"{index[id(layer)]}.{name}", lora, functools.partial(setattr, parent, child, lora)))
+        return built
 
-    def _inject_reft(self, layers: nn.ModuleList, generator: torch.Generator | None) -> None:
+    def _build_reft(self, base_model: nn.Module, layers: nn.ModuleList, generator: torch.Generator | None) -> list[tuple[str, nn.Module, Any]]:
         cfg = self.preft_config
         indices = range(len(layers)) if cfg.layers == "all" else cfg.layers
         bad = [i for i in indices if not 0 <= i < len(layers)]
@@ -92,8 +107,9 @@ class PreftModel(nn.Module):
                 f"layers {bad} out of range: the model has {len(layers)} decoder layers; "
                 f"use indices in [0, {len(layers) - 1}] or layers='all'"
             )
-        hidden = self.base_model.config.hidden_size
-        device = next(self.base_model.parameters()).device
+        hidden = base_model.config.hidden_size
+        device = next(base_model.parameters()).device
+        built = []
         for i in indices:
             interventions = {}
             for group in cfg.intervention_groups:
@@ -101,8 +117,9 @@ class PreftModel(nn.Module):
                     interventions[group] = LoReftIntervention(hidden, cfg.r, cfg.dropout, device, generator)
                 else:
                     interventions[group] = DiReftIntervention(hidden, cfg.r, cfg.dropout, device, cfg.init_scale, generator)
-            layers[i].preft_reft = ReftLayer(interventions, self._slot)
-            layers[i].register_forward_hook(_apply_reft_to_output)
+            reft = ReftLayer(interventions, self._slot)
+            built.append((f"{i}.preft_reft", reft, functools.partial(_attach_reft, layers[i], reft)))
+        return built
 
     # ------------------------------------------------------------------------------ selection
     def _select_for_layer(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -142,6 +159,8 @@ class PreftModel(nn.Module):
         if tuple(prompt_mask.shape) != (batch, seq):
             raise ValueError(f"prompt_mask has shape {tuple(prompt_mask.shape)} but the input is {(batch, seq)}")
         prompt_mask = prompt_mask.to(device=tokens.device, dtype=torch.bool)
+        if not self.preft_config.prefill_only:  # the all-token baseline acts at every (non-pad) token
+            prompt_mask = torch.ones_like(prompt_mask)
         if attention_mask is not None:
             real = attention_mask.bool()[:, -seq:] if attention_mask.dim() == 2 else None
             if real is not None:
@@ -182,7 +201,8 @@ class PreftModel(nn.Module):
             past = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(past, past + num_new, device=ids.device)  # absolute positions of this call
             in_prompt = positions < prompt_len
-            mask = torch.zeros(rows, num_new, dtype=torch.bool, device=ids.device)
+            # generated tokens: plain for PreFT, adapted for the all-token baseline
+            mask = torch.full((rows, num_new), not self.preft_config.prefill_only, dtype=torch.bool, device=ids.device)
             if bool(in_prompt.any()):
                 real = prompt_real.repeat_interleave(rows // prompt_real.shape[0], dim=0)  # num_return_sequences
                 mask[:, in_prompt] = real[:, positions[in_prompt]]
@@ -266,6 +286,11 @@ def get_preft_model(model: nn.Module, config: PreftConfig) -> PreftModel:
     if isinstance(model, PreftModel):
         raise ValueError("get_preft_model got a PreftModel; pass the plain Hugging Face model")
     return PreftModel(model, config)
+
+
+def _attach_reft(layer: nn.Module, reft: ReftLayer) -> None:
+    layer.preft_reft = reft
+    layer.register_forward_hook(_apply_reft_to_output)
 
 
 def _apply_reft_to_output(layer: nn.Module, args: tuple, output: Any) -> Any:

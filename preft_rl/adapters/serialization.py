@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import PreftConfig
+from .layers import orthonormal_rows
 
 if TYPE_CHECKING:
     from .model import PreftModel
@@ -60,26 +61,74 @@ def _zero3_partitioned(param: torch.Tensor) -> bool:
     return status is not None and getattr(status, "name", "") == "NOT_AVAILABLE"
 
 
-def load_adapter_state_dict(model: PreftModel, state: dict[str, torch.Tensor]) -> None:
-    """Copy file-format tensors into `model`'s adapter after checking names and shapes."""
-    own = dict(model.adapter_named_parameters())
-    expected = {KEY_PREFIX + name: p for name, p in own.items()}
-    given = {k: v for k, v in state.items() if not k.endswith(".rotate_layer.weight")}
+def load_adapter_state_dict(model: PreftModel, state: dict[str, torch.Tensor], source: str = "the given state dict") -> None:
+    """Copy file-format tensors into `model`'s adapter after checking all of them (a refused state changes nothing)."""
+    expected = {KEY_PREFIX + name: p for name, p in model.adapter_named_parameters()}
+    _copy(expected, check_adapter_state(expected, state, source))
+
+
+def load_into_modules(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], source: str) -> None:
+    """Like load_adapter_state_dict, for adapter modules not yet attached: {name inside the base model: module}."""
+    from .model import _is_adapter_name
+
+    expected = {
+        f"{KEY_PREFIX}{prefix}.{name}": p
+        for prefix, module in modules.items()
+        for name, p in module.named_parameters()
+        if _is_adapter_name(f"{prefix}.{name}")
+    }
+    _copy(expected, check_adapter_state(expected, state, source))
+
+
+def check_adapter_state(expected: dict[str, torch.Tensor], state: Any, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of `state` for the `expected` parameters, after checking names, types, shapes, finite values
+    and (LoReFT) that each saved rotation equals the one recomputed from its free parameter. Changes nothing."""
+    if not isinstance(state, dict):
+        raise TypeError(f"adapter tensors from {source} must be a dict of tensors, got {type(state).__name__}")
+    rotations = {k: v for k, v in state.items() if k.endswith(".rotate_layer.weight")}
+    given = {k: v for k, v in state.items() if k not in rotations}
     missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
+    unexpected = sorted(set(given) - set(expected)) + sorted(k for k in rotations if k[: -len("weight")] + "raw" not in expected)
     if missing or unexpected:
         raise ValueError(
-            "adapter tensors do not match this model's adapter: "
+            f"adapter tensors in {source} do not match this model's adapter: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
             "was it saved for another base model, method, target_modules or layers?"
         )
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"adapter tensor {key} in {source} is a {type(tensor).__name__}; pass torch tensors (torch.as_tensor(x))")
     wrong = [(k, tuple(given[k].shape), tuple(p.shape)) for k, p in expected.items() if given[k].shape != p.shape]
     if wrong:
         key, got, want = wrong[0]
         raise ValueError(
-            f"adapter tensor {key} has shape {got} but this model needs {want} ({len(wrong)} tensors differ); "
+            f"adapter tensor {key} has shape {got} but this model needs {want} ({len(wrong)} tensors differ, in {source}); "
             "the adapter was saved for a different base model or rank"
         )
+    non_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if non_finite:
+        raise ValueError(
+            f"adapter tensor {non_finite[0]} has non-finite values (NaN or inf) in {source} ({len(non_finite)} such tensors); "
+            "the adapter is broken (e.g. training diverged): use an earlier checkpoint or retrain"
+        )
+    for key, saved in rotations.items():
+        raw_key = key[: -len("weight")] + "raw"
+        recomputed = orthonormal_rows(given[raw_key].detach().to("cpu", torch.float32))
+        if saved.shape != recomputed.shape:
+            raise ValueError(
+                f"saved rotation {key} in {source} has shape {tuple(saved.shape)} but {raw_key} gives "
+                f"{tuple(recomputed.shape)}; the adapter file is inconsistent"
+            )
+        saved = saved.detach().to("cpu", torch.float32)
+        if not torch.allclose(saved, recomputed, atol=1e-5, rtol=1e-5):
+            raise ValueError(
+                f"saved rotation {key} in {source} does not match the one recomputed from {raw_key} "
+                f"(max diff {(saved - recomputed).abs().max().item():.3g}); the adapter file is inconsistent"
+            )
+    return given
+
+
+def _copy(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(given[key].to(device=param.device, dtype=param.dtype))
@@ -87,12 +136,21 @@ def load_adapter_state_dict(model: PreftModel, state: dict[str, torch.Tensor]) -
 
 def save_adapter(model: PreftModel, save_directory: str | os.PathLike) -> None:
     directory = Path(save_directory)
+    state = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
+    non_finite = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+    if non_finite:  # checked before anything is written: a previous save in this directory stays as it was
+        raise ValueError(
+            f"adapter tensor {non_finite[0]} has non-finite values (NaN or inf) ({len(non_finite)} such tensors); "
+            f"not written to {directory}. Training diverged: resume from an earlier checkpoint, e.g. with a lower "
+            "learning_rate or max_grad_norm"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.preft_config
     base_config = model.base_model.config
     config = {
         "peft_type": "PREFT",
-        "prefill_only": True,
+        "prefill_only": cfg.prefill_only,  # False only for the all-token baseline (adapter_scope="all")
+        "adapter_scope": cfg.adapter_scope,
         "method": cfg.method,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
@@ -109,7 +167,7 @@ def save_adapter(model: PreftModel, save_directory: str | os.PathLike) -> None:
     # Write to temporary names and rename, so a crash never leaves a half-written adapter.
     tmp_config, tmp_weights = directory / (CONFIG_NAME + ".tmp"), directory / (WEIGHTS_NAME + ".tmp")
     tmp_config.write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, str(tmp_weights), metadata={"format": "pt"})
+    save_file(state, str(tmp_weights), metadata={"format": "pt"})
     os.replace(tmp_weights, directory / WEIGHTS_NAME)
     os.replace(tmp_config, directory / CONFIG_NAME)
 
@@ -120,8 +178,15 @@ def read_adapter_config(adapter_dir: str | os.PathLike, load_peft_lora_as_prefil
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {adapter_dir}; pass a directory written by PreftModel.save_pretrained")
     raw: dict[str, Any] = json.loads(path.read_text())
-    if raw.get("prefill_only") is True:
+    if raw.get("prefill_only") is True or raw.get("peft_type") == "PREFT":
+        scope = raw.get("adapter_scope", "prompt")
+        if raw.get("prefill_only") is not (scope == "prompt"):
+            raise ValueError(
+                f"{path}: \"prefill_only\": {raw.get('prefill_only')!r} contradicts \"adapter_scope\": {scope!r}; "
+                "the file was edited by hand or is corrupt: save the adapter again with PreftModel.save_pretrained"
+            )
         return PreftConfig(
+            adapter_scope=scope,
             method=raw.get("method"),
             r=raw.get("r"),
             alpha=raw.get("lora_alpha"),
@@ -176,31 +241,24 @@ def load_adapter(
                 f"({raw.get('base_model_name_or_path') or 'see base_model_config in adapter_config.json'})"
             )
     weights = Path(adapter_dir) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir}")
-    state = load_file(str(weights))
-    preft = cls(model, config)
-    preft.load_adapter_state_dict(state)
-    if config.method == "loreft":
-        _check_rotation(preft, state)
+    state = read_weights(weights)
+    # Everything is checked before the adapter is attached: a refused directory leaves `model` as it was.
+    preft = cls(model, config, adapter_state=state, adapter_source=str(weights))
     for _, param in preft.adapter_named_parameters():
         param.requires_grad_(is_trainable)
     preft.train(is_trainable)
     return preft
 
 
-def _check_rotation(model: PreftModel, state: dict[str, torch.Tensor]) -> None:
-    """The recomputed R must equal the saved, materialised R (else the file was edited or corrupted)."""
-    for name, module in model.base_model.named_modules():
-        if name.endswith(".rotate_layer"):
-            saved = state[f"{KEY_PREFIX}{name}.weight"]
-            recomputed = module.weight.detach().cpu()
-            if not torch.allclose(saved, recomputed, atol=1e-5, rtol=1e-5):
-                raise ValueError(
-                    f"saved rotation {name}.weight does not match the one recomputed from "
-                    f"{name}.raw (max diff "
-                    f"{(saved - recomputed).abs().max().item():.3g}); the adapter file is inconsistent"
-                )
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter_model.safetensors file, with an error naming the file if it is absent or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}; pass a directory written by PreftModel.save_pretrained")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{path} cannot be read ({exc}); the file is truncated or corrupt: save the adapter again") from exc
 
 
 def _version() -> str:

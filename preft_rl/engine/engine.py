@@ -123,6 +123,11 @@ class PreftEngine:
     def add_adapter(self, name: str, source: Any, config: PreftConfig | None = None) -> AdapterEntry:
         """Register an adapter from a directory (save_pretrained), a PreftModel, or a state dict + config."""
         state, config = _adapter_source(source, config)
+        if config.adapter_scope != self.adapter_scope:
+            raise ValueError(
+                f"adapter {name!r} has adapter_scope={config.adapter_scope!r} but this engine applies adapters with "
+                f"adapter_scope={self.adapter_scope!r}; start PreftEngine(..., adapter_scope={config.adapter_scope!r}) to serve it"
+            )
         return copy.copy(self.registry.add(name, state, config))
 
     def update_adapter(self, name: str, state_dict: dict[str, torch.Tensor]) -> AdapterEntry:
@@ -297,12 +302,10 @@ def _adapter_source(source: Any, config: PreftConfig | None) -> tuple[dict[str, 
     if isinstance(source, PreftModel):
         return source.adapter_state_dict(), source.preft_config
     if isinstance(source, (str, os.PathLike)):
-        from safetensors.torch import load_file
-
-        from preft_rl.adapters.serialization import WEIGHTS_NAME, read_adapter_config
+        from preft_rl.adapters.serialization import WEIGHTS_NAME, read_adapter_config, read_weights
 
         file_config = read_adapter_config(source)
-        return load_file(str(Path(source) / WEIGHTS_NAME)), file_config
+        return read_weights(Path(source) / WEIGHTS_NAME), file_config
     if isinstance(source, dict):
         if config is None:
             raise ValueError("add_adapter(name, state_dict) needs config=PreftConfig(...) (method, r, alpha, positions)")

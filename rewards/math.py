@@ -1,8 +1,14 @@
 """Math rewards with TRL's reward signature: `fn(prompts, completions, completion_ids=None, **columns)`.
 
 Completions may be plain strings or chat messages (`[{"role": "assistant", "content": ...}]`).
-math-verify is called with its timeouts off (`parsing_timeout=None`, `timeout_seconds=None`): its
-signal-based timeouts raise outside the main thread, and a trainer may score in a worker thread.
+
+Scoring finishes in bounded time on any completion, in any thread (a policy under RL finds strings like
+`\\boxed{9^9^9^9}`, whose exact value has hundreds of millions of digits). Plain numbers (GSM8K's answers)
+are compared exactly with `fractions.Fraction`, never through math-verify. Anything else reaches
+math-verify only if it is short and holds nothing whose value can explode: no factorials, no unknown
+LaTeX commands or named functions, at most one power with a small integer exponent. Otherwise it scores
+0.0 (a wrong answer). math-verify's own timeouts use signal.alarm, which works only in the main thread,
+so they are on there as a second guard and off in worker threads, where the checks above are the guard.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from fractions import Fraction
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -18,6 +25,16 @@ _HASHES = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 _FINAL_LINE = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+\s*\$?\s*$")
+# Exact comparison of plain numbers: "72", "-1,250", ".5", "72.00", "3/4" (optionally in $...$ or \$).
+_PLAIN = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:/(?:\d+\.?\d*|\.\d+))?$")
+_MAX_ANSWER_CHARS = 200  # far above any GSM8K answer; bounds parsing and digits
+_MAX_RESULT_DIGITS = 4000  # a power may not produce more (below Python's int-to-str limit of 4300)
+_SAFE_LATEX = {"frac", "dfrac", "tfrac", "text", "textbf", "textrm", "mathrm", "mathbf", "left", "right", "cdot",
+               "times", "div", "sqrt", "pm", "approx", "quad", "qquad"}
+_LATEX_COMMAND = re.compile(r"\\([A-Za-z]+)")
+_POWER = re.compile(r"\^|\*\*")
+_EXPONENT = re.compile(r"\s*(?:\{\s*([+-]?\d+)\s*\}|([+-]?\d+))")
+_MATH_VERIFY_TIMEOUT_S = 5
 
 
 class RewardErrorCounter:
@@ -64,15 +81,77 @@ def gsm8k_ground_truth(answer: str) -> str:
     return match[-1] if match else answer.strip()
 
 
-def _equal(gold: str, predicted: str) -> bool:
+def plain_number(text: str) -> Fraction | None:
+    """The exact value of a plain number ('1,250', '-.5', '72.00', '3/4', '$72'); None for anything else.
+
+    >>> plain_number("1,250"), plain_number("\\\\$0.50"), plain_number("3/4"), plain_number("2^3")
+    (Fraction(1250, 1), Fraction(1, 2), Fraction(3, 4), None)
+    """
+    s = text.strip().replace(",", "").replace("\\$", "").strip("$ ")
+    if len(s) > _MAX_ANSWER_CHARS or not _PLAIN.match(s):
+        return None
+    numerator, _, denominator = s.partition("/")
+    if denominator and Fraction(denominator) == 0:
+        return None
+    return Fraction(numerator) / Fraction(denominator) if denominator else Fraction(numerator)
+
+
+def safe_for_math_verify(text: str) -> bool:
+    """Whether math-verify can evaluate `text` in bounded time: short, no factorial, no unknown LaTeX
+    command or named function, no scientific notation, and at most one power whose exponent is a small
+    integer literal (so its value has at most a few thousand digits).
+
+    >>> [safe_for_math_verify(t) for t in ("\\\\frac{144}{2}", "2^3 \\\\cdot 9", "9^9^9^9", "(10^9)!", "\\\\binom{9}{2}")]
+    [True, True, False, False, False]
+    """
+    if len(text) > _MAX_ANSWER_CHARS:
+        return False
+    if re.search(r"(?<!\\)!", text) or re.search(r"\d\s*[eE]\s*[+-]?\d", text) or re.search(r"[A-Za-z]{2,}\s*\(", text):
+        return False
+    if any(command not in _SAFE_LATEX for command in _LATEX_COMMAND.findall(text)):
+        return False
+    powers = list(_POWER.finditer(text))
+    if len(powers) > 1:
+        return False
+    for power in powers:
+        exponent = _EXPONENT.match(text, power.end())
+        if exponent is None:
+            return False  # a symbolic or nested exponent
+        value = int(exponent.group(1) or exponent.group(2))
+        digits = sum(c.isdigit() for c in text)  # bounds the base's magnitude
+        if abs(value) * (digits + 1) > _MAX_RESULT_DIGITS:
+            return False
+    return True
+
+
+def _math_verify_equal(gold: str, predicted: str) -> bool:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+    # signal-based timeouts: only possible in the main thread
+    limit = _MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     config = [ExprExtractionConfig(), LatexExtractionConfig()]
-    gold_parsed = parse(gold.replace(",", ""), extraction_config=config, parsing_timeout=None, raise_on_error=True)
-    pred_parsed = parse(predicted.replace(",", ""), extraction_config=config, parsing_timeout=None, raise_on_error=True)
+    gold_parsed = parse(gold.replace(",", ""), extraction_config=config, parsing_timeout=limit, raise_on_error=True)
     if not gold_parsed:
         raise ValueError(f"cannot parse the ground truth {gold!r}")
-    return bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=None, raise_on_error=True)
+    pred_parsed = parse(predicted.replace(",", ""), extraction_config=config, parsing_timeout=limit, raise_on_error=True)
+    return bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=limit, raise_on_error=True)
+
+
+def _equal(gold: str, predicted: str) -> bool:
+    gold_value, predicted_value = plain_number(gold), plain_number(predicted)
+    if gold_value is not None and predicted_value is not None:
+        return gold_value == predicted_value  # exact, and no math-verify: the common case
+    if not safe_for_math_verify(gold):
+        raise ValueError(f"the ground truth {gold[:100]!r} is not a number this reward can score")
+    if not safe_for_math_verify(predicted):
+        return False  # a value that could take unbounded time to compute is not a GSM8K answer
+    from math_verify.errors import TimeoutException
+
+    try:
+        return _math_verify_equal(gold, predicted)
+    except TimeoutException:  # a BaseException: not caught by the callers' `except Exception`
+        logger.warning("math-verify timed out comparing %r with %r; scored as wrong", predicted[:100], gold[:100])
+        return False
 
 
 def gsm8k_accuracy_reward(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("lora", "loreft", "direft")
+SCOPES = ("prompt", "all")
 _POSITIONS_RE = re.compile(r"^f(\d+)\+l(\d+)$")
 
 
@@ -52,6 +53,13 @@ class PreftConfig:
         metadata={
             "help": "ReFT with 'fN+lM': one intervention for first and last positions (default) or two. "
             "With two, a token in both ranges gets the 'first' one, then the 'last' one."
+        },
+    )
+    adapter_scope: str = field(
+        default="prompt",
+        metadata={
+            "help": "'prompt' (PreFT: the adapter acts at prompt tokens only; decode runs the base model) or "
+            "'all' (the all-token baseline: every token, as an ordinary PEFT LoRA or pyreft intervention)."
         },
     )
     init_scale: float | None = field(
@@ -108,10 +116,22 @@ class PreftConfig:
             raise ValueError(
                 f"PreftConfig: positions={self.positions!r} must be 'all' or 'fN+lM' such as 'f7+l7'"
             )
+        if self.adapter_scope not in SCOPES:
+            raise ValueError(f"PreftConfig: adapter_scope={self.adapter_scope!r}: use 'prompt' (PreFT) or 'all' (all-token baseline)")
+        if self.adapter_scope == "all" and self.positions != "all":
+            raise ValueError(
+                f"PreftConfig: adapter_scope='all' acts at every token, so positions={self.positions!r} has no meaning; "
+                "use positions='all' (or adapter_scope='prompt' for first/last prompt positions)"
+            )
 
     @property
     def is_lora(self) -> bool:
         return self.method == "lora"
+
+    @property
+    def prefill_only(self) -> bool:
+        """True for a PreFT adapter (prompt tokens only); False for the all-token baseline."""
+        return self.adapter_scope == "prompt"
 
     @property
     def scaling(self) -> float:

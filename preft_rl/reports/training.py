@@ -1,6 +1,9 @@
 """Training report: render a GRPO run's log.jsonl as Markdown plus PNG plots.
 
     preft-rl report outputs/grpo-gsm8k          # writes report.md, reward.png, throughput.png, timing.png there
+
+When the run also wrote `heldout.json` (see `write_heldout`: held-out scores before and after training with
+paired-bootstrap intervals), the report gets a held-out table and accuracy.png.
 """
 
 from __future__ import annotations
@@ -8,7 +11,9 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
+HELDOUT_NAME = "heldout.json"
 TIMING_KEYS = ("time/generate", "time/score", "time/logprobs", "time/backward", "time/sync")
 
 
@@ -62,6 +67,47 @@ def _timing_plot(path: Path, train: list[dict]) -> None:
     plt.close(fig)
 
 
+def write_heldout(output_dir: str | Path, protocol: str, changes: dict[str, Any]) -> Path:
+    """Save held-out results: `changes` maps a metric name to a PairedChange (or its dict)."""
+    path = Path(output_dir) / HELDOUT_NAME
+    rows = {name: (c if isinstance(c, dict) else c.to_dict()) for name, c in changes.items()}
+    path.write_text(json.dumps({"protocol": protocol, "metrics": rows}, indent=2) + "\n")
+    return path
+
+
+def heldout_table(heldout: dict[str, Any]) -> list[str]:
+    """Markdown rows: metric, before, after, change and its confidence interval."""
+    lines = ["| metric | before | after | change | CI of the change |", "| --- | --- | --- | --- | --- |"]
+    for name, c in heldout["metrics"].items():
+        percent = round(100 * c["confidence"])
+        lines.append(f"| {name} | {c['before']:.3f} | {c['after']:.3f} | {c['change']:+.3f} | "
+                     f"{percent}% [{c['low']:+.3f}, {c['high']:+.3f}] |")
+    return lines
+
+
+def _heldout_plot(path: Path, heldout: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(heldout["metrics"])
+    rows = [heldout["metrics"][n] for n in names]
+    xs = range(len(names))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([x - 0.2 for x in xs], [r["before"] for r in rows], width=0.4, label="before")
+    # error bar on "after": the paired interval of the change, placed around the after value
+    err = [[r["change"] - r["low"] for r in rows], [r["high"] - r["change"] for r in rows]]
+    ax.bar([x + 0.2 for x in xs], [r["after"] for r in rows], width=0.4, yerr=err, capsize=4, label="after (bar: CI of change)")
+    ax.set_xticks(list(xs), names)
+    ax.set(title="Held-out before and after training", ylabel="mean over problems")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def render_training_report(output_dir: str | Path) -> Path:
     """Write report.md and three PNG plots into output_dir; returns the Markdown path."""
     out = Path(output_dir)
@@ -97,6 +143,12 @@ def render_training_report(output_dir: str | Path) -> Path:
         lines.append(f"| {key.split('/')[1]} | {mean(key):.3f} | {100 * mean(key) / step_time:.1f}% |")
     lines.append(f"| step | {step_time:.3f} | 100% |")
     lines += ["", "![reward](reward.png)", "", "![throughput](throughput.png)", "", "![timing](timing.png)", ""]
+    if (out / HELDOUT_NAME).is_file():
+        heldout = json.loads((out / HELDOUT_NAME).read_text())
+        _heldout_plot(out / "accuracy.png", heldout)
+        lines[lines.index("Mean step time breakdown:"):lines.index("Mean step time breakdown:")] = [
+            f"Held-out: {heldout['protocol']}", "", *heldout_table(heldout), "", "![held-out](accuracy.png)", "",
+        ]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report

@@ -1,8 +1,10 @@
 """Trainer checkpoints: `checkpoint-N/` with the adapter files, optimizer, scheduler, RNG, step and rollout.
 
 Written to `checkpoint-N.tmp` and renamed when complete, so a crash while saving never leaves a
-checkpoint that looks whole. Resuming restores everything needed for the next steps to be the same as
-in an uninterrupted run (fp32 on CPU: bit-identical parameters).
+checkpoint that looks whole, and never written with non-finite adapter weights. Resuming restores everything
+needed for the next steps to be the same as in an uninterrupted run (fp32 on CPU: bit-identical parameters).
+Every file of a checkpoint is read and checked before any of it is applied: a corrupt file is named (with
+the previous checkpoint to resume from instead) and leaves the trainer exactly as it was.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+
+from preft_rl.adapters.serialization import KEY_PREFIX
 
 if TYPE_CHECKING:
     from .grpo_trainer import PreftGRPOTrainer
@@ -42,6 +45,13 @@ def latest(output_dir: str | Path) -> Path | None:
 def save(trainer: PreftGRPOTrainer, step: int, rollout: RolloutBatch | None) -> Path:
     acc, args = trainer.accelerator, trainer.args
     final = Path(args.output_dir) / f"checkpoint-{step}"
+    non_finite = [name for name, p in trainer.preft_model.adapter_named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    if non_finite:  # (ZeRO-3 shards are empty here; save_pretrained checks the gathered tensors too)
+        raise ValueError(
+            f"adapter tensor {KEY_PREFIX}{non_finite[0]} has non-finite values (NaN or inf) ({len(non_finite)} such tensors); "
+            f"{final.name} not written. Training diverged: resume from an earlier checkpoint "
+            "(resume_from_checkpoint=...) with a lower learning_rate or max_grad_norm"
+        )
     tmp = final.with_name(final.name + ".tmp")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,34 +85,53 @@ def save(trainer: PreftGRPOTrainer, step: int, rollout: RolloutBatch | None) -> 
 
 
 def load(trainer: PreftGRPOTrainer, path: str | Path) -> tuple[int, RolloutBatch | None]:
+    """Restore a checkpoint: every file is read and checked first, then all of it is applied."""
     from .rollout import RolloutBatch
 
     path = Path(path)
+    acc = trainer.accelerator
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
-    state: dict[str, Any] = json.loads(state_file.read_text())
-    acc = trainer.accelerator
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json); {_previous_advice(path)}")
+    state = _read(path, "trainer_state.json", lambda f: _trainer_state(json.loads(f.read_text())))
     if state["num_processes"] != acc.num_processes:
         raise ValueError(
             f"{path} was written by {state['num_processes']} process(es) but this run has {acc.num_processes}; "
             "resume with the same number of processes"
         )
-    if _uses_deepspeed(trainer):
-        trainer.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
-                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+    deepspeed = _uses_deepspeed(trainer)
+    if deepspeed:
+        if not (path / "deepspeed").is_dir():
+            raise ValueError(f"{path / 'deepspeed'} is missing: the checkpoint is incomplete; {_previous_advice(path)}")
     else:
-        trainer.preft_model.load_adapter_state_dict(load_file(str(path / "adapter_model.safetensors")))
-        trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / f"rng_state_{acc.process_index}.pt", weights_only=False)
+        from preft_rl.adapters.serialization import check_adapter_state, read_weights
+
+        expected = {KEY_PREFIX + name: p for name, p in trainer.preft_model.adapter_named_parameters()}
+        adapter = _read(path, "adapter_model.safetensors", lambda f: check_adapter_state(expected, read_weights(f), str(f)))
+        optimizer_state = _read(path, "optimizer.pt", lambda f: _optimizer_state(trainer.optimizer, torch.load(f, weights_only=False)))
+    scheduler = _read(path, "scheduler.pt", lambda f: _scheduler_state(trainer.scheduler, torch.load(f, weights_only=False)))
+    rng = _read(path, f"rng_state_{acc.process_index}.pt", lambda f: _rng_state(torch.load(f, weights_only=False)))
+    rollout_name = f"rollout_{acc.process_index}.pt"
+    rollout = _read(path, rollout_name, lambda f: RolloutBatch(**torch.load(f, weights_only=False))) if (path / rollout_name).is_file() else None
+
+    # Everything is readable and fits: apply it.
+    if deepspeed:
+        try:
+            trainer.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+        except Exception as exc:
+            raise ValueError(f"{path / 'deepspeed'} cannot be loaded ({type(exc).__name__}: {exc}); {_previous_advice(path)}") from exc
+    else:
+        trainer.optimizer.load_state_dict(optimizer_state)
+        with torch.no_grad():
+            for key, param in expected.items():
+                param.copy_(adapter[key].to(device=param.device, dtype=param.dtype))
+    trainer.scheduler.load_state_dict(scheduler)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    rollout_file = path / f"rollout_{acc.process_index}.pt"
-    rollout = RolloutBatch(**torch.load(rollout_file, weights_only=False)) if rollout_file.is_file() else None
     step = int(state["step"])
     log = Path(trainer.args.output_dir) / "log.jsonl"
     if acc.is_main_process and log.is_file():  # drop entries of steps after the checkpoint: they are redone
@@ -110,6 +139,66 @@ def load(trainer: PreftGRPOTrainer, path: str | Path) -> tuple[int, RolloutBatch
         log.write_text("".join(line + "\n" for line in kept))
     acc.wait_for_everyone()
     return step, rollout
+
+
+def _read(path: Path, name: str, read: Any) -> Any:
+    """read(path / name), with any failure reported as that file being bad, and where to resume from instead."""
+    file = path / name
+    try:
+        return read(file)
+    except Exception as exc:  # torch, pickle, json and safetensors each raise their own types
+        raise ValueError(
+            f"checkpoint file {file} is unreadable or corrupt ({type(exc).__name__}: {exc}); nothing of {path.name} "
+            f"was loaded. {_previous_advice(path)}"
+        ) from exc
+
+
+def _previous_advice(path: Path) -> str:
+    match = _NAME.match(path.name)
+    earlier = [c for c in checkpoints(path.parent) if match and int(_NAME.match(c.name).group(1)) < int(match.group(1))]
+    if earlier:
+        return f"Resume from the previous checkpoint instead: resume_from_checkpoint='{earlier[-1]}' (and delete {path})"
+    return f"There is no earlier checkpoint in {path.parent}: restore the file or start the run again without resuming"
+
+
+def _trainer_state(state: Any) -> dict:
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("num_processes"), int):
+        raise ValueError("expected a JSON object with integer 'step' and 'num_processes'")
+    return state
+
+
+def _optimizer_state(optimizer: Any, state: Any) -> dict:
+    """The saved optimizer state, checked against `optimizer`: groups, parameter counts, shapes, finite values."""
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) or not isinstance(state.get("param_groups"), list):
+        raise ValueError("expected an optimizer state_dict with 'state' and 'param_groups'")
+    current = optimizer.state_dict()["param_groups"]
+    if [len(g.get("params", ())) for g in state["param_groups"]] != [len(g["params"]) for g in current]:
+        raise ValueError(
+            f"it holds parameter groups of sizes {[len(g.get('params', ())) for g in state['param_groups']]} but this "
+            f"optimizer has {[len(g['params']) for g in current]}: saved for another adapter"
+        )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(f"state for parameter {index!r}, but the optimizer has {len(params)} parameters")
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                raise ValueError(f"{key} of parameter {index} has shape {tuple(value.shape)}, expected {tuple(params[index].shape)}")
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{key} of parameter {index} has non-finite values")
+    return state
+
+
+def _scheduler_state(scheduler: Any, state: Any) -> dict:
+    if not isinstance(state, dict) or not set(scheduler.state_dict()) <= set(state):
+        raise ValueError(f"expected a scheduler state_dict with keys {sorted(scheduler.state_dict())}")
+    return state
+
+
+def _rng_state(state: Any) -> dict:
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state):
+        raise ValueError("expected the RNG states 'python', 'numpy' and 'torch'")
+    return state
 
 
 def _uses_deepspeed(trainer: PreftGRPOTrainer) -> bool:

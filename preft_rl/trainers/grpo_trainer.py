@@ -258,11 +258,19 @@ class PreftGRPOTrainer:
                 # dapo is already normalised by the whole accumulated batch's tokens: undo accelerate's division
                 loss = out.loss * len(micro) if args.loss_type == "dapo" else out.loss
                 acc.backward(loss)
-                if acc.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                finite = True
+                if acc.sync_gradients:  # the norm is taken even without clipping (max_norm=inf scales by exactly 1)
+                    clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
                     if grad_norm is not None:
                         stats["grad_norm"] = float(grad_norm)
-                self.optimizer.step()
+                        finite = math.isfinite(stats["grad_norm"])
+                if finite:
+                    self.optimizer.step()
+                else:  # never step on NaN/inf gradients: the weights (and the next checkpoint) would be NaN
+                    self._skipped_steps = getattr(self, "_skipped_steps", 0) + 1
+                    logger.warning("gradient norm is %s at step %d: optimizer step skipped (%d skipped so far)",
+                                   stats["grad_norm"], self.step + 1, self._skipped_steps)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             stats["loss"] += loss.item() / len(micro)
@@ -271,6 +279,7 @@ class PreftGRPOTrainer:
             stats["entropy"] += ((entropy * mask).sum() / mask.sum().clamp(min=1)).item() / len(micro)
         self._engine_in_sync = False
         stats["learning_rate"] = self.scheduler.get_last_lr()[0]
+        stats["skipped_steps"] = getattr(self, "_skipped_steps", 0)  # optimizer steps skipped for non-finite gradients
         return stats
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
+# NaN rewards per reward function name in this process: scored like None (no reward), warned about once.
+reward_nan_counts: Counter[str] = Counter()
 
 
 def sampling_seed(seed: int, step: int, index: int) -> int:
@@ -65,16 +68,36 @@ def score(
     completion_ids: list[list[int]],
     columns: dict[str, list[Any]],
 ) -> torch.Tensor:
-    """(B, F) rewards, NaN where a function returned None for a sample."""
+    """(B, F) rewards, NaN where a function returned None (or NaN) for a sample. An infinite reward is an
+    error: it would make the loss and then the adapter NaN."""
     out = torch.full((len(completions), len(reward_funcs)), math.nan)
     for j, (fn, name) in enumerate(zip(reward_funcs, reward_names)):
         values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
         if len(values) != len(completions):
             raise ValueError(f"reward function {name} returned {len(values)} rewards for {len(completions)} completions")
-        out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
+        column = []
+        for i, value in enumerate(values):
+            value = math.nan if value is None else float(value)
+            if math.isinf(value):
+                raise ValueError(
+                    f"reward function {name!r} returned {value} for row {i} (prompt {_short(prompts[i])}, completion "
+                    f"{_short(completions[i])}); rewards must be finite: return None for 'no reward'"
+                )
+            column.append(value)
+        out[:, j] = torch.tensor(column)
+        if (num_nan := sum(math.isnan(v) for v, raw in zip(column, values) if raw is not None)):
+            if reward_nan_counts[name] == 0:
+                logger.warning("reward function %s returned NaN (%d of %d rows); scored as None (no reward), counted in "
+                               "preft_rl.trainers.rollout.reward_nan_counts; this warning is shown once", name, num_nan, len(column))
+            reward_nan_counts[name] += num_nan
         if out[:, j].isnan().all():
             logger.warning("reward function %s returned None for every completion of this batch", name)
     return out
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], completion_logps: list[list[float]], pad_id: int) -> dict:

@@ -6,6 +6,8 @@ adapters under its own names.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -377,9 +379,19 @@ def test_all_token_baselines_match_peft_lora(tiny_llama_dir, load_tiny, engines)
     assert expected != prefill_only  # the two policies differ, so the checks below can fail
 
     with PreftEngine(str(tiny_llama_dir), max_adapters=2, max_rank=8, adapter_scope="all", **ENGINE_ARGS) as engine:
-        engine.add_adapter("all", ref)
+        with pytest.raises(ValueError, match="adapter_scope='prompt' but this engine applies adapters with adapter_scope='all'"):
+            engine.add_adapter("all", ref)  # a PreFT adapter is never served at every token by accident
+        assert engine.adapters == {}
+        all_token = dataclasses.replace(ref.preft_config, adapter_scope="all")
+        engine.add_adapter("all", ref.adapter_state_dict(), config=all_token)
         outs = engine.generate(prompts, greedy(), adapters=["all", "all"])
         assert [list(o.outputs[0].token_ids) for o in outs] == expected
+        # the HF reference of the same all-token adapter is PEFT's output too
+        hf_all = get_preft_model(load_tiny(), all_token)
+        hf_all.load_adapter_state_dict(ref.adapter_state_dict())
+        hf_all.base_model.generation_config.eos_token_id = None
+        assert [hf_all.generate(input_ids=torch.tensor([p]), max_new_tokens=GEN, do_sample=False)[0, len(p):].tolist()
+                for p in prompts] == expected
     with NativeLoraEngine(str(tiny_llama_dir), max_adapters=2, max_rank=8, **ENGINE_ARGS) as native:
         native.add_adapter("all", ref)
         outs = native.generate(prompts, greedy(), adapters=["all", "all"])

@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 
 from preft_rl.adapters import PreftConfig, get_preft_model
 from preft_rl.models import resolve_model
+from preft_rl.rewards.math import RewardErrorCounter
 
 from . import checkpoint
 from .grpo_config import PreftGRPOConfig
 from .grpo_core import entropy_from_logits, group_advantages, importance_weights, policy_loss, selective_log_softmax
-from .rollout import RolloutBatch, pack, prompt_ids_for, sampling_seed, score
+from .rollout import RolloutBatch, pack, prompt_ids_for, reward_nan_counts, sampling_seed, score
 
 logger = logging.getLogger(__name__)
 POLICY = "policy"
@@ -113,7 +114,9 @@ class PreftGRPOTrainer:
             engine_kwargs["gpu_memory_utilization"] = args.engine_gpu_memory_utilization
             engine_kwargs["enable_sleep_mode"] = args.engine_sleep
         engine_kwargs.update(args.engine_kwargs)
-        self.engine = PreftEngine(self.model_path, max_adapters=1, max_rank=config.r, method=config.method, **engine_kwargs)
+        self.engine = PreftEngine(
+            self.model_path, max_adapters=1, max_rank=config.r, method=config.method, adapter_scope=config.adapter_scope, **engine_kwargs
+        )
         with _gathered([p for _, p in self.preft_model.adapter_named_parameters()], self.accelerator):
             self.engine.add_adapter(POLICY, self.preft_model.adapter_state_dict(), config=config)
         self._engine_in_sync = True
@@ -310,7 +313,9 @@ class PreftGRPOTrainer:
             if args.save_steps > 0 and self.step % args.save_steps == 0 and self.step < args.max_steps:
                 checkpoint.save(self, self.step, self._rollout)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", **{
+                name.removesuffix("_reward"): f"{metrics[f'rewards/{name}/mean']:.2f}" for name in self.reward_names
+            }, len=f"{metrics['completions/mean_length']:.0f}")
         bar.close()
         if self.eval_dataset is not None:
             metrics.update(self.evaluate())
@@ -324,43 +329,64 @@ class PreftGRPOTrainer:
     def evaluate(self, reward_funcs: Sequence[Callable] | None = None, log: bool = True) -> dict[str, float]:
         """Greedy completions for eval_dataset (split across processes), scored by the training reward
         functions or by `reward_funcs` (e.g. strict and lenient accuracy); metrics are 'eval/...'."""
+        scores = self.evaluation_scores(reward_funcs)
+        lengths = scores.pop("completion_length")
+        funcs = list(reward_funcs) if reward_funcs is not None else self.reward_funcs
+        weights = torch.ones(len(funcs)) if reward_funcs is not None else self.reward_weights
+        per_func = torch.tensor([scores[name] for name in scores], dtype=torch.float32).T.reshape(len(lengths), len(scores))
+        metrics = {"eval/reward": (per_func * weights).nansum(1).mean().item(),
+                   "eval/completions/mean_length": torch.tensor(lengths).mean().item(), "eval/num_prompts": float(len(lengths))}
+        for j, name in enumerate(scores):
+            metrics[f"eval/rewards/{name}/mean"] = torch.nanmean(per_func[:, j]).item()
+        if log:
+            self._log({**metrics, "step": self.step})
+        return metrics
+
+    @torch.no_grad()
+    def evaluation_scores(self, reward_funcs: Sequence[Callable] | None = None, dataset: Any = None) -> dict[str, list[float]]:
+        """Per-problem scores of greedy completions for `dataset` (default: eval_dataset), in dataset order, over
+        all processes: {reward name: [score per problem] (NaN where a function gave None), "completion_length": [...]}.
+        The scores of the same problems before and after training are what a paired comparison needs."""
         from preft_rl.engine import SamplingParams
 
-        if self.eval_dataset is None:
-            raise ValueError("evaluate() needs eval_dataset=... when the trainer is built")
+        dataset = self.eval_dataset if dataset is None else dataset
+        if dataset is None:
+            raise ValueError("evaluation needs a dataset: pass eval_dataset=... when the trainer is built, or dataset=...")
+        if "prompt" not in dataset.column_names:
+            raise ValueError(f"the evaluation dataset has columns {dataset.column_names}; it needs a 'prompt' column")
         args, acc = self.args, self.accelerator
         if not self._engine_in_sync:
             self._sync_engine()
-        total = min(len(self.eval_dataset), args.eval_max_prompts or len(self.eval_dataset))
+        total = min(len(dataset), args.eval_max_prompts or len(dataset))
         per_process = math.ceil(total / acc.num_processes)
         indices = list(range(acc.process_index, total, acc.num_processes))
-        rows = [self.eval_dataset[i] for i in indices]
+        rows = [dataset[i] for i in indices]
         prompts = [row["prompt"] for row in rows]
         prompt_ids = [prompt_ids_for(self.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
         greedy = SamplingParams(max_tokens=args.max_completion_length, temperature=0.0)
-        outputs = self.engine.generate(prompt_ids, greedy, adapters=[POLICY] * len(rows), use_tqdm=False) if rows else []
+        show = acc.is_main_process and not args.disable_tqdm  # a progress bar: evaluation of hundreds of problems takes minutes
+        outputs = self.engine.generate(prompt_ids, greedy, adapters=[POLICY] * len(rows), use_tqdm=show) if rows else []
         completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
         texts = [o.outputs[0].text for o in outputs]
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
         columns = {k: [row[k] for row in rows] for k in (rows[0] if rows else {}) if k != "prompt"}
         funcs = list(reward_funcs) if reward_funcs is not None else self.reward_funcs
         names = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(funcs)] if reward_funcs is not None else self.reward_names
-        weights = torch.ones(len(funcs)) if reward_funcs is not None else self.reward_weights
         per_func = score(funcs, names, prompts, completions, completion_ids, columns) if rows else torch.empty(0, len(funcs))
         lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32)
-        pad = per_process - len(rows)  # equal shapes for gather; NaN rows are ignored below
+        index = torch.tensor(indices, dtype=torch.float32)
+        pad = per_process - len(rows)  # equal shapes for gather; rows with a NaN index are dropped below
         per_func = torch.cat([per_func, torch.full((pad, len(funcs)), math.nan)])
         lengths = torch.cat([lengths, torch.full((pad,), math.nan)])
-        per_func, lengths = acc.gather(per_func.to(acc.device)).cpu(), acc.gather(lengths.to(acc.device)).cpu()
-        valid = ~lengths.isnan()
-        per_func, lengths = per_func[valid], lengths[valid]
-        metrics = {"eval/reward": (per_func * weights).nansum(1).mean().item(), "eval/completions/mean_length": lengths.mean().item(),
-                   "eval/num_prompts": float(valid.sum())}
-        for j, name in enumerate(names):
-            metrics[f"eval/rewards/{name}/mean"] = torch.nanmean(per_func[:, j]).item()
-        if log:
-            self._log({**metrics, "step": self.step})
-        return metrics
+        index = torch.cat([index, torch.full((pad,), math.nan)])
+        gather = lambda t: acc.gather(t.to(acc.device)).cpu()  # noqa: E731
+        per_func, lengths, index = gather(per_func), gather(lengths), gather(index)
+        valid = ~index.isnan()
+        order = index[valid].argsort()
+        per_func, lengths = per_func[valid][order], lengths[valid][order]
+        scores = {name: per_func[:, j].tolist() for j, name in enumerate(names)}
+        scores["completion_length"] = lengths.tolist()
+        return scores
 
     def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         acc = self.accelerator
@@ -374,9 +400,13 @@ class PreftGRPOTrainer:
             "completions/clipped_ratio": gather(batch.truncated.float()).mean().item(),
             "frac_reward_zero_std": (rewards.view(-1, self.args.num_generations).std(-1) == 0).float().mean().item(),
         }
-        for j, name in enumerate(self.reward_names):
+        for j, (name, func) in enumerate(zip(self.reward_names, self.reward_funcs)):
             column = per_func[:, j]
             metrics[f"rewards/{name}/mean"] = torch.nanmean(column).item()
+            # cumulative counts: a reward's internal errors (scored None) and the NaN it returned (treated as None)
+            metrics[f"rewards/{name}/nan_count"] = float(reward_nan_counts[name])
+            if isinstance(getattr(func, "errors", None), RewardErrorCounter):
+                metrics[f"rewards/{name}/error_count"] = float(func.errors.count)
             metrics[f"rewards/{name}/std"] = column[~column.isnan()].std().item() if (~column.isnan()).sum() > 1 else 0.0
         return metrics
 

@@ -2,12 +2,14 @@
 
     preft-rl report OUTPUT_DIR       render a GRPO run's log.jsonl as report.md + PNG plots
     preft-rl bench rollout ...       PreFT vs all-token multi-LoRA vs base rollout throughput (see --help)
+    preft-rl study ...               PreFT vs all-token adapters under the same GRPO trainer (see --help)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
                          help="also run vLLM's native all-token multi-LoRA (default: on; --no-all-token for quick PreFT-vs-base checks)")
     rollout.add_argument("--out", default="outputs/bench-rollout", help="folder for rollout.json/.md/.png (default: %(default)s)")
     rollout.add_argument("--seed", type=int, default=0)
+    study = sub.add_parser("study", help="PreFT vs all-token adapters: GRPO learning curves and held-out gains over seeds")
+    _add_study_arguments(study)
     args = parser.parse_args(argv)
+    if args.command == "study":
+        return _study(args, argv)
     if args.command == "bench":
         from preft_rl.reports import rollout as bench_rollout
 
@@ -56,6 +62,57 @@ def main(argv: list[str] | None = None) -> int:
             print(f"preft-rl report: {exc}", file=sys.stderr)
             return 2
         print(f"wrote {path}")
+    return 0
+
+
+def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    from preft_rl.reports.study import METHODS, TASKS
+    from preft_rl.trainers import PreftGRPOConfig
+    from preft_rl.trainers.cli_args import add_dataclass_arguments
+    from preft_rl.trainers.presets import GSM8K_CPU
+
+    parser.add_argument("--out", default="outputs/study", help="folder for runs/, study.json, study.md and plots (default: %(default)s)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model id, path or offline name (default: %(default)s)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: gsm8k and/or a numeric reasoning-gym task (default: %(default)s)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)} (default: %(default)s)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    parser.add_argument("--eval-problems", type=int, default=200, help="held-out problems per task (default: %(default)s)")
+    parser.add_argument("--train-problems", type=int, default=2000, help="generated training problems per task (default: %(default)s)")
+    parser.add_argument("--data", default=None, help="GSM8K source: a jsonl, a folder with train/test.jsonl, or 'hub'")
+    parser.add_argument("--verbose", action="store_true", help="show vLLM's and the other libraries' logging")
+    add_dataclass_arguments(parser, PreftGRPOConfig, GSM8K_CPU)
+
+
+def _study(args: argparse.Namespace, argv: list[str] | None) -> int:
+    import dataclasses
+
+    from preft_rl.console import quiet_libraries
+    from preft_rl.reports.study import StudyConfig, run
+    from preft_rl.trainers import PreftGRPOConfig
+    from preft_rl.trainers.cli_args import _simple_type
+
+    quiet_libraries(args.verbose)
+    import typing
+
+    hints = typing.get_type_hints(PreftGRPOConfig)
+    trainer = {}
+    for f in dataclasses.fields(PreftGRPOConfig):
+        if _simple_type(hints[f.name]) is None or f.name in ("output_dir", "seed", "save_steps"):
+            continue
+        if getattr(args, f.name) != f.default:
+            trainer[f.name] = getattr(args, f.name)
+    try:
+        cfg = StudyConfig(
+            out=args.out, model=args.model, tasks=args.tasks.split(","), methods=args.methods.split(","),
+            seeds=[int(s) for s in args.seeds.split(",")], eval_problems=args.eval_problems, train_problems=args.train_problems,
+            data=args.data, trainer=trainer,
+        )
+    except ValueError as exc:
+        print(f"preft-rl study: {exc}", file=sys.stderr)
+        return 2
+    run(cfg, verbose=args.verbose)
+    print((Path(cfg.out) / "study.md").read_text())
+    print(f"command: preft-rl {' '.join(argv if argv is not None else sys.argv[1:])}")
     return 0
 
 

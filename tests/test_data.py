@@ -29,6 +29,10 @@ def test_generated_problems_are_seeded_and_scorable():
     b = load_gsm8k("train", source="generated", num_examples=5, seed=3)
     test = load_gsm8k("test", source="generated", num_examples=5, seed=3)
     assert a["question"] == b["question"] and a["question"] != test["question"]
+    # reasoning-gym draws item i with seed + i, so naive seeds (train 6, test 7) shared all but one problem
+    train_sets = [set(load_gsm8k("train", source="generated", num_examples=30, seed=s)["question"]) for s in (3, 4)]
+    test_set = set(load_gsm8k("test", source="generated", num_examples=30, seed=3)["question"])
+    assert not (train_sets[0] | train_sets[1]) & test_set and not train_sets[0] & train_sets[1]
     assert gsm8k_accuracy_reward(a["prompt"], a["answer"], answer=a["answer"]) == [1.0] * 5
     assert format_reward(a["prompt"], a["answer"]) == [1.0] * 5
 

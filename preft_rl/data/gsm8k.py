@@ -15,8 +15,15 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# The prompt format training uses, and so the one evaluation must use (load_gsm8k's default). A worked
+# example in the instruction matters for small models: on SmolLM2-135M-Instruct (greedy, 160 tokens, first
+# 100 test problems) the instruction alone gave 4% completions ending in '#### N' (77% cut off at 160
+# tokens); with this example, 44% (49% cut off). The example is made up, not a GSM8K problem.
+EXAMPLE_QUESTION = "A baker makes 12 muffins. She sells 5 and bakes 8 more. How many muffins does she have?"
+EXAMPLE_ANSWER = "She has 12 - 5 = 7 muffins left.\nAfter baking she has 7 + 8 = 15 muffins.\n#### 15"
 SYSTEM_PROMPT = (
-    "Solve the math problem step by step. On the last line, give the final answer as '#### <number>'."
+    "Solve the math problem in a few short steps. End with a line '#### <number>'.\n\n"
+    f"Example:\nQuestion: {EXAMPLE_QUESTION}\nAnswer:\n{EXAMPLE_ANSWER}"
 )
 
 
@@ -51,8 +58,10 @@ def _from_hub(split: str) -> list[dict]:
 def _generated(split: str, size: int, seed: int) -> list[dict]:
     import reasoning_gym
 
-    # distinct seeds per split, so "train" and "test" do not share problems
-    data = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed * 2 + (split != "train"))
+    from .generated import split_seed
+
+    # reasoning-gym draws item i with seed + i: split_seed gives each split its own, non-overlapping seed range
+    data = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=split_seed(split, seed, size))
     return [_as_prompt(item["question"], f"#### {item['answer']}") for item in data]
 
 

@@ -30,6 +30,7 @@ Every PreftGRPOConfig field with a simple type is a flag (--learning-rate, --bet
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
         description = (f"the first {len(before['format_reward'])} GSM8K test problems, load_gsm8k('test') prompts, greedy, "
                        f"at most {config.max_completion_length} tokens")
         write_heldout(config.output_dir, description, changes)
+        with open(Path(config.output_dir) / "heldout_completions.jsonl", "w") as f:  # what the numbers measured
+            for i, question in enumerate(held_out["question"][: len(before["completion"])]):
+                f.write(json.dumps({"question": question, "answer": held_out[i]["answer"], "before": before["completion"][i],
+                                    "after": after["completion"][i]}) + "\n")
         print(f"held-out: {description}")
         print("\n".join(heldout_table({"metrics": {k: c.to_dict() for k, c in changes.items()}})))
     print(f"report: {render_training_report(config.output_dir)}")

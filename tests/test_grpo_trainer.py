@@ -161,6 +161,8 @@ def test_evaluate_scores_greedy_completions_and_tensorboard_logs(tiny_llama_dir,
     try:
         trainer.train()
         metrics = trainer.evaluate()
+        scores = trainer.evaluation_scores()  # per problem, in dataset order
+        subset = trainer.evaluation_scores(dataset=eval_rows.select([4, 5]))
         model = trainer.preft_model
         model.base_model.generation_config.eos_token_id = None
         expected = []
@@ -171,6 +173,8 @@ def test_evaluate_scores_greedy_completions_and_tensorboard_logs(tiny_llama_dir,
     finally:
         trainer.close()
     assert metrics["eval/num_prompts"] == 6
+    assert scores["first_token_even"] == expected and len(scores["completion"]) == 6
+    assert subset["first_token_even"] == expected[4:] and subset["completion"] == scores["completion"][4:]
     assert metrics["eval/rewards/first_token_even/mean"] == pytest.approx(sum(expected) / 6)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert sum("eval/reward" in row for row in log) == 3  # after step 1, at the end of training, and the call above

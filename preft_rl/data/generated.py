@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 
 NUMERIC_TASKS = ("chain_sum", "basic_arithmetic", "gsm_symbolic", "leg_counting", "products", "decimal_chain_sum")
+# reasoning-gym settings per task. chain_sum's defaults (up to 6 terms of up to 4 digits) are out of reach of the
+# offline default model (greedy: 1% strict, 6% lenient on 100 problems); 2-3 terms of 1-2 digits give it room to learn.
+TASK_SETTINGS = {"chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2)}
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 TASK_SYSTEM_PROMPT = "Work it out briefly. End with a line '#### <number>'.\n\nExample:\nQuestion: What is 12 - 5 + 8?\nAnswer:\n12 - 5 = 7, 7 + 8 = 15.\n#### 15"
 
@@ -39,7 +42,7 @@ def load_generated_task(name: str, split: str = "train", num_examples: int = 100
         raise ValueError(f"split={split!r}: use 'train' or 'test'")
     if num_examples < 1:
         raise ValueError(f"num_examples={num_examples} must be >= 1")
-    data = reasoning_gym.create_dataset(name, size=num_examples, seed=split_seed(split, seed, num_examples))
+    data = reasoning_gym.create_dataset(name, size=num_examples, seed=split_seed(split, seed, num_examples), **TASK_SETTINGS.get(name, {}))
     rows = []
     excluded = set(exclude)
     for item in data:

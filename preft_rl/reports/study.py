@@ -33,7 +33,7 @@ METHODS = {
 }
 TASKS = ("gsm8k", "chain_sum")
 SHARED_GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k"
-METRICS = {"strict accuracy": "gsm8k_accuracy_reward", "format rate": "format_reward"}
+METRICS = {"strict accuracy": "gsm8k_accuracy_reward", "format rate": "format_reward", "lenient accuracy": "gsm8k_last_number_reward"}
 
 
 @dataclass
@@ -75,7 +75,7 @@ def run_name(task: str, method: str, seed: int) -> str:
 def run_one(cfg: StudyConfig, task: str, method: str, seed: int) -> dict[str, Any]:
     """Train one adapter and score the held-out problems before and after (runs in a child process)."""
     from preft_rl import PreftConfig, PreftGRPOConfig, PreftGRPOTrainer
-    from preft_rl.rewards import format_reward, gsm8k_accuracy_reward
+    from preft_rl.rewards import format_reward, gsm8k_accuracy_reward, gsm8k_last_number_reward
 
     train, held_out = _datasets(cfg, task, seed)
     out = Path(cfg.out) / "runs" / run_name(task, method, seed)
@@ -83,7 +83,7 @@ def run_one(cfg: StudyConfig, task: str, method: str, seed: int) -> dict[str, An
     preft = PreftConfig(**METHODS[method])
     start = time.perf_counter()
     trainer = PreftGRPOTrainer(cfg.model, [gsm8k_accuracy_reward, format_reward], args=args, train_dataset=train, preft_config=preft)
-    protocol = [gsm8k_accuracy_reward, format_reward]
+    protocol = [gsm8k_accuracy_reward, format_reward, gsm8k_last_number_reward]
     try:
         before = trainer.evaluation_scores(protocol, held_out)
         trainer.train()
@@ -172,13 +172,12 @@ def write_summary(cfg: StudyConfig, summary: dict[str, Any]) -> None:
              f"Model {cfg.model}; seeds {cfg.seeds}; {cfg.eval_problems} held-out problems, greedy; trainer settings: "
              f"`{json.dumps(cfg.trainer, sort_keys=True)}`.", ""]
     for task, data in summary["tasks"].items():
-        lines += [f"## {task}", "", "| method | strict before | strict after | change (95% CI) | format before | format after | "
-                  "format change (95% CI) | s/step | rollout tok/s |", "| --- " * 9 + "|"]
+        lines += [f"## {task}", "", "| method | " + " | ".join(f"{m}: before -> after, change [95% CI]" for m in METRICS)
+                  + " | s/step | rollout tok/s |", "| --- " * (len(METRICS) + 3) + "|"]
         for method, e in data["methods"].items():
-            s, f = e["strict accuracy"], e["format rate"]
-            lines.append(f"| {method} | {s['before']:.3f} | {s['after']:.3f} | {s['change']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}] | "
-                         f"{f['before']:.3f} | {f['after']:.3f} | {f['change']:+.3f} [{f['low']:+.3f}, {f['high']:+.3f}] | "
-                         f"{e['seconds_per_step']:.1f} | {e['rollout_tokens_per_s']:.0f} |")
+            cells = [f"{c['before']:.3f} -> {c['after']:.3f}, {c['change']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+                     for c in (e[m] for m in METRICS)]
+            lines.append(f"| {method} | {' | '.join(cells)} | {e['seconds_per_step']:.1f} | {e['rollout_tokens_per_s']:.0f} |")
         ratio = data["preft_lora_gain_over_all_token_gain"]
         lines += ["", f"PreFT LoRA's strict-accuracy gain / all-token LoRA's: {'n/a' if ratio is None else f'{ratio:.2f}'}", "",
                   f"![learning curves](learning-{task}.png)", ""]

@@ -331,6 +331,7 @@ class PreftGRPOTrainer:
         functions or by `reward_funcs` (e.g. strict and lenient accuracy); metrics are 'eval/...'."""
         scores = self.evaluation_scores(reward_funcs)
         lengths = scores.pop("completion_length")
+        scores.pop("completion")
         funcs = list(reward_funcs) if reward_funcs is not None else self.reward_funcs
         weights = torch.ones(len(funcs)) if reward_funcs is not None else self.reward_weights
         per_func = torch.tensor([scores[name] for name in scores], dtype=torch.float32).T.reshape(len(lengths), len(scores))
@@ -343,10 +344,11 @@ class PreftGRPOTrainer:
         return metrics
 
     @torch.no_grad()
-    def evaluation_scores(self, reward_funcs: Sequence[Callable] | None = None, dataset: Any = None) -> dict[str, list[float]]:
+    def evaluation_scores(self, reward_funcs: Sequence[Callable] | None = None, dataset: Any = None) -> dict[str, list]:
         """Per-problem scores of greedy completions for `dataset` (default: eval_dataset), in dataset order, over
-        all processes: {reward name: [score per problem] (NaN where a function gave None), "completion_length": [...]}.
-        The scores of the same problems before and after training are what a paired comparison needs."""
+        all processes: {reward name: [score per problem] (NaN where a function gave None), "completion_length": [...],
+        "completion": [text]}. The scores of the same problems before and after training are what a paired
+        comparison needs; the texts show what the scores measured."""
         from preft_rl.engine import SamplingParams
 
         dataset = self.eval_dataset if dataset is None else dataset
@@ -386,6 +388,14 @@ class PreftGRPOTrainer:
         per_func, lengths = per_func[valid][order], lengths[valid][order]
         scores = {name: per_func[:, j].tolist() for j, name in enumerate(names)}
         scores["completion_length"] = lengths.tolist()
+        gathered_texts = [None] * acc.num_processes
+        if acc.num_processes > 1:
+            import torch.distributed as dist
+
+            dist.all_gather_object(gathered_texts, list(zip(indices, texts)))
+        else:
+            gathered_texts = [list(zip(indices, texts))]
+        scores["completion"] = [text for _, text in sorted(pair for part in gathered_texts for pair in part)]
         return scores
 
     def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:

@@ -114,7 +114,8 @@ def test_plain_peft_lora_needs_explicit_opt_in(load_tiny, tokenizer, tmp_path):
                 param.normal_(0, 0.2)
     peft_model.save_pretrained(tmp_path)
 
-    with pytest.raises(ValueError, match="load_peft_lora_as_prefill_only=True"):
+    # the fix the error gives works for both entry points (the engine's add_adapter passes it through)
+    with pytest.raises(ValueError, match=r"load_peft_lora_as_prefill_only=True to PreftModel.from_pretrained or PreftEngine.add_adapter"):
         PreftModel.from_pretrained(load_tiny(), tmp_path)
     preft = PreftModel.from_pretrained(load_tiny(), tmp_path, load_peft_lora_as_prefill_only=True)
     ids, am, _ = batch(tokenizer, "left")
@@ -122,6 +123,87 @@ def test_plain_peft_lora_needs_explicit_opt_in(load_tiny, tokenizer, tmp_path):
     ours = preft(input_ids=ids, attention_mask=am, prompt_mask=am.bool()).logits
     theirs = peft_model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+# The forms of LoraConfig.target_modules PEFT users write, and what PEFT 0.21 stores for each in
+# adapter_config.json: "all-linear" becomes a list of full module paths ('model.layers.0.mlp.down_proj'),
+# a list of short names stays one, a str other than "all-linear" is a regex fullmatched against full paths.
+PEFT_TARGETS = {
+    "all-linear": dict(target_modules="all-linear"),
+    "short-names": dict(target_modules=["q_proj", "v_proj"]),
+    "regex": dict(target_modules=r".*\.(q_proj|down_proj)"),
+    "regex-one-layer": dict(target_modules=r"model\.layers\.1\.self_attn\.[ko]_proj"),
+    "all-linear-exclude": dict(target_modules="all-linear", exclude_modules=["o_proj", "model.layers.0.mlp.up_proj"]),
+}
+
+
+def _save_peft_lora(load_tiny, directory, **lora_kwargs):
+    """A LoRA written by PEFT's own save_pretrained, with non-zero B (so it changes the logits)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    peft_model = get_peft_model(load_tiny(), LoraConfig(r=4, lora_alpha=8, **lora_kwargs))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    peft_model.save_pretrained(directory)
+    targeted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    return peft_model.eval(), targeted
+
+
+@pytest.mark.parametrize("form", list(PEFT_TARGETS))
+def test_peft_lora_folders_load_as_prefill_only_on_exactly_peft_targets(load_tiny, tokenizer, tmp_path, form):
+    from preft_rl.adapters.layers import PreftLoraLinear
+    from preft_rl.adapters.serialization import read_adapter_config
+    from test_adapters import COMPLETIONS, PROMPTS
+
+    peft_model, targeted = _save_peft_lora(load_tiny, tmp_path, **PEFT_TARGETS[form])
+    assert 0 < len(targeted) < 2 * 7 or form == "all-linear"  # a subset, so targeting too much is seen
+    preft = PreftModel.from_pretrained(load_tiny(), tmp_path, load_peft_lora_as_prefill_only=True)
+    ours_targeted = {n for n, m in preft.base_model.named_modules() if isinstance(m, PreftLoraLinear)}
+    assert ours_targeted == targeted  # no more, no fewer
+    # without a base model (what PreftEngine.add_adapter reads), the config names the same modules
+    engine_config = read_adapter_config(tmp_path, load_peft_lora_as_prefill_only=True)
+    assert (engine_config.r, engine_config.alpha) == (4, 8)
+    from_engine_config = PreftModel(load_tiny(), engine_config).base_model.named_modules()
+    assert {n for n, m in from_engine_config if isinstance(m, PreftLoraLinear)} == targeted
+
+    base = load_tiny()
+    for prompt, completion in zip(PROMPTS, COMPLETIONS):
+        p, c = tokenizer(prompt).input_ids, tokenizer(completion).input_ids
+        ids = torch.tensor([p + c])
+        prompt_mask = torch.tensor([[True] * len(p) + [False] * len(c)])
+        ours = preft(input_ids=ids, prompt_mask=prompt_mask).logits[0]
+        with torch.no_grad():
+            # reference: PEFT's all-token LoRA over the prompt, then the base model over the completion,
+            # attending to the adapted prompt's KV cache (what prefill-only means)
+            out = peft_model(input_ids=torch.tensor([p]), use_cache=True)
+            with peft_model.disable_adapter():
+                rest = peft_model(input_ids=torch.tensor([c]), past_key_values=out.past_key_values).logits[0]
+            plain = base(input_ids=torch.tensor([p])).logits[0]
+        torch.testing.assert_close(ours[: len(p)], out.logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours[len(p):], rest, atol=1e-5, rtol=1e-5)
+        assert (out.logits[0] - plain).abs().max() > 1e-2  # the LoRA really acts: the comparison can fail
+
+
+@pytest.mark.parametrize(
+    "lora_kwargs,message",
+    [
+        (dict(target_modules=["q_proj"], use_dora=True), "use_dora"),
+        (dict(target_modules=["q_proj"], layers_to_transform=[1]), "layers_to_transform"),
+        (dict(target_modules=["q_proj"], lora_bias=True), "lora_bias"),
+        (dict(target_modules=["q_proj", "lm_head"]), r"\['lm_head'\] match no linear layer inside the decoder layers"),
+    ],
+)
+def test_unsupported_peft_lora_options_are_refused_by_name(load_tiny, tmp_path, lora_kwargs, message):
+    _save_peft_lora(load_tiny, tmp_path, **lora_kwargs)
+    base = load_tiny()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        PreftModel.from_pretrained(base, tmp_path, load_peft_lora_as_prefill_only=True)
+    assert base.state_dict().keys() == before.keys() and all(torch.equal(before[k], v) for k, v in base.state_dict().items())
 
 
 @pytest.mark.parametrize(
@@ -184,3 +266,12 @@ def test_other_supported_families_keep_the_no_op_start(model_type, tokenizer):
         assert torch.equal(model(input_ids=ids, attention_mask=am, prompt_mask=pm).logits, expected)
         randomize_adapter(model)
         assert not torch.equal(model(input_ids=ids, attention_mask=am, prompt_mask=pm).logits, expected)
+
+
+def test_serialization_docstring_examples_run():
+    import doctest
+
+    import preft_rl.adapters.serialization as serialization
+
+    result = doctest.testmod(serialization)
+    assert result.attempted > 0 and result.failed == 0, result

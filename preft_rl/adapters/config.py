@@ -34,8 +34,8 @@ class PreftConfig:
         default="all-linear",
         metadata={
             "help": "LoRA only. 'all-linear' (every nn.Linear inside the decoder layers, not lm_head) "
-            "or a list of module names such as ['q_proj', 'v_proj'] (matched against the last name "
-            "component or the full dotted path)."
+            "or a list of module names such as ['q_proj', 'v_proj'], matched as PEFT matches a list: a module "
+            "whose full path (e.g. 'model.layers.0.self_attn.q_proj') equals a name or ends in '.' + name."
         },
     )
     layers: str | list[int] = field(

@@ -57,11 +57,14 @@ class PreftModel(nn.Module):
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         layers = decoder_layers(base_model)
         # Build (and load) every adapter module detached from the base model; attach only if all of it succeeded.
-        built = self._build_lora(layers, generator) if config.is_lora else self._build_reft(base_model, layers, generator)
+        layers_name = next(name for name, module in base_model.named_modules() if module is layers)
+        if config.is_lora:
+            built = self._build_lora(layers, layers_name, generator)
+        else:
+            built = self._build_reft(base_model, layers, generator)
         if adapter_state is not None:
             from .serialization import load_into_modules
 
-            layers_name = next(name for name, module in base_model.named_modules() if module is layers)
             load_into_modules({f"{layers_name}.{name}": module for name, module, _ in built}, adapter_state, adapter_source)
         self.base_model = base_model
         base_params = list(base_model.parameters())
@@ -73,15 +76,16 @@ class PreftModel(nn.Module):
 
     # ----------------------------------------------------------------------------------- injection
     # The _build_* methods change nothing: they return (name under the decoder layers, new module, attach()).
-    def _build_lora(self, layers: nn.ModuleList, generator: torch.Generator | None) -> list[tuple[str, nn.Module, Any]]:
+    def _build_lora(self, layers: nn.ModuleList, layers_name: str, generator: torch.Generator | None) -> list[tuple[str, nn.Module, Any]]:
         cfg = self.preft_config
         wanted = cfg.target_modules
         found: set[str] = set()
+        # names are matched as full paths in the base model ('model.layers.0.self_attn.q_proj'), as PEFT does
         targets = [
             (layer, name, module)
-            for layer in layers
+            for i, layer in enumerate(layers)
             for name, module in layer.named_modules()
-            if isinstance(module, nn.Linear) and (wanted == "all-linear" or _matches(name, wanted, found))
+            if isinstance(module, nn.Linear) and (wanted == "all-linear" or _matches(f"{layers_name}.{i}.{name}", wanted, found))
         ]
         if wanted != "all-linear" and (missing := [m for m in wanted if m not in found]):
             available = sorted({n.rpartition(".")[2] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
@@ -300,11 +304,10 @@ def _apply_reft_to_output(layer: nn.Module, args: tuple, output: Any) -> Any:
 
 
 def _matches(name: str, wanted: list[str], found: set[str]) -> bool:
-    for target in wanted:
-        if name == target or name.endswith("." + target):
-            found.add(target)
-            return True
-    return False
+    """Whether the full module path `name` is one of `wanted` or ends in '.' + one (PEFT's rule for a list)."""
+    hits = [target for target in wanted if name == target or name.endswith("." + target)]
+    found.update(hits)  # every entry that names this module counts as found
+    return bool(hits)
 
 
 def _is_adapter_name(name: str) -> bool:

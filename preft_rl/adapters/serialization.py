@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -172,8 +175,16 @@ def save_adapter(model: PreftModel, save_directory: str | os.PathLike) -> None:
     os.replace(tmp_config, directory / CONFIG_NAME)
 
 
-def read_adapter_config(adapter_dir: str | os.PathLike, load_peft_lora_as_prefill_only: bool = False) -> PreftConfig:
-    """The PreftConfig of a saved adapter directory (a PEFT LoRA directory only when allowed)."""
+def read_adapter_config(
+    adapter_dir: str | os.PathLike, load_peft_lora_as_prefill_only: bool = False, module_names: Iterable[str] | None = None
+) -> PreftConfig:
+    """The PreftConfig of a saved adapter directory (a PEFT LoRA directory only when allowed).
+
+    A PEFT LoRA's targets are resolved with PEFT's own rule (see `peft_lora_targets`) into the full paths of
+    the modules it adapts, against `module_names` (every module name of the base model, e.g.
+    'model.layers.0.self_attn.q_proj'), or, without a base model (an engine), against the modules its
+    weights file has LoRA tensors for.
+    """
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {adapter_dir}; pass a directory written by PreftModel.save_pretrained")
@@ -205,21 +216,90 @@ def read_adapter_config(adapter_dir: str | os.PathLike, load_peft_lora_as_prefil
     if not load_peft_lora_as_prefill_only:
         raise ValueError(
             f"{adapter_dir} is a plain PEFT LoRA, trained to act on every token; loading it as prefill-only "
-            "changes what it does. Pass load_peft_lora_as_prefill_only=True if that is what you want"
+            "changes what it does. If that is what you want, pass load_peft_lora_as_prefill_only=True to "
+            "PreftModel.from_pretrained or PreftEngine.add_adapter"
         )
-    unsupported = {
-        key: raw[key]
-        for key in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
-        if raw.get(key)
-    }
+    unsupported = {key: raw[key] for key in _UNSUPPORTED_PEFT_OPTIONS if raw.get(key)}
     if raw.get("bias", "none") != "none":
         unsupported["bias"] = raw["bias"]
     if unsupported:
-        raise ValueError(f"PEFT LoRA options {unsupported} are not supported by prefill-only LoRA; retrain without them")
-    target = raw.get("target_modules")
-    if target not in ("all-linear",) and isinstance(target, str):
-        raise ValueError(f"PEFT target_modules given as a regex ({target!r}) is not supported; use a list of names")
-    return PreftConfig(method="lora", r=raw["r"], alpha=raw.get("lora_alpha", raw["r"]), dropout=0.0, target_modules=target)
+        raise ValueError(
+            f"{path}: PEFT LoRA options {unsupported} are not supported by prefill-only LoRA; retrain without them "
+            "(plain LoRA on linear layers: bias='none', no DoRA/rsLoRA, one rank and alpha for every module)"
+        )
+    target, exclude = raw.get("target_modules"), raw.get("exclude_modules")
+    if module_names is None and (isinstance(target, str) or exclude):  # only a regex or an exclusion needs the names
+        module_names = lora_module_names(_weight_keys(Path(adapter_dir) / WEIGHTS_NAME))
+    targets = peft_lora_targets(target, exclude, module_names or [])
+    if not targets:
+        raise ValueError(
+            f"{path}: PEFT target_modules={target!r} (exclude_modules={exclude!r}) "
+            "match no module of this base model; load it onto the base model it was trained on"
+        )
+    return PreftConfig(method="lora", r=raw["r"], alpha=raw.get("lora_alpha", raw["r"]), dropout=0.0, target_modules=targets)
+
+
+# PEFT LoraConfig fields that change what the adapter computes or where it acts, beyond plain LoRA on linear layers.
+_UNSUPPORTED_PEFT_OPTIONS = (
+    "use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "layers_pattern",
+    "lora_bias", "use_qalora", "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
+    "layer_replication", "fan_in_fan_out", "megatron_config", "arrow_config",
+)
+
+
+def peft_lora_targets(target_modules: Any, exclude_modules: Any, module_names: Iterable[str]) -> str | list[str]:
+    """The modules PEFT adapts for these LoraConfig fields, by PEFT's rule: a str is a regex that must match a
+    whole module path; a list entry matches a path equal to it or ending in '.' + entry (so 'q_proj',
+    'self_attn.q_proj' and 'model.layers.0.self_attn.q_proj' all name layer 0's q_proj); `exclude_modules`
+    (same rule) removes modules. A plain list or "all-linear" is returned as is (PreftModel matches a list by
+    the same rule); a regex or an exclusion is resolved against `module_names` into the paths it selects.
+
+    >>> names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"]
+    >>> peft_lora_targets(["q_proj"], None, names)
+    ['q_proj']
+    >>> peft_lora_targets(["q_proj", "v_proj"], ["model.layers.1.self_attn.q_proj"], names)
+    ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']
+    >>> peft_lora_targets(r".*\\.layers\\.0\\..*", ["v_proj"], names)
+    ['model.layers.0.self_attn.q_proj']
+    """
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear" and not exclude_modules:
+        return "all-linear"  # PreftConfig's spelling of the same set
+    if isinstance(target_modules, (list, tuple)) and not exclude_modules and all(isinstance(t, str) and t for t in target_modules):
+        return list(target_modules)  # PreftModel matches a list by the same rule (and an engine can check it by name)
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        raise ValueError(
+            f"PEFT target_modules='all-linear' with exclude_modules={exclude_modules!r} cannot be resolved here; "
+            "list the target modules in adapter_config.json instead (PEFT's save_pretrained writes that list)"
+        )
+    for field, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        if value is not None and not isinstance(value, (str, list, tuple)):
+            raise ValueError(f"PEFT {field}={value!r} must be a regex string or a list of module names")
+    return [name for name in module_names if _peft_match(target_modules, name) and not _peft_match(exclude_modules, name)]
+
+
+def _peft_match(spec: str | list[str] | None, name: str) -> bool:
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def lora_module_names(keys: Iterable[str]) -> list[str]:
+    """The full paths of the modules that file keys hold LoRA tensors for (in order, once each)."""
+    names = (k[len(KEY_PREFIX):].split(".lora_")[0] for k in keys if k.startswith(KEY_PREFIX) and ".lora_" in k)
+    return list(dict.fromkeys(names))
+
+
+def _weight_keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, read from its header only."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}; pass a directory written by save_pretrained")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{path} cannot be read ({exc}); the file is truncated or corrupt: save the adapter again") from exc
 
 
 def load_adapter(
@@ -229,7 +309,8 @@ def load_adapter(
     is_trainable: bool,
     load_peft_lora_as_prefill_only: bool,
 ) -> PreftModel:
-    config = read_adapter_config(adapter_dir, load_peft_lora_as_prefill_only)
+    module_names = [name for name, _ in model.named_modules() if name]
+    config = read_adapter_config(adapter_dir, load_peft_lora_as_prefill_only, module_names)
     raw = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text())
     saved_base = raw.get("base_model_config") or {}
     for field in _BASE_FIELDS:

@@ -120,9 +120,15 @@ class PreftEngine:
         """Registered adapters by name (slot, version, rank, config); a copy."""
         return {name: copy.copy(entry) for name, entry in self.registry.entries.items()}
 
-    def add_adapter(self, name: str, source: Any, config: PreftConfig | None = None) -> AdapterEntry:
-        """Register an adapter from a directory (save_pretrained), a PreftModel, or a state dict + config."""
-        state, config = _adapter_source(source, config)
+    def add_adapter(
+        self, name: str, source: Any, config: PreftConfig | None = None, *, load_peft_lora_as_prefill_only: bool = False
+    ) -> AdapterEntry:
+        """Register an adapter from a directory (save_pretrained), a PreftModel, or a state dict + config.
+
+        A plain PEFT LoRA directory is refused unless `load_peft_lora_as_prefill_only=True` (as in
+        PreftModel.from_pretrained): it was trained to act on every token, and here it acts on prompt tokens only.
+        """
+        state, config = _adapter_source(source, config, load_peft_lora_as_prefill_only)
         if config.adapter_scope != self.adapter_scope:
             raise ValueError(
                 f"adapter {name!r} has adapter_scope={config.adapter_scope!r} but this engine applies adapters with "
@@ -296,7 +302,9 @@ def _release_llm(llm: Any) -> None:
     gc.collect()
 
 
-def _adapter_source(source: Any, config: PreftConfig | None) -> tuple[dict[str, torch.Tensor], PreftConfig]:
+def _adapter_source(
+    source: Any, config: PreftConfig | None, load_peft_lora_as_prefill_only: bool = False
+) -> tuple[dict[str, torch.Tensor], PreftConfig]:
     from preft_rl.adapters.model import PreftModel
 
     if isinstance(source, PreftModel):
@@ -304,7 +312,7 @@ def _adapter_source(source: Any, config: PreftConfig | None) -> tuple[dict[str, 
     if isinstance(source, (str, os.PathLike)):
         from preft_rl.adapters.serialization import WEIGHTS_NAME, read_adapter_config, read_weights
 
-        file_config = read_adapter_config(source)
+        file_config = read_adapter_config(source, load_peft_lora_as_prefill_only)
         return read_weights(Path(source) / WEIGHTS_NAME), file_config
     if isinstance(source, dict):
         if config is None:

@@ -17,14 +17,19 @@ import logging
 import re
 import threading
 from fractions import Fraction
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_HASHES = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+# A number after '####': "1,250", "-3", "2.5", ".5", or a simple fraction "84/2" (unambiguous, so matching is linear).
+_HASH_NUMBER = r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*(?:\d[\d,]*(?:\.\d+)?|\.\d+))?"
+_HASHES = re.compile(r"####\s*\$?\s*(" + _HASH_NUMBER + ")")
+_BOXED_OPEN = re.compile(r"\\boxed\s*\{")
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
-_FINAL_LINE = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+\s*\$?\s*$")
+_FINAL_LINE = re.compile(r"####\s*\$?\s*" + _HASH_NUMBER + r"\s*\$?\s*$")
+_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([\d.,]+)\s*\}\s*\{\s*([\d.,]+)\s*\}")  # \frac{144}{2} -> 144/2
+_TEXT = re.compile(r"\\(?:text|textrm|textbf|mathrm|mbox)\s*\{([^{}]*)\}")  # \text{ clips}: a unit, dropped
 # Exact comparison of plain numbers: "72", "-1,250", ".5", "72.00", "3/4" (optionally in $...$ or \$).
 _PLAIN = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:/(?:\d+\.?\d*|\.\d+))?$")
 _MAX_ANSWER_CHARS = 200  # far above any GSM8K answer; bounds parsing and digits
@@ -49,45 +54,91 @@ class RewardErrorCounter:
             self.count += 1
 
 
-def completion_text(completion: Any) -> str:
-    """The text of a plain or chat-format completion."""
+def completion_text(completion: Any) -> str | None:
+    """The text of a plain or chat-format completion (the last message's content); None for anything else.
+
+    A malformed completion (None, an empty chat list, a dict, a message without text content) holds no answer:
+    the rewards here score it 0.0, like a completion with no final answer, and never raise (a policy's output
+    must not stop a training run). The first one is logged as a warning.
+
+    >>> completion_text([{"role": "assistant", "content": "#### 4"}]), completion_text([]), completion_text(None)
+    ('#### 4', None, None)
+    """
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
+        content = completion[-1].get("content")
+        if isinstance(content, str):
+            return content
+    global _warned_malformed
+    if not _warned_malformed:
+        _warned_malformed = True
+        logger.warning(
+            "a completion is neither a string nor chat messages ending in one with text content (got %s); "
+            "it is scored 0.0 (this is logged once)", repr(completion)[:200]
+        )
+    return None
+
+
+_warned_malformed = False
+
+
+def _boxed_answers(text: str) -> Iterator[str]:
+    """The contents of each \\boxed{...} whose braces balance within _MAX_ANSWER_CHARS, last first (lazily),
+    so the scan is bounded by that limit per \\boxed, however the braces nest or fail to close."""
+    starts = [m.end() for m in _BOXED_OPEN.finditer(text)]
+    for start in reversed(starts):
+        depth, i, end = 1, start, min(len(text), start + _MAX_ANSWER_CHARS + 1)
+        while i < end:
+            char = text[i]
+            if char == "\\":
+                i += 2  # an escaped character (\{ is a literal brace, not a group)
+                continue
+            depth += (char == "{") - (char == "}")
+            if depth == 0:
+                yield text[start:i]
+                break
+            i += 1
 
 
 def extract_final_answer(text: str) -> str | None:
-    """The last '#### N' number, else the last \\boxed{...}; None when neither is present.
+    """The last '#### N' number (or fraction), else the last \\boxed{...} (braces may nest); None when neither
+    is present.
 
     >>> extract_final_answer("3 + 4 = 7\\n#### 7")
     '7'
-    >>> extract_final_answer("so the answer is \\\\boxed{1,250}")
-    '1,250'
+    >>> extract_final_answer("half of 84 is\\n#### 84 / 2")
+    '84/2'
+    >>> extract_final_answer("so the answer is \\\\boxed{\\\\frac{144}{2}}")
+    '\\\\frac{144}{2}'
     >>> extract_final_answer("no idea") is None
     True
     """
     hashes = _HASHES.findall(text)
     if hashes:
-        return hashes[-1]
-    boxed = _BOXED.findall(text)
-    return boxed[-1] if boxed else None
+        return re.sub(r"\s+", "", hashes[-1])
+    return next(_boxed_answers(text), None)
 
 
 def gsm8k_ground_truth(answer: str) -> str:
     """The number after '####' in a GSM8K answer field (the whole string if it has none)."""
     match = _HASHES.findall(answer)
-    return match[-1] if match else answer.strip()
+    return re.sub(r"\s+", "", match[-1]) if match else answer.strip()
 
 
 def plain_number(text: str) -> Fraction | None:
-    """The exact value of a plain number ('1,250', '-.5', '72.00', '3/4', '$72'); None for anything else.
+    """The exact value of a plain number ('1,250', '1{,}250', '-.5', '72.00', '3/4', '\\frac{3}{4}', '$72',
+    '72 \\text{ clips}'); None for anything else.
 
     >>> plain_number("1,250"), plain_number("\\\\$0.50"), plain_number("3/4"), plain_number("2^3")
     (Fraction(1250, 1), Fraction(1, 2), Fraction(3, 4), None)
+    >>> plain_number("-\\\\dfrac{144}{2}"), plain_number("72 \\\\text{ clips}"), plain_number("\\\\text{72}")
+    (Fraction(-72, 1), Fraction(72, 1), Fraction(72, 1))
     """
-    s = text.strip().replace(",", "").replace("\\$", "").strip("$ ")
+    if len(text) > _MAX_ANSWER_CHARS:
+        return None
+    s = _TEXT.sub(lambda m: m.group(1) if any(c.isdigit() for c in m.group(1)) else "", text)  # units go, numbers stay
+    s = _FRAC.sub(r"\1/\2", s).replace("{,}", "").replace(",", "").replace("\\$", "").strip().strip("$ ")
     if len(s) > _MAX_ANSWER_CHARS or not _PLAIN.match(s):
         return None
     numerator, _, denominator = s.partition("/")
@@ -159,7 +210,7 @@ def gsm8k_accuracy_reward(
 ) -> list[float | None]:
     """1.0 when the completion's final answer ('#### N' or \\boxed{N}) equals the GSM8K answer, else 0.0.
 
-    Wrong or missing answers score 0.0. An internal error (e.g. an unparseable ground truth) is logged,
+    Wrong or missing answers, and completions that are not text (see `completion_text`), score 0.0. An internal error (e.g. an unparseable ground truth) is logged,
     counted in `gsm8k_accuracy_reward.errors.count`, and scored None (TRL: no reward), never 0.0.
 
     >>> gsm8k_accuracy_reward(["q", "q", "q"], ["... #### 72", "\\\\boxed{72.0}", "#### 71"], answer=["#### 72"] * 3)
@@ -171,7 +222,8 @@ def gsm8k_accuracy_reward(
         raise ValueError(f"got {len(completions)} completions but {len(answer)} answers")
     rewards: list[float | None] = []
     for completion, gold in zip(completions, answer):
-        predicted = extract_final_answer(completion_text(completion))
+        text = completion_text(completion)
+        predicted = extract_final_answer(text) if text is not None else None
         if predicted is None:
             rewards.append(0.0)
             continue
@@ -193,7 +245,8 @@ def format_reward(prompts: list[Any], completions: list[Any], completion_ids: li
     >>> format_reward(["q", "q"], ["2 + 2 = 4\\n#### 4", "the answer is 4"])
     [1.0, 0.0]
     """
-    return [1.0 if _FINAL_LINE.search(completion_text(c).strip()) else 0.0 for c in completions]
+    texts = [completion_text(c) for c in completions]
+    return [1.0 if text is not None and _FINAL_LINE.search(text.strip()) else 0.0 for text in texts]
 
 
 def gsm8k_last_number_reward(
@@ -208,7 +261,8 @@ def gsm8k_last_number_reward(
         raise ValueError(f"got {len(completions)} completions but {len(answer)} answers")
     rewards: list[float | None] = []
     for completion, gold in zip(completions, answer):
-        numbers = _NUMBER.findall(completion_text(completion))
+        text = completion_text(completion)
+        numbers = _NUMBER.findall(text) if text is not None else []
         if not numbers:
             rewards.append(0.0)
             continue

@@ -23,7 +23,8 @@ def gsm8k_rows(n: int) -> list[dict]:
 
 
 def test_docstring_examples_hold():
-    assert doctest.testmod(math_rewards).failed == 0
+    result = doctest.testmod(math_rewards)
+    assert result.attempted >= 10 and result.failed == 0, result  # a runner that finds no examples must fail
 
 
 def test_reference_solutions_score_one_and_shifted_answers_zero():
@@ -75,8 +76,7 @@ def test_malformed_completions_and_answers():
     assert gsm8k_accuracy_reward([""] * len(completions), completions, answer=answers) == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     assert format_reward([""] * len(completions), completions) == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     assert gsm8k_last_number_reward([""] * 3, ["", "no digits", "1,2,3 then 12."], answer=["#### 12"] * 3) == [0.0, 0.0, 1.0]
-    with pytest.raises(TypeError, match="a completion must be a string or a list of chat messages"):
-        gsm8k_accuracy_reward(["q"], [42], answer=["#### 42"])
+    assert gsm8k_accuracy_reward(["q"], [42], answer=["#### 42"]) == [0.0]  # not text: no answer (see below)
 
 
 # Completions a policy under RL can find that used to hang math-verify (its timeouts are off, issue 14),
@@ -146,6 +146,79 @@ def test_plain_and_small_symbolic_answers_still_score(completion, gold, expected
 
 @pytest.mark.parametrize("predicted,gold", [("\\frac{3}{4}", "0.75"), ("2^{3}", "8"), ("10^{30}", "1" + "0" * 30), ("8 \\cdot 9", "72")])
 def test_braced_latex_answers_pass_the_guard(predicted, gold):
-    # (\boxed{...} with nested braces is not extracted yet; the comparison itself accepts these forms)
+    # the comparison accepts these forms (\boxed{...} with nested braces reaches it: see GSM8K_STYLE below)
     assert math_rewards.safe_for_math_verify(predicted)
     assert math_rewards._equal(gold, f"${predicted}$")  # math-verify reads LaTeX inside $...$
+
+
+# Hand-labelled GSM8K-style completions: (completion, gold answer field, strict score, format score).
+# strict = gsm8k_accuracy_reward: the last '#### N', else the last \boxed{...} (balanced braces), equals the gold number.
+# format = format_reward: the completion ends with a line '#### <number>' (optional $, commas, a decimal or a fraction).
+GSM8K_STYLE = [
+    ("Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 72", "Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", 1.0, 1.0),
+    ("The total is 1,250 dollars.\n#### 1,250", "#### 1250", 1.0, 1.0),  # commas
+    ("#### 5,000,000", "#### 5000000", 1.0, 1.0),
+    ("She pays $1,250 in all.\n#### $1,250", "#### 1250", 1.0, 1.0),  # dollars
+    ("#### $72$", "#### 72", 1.0, 1.0),
+    ("She pays 18 dollars.\n#### 18.00", "#### 18", 1.0, 1.0),  # decimals
+    ("He has 2.5 hours left.\n#### 2.5", "#### 2.5", 1.0, 1.0),
+    ("#### .5", "#### 0.5", 1.0, 1.0),
+    ("#### 72.5", "#### 72", 0.0, 1.0),
+    ("The temperature drops to -3 degrees.\n#### -3", "#### -3", 1.0, 1.0),  # negative numbers
+    ("#### -3", "#### 3", 0.0, 1.0),
+    ("#### 72\nI hope this helps!", "#### 72", 1.0, 0.0),  # trailing text after the answer
+    ("#### 72\n", "#### 72", 1.0, 1.0),
+    ("#### 70\nWait, 48 + 24 is 72.\n#### 72", "#### 72", 1.0, 1.0),  # several '####' lines: the last wins
+    ("#### 72\nActually, I forgot the tax.\n#### 70", "#### 72", 0.0, 1.0),
+    ("#### 72\nAs a check: \\boxed{70}", "#### 72", 1.0, 0.0),  # '####' wins over \boxed
+    ("#### 84/2", "#### 42", 1.0, 1.0),  # a fraction after ####
+    ("#### 84 / 2", "#### 42", 1.0, 1.0),
+    ("#### 3/4", "#### 0.75", 1.0, 1.0),
+    ("So the answer is \\boxed{72}.", "#### 72", 1.0, 0.0),
+    ("I first thought \\boxed{70}, but it is \\boxed{72}.", "#### 72", 1.0, 0.0),  # the last \boxed wins
+    ("\\boxed{\\frac{144}{2}}", "#### 72", 1.0, 0.0),  # nested braces
+    ("The answer is $\\boxed{\\dfrac{144}{2}}$.", "#### 72", 1.0, 0.0),  # \dfrac
+    ("\\boxed{\\frac{3}{4}}", "#### 0.75", 1.0, 0.0),
+    ("\\boxed{-\\frac{1}{2}}", "#### -0.5", 1.0, 0.0),
+    ("\\boxed{\\frac{144}{2}} clips\n#### 72", "#### 72", 1.0, 1.0),
+    ("The answer is \\boxed{1{,}250}.", "#### 1250", 1.0, 0.0),  # LaTeX thousands separator
+    ("\\boxed{\\$18.00}", "#### 18", 1.0, 0.0),
+    ("\\boxed{25\\%}", "#### 25", 1.0, 0.0),  # percent: GSM8K's gold is the number of percent
+    ("#### 25%", "#### 25", 1.0, 0.0),
+    ("\\boxed{72 \\text{ clips}}", "#### 72", 1.0, 0.0),  # units
+    ("#### 18 dollars", "#### 18", 1.0, 0.0),
+    ("She sold 72 clips altogether.", "#### 72", 0.0, 0.0),  # the answer only in prose
+    ("The answer is 72.", "#### 72", 0.0, 0.0),
+    ("48 + 24 = 71\n#### 71", "#### 72", 0.0, 1.0),  # a wrong answer
+    ("\\boxed{\\frac{144}{3}}", "#### 72", 0.0, 0.0),
+    ("", "#### 72", 0.0, 0.0),  # empty
+    ("####", "#### 72", 0.0, 0.0),
+    ("\\boxed{}", "#### 72", 0.0, 0.0),
+    ("\\boxed{\\frac{144}{2}", "#### 72", 0.0, 0.0),  # unbalanced braces: no answer
+    ("#### seventy-two", "#### 72", 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("completion,gold,strict,format_score", GSM8K_STYLE, ids=[repr(r[0][-30:]) for r in GSM8K_STYLE])
+def test_hand_labelled_gsm8k_style_completions(completion, gold, strict, format_score):
+    assert gsm8k_accuracy_reward(["q"], [completion], answer=[gold]) == [strict]
+    assert format_reward(["q"], [completion]) == [format_score]
+
+
+MALFORMED = [None, [], {}, {"role": "assistant", "content": "#### 72"}, 42, [{"role": "assistant"}],
+             [{"role": "assistant", "content": None}], ["#### 72"], [None]]
+
+
+def test_malformed_completions_score_zero_and_never_raise():
+    """A completion that is not text (or chat messages with text) holds no answer: 0.0, not an error."""
+    from preft_rl.rewards import gsm8k_last_number_reward
+
+    n, before = len(MALFORMED), gsm8k_accuracy_reward.errors.count
+    answers = ["#### 72"] * n
+    assert gsm8k_accuracy_reward(["q"] * n, MALFORMED, answer=answers) == [0.0] * n
+    assert gsm8k_last_number_reward(["q"] * n, MALFORMED, answer=answers) == [0.0] * n
+    assert format_reward(["q"] * n, MALFORMED) == [0.0] * n
+    assert gsm8k_accuracy_reward.errors.count == before  # a wrong output, not an internal error
+    # the good completion next to them is still scored
+    chat = [{"role": "assistant", "content": "#### 72"}]
+    assert gsm8k_accuracy_reward(["q"] * 2, [None, chat], answer=answers[:2]) == [0.0, 1.0]

@@ -1,6 +1,6 @@
 """GRPO fine-tuning of a prefill-only adapter on GSM8K, rolling out with the colocated PreftEngine.
 
-CPU (the offline default model, about ~10 min on 2 cores after set-up):
+CPU (the offline default model, about 11 min on 2 cores after set-up):
     bash scripts/setup.sh && .venv/bin/accelerate launch --config_file examples/accelerate_configs/cpu.yaml examples/grpo_gsm8k.py
     .venv/bin/python examples/grpo_gsm8k.py --method loreft --r 8 --positions f5+l5     # a plain process works too
     .venv/bin/python examples/grpo_gsm8k.py --adapter-scope all                          # the all-token LoRA baseline
@@ -19,7 +19,22 @@ the answer), each with the change and a 95% paired-bootstrap interval of the cha
 Results go to output_dir: report.md, reward.png, accuracy.png, heldout.json, log.jsonl and the adapter.
 
 Why these defaults (the offline default is SmolLM2-135M-Instruct, Q4_1 weights, on 2 CPU cores):
-DEFAULTS_WHY
+- The prompt (load_gsm8k's default, so evaluation sees exactly the training prompts) carries one made-up
+  worked example: the instruction alone gave 4% greedy completions ending in '#### N' (77% cut off at 160
+  tokens); with the example 44% (49% cut off). That leaves the model something it can learn.
+- Rewards: strict accuracy + format (1, 1). The model solves 1.5% of the held-out problems (lenient) before
+  training, so accuracy alone gives almost every group zero advantage; format carries the signal.
+- beta=0.04 (KL to the adapter-off base, no second model): without it (lr 2e-3) the policy collapsed in 5 steps
+  to bare 4-5 token answers '#### N' (held-out format 0.445 -> 0.985, accuracy unchanged): the format reward
+  hacked. With beta=0.04 and lr 1e-3 completions keep ~70-110 tokens of working.
+- 4 prompts x 4 completions per step at temperature 0.7 (1.0 makes this model's samples incoherent), 160
+  tokens, lr 1e-3 (the adapter learns the format within 2-3 steps), 6 steps: with two held-out evaluations
+  of 200 problems (~3.3 min each on 2 cores) and ~45 s per step this fits 12 minutes.
+- Measured with these defaults (docs/benchmarks/learning-cpu.md): 11 min 2 s; held-out format
+  0.445 -> 0.855 (+0.410, 95% CI [+0.335, +0.485]), strict 0.005 -> 0.010 (+0.005 [-0.010, +0.025]), lenient
+  0.015 -> 0.010; completions keep their working and end in '#### N'.
+  The strict-accuracy change stays below +0.03: a CPU-sized run cannot teach a 135M model to solve more
+  problems; use a stronger --model on a GPU for accuracy gains.
 
 Data: --data (a GSM8K jsonl or a folder with train.jsonl/test.jsonl), else ../shared/data/gsm8k when
 present, else the hub's openai/gsm8k, else GSM8K-style problems generated offline (reasoning-gym).

@@ -189,17 +189,36 @@ def test_padding_does_not_change_a_row(load_tiny, tokenizer, method):
 
 
 def test_reft_separate_first_last_interventions(load_tiny, tokenizer):
-    model = make_preft(load_tiny, "loreft", torch.float32, share_first_last=False, positions="f1+l2")
+    """Layer 0's output, by hand: 'first' at the first prompt token, 'last' at the last two, first-then-last where
+    a token is in both ranges, nothing elsewhere (a test that fails if either intervention is ignored or swapped)."""
+    from preft_rl.adapters.masks import reft_position_mask
+
+    model = make_preft(load_tiny, "loreft", torch.float32, share_first_last=False, positions="f1+l2", layers=[0])
     names = {n for n, _ in model.adapter_named_parameters()}
     assert any(".interventions.first." in n for n in names) and any(".interventions.last." in n for n in names)
-    ids, am, pm = batch(tokenizer, "left")
-    base = model(input_ids=ids, attention_mask=am, prompt_mask=pm).logits
     randomize_adapter(model)
-    adapted = model(input_ids=ids, attention_mask=am, prompt_mask=pm).logits
-    # positions between first 1 and last 2 prompt tokens are untouched in layer 0's input to attention
-    # but the completion still changes through the adapted prompt KV
-    completion = am.bool() & ~pm
-    assert not torch.allclose(base[completion], adapted[completion])
+    ids, am, pm = batch(tokenizer, "left")
+    pm[0] = False
+    pm[0, am[0].bool().nonzero()[0, 0]] = True  # row 0: a one-token prompt, in both the first and the last range
+    layer0 = model.base_model.model.layers[0]
+    captured = []
+    hook = layer0.register_forward_hook(lambda mod, args, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
+    try:
+        with model.disable_adapter():
+            model(input_ids=ids, attention_mask=am, prompt_mask=pm)
+        model(input_ids=ids, attention_mask=am, prompt_mask=pm)
+    finally:
+        hook.remove()
+    plain, adapted = captured
+    first, last = reft_position_mask(pm, 1, 2)
+    interventions = layer0.preft_reft.interventions
+    expected = plain.clone()
+    with torch.no_grad():
+        expected[first] = expected[first] + interventions["first"].delta(expected[first])
+        expected[last] = expected[last] + interventions["last"].delta(expected[last])
+    assert bool((first & last).any()) and bool((last & ~first).any())
+    torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(adapted[~(first | last)], plain[~(first | last)])  # every other token untouched in layer 0
 
 
 # ------------------------------------------------------------------------------------------- 4

@@ -11,7 +11,8 @@ from preft_rl.trainers import grpo_core as core
 
 
 def test_doctests():
-    assert doctest.testmod(core).failed == 0
+    result = doctest.testmod(core)
+    assert result.attempted > 0 and result.failed == 0, result  # a runner that finds no example must fail
 
 
 def test_group_advantages_scalings():

@@ -150,3 +150,14 @@ def test_get_preft_model_after_a_refused_config_still_works(load_tiny):
         get_preft_model(base, PreftConfig(method="lora", target_modules=["q_proj", "nope"]))
     assert_same_model(before, model_fingerprint(base))
     assert get_preft_model(base, PreftConfig(method="lora")) is not None
+
+
+def test_a_corrupt_adapter_config_names_the_file(load_tiny, tmp_path):
+    model = get_preft_model(load_tiny(), PreftConfig(method="lora", r=4, seed=0))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "PREFT", "r": 4,')  # truncated
+    with pytest.raises(ValueError, match=r"adapter_config.json is not valid JSON .* save the adapter again"):
+        PreftModel.from_pretrained(load_tiny(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list, not an object"):
+        PreftModel.from_pretrained(load_tiny(), tmp_path)

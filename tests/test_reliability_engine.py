@@ -126,3 +126,10 @@ def test_tensors_that_overflow_the_engine_dtype_are_refused(tiny_llama_dir, load
         registry.add("overflow", state, CONFIGS["lora"])
     assert not registry.entries
     assert all(int(t.count_nonzero()) == 0 for t in registry.tensors.values())
+
+
+def test_a_chat_message_without_a_role_is_named_before_the_template_runs(tokenizer):
+    from preft_rl.engine.engine import prompt_token_ids
+
+    with pytest.raises(ValueError, match=r"chat message 1 of a prompt is \{'content': 'hi'\}; every message needs a string 'role'"):
+        prompt_token_ids(tokenizer, [{"role": "system", "content": "be brief"}, {"content": "hi"}])

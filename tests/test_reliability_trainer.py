@@ -220,3 +220,12 @@ def test_a_corrupt_only_checkpoint_says_there_is_no_earlier_one(restored, tmp_pa
         checkpoint.load(trainer, tmp_path / "checkpoint-1")
     state = json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())
     assert state["step"] == 1
+
+
+def test_datasets_given_as_rows_are_converted_and_anything_else_is_named():
+    from preft_rl.trainers.grpo_trainer import _as_dataset
+
+    ds = _as_dataset([{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}], "train_dataset")
+    assert ds.column_names == ["prompt", "answer"] and len(ds) == 2
+    with pytest.raises(TypeError, match="train_dataset must be a datasets.Dataset .* got str"):
+        _as_dataset("gsm8k", "train_dataset")

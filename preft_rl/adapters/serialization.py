@@ -175,6 +175,16 @@ def save_adapter(model: PreftModel, save_directory: str | os.PathLike) -> None:
     os.replace(tmp_config, directory / CONFIG_NAME)
 
 
+def _read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the file is corrupt or truncated: save the adapter again") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object; save the adapter again")
+    return raw
+
+
 def read_adapter_config(
     adapter_dir: str | os.PathLike, load_peft_lora_as_prefill_only: bool = False, module_names: Iterable[str] | None = None
 ) -> PreftConfig:
@@ -188,7 +198,7 @@ def read_adapter_config(
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {adapter_dir}; pass a directory written by PreftModel.save_pretrained")
-    raw: dict[str, Any] = json.loads(path.read_text())
+    raw: dict[str, Any] = _read_config_json(path)
     if raw.get("prefill_only") is True or raw.get("peft_type") == "PREFT":
         scope = raw.get("adapter_scope", "prompt")
         if raw.get("prefill_only") is not (scope == "prompt"):
@@ -311,7 +321,7 @@ def load_adapter(
 ) -> PreftModel:
     module_names = [name for name, _ in model.named_modules() if name]
     config = read_adapter_config(adapter_dir, load_peft_lora_as_prefill_only, module_names)
-    raw = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text())
+    raw = _read_config_json(Path(adapter_dir) / CONFIG_NAME)
     saved_base = raw.get("base_model_config") or {}
     for field in _BASE_FIELDS:
         want, have = saved_base.get(field), getattr(model.config, field, None)

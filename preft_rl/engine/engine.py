@@ -270,6 +270,10 @@ def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        for i, message in enumerate(prompt):
+            if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+                raise ValueError(f"chat message {i} of a prompt is {message!r}; every message needs a string 'role' "
+                                 "('system', 'user' or 'assistant') and a string 'content'")
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
     elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
         ids = [int(t) for t in prompt]

@@ -51,6 +51,7 @@ class PreftGRPOTrainer:
         from preft_rl.rewards import get_reward_func
 
         self.args = args = args or PreftGRPOConfig()
+        train_dataset, eval_dataset = _as_dataset(train_dataset, "train_dataset"), _as_dataset(eval_dataset, "eval_dataset")
         if train_dataset is None or len(train_dataset) == 0:
             raise ValueError("PreftGRPOTrainer needs a non-empty train_dataset with a 'prompt' column")
         if "prompt" not in train_dataset.column_names:
@@ -351,7 +352,7 @@ class PreftGRPOTrainer:
         comparison needs; the texts show what the scores measured."""
         from preft_rl.engine import SamplingParams
 
-        dataset = self.eval_dataset if dataset is None else dataset
+        dataset = self.eval_dataset if dataset is None else _as_dataset(dataset, "dataset")
         if dataset is None:
             raise ValueError("evaluation needs a dataset: pass eval_dataset=... when the trainer is built, or dataset=...")
         if "prompt" not in dataset.column_names:
@@ -437,6 +438,18 @@ class PreftGRPOTrainer:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _as_dataset(data: Any, name: str) -> Any:
+    """A datasets.Dataset; a list of row dicts (the usual mistake) is converted, anything else is named."""
+    if data is None or hasattr(data, "column_names"):
+        return data
+    if isinstance(data, list) and all(isinstance(row, dict) for row in data):
+        from datasets import Dataset
+
+        return Dataset.from_list(data)
+    raise TypeError(f"{name} must be a datasets.Dataset (or a list of row dicts such as {{'prompt': ...}}), "
+                    f"got {type(data).__name__}; build one with datasets.Dataset.from_list(rows)")
 
 
 def _process_group_kwargs() -> list:

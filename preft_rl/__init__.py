@@ -5,7 +5,7 @@ and never imports vLLM.
 """
 
 from .adapters import PreftConfig, PreftModel, get_preft_model, position_ids_from_attention_mask, prompt_mask_from_lengths
-from .trainers import PreftGRPOConfig, PreftGRPOTrainer
+from .trainers import PreftGRPOConfig, PreftGRPOTrainer, PreftPPOConfig, PreftPPOTrainer
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,8 @@ __all__ = [
     "PreftEngine",
     "PreftGRPOConfig",
     "PreftGRPOTrainer",
+    "PreftPPOConfig",
+    "PreftPPOTrainer",
     "PreftConfig",
     "PreftModel",
     "get_preft_model",

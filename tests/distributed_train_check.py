@@ -11,7 +11,7 @@ if __name__ == "__main__":
     from datasets import Dataset
 
     from preft_rl import PreftConfig, PreftGRPOConfig, PreftGRPOTrainer
-    from preft_rl.trainers.grpo_trainer import _gathered
+    from preft_rl.trainers.runtime import gathered as _gathered
 
     rows = [{"prompt": f"five apples and {i} pears?", "answer": f"#### {i}"} for i in range(32)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import math
 
 import pytest
 import torch
@@ -85,4 +86,46 @@ def test_kl_term_and_importance_weights():
     w = core.importance_weights(old, engine, mask, "token_truncate", clip_max=3.0)
     torch.testing.assert_close(w, torch.tensor([[3.0, 1.0, 0.0]]))  # 9 clipped to 3; padding 0
     ws = core.importance_weights(old, engine, mask, "sequence_truncate", clip_max=10.0)
-    torch.testing.assert_close(ws, torch.tensor([[3.0, 3.0, 0.0]]))  # geometric mean of 9 and 1
+    torch.testing.assert_close(ws, torch.tensor([[9.0, 9.0, 0.0]]))  # the sequence's ratio: 9 x 1
+    torch.testing.assert_close(core.importance_weights(old, engine, mask, "sequence_truncate", clip_max=3.0), torch.tensor([[3.0, 3.0, 0.0]]))
+    torch.testing.assert_close(core.importance_weights(old, engine, mask, "token_mask", clip_max=3.0), torch.tensor([[0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(core.importance_weights(old, engine, mask, "sequence_mask", clip_max=3.0), torch.zeros(1, 3))
+    torch.testing.assert_close(  # a lower bound: ratio 1/9 clipped up to 0.5, or masked
+        core.importance_weights(engine, old, mask, "token_truncate", clip_max=None, clip_min=0.5), torch.tensor([[0.5, 1.0, 0.0]]))
+    torch.testing.assert_close(core.importance_weights(engine, old, mask, "token_mask", clip_max=None, clip_min=0.5), torch.tensor([[0.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_kl_bias_correction_gradient_by_hand(correct):
+    """One token, advantage 0, so the loss is beta * k3 (times pi/pi_old when corrected). With d = ref - logp:
+    on-policy the corrected gradient is beta * (-d), the k1 (reverse-KL) gradient; uncorrected it is beta * (1 - e^d).
+    Off-policy (old = logp - 0.3) the corrected value and gradient carry the ratio e^0.3."""
+    beta, d = 0.1, math.log(0.5)
+    for shift in (0.0, 0.3):
+        logps = torch.tensor([[math.log(0.5)]], requires_grad=True)
+        ref, old = logps.detach() + d, logps.detach() - shift
+        out = core.policy_loss(logps, old, torch.zeros(1), torch.ones(1, 1), beta=beta, ref_logps=ref, use_bias_correction_kl=correct)
+        out.loss.backward()
+        k3 = math.exp(d) - d - 1
+        ratio = math.exp(shift) if correct else 1.0
+        grad = ratio * ((1 - math.exp(d)) + (k3 if correct else 0.0))
+        torch.testing.assert_close(out.loss, torch.tensor(beta * k3 * ratio))
+        torch.testing.assert_close(logps.grad, torch.tensor([[beta * grad]]))
+        torch.testing.assert_close(out.kl, torch.tensor(k3))  # the logged KL is the plain k3 estimate
+        if correct and shift == 0.0:
+            torch.testing.assert_close(logps.grad, torch.tensor([[-beta * d]]))
+
+
+def test_unscorable_completions_get_advantage_zero_and_leave_their_group_alone():
+    nan = math.nan
+    rewards = torch.tensor([1.0, 0.0, nan, 2.0, nan, nan])
+    for scale in ("none", "group", "batch"):
+        adv = core.group_advantages(rewards, 3, scale)
+        assert adv[2] == 0 and adv[4] == 0 and adv[5] == 0
+        assert not adv.isnan().any()
+    torch.testing.assert_close(core.group_advantages(rewards, 3, "none")[:2], torch.tensor([0.5, -0.5]))  # mean of 1 and 0
+    group = core.group_advantages(rewards, 3, "group")
+    torch.testing.assert_close(group[:2], torch.tensor([0.5, -0.5]) / (math.sqrt(0.5) + 1e-4))
+    assert group[3] == 0  # the only scorable completion of its group: no baseline, no signal
+    batch_std = torch.tensor([1.0, 0.0, 2.0]).std()
+    torch.testing.assert_close(core.group_advantages(rewards, 3, "batch")[:2], torch.tensor([0.5, -0.5]) / (batch_std + 1e-4))

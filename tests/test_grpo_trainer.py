@@ -60,6 +60,7 @@ def test_grpo_learns_and_keeps_its_invariants(tiny_llama_dir, tmp_path, method, 
     trainer = PreftGRPOTrainer(
         str(tiny_llama_dir), first_token_even, args=config(tmp_path, max_steps=16, gradient_accumulation_steps=2, num_generations=4), train_dataset=train, preft_config=preft
     )
+    assert preft.seed is None and trainer.preft_model.preft_config.seed == 0  # the caller's config is copied, not changed
     try:
         base_before = {n: p.detach().clone() for n, p in trainer.preft_model.base_model.named_parameters() if not p.requires_grad}
         engine_weight = next(trainer.engine._runner.model.parameters()).detach().clone()
@@ -146,6 +147,13 @@ def test_config_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="num_generations=1 must be >= 2"):
         PreftGRPOConfig(num_generations=1)
     assert PreftGRPOConfig(scale_rewards=False).scale_rewards == "none"
+    with pytest.raises(ValueError, match="set max_steps > 0"):
+        PreftGRPOConfig(max_steps=0, num_train_epochs=0)
+    # max_steps <= 0: num_train_epochs passes over the prompts (8 completions per step = 2 prompts x 4 here)
+    epochs = PreftGRPOConfig(max_steps=0, num_train_epochs=1.5, per_device_train_batch_size=8, num_generations=4)
+    assert epochs.resolved_max_steps(num_prompts=10, num_processes=1) == 8  # ceil(1.5 * 10 / 2)
+    assert epochs.resolved_max_steps(num_prompts=10, num_processes=2) == 4
+    assert PreftGRPOConfig(max_steps=0, num_train_epochs=1, num_generations=4, num_iterations=2).resolved_max_steps(8, 1) == 8
     with pytest.raises(ValueError, match="report_to=\\['mlflow'\\]"):
         PreftGRPOConfig(report_to="mlflow")
 

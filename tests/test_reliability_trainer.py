@@ -19,6 +19,7 @@ import torch
 
 from preft_rl import PreftConfig, PreftGRPOTrainer
 from preft_rl.trainers import checkpoint
+from preft_rl.trainers import grpo_core as core
 from preft_rl.trainers import rollout as rollout_module
 from preft_rl.trainers.rollout import score
 from test_grpo_trainer import config, dataset, first_token_even
@@ -223,9 +224,31 @@ def test_a_corrupt_only_checkpoint_says_there_is_no_earlier_one(restored, tmp_pa
 
 
 def test_datasets_given_as_rows_are_converted_and_anything_else_is_named():
-    from preft_rl.trainers.grpo_trainer import _as_dataset
+    from preft_rl.trainers.runtime import as_dataset as _as_dataset
 
     ds = _as_dataset([{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}], "train_dataset")
     assert ds.column_names == ["prompt", "answer"] and len(ds) == 2
     with pytest.raises(TypeError, match="train_dataset must be a datasets.Dataset .* got str"):
         _as_dataset("gsm8k", "train_dataset")
+
+
+def test_a_completion_no_reward_function_could_score_is_nan_with_advantage_zero(restored, monkeypatch):
+    """TRL's rule: a completion every reward function scored None has reward NaN (never a silent 0.0), advantage 0,
+    and is left out of its group's mean and std."""
+    trainer = restored
+
+    def half_unscorable(prompts, completions, completion_ids, **kwargs):
+        return [None if i % 4 == 0 else float(i % 2) for i in range(len(completions))]
+
+    monkeypatch.setattr(trainer, "reward_funcs", [half_unscorable])
+    monkeypatch.setattr(trainer, "reward_names", ["half_unscorable"])
+    monkeypatch.setattr(trainer, "reward_weights", torch.ones(1))
+    batch, _ = trainer._generate_and_score(0)
+    unscorable = torch.arange(len(batch.rewards)) % 4 == 0
+    assert batch.rewards[unscorable].isnan().all() and not batch.rewards[~unscorable].isnan().any()
+    assert (batch.advantages[unscorable] == 0).all() and not batch.advantages.isnan().any()
+    n = trainer.args.num_generations
+    expected = core.group_advantages(batch.rewards, n, trainer.args.scale_rewards)
+    torch.testing.assert_close(batch.advantages, expected)
+    metrics = trainer._rollout_metrics(batch)
+    assert metrics["reward"] == pytest.approx(batch.rewards[~unscorable].mean().item())

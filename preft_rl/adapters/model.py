@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from .masks import TokenSelection, position_ids_from_attention_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _SELECTION_KWARG = "preft_selection"
+_instances = itertools.count()
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -53,6 +56,10 @@ class PreftModel(nn.Module):
         super().__init__()
         self.preft_config = config
         self._slot = SelectionSlot()
+        # Each PreftModel on a base reads its own kwarg, so two adapters can share one frozen base (PPO's policy and
+        # critic): a call through one of them leaves the other switched off.
+        index = next(_instances)
+        self._selection_kwarg = _SELECTION_KWARG if index == 0 else f"{_SELECTION_KWARG}_{index}"
         self._adapter_enabled = True
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         layers = decoder_layers(base_model)
@@ -67,11 +74,13 @@ class PreftModel(nn.Module):
 
             load_into_modules({f"{layers_name}.{name}": module for name, module, _ in built}, adapter_state, adapter_source)
         self.base_model = base_model
-        base_params = list(base_model.parameters())
+        # only adapter parameters train (this adapter's, and those of another adapter already on this base)
+        base_params = [param for name, param in base_model.named_parameters() if not _is_adapter_name(name)]
         for _, _, attach in built:
             attach()
-        for param in base_params:  # only the adapter's own parameters train
+        for param in base_params:
             param.requires_grad_(False)
+        self._adapter_modules = [module for _, module, _ in built]
         self._hooks = [layer.register_forward_pre_hook(self._select_for_layer, with_kwargs=True) for layer in layers]
 
     # ----------------------------------------------------------------------------------- injection
@@ -81,11 +90,14 @@ class PreftModel(nn.Module):
         wanted = cfg.target_modules
         found: set[str] = set()
         # names are matched as full paths in the base model ('model.layers.0.self_attn.q_proj'), as PEFT does
+        # A linear layer already wrapped by another adapter on this base is found as `<name>.base_layer` and matched by
+        # <name>; that adapter's own lora_A / lora_B are never targets.
         targets = [
             (layer, name, module)
             for i, layer in enumerate(layers)
             for name, module in layer.named_modules()
-            if isinstance(module, nn.Linear) and (wanted == "all-linear" or _matches(f"{layers_name}.{i}.{name}", wanted, found))
+            if isinstance(module, nn.Linear) and not re.search(r"(^|\.)lora_[AB]$", name)
+            and (wanted == "all-linear" or _matches(f"{layers_name}.{i}.{_logical(name)}", wanted, found))
         ]
         if wanted != "all-linear" and (missing := [m for m in wanted if m not in found]):
             available = sorted({n.rpartition(".")[2] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
@@ -99,7 +111,7 @@ class PreftModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
             lora = PreftLoraLinear(module, cfg.r, cfg.alpha, cfg.dropout, self._slot, cfg.init_scale, generator)
-            built.append((f"{index[id(layer)]}.{name}", lora, functools.partial(setattr, parent, child, lora)))
+            built.append((f"{index[id(layer)]}.{_logical(name)}", lora, functools.partial(setattr, parent, child, lora)))
         return built
 
     def _build_reft(self, base_model: nn.Module, layers: nn.ModuleList, generator: torch.Generator | None) -> list[tuple[str, nn.Module, Any]]:
@@ -113,6 +125,12 @@ class PreftModel(nn.Module):
             )
         hidden = base_model.config.hidden_size
         device = next(base_model.parameters()).device
+        taken = [i for i in indices if hasattr(layers[i], "preft_reft")]
+        if taken:
+            raise ValueError(
+                f"decoder layers {taken} already carry a ReFT intervention of another adapter on this base; two ReFT "
+                "adapters cannot share a layer (give the second adapter other layers, or make it a LoRA)"
+            )
         built = []
         for i in indices:
             interventions = {}
@@ -128,7 +146,7 @@ class PreftModel(nn.Module):
     # ------------------------------------------------------------------------------ selection
     def _select_for_layer(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
-        self._slot.current = kwargs.pop(_SELECTION_KWARG, None)
+        self._slot.current = kwargs.pop(self._selection_kwarg, None)  # absent: a call through another adapter, so off
         return args, kwargs
 
     def _selection(self, prompt_mask: torch.Tensor) -> TokenSelection | None:
@@ -150,6 +168,21 @@ class PreftModel(nn.Module):
 
         Position ids default to positions over non-pad tokens (from `attention_mask`).
         """
+        return self._run(self.base_model, input_ids, attention_mask, prompt_mask, position_ids, kwargs)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states [B, T, hidden] (after the final norm) of the decoder alone, with the adapter as in
+        `forward`; no LM head, so no [B, T, vocab] logits (a value head reads these)."""
+        return self._run(self.base_model.model, input_ids, attention_mask, prompt_mask, position_ids, {}).last_hidden_state
+
+    def _run(self, target: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+             prompt_mask: torch.Tensor | None, position_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
         if prompt_mask is None:
             raise ValueError(
                 "PreftModel.forward needs prompt_mask: a bool tensor [batch, seq] that is True at prompt "
@@ -171,9 +204,9 @@ class PreftModel(nn.Module):
                 prompt_mask = prompt_mask & real
             if position_ids is None and attention_mask.dim() == 2:
                 position_ids = position_ids_from_attention_mask(attention_mask, seq)
-        kwargs[_SELECTION_KWARG] = self._selection(prompt_mask)
+        kwargs = {**kwargs, self._selection_kwarg: self._selection(prompt_mask)}
         try:
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+            return target(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         finally:
             self._slot.current = None
 
@@ -211,7 +244,7 @@ class PreftModel(nn.Module):
                 real = prompt_real.repeat_interleave(rows // prompt_real.shape[0], dim=0)  # num_return_sequences
                 mask[:, in_prompt] = real[:, positions[in_prompt]]
             call_kwargs = dict(call_kwargs)
-            call_kwargs[_SELECTION_KWARG] = self._selection(mask)
+            call_kwargs[self._selection_kwarg] = self._selection(mask)
             return call_args, call_kwargs
 
         hook = self.base_model.register_forward_pre_hook(select_prompt_tokens, with_kwargs=True)
@@ -232,10 +265,19 @@ class PreftModel(nn.Module):
             self._adapter_enabled = previous
 
     def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name inside the base model, parameter) for every adapter parameter."""
+        """(name inside the base model, parameter) for every parameter of this adapter (not of another adapter
+        sharing the base); names are as if this adapter were alone on the base, so file keys never change."""
+        own = {id(param) for module in self._adapter_modules for param in module.parameters()}
         for name, param in self.base_model.named_parameters():
-            if _is_adapter_name(name):
-                yield name, param
+            if id(param) in own and _is_adapter_name(name):
+                yield _logical(name), param
+
+    def adapter_named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """(name inside the base model, module) for every module of this adapter, as adapter_named_parameters names them."""
+        own = {id(module) for adapter in self._adapter_modules for module in adapter.modules()}
+        for name, module in self.base_model.named_modules():
+            if id(module) in own:
+                yield _logical(name), module
 
     def num_parameters_summary(self) -> str:
         trainable = sum(p.numel() for _, p in self.adapter_named_parameters())
@@ -308,6 +350,12 @@ def _matches(name: str, wanted: list[str], found: set[str]) -> bool:
     hits = [target for target in wanted if name == target or name.endswith("." + target)]
     found.update(hits)  # every entry that names this module counts as found
     return bool(hits)
+
+
+def _logical(name: str) -> str:
+    """A module or parameter name without the '.base_layer' segments that adapter wrappers inserted: the name it
+    would have with this adapter alone on the plain base ('self_attn.q_proj.base_layer.lora_A' -> 'self_attn.q_proj.lora_A')."""
+    return name.replace(".base_layer", "")
 
 
 def _is_adapter_name(name: str) -> bool:

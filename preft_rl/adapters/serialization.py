@@ -52,7 +52,7 @@ def adapter_state_dict(model: PreftModel) -> dict[str, torch.Tensor]:
     for name, param in model.adapter_named_parameters():
         state[KEY_PREFIX + name] = param.detach().contiguous()
     if model.preft_config.method == "loreft":
-        for name, module in model.base_model.named_modules():
+        for name, module in model.adapter_named_modules():
             if name.endswith(".rotate_layer"):
                 state[f"{KEY_PREFIX}{name}.weight"] = module.weight.detach().contiguous()
     return state

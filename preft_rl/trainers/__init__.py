@@ -1,6 +1,10 @@
-"""RL trainers for prefill-only adapters (GRPO; PPO follows)."""
+"""RL trainers for prefill-only adapters: GRPO and PPO on one shared core (core.py)."""
 
+from .core import PreftRLTrainer
 from .grpo_config import PreftGRPOConfig
 from .grpo_trainer import PreftGRPOTrainer
+from .ppo_config import PreftPPOConfig
+from .ppo_trainer import PreftPPOTrainer
+from .rl_config import PreftRLConfig
 
-__all__ = ["PreftGRPOConfig", "PreftGRPOTrainer"]
+__all__ = ["PreftGRPOConfig", "PreftGRPOTrainer", "PreftPPOConfig", "PreftPPOTrainer", "PreftRLConfig", "PreftRLTrainer"]

@@ -1,4 +1,5 @@
-"""Trainer checkpoints: `checkpoint-N/` with the adapter files, optimizer, scheduler, RNG, step and rollout.
+"""Trainer checkpoints: `checkpoint-N/` with the adapter files, optimizer, scheduler, RNG, step and rollout, and
+`trained_state.safetensors` with any other trained tensors (the trainer's `_checkpoint_state()`, e.g. PPO's critic).
 
 Written to `checkpoint-N.tmp` and renamed when complete, so a crash while saving never leaves a
 checkpoint that looks whole, and never written with non-finite adapter weights. Resuming restores everything
@@ -22,10 +23,11 @@ import torch
 from preft_rl.adapters.serialization import KEY_PREFIX
 
 if TYPE_CHECKING:
-    from .grpo_trainer import PreftGRPOTrainer
+    from .core import PreftRLTrainer
     from .rollout import RolloutBatch
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+EXTRA_NAME = "trained_state.safetensors"
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -42,13 +44,14 @@ def latest(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save(trainer: PreftGRPOTrainer, step: int, rollout: RolloutBatch | None) -> Path:
+def save(trainer: PreftRLTrainer, step: int, rollout: RolloutBatch | None) -> Path:
     acc, args = trainer.accelerator, trainer.args
     final = Path(args.output_dir) / f"checkpoint-{step}"
-    non_finite = [name for name, p in trainer.preft_model.adapter_named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    trained = [*((KEY_PREFIX + n, p) for n, p in trainer.preft_model.adapter_named_parameters()), *trainer._checkpoint_state().items()]
+    non_finite = [name for name, p in trained if not bool(torch.isfinite(p.detach()).all())]
     if non_finite:  # (ZeRO-3 shards are empty here; save_pretrained checks the gathered tensors too)
         raise ValueError(
-            f"adapter tensor {KEY_PREFIX}{non_finite[0]} has non-finite values (NaN or inf) ({len(non_finite)} such tensors); "
+            f"trained tensor {non_finite[0]} has non-finite values (NaN or inf) ({len(non_finite)} such tensors); "
             f"{final.name} not written. Training diverged: resume from an earlier checkpoint "
             "(resume_from_checkpoint=...) with a lower learning_rate or max_grad_norm"
         )
@@ -63,13 +66,17 @@ def save(trainer: PreftGRPOTrainer, step: int, rollout: RolloutBatch | None) -> 
         trainer.model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
     elif acc.is_main_process:
         torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+        if extra := trainer._checkpoint_state():
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / EXTRA_NAME))
     if acc.is_main_process:
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / f"rng_state_{rank}.pt")
-    if rollout is not None and step % args.num_iterations != 0:  # mid-way through reusing a rollout
+    if rollout is not None and step % args.steps_per_generation != 0:  # mid-way through reusing a rollout
         torch.save(rollout.to_dict(), tmp / f"rollout_{rank}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -84,7 +91,7 @@ def save(trainer: PreftGRPOTrainer, step: int, rollout: RolloutBatch | None) -> 
     return final
 
 
-def load(trainer: PreftGRPOTrainer, path: str | Path) -> tuple[int, RolloutBatch | None]:
+def load(trainer: PreftRLTrainer, path: str | Path) -> tuple[int, RolloutBatch | None]:
     """Restore a checkpoint: every file is read and checked first, then all of it is applied."""
     from .rollout import RolloutBatch
 
@@ -108,6 +115,8 @@ def load(trainer: PreftGRPOTrainer, path: str | Path) -> tuple[int, RolloutBatch
 
         expected = {KEY_PREFIX + name: p for name, p in trainer.preft_model.adapter_named_parameters()}
         adapter = _read(path, "adapter_model.safetensors", lambda f: check_adapter_state(expected, read_weights(f), str(f)))
+        extra_expected = trainer._checkpoint_state()
+        extra = _read(path, EXTRA_NAME, lambda f: check_adapter_state(extra_expected, read_weights(f), str(f))) if extra_expected else {}
         optimizer_state = _read(path, "optimizer.pt", lambda f: _optimizer_state(trainer.optimizer, torch.load(f, weights_only=False)))
     scheduler = _read(path, "scheduler.pt", lambda f: _scheduler_state(trainer.scheduler, torch.load(f, weights_only=False)))
     rng = _read(path, f"rng_state_{acc.process_index}.pt", lambda f: _rng_state(torch.load(f, weights_only=False)))
@@ -126,6 +135,8 @@ def load(trainer: PreftGRPOTrainer, path: str | Path) -> tuple[int, RolloutBatch
         with torch.no_grad():
             for key, param in expected.items():
                 param.copy_(adapter[key].to(device=param.device, dtype=param.dtype))
+            for key, param in extra_expected.items():
+                param.copy_(extra[key].to(device=param.device, dtype=param.dtype))
     trainer.scheduler.load_state_dict(scheduler)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -201,5 +212,5 @@ def _rng_state(state: Any) -> dict:
     return state
 
 
-def _uses_deepspeed(trainer: PreftGRPOTrainer) -> bool:
+def _uses_deepspeed(trainer: PreftRLTrainer) -> bool:
     return getattr(trainer.accelerator.state, "deepspeed_plugin", None) is not None

@@ -8,35 +8,56 @@ the KL term is the k3 estimator against the reference (here: the base model, ada
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
-IS_MODES = ("token_truncate", "sequence_truncate")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def nanstd(values: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Unbiased standard deviation ignoring NaN entries (NaN where fewer than two values remain).
+
+    >>> nanstd(torch.tensor([1.0, float("nan"), 3.0])).item()
+    1.4142135381698608
+    """
+    mean = torch.nanmean(values, dim=dim, keepdim=True)
+    count = (~values.isnan()).sum(dim=dim, keepdim=True)
+    var = torch.nansum((values - mean) ** 2, dim=dim, keepdim=True) / (count - 1).clamp(min=1)
+    var = torch.where(count > 1, var, torch.full_like(var, float("nan")))
+    std = var.sqrt()
+    if keepdim:
+        return std
+    return std.squeeze() if dim is None else std.squeeze(dim)
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
     """rewards (B,) in prompt-major order -> advantages (B,): reward minus its group's mean, divided by
     the group's ('group') or the batch's ('batch') std, or unscaled ('none').
 
+    A NaN reward (a completion that no reward function could score) is left out of its group's mean and
+    std and gets advantage 0: it carries no learning signal and does not shift its group's baseline (TRL's
+    rule). For 'batch', pass the rewards of every process (the trainer gathers them first).
+
     >>> group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2, "none").tolist()
     [0.5, -0.5, 0.0, 0.0]
+    >>> group_advantages(torch.tensor([1.0, 0.0, float("nan"), 1.0, 1.0, 1.0]), 3, "none").tolist()
+    [0.5, -0.5, 0.0, 0.0, 0.0, 0.0]
     """
     if rewards.dim() != 1 or rewards.numel() % num_generations:
         raise ValueError(f"rewards {tuple(rewards.shape)} must be (B,) with B divisible by num_generations={num_generations}")
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards={scale_rewards!r}: use one of {SCALE_REWARDS}")
     grouped = rewards.view(-1, num_generations)  # (G, n)
-    advantages = (grouped - grouped.mean(-1, keepdim=True)).view(-1)  # (B,)
+    advantages = (grouped - torch.nanmean(grouped, -1, keepdim=True)).view(-1)  # (B,)
     if scale_rewards == "group":
-        std = grouped.std(-1, keepdim=True).expand_as(grouped).reshape(-1)
+        advantages = advantages / (nanstd(grouped, -1, keepdim=True).expand_as(grouped).reshape(-1) + 1e-4)
     elif scale_rewards == "batch":
-        std = rewards.std().expand_as(rewards)
-    else:
-        return advantages
-    return advantages / (std + 1e-4)
+        advantages = advantages / (nanstd(rewards) + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
 
 
 def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -67,20 +88,32 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 
 def importance_weights(
-    old_logps: torch.Tensor, engine_logps: torch.Tensor, mask: torch.Tensor, mode: str = "token_truncate", clip_max: float = 3.0
+    old_logps: torch.Tensor,
+    engine_logps: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token_truncate",
+    clip_max: float | None = 3.0,
+    clip_min: float | None = None,
 ) -> torch.Tensor:
-    """Truncated importance weights pi_old / pi_engine for tokens sampled by the engine, (B, T), no grad.
+    """Importance weights pi_old / pi_engine for tokens sampled by the engine, (B, T), no grad (TRL's modes).
 
-    'token_truncate': per-token ratio, clipped at clip_max; 'sequence_truncate': one ratio per sequence
-    (geometric mean over its tokens), clipped and broadcast.
+    'token_*': one ratio per token; 'sequence_*': the whole sequence's ratio exp(sum of its token log-ratios),
+    broadcast over its tokens. '*_truncate' clips the ratio to [clip_min, clip_max]; '*_mask' sets ratios
+    outside that range to 0 (the token or sequence is dropped from the loss). None: no bound on that side.
     """
     if mode not in IS_MODES:
         raise ValueError(f"vllm_importance_sampling_mode={mode!r}: use one of {IS_MODES}")
-    log_ratio = (old_logps - engine_logps).detach() * mask
-    if mode == "sequence_truncate":
-        seq = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
-        log_ratio = seq.expand_as(log_ratio)
-    return torch.exp(log_ratio).clamp(max=clip_max) * mask
+    log_ratio = torch.nan_to_num((old_logps - engine_logps).detach() * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(log_ratio)
+    ratio = torch.exp(log_ratio)
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(min=clip_min, max=clip_max)
+    else:
+        low = clip_min if clip_min is not None else -math.inf
+        high = clip_max if clip_max is not None else math.inf
+        ratio = ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+    return ratio * mask
 
 
 @dataclass
@@ -93,7 +126,7 @@ class LossOutput:
 def policy_loss(
     logps: torch.Tensor,  # (B, T) current policy log-probs of the completion tokens
     old_logps: torch.Tensor,  # (B, T) log-probs of the policy that sampled (detached)
-    advantages: torch.Tensor,  # (B,)
+    advantages: torch.Tensor,  # (B,) one per sequence (GRPO) or (B, T) one per token (PPO)
     mask: torch.Tensor,  # (B, T) 1 at completion tokens (EOS included), 0 at padding
     *,
     loss_type: str = "dapo",
@@ -101,6 +134,7 @@ def policy_loss(
     epsilon_high: float | None = None,
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,  # (B, T) reference log-probs, needed when beta > 0
+    use_bias_correction_kl: bool = True,  # multiply the KL by pi_theta / pi_old (TRL's default)
     is_weights: torch.Tensor | None = None,  # (B, T) importance weights (engine mismatch), detached
     max_completion_length: int | None = None,  # dr_grpo's constant
     num_items: float | None = None,  # dapo: completion tokens in the whole accumulated batch (default: this batch)
@@ -108,7 +142,8 @@ def policy_loss(
     """Clipped-ratio policy loss, aggregated as TRL's loss_type says.
 
     grpo: mean over each sequence's tokens, then over sequences; dr_grpo: sum / (B * max_completion_length);
-    dapo: sum over tokens / completion tokens in the global accumulated batch.
+    dapo: sum over tokens / completion tokens in the global accumulated batch. With beta > 0 the k3 KL
+    against the reference is added per token, times the ratio when use_bias_correction_kl (TRL's default).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: use one of {LOSS_TYPES}")
@@ -116,7 +151,7 @@ def policy_loss(
     eps_high = epsilon if epsilon_high is None else epsilon_high
     ratio = torch.exp(logps - old_logps)  # (B, T)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
-    adv = advantages[:, None]  # (B, 1)
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1) per sequence, or (B, T) per token
     per_token = -torch.min(ratio * adv, clipped * adv)  # (B, T)
     if is_weights is not None:
         per_token = per_token * is_weights
@@ -125,8 +160,10 @@ def policy_loss(
         if ref_logps is None:
             raise ValueError("beta > 0 needs ref_logps (the base model's log-probs)")
         per_token_kl = k3_kl(logps, ref_logps)
+        kl = ((per_token_kl * mask).sum() / mask.sum().clamp(min=1)).detach()  # logged: the plain k3 estimate
+        if use_bias_correction_kl:  # the ratio keeps its gradient: the unbiased reverse-KL gradient off-policy
+            per_token_kl = per_token_kl * ratio
         per_token = per_token + beta * per_token_kl
-        kl = ((per_token_kl * mask).sum() / mask.sum().clamp(min=1)).detach()
     if loss_type == "grpo":
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     elif loss_type == "dr_grpo":

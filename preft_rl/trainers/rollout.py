@@ -1,4 +1,4 @@
-"""One GRPO rollout: generate with the engine, score with the reward functions, pack into tensors.
+"""One rollout: generate with the engine, score with the reward functions, pack into tensors.
 
 The packed batch carries the engine's own prompt and completion token ids (never re-tokenised text),
 right-padded, with the masks the trainer's forward and loss need.
@@ -36,13 +36,15 @@ class RolloutBatch:
     prompt_mask: torch.Tensor  # (B, T) True at prompt tokens
     completion_mask: torch.Tensor  # (B, T) True at completion tokens (EOS included)
     engine_logps: torch.Tensor  # (B, T) engine's processed log-prob of each completion token, 0 elsewhere
-    advantages: torch.Tensor  # (B,)
+    advantages: torch.Tensor  # (B,) per sequence (GRPO) or (B, T) per token (PPO)
     rewards: torch.Tensor  # (B,) weighted sum over reward functions
     rewards_per_func: torch.Tensor  # (B, F), NaN where a function gave None
     completion_lengths: torch.Tensor  # (B,)
     truncated: torch.Tensor  # (B,) bool: hit max_completion_length without EOS
     old_logps: torch.Tensor | None = None  # (B, T) trainer log-probs at sampling time (num_iterations > 1)
-    ref_logps: torch.Tensor | None = None  # (B, T) base-model log-probs (beta > 0)
+    ref_logps: torch.Tensor | None = None  # (B, T) base-model log-probs (a KL term)
+    values: torch.Tensor | None = None  # (B, T) critic estimates at rollout time (PPO)
+    returns: torch.Tensor | None = None  # (B, T) GAE returns, the critic's targets (PPO)
 
     def micro_batches(self, size: int) -> list[slice]:
         return [slice(i, i + size) for i in range(0, self.input_ids.shape[0], size)]

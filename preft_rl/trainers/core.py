@@ -1,0 +1,528 @@
+"""PreftRLTrainer: the RL loop GRPO and PPO share, on a prefill-only adapter with a colocated PreftEngine.
+
+One step, top to bottom (`train`):
+
+    rollout    _generate_and_score: this process's prompts -> engine.generate (prefill with the policy adapter,
+               plain decode) -> reward functions -> a packed RolloutBatch -> log-prob passes (old policy,
+               adapter-off reference) -> _compute_advantages(batch)            [hook]
+    update     _optimizer_step: for each mini-batch (_mini_batches [hook]) and micro-batch,
+               _compute_loss(batch, rows, ...) [hook] -> backward -> clip -> optimizer step (never on NaN)
+    sync       _sync_engine before the next rollout: only the policy adapter's tensors go to the engine
+
+Around it: checkpoints (`checkpoint.py`, plus `_checkpoint_state` [hook] for extra trained tensors such as a
+critic), metrics and trackers, greedy evaluation, DeepSpeed ZeRO (gathering the policy adapter before a sync or
+save). A new algorithm is a subclass that fills the hooks; the pure maths (advantages, losses) lives in
+`grpo_core.py` / `ppo_core.py`. See docs/design/trainer.md for why this is not a TRL subclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from preft_rl.adapters import PreftConfig, get_preft_model
+from preft_rl.models import resolve_model
+from preft_rl.rewards.math import RewardErrorCounter
+
+from . import checkpoint
+from .grpo_core import entropy_from_logits, nanstd, selective_log_softmax
+from .rl_config import PreftRLConfig
+from .rollout import RolloutBatch, pack, prompt_ids_for, reward_nan_counts, sampling_seed, score
+from .runtime import as_dataset, fill_deepspeed_batch_fields, gathered, process_group_kwargs
+
+logger = logging.getLogger(__name__)
+POLICY = "policy"
+
+
+@dataclass
+class MiniBatch:
+    """One optimizer step's worth of rows, split into gradient-accumulation micro-batches."""
+
+    micro: list[Any]  # row selections (slices or index tensors) into the RolloutBatch
+    num_items: float  # completion tokens in this mini-batch over all processes, divided by the process count
+
+
+class PreftRLTrainer:
+    config_class: type[PreftRLConfig] = PreftRLConfig
+    display_name = "PreFT RL"
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        reward_funcs: Callable | str | Sequence[Callable | str],
+        args: PreftRLConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        preft_config: PreftConfig | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+        from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+        from preft_rl.rewards import get_reward_func
+
+        self.args = args = args or self.config_class()
+        if not isinstance(args, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes args={self.config_class.__name__}(...), got {type(args).__name__}")
+        train_dataset, eval_dataset = as_dataset(train_dataset, "train_dataset"), as_dataset(eval_dataset, "eval_dataset")
+        if train_dataset is None or len(train_dataset) == 0:
+            raise ValueError(f"{type(self).__name__} needs a non-empty train_dataset with a 'prompt' column")
+        if "prompt" not in train_dataset.column_names:
+            raise ValueError(f"train_dataset has columns {train_dataset.column_names}; it needs a 'prompt' column")
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps, log_with=args.report_to or None,
+            project_dir=args.output_dir, kwargs_handlers=process_group_kwargs(),
+        )
+        args.check_batch(self.accelerator.num_processes)
+        fill_deepspeed_batch_fields(self.accelerator, args)
+        self.max_steps = args.resolved_max_steps(len(train_dataset), self.accelerator.num_processes)
+        if self.accelerator.is_main_process:
+            print(f"{type(self).__name__}: {args.describe(self.accelerator.num_processes, self.max_steps)}", flush=True)
+        torch.manual_seed(args.seed)
+
+        funcs = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs)
+        self.reward_funcs = [get_reward_func(f) if isinstance(f, str) else f for f in funcs]
+        self.reward_names = [f if isinstance(f, str) else getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(funcs)]
+        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions")
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+
+        self.model_path = resolve_model(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        if args.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # a copy: the caller's config keeps its own seed (None stays None there)
+        config = dataclasses.replace(preft_config) if preft_config is not None else PreftConfig(method="lora", r=16, alpha=32)
+        if config.seed is None:
+            config.seed = args.seed
+        self.preft_config = config
+        self.preft_model = get_preft_model(base, config)
+        self.preft_model.train()
+        self._build_extra_modules(base)
+        optimizer = torch.optim.AdamW(
+            self._optimizer_param_groups(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon, weight_decay=args.weight_decay,
+        )
+        optimizer_steps = self.max_steps * args.optimizer_steps_per_step
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * optimizer_steps),
+                                  num_training_steps=optimizer_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self._trainable_module(), optimizer, scheduler)
+        self.engine = self._build_engine(base)
+        self.step = 0
+        self._rollout: RolloutBatch | None = None  # reused for steps_per_generation steps
+        self._skipped_steps = 0
+        if self.accelerator.is_main_process:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        if args.report_to:
+            self.accelerator.init_trackers(
+                type(self).__name__, config={k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            )
+
+    # ------------------------------------------------------------------------------ hooks
+    def _build_extra_modules(self, base: torch.nn.Module) -> None:
+        """Build trained modules beside the policy adapter (PPO: a critic adapter and a value head)."""
+
+    def _trainable_module(self) -> torch.nn.Module:
+        """The module handed to accelerate / DeepSpeed: it holds every trained parameter."""
+        return self.preft_model
+
+    def _optimizer_param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for _, p in self.preft_model.adapter_named_parameters()]}]
+
+    def _needs_old_logps(self) -> bool:
+        """Whether the rollout needs the trainer's own log-probs at sampling time (a policy reused off-policy)."""
+        return False
+
+    def _needs_ref_logps(self) -> bool:
+        """Whether the rollout needs the adapter-off base model's log-probs (a KL term)."""
+        return False
+
+    def _compute_advantages(self, batch: RolloutBatch) -> None:
+        """Fill batch.advantages (and whatever else the loss needs) from batch.rewards."""
+        raise NotImplementedError
+
+    def _mini_batches(self, batch: RolloutBatch) -> list[list[Any]]:
+        """The optimizer steps of one training step: each a list of micro-batch row selections."""
+        return [batch.micro_batches(self.args.per_device_train_batch_size)]
+
+    def _compute_loss(self, batch: RolloutBatch, rows: Any, mini: MiniBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss to backpropagate for these rows, statistics to average over the step)."""
+        raise NotImplementedError
+
+    def _loss_mask(self, batch: RolloutBatch, rows: Any) -> torch.Tensor:
+        """(b, T) bool: the tokens the loss averages over."""
+        return batch.completion_mask[rows]
+
+    def _checkpoint_state(self) -> dict[str, torch.nn.Parameter]:
+        """Trained tensors besides the policy adapter, saved and restored with every checkpoint."""
+        return {}
+
+    # ------------------------------------------------------------------------------ engine
+    def _build_engine(self, base: torch.nn.Module) -> Any:
+        from preft_rl.engine import PreftEngine
+
+        args, config = self.args, self.preft_config
+        limit = getattr(base.config, "max_position_embeddings", None) or 10**9
+        max_len = args.engine_max_model_len or min((args.max_prompt_length or 1024) + args.max_completion_length, limit)
+        engine_kwargs = dict(
+            dtype="bfloat16" if args.bf16 else "float32", max_model_len=max_len, enforce_eager=args.engine_enforce_eager,
+            seed=args.seed + self.accelerator.process_index,
+        )
+        if torch.cuda.is_available():
+            engine_kwargs["gpu_memory_utilization"] = args.engine_gpu_memory_utilization
+            engine_kwargs["enable_sleep_mode"] = args.engine_sleep
+        engine_kwargs.update(args.engine_kwargs)
+        engine = PreftEngine(
+            self.model_path, max_adapters=1, max_rank=config.r, method=config.method, adapter_scope=config.adapter_scope, **engine_kwargs
+        )
+        with gathered(self._policy_parameters(), self.accelerator):
+            engine.add_adapter(POLICY, self.preft_model.adapter_state_dict(), config=config)
+        self._engine_in_sync = True
+        return engine
+
+    def _policy_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.preft_model.adapter_named_parameters()]
+
+    def _sync_engine(self) -> None:
+        """Push the policy adapter's tensors (only those) to the engine, gathering ZeRO-3 shards first."""
+        with gathered(self._policy_parameters(), self.accelerator):
+            self.engine.update_adapter(POLICY, self.preft_model.adapter_state_dict())
+        self._engine_in_sync = True
+
+    # ------------------------------------------------------------------------------ rollout
+    def _prompts_for_step(self, step: int) -> list[dict]:
+        """This process's prompts for the rollout of `step`: a seeded permutation per epoch."""
+        args, acc = self.args, self.accelerator
+        local = args.generation_batch_size(1) // args.num_generations
+        n = len(self.train_dataset)
+        generation = step // args.steps_per_generation
+        start = (generation * acc.num_processes + acc.process_index) * local
+        rows = []
+        for pos in range(start, start + local):
+            epoch, offset = divmod(pos, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+            rows.append(self.train_dataset[perm[offset]])
+        return rows
+
+    @torch.no_grad()
+    def _generate_and_score(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        from preft_rl.engine import SamplingParams
+
+        args, acc = self.args, self.accelerator
+        timings: dict[str, float] = {}
+        rows = self._prompts_for_step(step)
+        if not self._engine_in_sync:
+            start = time.perf_counter()
+            self._sync_engine()
+            timings["time/sync"] = time.perf_counter() - start
+
+        prompts = [row["prompt"] for row in rows for _ in range(args.num_generations)]
+        prompt_ids = [prompt_ids_for(self.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
+        local = len(prompts)
+        base_index = (step // args.steps_per_generation * acc.num_processes + acc.process_index) * local
+        params = [
+            SamplingParams(
+                max_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
+                logprobs=0, seed=sampling_seed(args.seed, step, base_index + i),
+            )
+            for i in range(local)
+        ]
+        start = time.perf_counter()
+        if args.engine_sleep:
+            self.engine.wake_up()
+        outputs = self.engine.generate(prompt_ids, params, adapters=[POLICY] * local, use_tqdm=False)
+        if args.engine_sleep:
+            self.engine.sleep()
+        timings["time/generate"] = time.perf_counter() - start
+        completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        completion_logps = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, ids)] for o, ids in zip(outputs, completion_ids)]
+        texts = [o.outputs[0].text for o in outputs]
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+        timings["rollout/tokens_per_s"] = sum(map(len, completion_ids)) / max(timings["time/generate"], 1e-9)
+
+        start = time.perf_counter()
+        columns = {k: [row[k] for row in rows for _ in range(args.num_generations)] for k in rows[0] if k != "prompt"}
+        per_func = score(self.reward_funcs, self.reward_names, prompts, completions, completion_ids, columns)
+        rewards = (per_func * self.reward_weights).nansum(dim=1)
+        rewards[per_func.isnan().all(dim=1)] = math.nan  # no function could score it: no reward, never a silent 0.0
+        timings["time/score"] = time.perf_counter() - start
+
+        eos = self.tokenizer.eos_token_id
+        batch = RolloutBatch(
+            **pack(prompt_ids, completion_ids, completion_logps, self.tokenizer.pad_token_id or 0),
+            advantages=torch.zeros(local), rewards=rewards, rewards_per_func=per_func,
+            completion_lengths=torch.tensor([len(c) for c in completion_ids]),
+            truncated=torch.tensor([len(c) >= args.max_completion_length and (not c or c[-1] != eos) for c in completion_ids]),
+        )
+        start = time.perf_counter()
+        if self._needs_old_logps():
+            batch.old_logps = self._logps_no_grad(batch)
+        if self._needs_ref_logps():
+            with self.preft_model.disable_adapter():
+                batch.ref_logps = self._logps_no_grad(batch)
+        timings["time/logprobs"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self._compute_advantages(batch)
+        timings["time/advantages"] = time.perf_counter() - start
+        return batch, timings
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate `tensor` over processes (in process order) on the CPU."""
+        return self.accelerator.gather(tensor.to(self.accelerator.device)).cpu()
+
+    def _local_rows(self, gathered_rows: torch.Tensor) -> torch.Tensor:
+        """This process's part of a tensor gathered over processes with _gather."""
+        size = gathered_rows.shape[0] // self.accelerator.num_processes
+        return gathered_rows[self.accelerator.process_index * size : (self.accelerator.process_index + 1) * size]
+
+    # ------------------------------------------------------------------------------ forward
+    def _forward_inputs(self, batch: RolloutBatch, rows: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(input_ids, attention_mask, prompt_mask) of `rows` on the device, and the first position whose logits
+        are needed (the earliest last prompt token)."""
+        device = self.accelerator.device
+        ids, am, pm = batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device), batch.prompt_mask[rows].to(device)
+        return ids, am, pm, int(pm.sum(-1).min()) - 1
+
+    def _policy_logits(self, ids: torch.Tensor, am: torch.Tensor, pm: torch.Tensor, keep: int) -> torch.Tensor:
+        """(b, keep, V) policy logits of the last `keep` positions."""
+        return self.model(input_ids=ids, attention_mask=am, prompt_mask=pm, logits_to_keep=keep).logits
+
+    def _token_logps(self, logits: torch.Tensor, ids: torch.Tensor, first: int, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(b, T) log-prob of each token given its prefix (0 before first + 1) from logits of positions first.., and entropies."""
+        logps = selective_log_softmax(logits[:, :-1], ids[:, first + 1 :], self.args.temperature)
+        full = torch.zeros(ids.shape, dtype=logps.dtype, device=ids.device)
+        full[:, first + 1 :] = logps
+        if not with_entropy:
+            return full, None
+        with torch.no_grad():
+            entropy = torch.zeros(ids.shape, device=ids.device)
+            entropy[:, first + 1 :] = entropy_from_logits(logits[:, :-1].detach(), self.args.temperature)
+        return full, entropy
+
+    def _completion_logps(self, batch: RolloutBatch, rows: Any, with_entropy: bool = False):
+        """(b, T) policy log-probs of each token given its prefix (0 at the first position) and optionally entropies."""
+        ids, am, pm, first = self._forward_inputs(batch, rows)
+        logits = self._policy_logits(ids, am, pm, ids.shape[1] - first)
+        return self._token_logps(logits, ids, first, with_entropy)
+
+    @torch.no_grad()
+    def _logps_no_grad(self, batch: RolloutBatch) -> torch.Tensor:
+        parts = [self._completion_logps(batch, rows)[0].cpu() for rows in batch.micro_batches(self.args.per_device_train_batch_size)]
+        return torch.cat(parts)
+
+    def _importance_weights(self, batch: RolloutBatch, rows: Any, old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Weights for the engine-vs-trainer mismatch (None when the correction is off)."""
+        from .grpo_core import importance_weights
+
+        args = self.args
+        if not args.vllm_importance_sampling_correction:
+            return None
+        return importance_weights(old, batch.engine_logps[rows].to(mask.device), mask, args.vllm_importance_sampling_mode,
+                                  args.vllm_importance_sampling_clip_max, args.vllm_importance_sampling_clip_min)
+
+    # ------------------------------------------------------------------------------ update
+    def _optimizer_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """One training step: an optimizer step per mini-batch, accumulating over its micro-batches."""
+        args, acc = self.args, self.accelerator
+        totals: dict[str, float] = defaultdict(float)
+        count, norms = 0, []
+        for micro in self._mini_batches(batch):
+            tokens = sum(float(self._loss_mask(batch, rows).sum()) for rows in micro)
+            num_items = acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum").item() / acc.num_processes
+            mini = MiniBatch(micro=micro, num_items=num_items)
+            for rows in micro:
+                with acc.accumulate(self.model):  # backward divides by gradient_accumulation_steps; steps at the last
+                    loss, stats = self._compute_loss(batch, rows, mini)
+                    acc.backward(loss)
+                    finite = True
+                    if acc.sync_gradients:  # the norm is taken even without clipping (max_norm=inf scales by exactly 1)
+                        clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+                        if grad_norm is not None:
+                            norms.append(float(grad_norm))
+                            finite = math.isfinite(norms[-1])
+                    if finite:
+                        self.optimizer.step()
+                    else:  # never step on NaN/inf gradients: the weights (and the next checkpoint) would be NaN
+                        self._skipped_steps += 1
+                        logger.warning("gradient norm is %s at step %d: optimizer step skipped (%d skipped so far)",
+                                       float(grad_norm), self.step + 1, self._skipped_steps)
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                for key, value in stats.items():
+                    totals[key] += value
+                count += 1
+        self._engine_in_sync = False
+        out = {key: value / max(count, 1) for key, value in totals.items()}
+        if norms:
+            out["grad_norm"] = sum(norms) / len(norms)
+        out["learning_rate"] = self.scheduler.get_last_lr()[0]
+        out["skipped_steps"] = self._skipped_steps  # optimizer steps skipped for non-finite gradients
+        return out
+
+    # ------------------------------------------------------------------------------ loop
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, float]:
+        args, acc = self.args, self.accelerator
+        if resume_from_checkpoint:
+            path = checkpoint.latest(args.output_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+            if path is None:
+                raise FileNotFoundError(f"resume_from_checkpoint=True but {args.output_dir} holds no checkpoint-N directory")
+            self.step, self._rollout = checkpoint.load(self, path)
+            self._engine_in_sync = False
+        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.display_name, disable=args.disable_tqdm or not acc.is_main_process)
+        metrics: dict[str, float] = {}
+        while self.step < self.max_steps:
+            start = time.perf_counter()
+            timings: dict[str, float] = {}
+            if self.step % args.steps_per_generation == 0 or self._rollout is None:
+                self._rollout, timings = self._generate_and_score(self.step)
+            train_start = time.perf_counter()
+            stats = self._optimizer_step(self._rollout)
+            timings["time/backward"] = time.perf_counter() - train_start
+            self.step += 1
+            timings["time/step"] = time.perf_counter() - start
+            metrics = {**self._rollout_metrics(self._rollout), **stats, **timings, "step": self.step}
+            if self.step % args.logging_steps == 0 or self.step == self.max_steps:
+                self._log(metrics)
+            if self.eval_dataset is not None and args.eval_steps > 0 and self.step % args.eval_steps == 0 and self.step < self.max_steps:
+                metrics.update(self.evaluate())
+            if args.save_steps > 0 and self.step % args.save_steps == 0 and self.step < self.max_steps:
+                checkpoint.save(self, self.step, self._rollout)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", **{
+                name.removesuffix("_reward"): f"{metrics[f'rewards/{name}/mean']:.2f}" for name in self.reward_names
+            }, len=f"{metrics['completions/mean_length']:.0f}")
+        bar.close()
+        if self.eval_dataset is not None:
+            metrics.update(self.evaluate())
+        checkpoint.save(self, self.step, self._rollout)
+        self.save_model(args.output_dir)
+        for tracker in acc.trackers:  # not acc.end_training(): it also destroys the process group vLLM uses
+            tracker.finish()
+        return metrics
+
+    # ------------------------------------------------------------------------------ metrics
+    def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        rewards, per_func = self._gather(batch.rewards), self._gather(batch.rewards_per_func)
+        lengths = self._gather(batch.completion_lengths.float())
+        metrics = {
+            "reward": torch.nanmean(rewards).item(),
+            "reward_std": nanstd(rewards).item() if (~rewards.isnan()).sum() > 1 else 0.0,
+            "completions/mean_length": lengths.mean().item(),
+            "completions/clipped_ratio": self._gather(batch.truncated.float()).mean().item(),
+        }
+        if self.args.num_generations > 1:
+            group_std = nanstd(rewards.view(-1, self.args.num_generations), dim=-1)
+            metrics["frac_reward_zero_std"] = torch.nan_to_num(group_std, nan=0.0).eq(0).float().mean().item()
+        for j, (name, func) in enumerate(zip(self.reward_names, self.reward_funcs)):
+            column = per_func[:, j]
+            metrics[f"rewards/{name}/mean"] = torch.nanmean(column).item()
+            # cumulative counts: a reward's internal errors (scored None) and the NaN it returned (treated as None)
+            metrics[f"rewards/{name}/nan_count"] = float(reward_nan_counts[name])
+            if isinstance(getattr(func, "errors", None), RewardErrorCounter):
+                metrics[f"rewards/{name}/error_count"] = float(func.errors.count)
+            metrics[f"rewards/{name}/std"] = nanstd(column).item() if (~column.isnan()).sum() > 1 else 0.0
+        return metrics
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.args.report_to:
+            self.accelerator.log(metrics, step=self.step)
+        if self.accelerator.is_main_process:
+            with open(Path(self.args.output_dir) / "log.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    # ------------------------------------------------------------------------------ evaluation, saving
+    @torch.no_grad()
+    def evaluate(self, reward_funcs: Sequence[Callable] | None = None, log: bool = True) -> dict[str, float]:
+        """Greedy completions for eval_dataset (split across processes), scored by the training reward
+        functions or by `reward_funcs` (e.g. strict and lenient accuracy); metrics are 'eval/...'."""
+        scores = self.evaluation_scores(reward_funcs)
+        lengths = scores.pop("completion_length")
+        scores.pop("completion")
+        weights = torch.ones(len(scores)) if reward_funcs is not None else self.reward_weights
+        per_func = torch.tensor([scores[name] for name in scores], dtype=torch.float32).T  # (problems, functions)
+        metrics = {"eval/reward": (per_func * weights).nansum(1).mean().item(),
+                   "eval/completions/mean_length": torch.tensor(lengths).mean().item(), "eval/num_prompts": float(len(lengths))}
+        for j, name in enumerate(scores):
+            metrics[f"eval/rewards/{name}/mean"] = torch.nanmean(per_func[:, j]).item()
+        if log:
+            self._log({**metrics, "step": self.step})
+        return metrics
+
+    @torch.no_grad()
+    def evaluation_scores(self, reward_funcs: Sequence[Callable] | None = None, dataset: Any = None) -> dict[str, list]:
+        """Per-problem scores of greedy completions for `dataset` (default: eval_dataset), in dataset order, over
+        all processes: {reward name: [score per problem] (NaN where a function gave None), "completion_length": [...],
+        "completion": [text]}. The scores of the same problems before and after training are what a paired
+        comparison needs; the texts show what the scores measured."""
+        from preft_rl.engine import SamplingParams
+
+        dataset = self.eval_dataset if dataset is None else as_dataset(dataset, "dataset")
+        if dataset is None:
+            raise ValueError("evaluation needs a dataset: pass eval_dataset=... when the trainer is built, or dataset=...")
+        if "prompt" not in dataset.column_names:
+            raise ValueError(f"the evaluation dataset has columns {dataset.column_names}; it needs a 'prompt' column")
+        args, acc = self.args, self.accelerator
+        if not self._engine_in_sync:
+            self._sync_engine()
+        total = min(len(dataset), args.eval_max_prompts or len(dataset))
+        per_process = math.ceil(total / acc.num_processes)
+        indices = list(range(acc.process_index, total, acc.num_processes))
+        rows = [dataset[i] for i in indices]
+        prompts = [row["prompt"] for row in rows]
+        prompt_ids = [prompt_ids_for(self.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
+        greedy = SamplingParams(max_tokens=args.max_completion_length, temperature=0.0)
+        show = acc.is_main_process and not args.disable_tqdm  # a progress bar: evaluation of hundreds of problems takes minutes
+        outputs = self.engine.generate(prompt_ids, greedy, adapters=[POLICY] * len(rows), use_tqdm=show) if rows else []
+        completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        texts = [o.outputs[0].text for o in outputs]
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+        columns = {k: [row[k] for row in rows] for k in (rows[0] if rows else {}) if k != "prompt"}
+        funcs = list(reward_funcs) if reward_funcs is not None else self.reward_funcs
+        names = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(funcs)] if reward_funcs is not None else self.reward_names
+        per_func = score(funcs, names, prompts, completions, completion_ids, columns) if rows else torch.empty(0, len(funcs))
+        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32)
+        index = torch.tensor(indices, dtype=torch.float32)
+        pad = per_process - len(rows)  # equal shapes for gather; rows with a NaN index are dropped below
+        per_func = torch.cat([per_func, torch.full((pad, len(funcs)), math.nan)])
+        lengths = torch.cat([lengths, torch.full((pad,), math.nan)])
+        index = torch.cat([index, torch.full((pad,), math.nan)])
+        per_func, lengths, index = self._gather(per_func), self._gather(lengths), self._gather(index)
+        valid = ~index.isnan()
+        order = index[valid].argsort()
+        per_func, lengths = per_func[valid][order], lengths[valid][order]
+        scores = {name: per_func[:, j].tolist() for j, name in enumerate(names)}
+        scores["completion_length"] = lengths.tolist()
+        gathered_texts = [list(zip(indices, texts))]
+        if acc.num_processes > 1:
+            import torch.distributed as dist
+
+            gathered_texts = [None] * acc.num_processes
+            dist.all_gather_object(gathered_texts, list(zip(indices, texts)))
+        scores["completion"] = [text for _, text in sorted(pair for part in gathered_texts for pair in part)]
+        return scores
+
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
+        """Write the policy adapter (adapter_config.json + adapter_model.safetensors)."""
+        with gathered(self._policy_parameters(), self.accelerator):
+            if self.accelerator.is_main_process:
+                self.preft_model.save_pretrained(output_dir or self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        self.engine.close()

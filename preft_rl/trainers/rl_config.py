@@ -1,0 +1,137 @@
+"""PreftRLConfig: the settings every RL trainer shares (batches, generation, optimiser, logging, engine).
+
+Field names follow TRL's configs where the meaning is the same. Algorithm configs (`PreftGRPOConfig`,
+`PreftPPOConfig`) subclass it and add their own loss fields; every value is checked once, here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .grpo_core import IS_MODES
+
+
+@dataclass
+class PreftRLConfig:
+    output_dir: str = field(default="outputs/preft-rl", metadata={"help": "Where checkpoints, logs and the final adapter go."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order, adapter init and sampling seeds."})
+    # --- batch sizes (TRL semantics) ---------------------------------------------------------
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Completions per device per micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt."})
+    max_steps: int = field(default=100, metadata={"help": "Training steps to run (<= 0: num_train_epochs decides)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over train_dataset's prompts, used when max_steps <= 0."})
+    # --- generation -------------------------------------------------------------------------
+    max_prompt_length: int | None = field(default=512, metadata={"help": "Prompts longer than this are cut from the left."})
+    max_completion_length: int = field(default=256, metadata={"help": "Tokens generated per completion at most."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs are taken after it)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    top_k: int | None = field(default=None, metadata={"help": "Top-k sampling (None: off)."})
+    # --- optimisation -----------------------------------------------------------------------
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the adapter parameters."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (<= 0: off)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "A transformers scheduler name, e.g. 'cosine'."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of the optimizer steps spent warming up."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function (default 1.0 each)."})
+    vllm_importance_sampling_correction: bool = field(default=True, metadata={"help": "Correct the engine/trainer log-prob mismatch."})
+    vllm_importance_sampling_mode: str = field(default="token_truncate", metadata={"help": f"One of {IS_MODES}."})
+    vllm_importance_sampling_clip_min: float | None = field(default=None, metadata={"help": "Lower bound of the importance weights (None: none)."})
+    vllm_importance_sampling_clip_max: float | None = field(default=3.0, metadata={"help": "Upper bound of the importance weights (None: none)."})
+    # --- precision, logging, checkpoints -----------------------------------------------------
+    bf16: bool = field(default=False, metadata={"help": "Train and serve in bf16 (the adapter stays fp32)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    logging_steps: int = field(default=1, metadata={"help": "Log every N steps."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate on eval_dataset every N steps (<= 0: only at the end)."})
+    eval_max_prompts: int | None = field(default=None, metadata={"help": "Evaluate on at most this many eval prompts."})
+    save_steps: int = field(default=50, metadata={"help": "Save a checkpoint every N steps (<= 0: only at the end)."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "'none', 'tensorboard', 'wandb' or a list."})
+    disable_tqdm: bool = False
+    # --- engine (PreftEngine / vLLM) --------------------------------------------------------
+    engine_max_model_len: int | None = field(default=None, metadata={"help": "vLLM max_model_len (default: prompt + completion)."})
+    engine_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM GPU share when colocated on CUDA."})
+    engine_enforce_eager: bool = field(default=True, metadata={"help": "Run vLLM eagerly (no torch.compile / CUDA graphs)."})
+    engine_sleep: bool = field(default=False, metadata={"help": "Put vLLM to sleep during the optimizer phase (CUDA)."})
+    engine_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra vLLM LLM(...) arguments."})
+
+    min_generations = 1  # GRPO needs a group of at least 2
+
+    def _need(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise ValueError(f"{type(self).__name__}: {message}")
+
+    def __post_init__(self) -> None:
+        need = self._need
+        need(self.num_generations >= self.min_generations,
+             f"num_generations={self.num_generations} must be >= {self.min_generations}")
+        need(self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1, "batch sizes must be >= 1")
+        need(self.max_steps > 0 or self.num_train_epochs > 0,
+             f"max_steps={self.max_steps} and num_train_epochs={self.num_train_epochs}: set max_steps > 0 (or max_steps <= 0 "
+             "with num_train_epochs > 0)")
+        need(self.max_completion_length >= 1, f"max_completion_length={self.max_completion_length} must be >= 1")
+        need(self.temperature > 0, f"temperature={self.temperature} must be > 0 (RL samples its completions)")
+        need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
+        need(self.vllm_importance_sampling_mode in IS_MODES, f"vllm_importance_sampling_mode: use one of {IS_MODES}")
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        need(low is None or high is None or low < high,
+             f"vllm_importance_sampling_clip_min ({low}) must be less than vllm_importance_sampling_clip_max ({high})")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to == "none" else [self.report_to]
+        unknown = set(self.report_to) - {"tensorboard", "wandb"}
+        need(not unknown, f"report_to={sorted(unknown)}: use 'none', 'tensorboard' or 'wandb'")
+        for tracker in self.report_to:
+            need(importlib.util.find_spec(tracker) is not None, f"report_to={tracker!r} but {tracker} is not installed; pip install {tracker}")
+
+    # ------------------------------------------------------------------ what one training step is
+    @property
+    def steps_per_generation(self) -> int:
+        """Training steps that reuse one rollout (GRPO's num_iterations)."""
+        return 1
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        """Optimizer steps in one training step (PPO: epochs x mini-batches)."""
+        return 1
+
+    def generation_batch_size(self, num_processes: int) -> int:
+        """Completions generated per rollout over all processes."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
+
+    def resolved_max_steps(self, num_prompts: int, num_processes: int) -> int:
+        """max_steps, or (max_steps <= 0) the steps that cover num_train_epochs passes over the prompts."""
+        if self.max_steps > 0:
+            return self.max_steps
+        prompts_per_rollout = self.generation_batch_size(num_processes) // self.num_generations
+        return max(1, math.ceil(self.num_train_epochs * num_prompts / prompts_per_rollout)) * self.steps_per_generation
+
+    def check_batch(self, num_processes: int) -> None:
+        """Each process generates whole groups (all num_generations completions of its prompts)."""
+        local = self.generation_batch_size(1)
+        if local % self.num_generations:
+            valid = [n for n in range(self.min_generations, local + 1) if local % n == 0]
+            raise ValueError(
+                f"{type(self).__name__}: per_device_train_batch_size ({self.per_device_train_batch_size}) x "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) = {local} completions per process "
+                f"per step must be divisible by num_generations={self.num_generations}; use num_generations in {valid} "
+                "or change the batch sizes"
+            )
+
+    def describe(self, num_processes: int, max_steps: int | None = None) -> str:
+        total = self.generation_batch_size(num_processes)
+        return (
+            f"{num_processes} process(es) x {self.per_device_train_batch_size} completions x "
+            f"{self.gradient_accumulation_steps} accumulation = {total} completions per step = "
+            f"{total // self.num_generations} prompts x {self.num_generations} generations; "
+            f"{max_steps if max_steps is not None else self.max_steps} steps"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -267,14 +267,14 @@ class PreftModel(nn.Module):
     def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name inside the base model, parameter) for every parameter of this adapter (not of another adapter
         sharing the base); names are as if this adapter were alone on the base, so file keys never change."""
-        own = {id(param) for module in self._adapter_modules for param in module.parameters()}
+        own = {id(param) for module in self._adapter_modules for sub in _own_modules(module) for param in sub.parameters(recurse=False)}
         for name, param in self.base_model.named_parameters():
             if id(param) in own and _is_adapter_name(name):
                 yield _logical(name), param
 
     def adapter_named_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """(name inside the base model, module) for every module of this adapter, as adapter_named_parameters names them."""
-        own = {id(module) for adapter in self._adapter_modules for module in adapter.modules()}
+        own = {id(module) for adapter in self._adapter_modules for module in _own_modules(adapter)}
         for name, module in self.base_model.named_modules():
             if id(module) in own:
                 yield _logical(name), module
@@ -350,6 +350,13 @@ def _matches(name: str, wanted: list[str], found: set[str]) -> bool:
     hits = [target for target in wanted if name == target or name.endswith("." + target)]
     found.update(hits)  # every entry that names this module counts as found
     return bool(hits)
+
+
+def _own_modules(adapter: nn.Module) -> list[nn.Module]:
+    """An adapter module and its submodules, without the wrapped base layer (which may hold another adapter)."""
+    if isinstance(adapter, PreftLoraLinear):
+        return [adapter, *adapter.lora_A.modules(), *adapter.lora_B.modules(), *adapter.lora_dropout.modules()]
+    return list(adapter.modules())
 
 
 def _logical(name: str) -> str:

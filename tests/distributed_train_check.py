@@ -1,16 +1,17 @@
-"""Run by tests/test_grpo_distributed.py under `accelerate launch` / `torchrun`: 3 GRPO steps on the tiny
-Llama; every rank prints a digest of its adapter so the test can check the ranks agree.
+"""Run by tests/test_grpo_distributed.py under `accelerate launch` / `torchrun`: 3 GRPO (or, with PREFT_CHECK_ALGO=ppo,
+PPO) steps on the tiny Llama; every rank prints a digest of what it trained so the test can check the ranks agree.
 
 Usage: python distributed_train_check.py MODEL_DIR OUTPUT_DIR [MAX_STEPS SAVE_STEPS [resume]]
 """
 
 import hashlib
+import os
 import sys
 
 if __name__ == "__main__":
     from datasets import Dataset
 
-    from preft_rl import PreftConfig, PreftGRPOConfig, PreftGRPOTrainer
+    from preft_rl import PreftConfig, PreftGRPOConfig, PreftGRPOTrainer, PreftPPOConfig, PreftPPOTrainer
     from preft_rl.trainers.runtime import gathered as _gathered
 
     rows = [{"prompt": f"five apples and {i} pears?", "answer": f"#### {i}"} for i in range(32)]
@@ -19,13 +20,16 @@ if __name__ == "__main__":
         return [float(bool(c) and c[0] % 2 == 0) for c in completion_ids]
 
     max_steps, save_steps = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (3, 0)
-    args = PreftGRPOConfig(
+    common = dict(
         output_dir=sys.argv[2], per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4,
         max_steps=max_steps, max_completion_length=4, learning_rate=3e-2, save_steps=save_steps, disable_tqdm=True,
         engine_kwargs={"max_num_batched_tokens": 256},
     )
-    trainer = PreftGRPOTrainer(sys.argv[1], first_token_even, args=args, train_dataset=Dataset.from_list(rows),
-                               preft_config=PreftConfig(method="lora", r=4))
+    ppo = os.environ.get("PREFT_CHECK_ALGO") == "ppo"
+    trainer_class = PreftPPOTrainer if ppo else PreftGRPOTrainer
+    args = PreftPPOConfig(**common, num_ppo_epochs=2, critic_learning_rate=3e-2) if ppo else PreftGRPOConfig(**common)
+    trainer = trainer_class(sys.argv[1], first_token_even, args=args, train_dataset=Dataset.from_list(rows),
+                            preft_config=PreftConfig(method="lora", r=4))
     trainer.train(resume_from_checkpoint=True if sys.argv[-1] == "resume" else None)
     plugin = trainer.accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3:  # outside a gather the adapter is ZeRO-3 shards
@@ -34,8 +38,14 @@ if __name__ == "__main__":
         except RuntimeError as err:
             assert "GatheredParameters" in str(err), err
             print("ZERO3 UNGATHERED STATE REFUSED", flush=True)
-    with _gathered([p for _, p in trainer.preft_model.adapter_named_parameters()], trainer.accelerator):
+    extra = trainer._checkpoint_state()  # PPO: the critic adapter and the value head
+    with _gathered([p for _, p in trainer.preft_model.adapter_named_parameters()] + list(extra.values()), trainer.accelerator):
         state = trainer.preft_model.adapter_state_dict()
+        state.update({k: v.detach() for k, v in extra.items()})
+        if extra and trainer.accelerator.is_main_process:  # what PPO trained beside the policy, for the test to compare
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().clone() for k, v in extra.items()}, f"{sys.argv[2]}/critic_final.safetensors")
         digest = hashlib.sha256(b"".join(state[k].float().numpy().tobytes() for k in sorted(state))).hexdigest()[:16]
     # One write per line: both ranks share torchrun's stdout, and print() writes the newline separately.
     sys.stdout.write(f"RANK {trainer.accelerator.process_index} OF {trainer.accelerator.num_processes} "

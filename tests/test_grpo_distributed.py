@@ -112,3 +112,24 @@ def test_deepspeed_resume_is_bit_identical(tiny_llama_dir, tmp_path, stage):
     assert (tmp_path / "resumed" / "checkpoint-2" / "deepspeed").is_dir()  # DeepSpeed's sharded optimizer state
     assert launch(tmp_path / "resumed", "resume") == straight
 
+
+
+@pytest.mark.slow
+def test_ppo_two_process_zero2_matches_ddp(tiny_llama_dir, tmp_path):
+    """PPO in two processes (torchrun + gloo, an engine in each): DeepSpeed ZeRO-2 over policy, critic and value head
+    agrees across ranks and with two-process DDP."""
+    def launch(out: Path, env: dict[str, str]) -> str:
+        return run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT),
+                    str(tiny_llama_dir), str(out)], {"PREFT_CHECK_ALGO": "ppo", **env})
+
+    ddp = launch(tmp_path / "ddp", {"ACCELERATE_USE_CPU": "true"})
+    zero2 = launch(tmp_path / "zero2", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE":
+                                        str(REPO / "examples" / "accelerate_configs" / "ds_zero2.json")})
+    for stdout, wrapper in ((ddp, "DistributedDataParallel"), (zero2, "DeepSpeedEngine")):
+        digests = dict(re.findall(rf"RANK (\d) OF 2 {wrapper} ADAPTER ([0-9a-f]{{16}})", stdout))
+        assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], stdout[-2000:]
+    for name in ("adapter_model.safetensors", "critic_final.safetensors"):  # policy; critic adapter and value head
+        ours, theirs = load_file(str(tmp_path / "zero2" / name)), load_file(str(tmp_path / "ddp" / name))
+        assert set(ours) == set(theirs) and len(ours) > 2
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=0)

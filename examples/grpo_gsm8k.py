@@ -57,12 +57,13 @@ SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 EXAMPLE_DEFAULTS = dict(output_dir="outputs/grpo-gsm8k", save_steps=5, **GSM8K_CPU)
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None, config_class: type | None = None, defaults: dict | None = None, doc: str = __doc__):
     from preft_rl import PreftGRPOConfig
     from preft_rl.models import DEFAULT_MODEL
     from preft_rl.trainers.cli_args import add_dataclass_arguments, dataclass_from_args
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config_class = config_class or PreftGRPOConfig
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--data", default=None)
     parser.add_argument("--method", default="lora", choices=["lora", "loreft", "direft"])
@@ -73,20 +74,27 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--eval-problems", type=int, default=200, help="held-out GSM8K test problems (0: skip)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     parser.add_argument("--verbose", action="store_true", help="show vLLM's and the other libraries' logging")
-    add_dataclass_arguments(parser, PreftGRPOConfig, EXAMPLE_DEFAULTS)
+    add_dataclass_arguments(parser, config_class, EXAMPLE_DEFAULTS if defaults is None else defaults)
     args = parser.parse_args(argv)
-    return args, dataclass_from_args(PreftGRPOConfig, args)
+    return args, dataclass_from_args(config_class, args)
 
 
 def main(argv: list[str] | None = None) -> None:
     quiet_libraries(verbose="--verbose" in (argv if argv is not None else sys.argv))  # before vLLM is imported
-    from preft_rl import PreftConfig, PreftGRPOTrainer
+    from preft_rl import PreftGRPOConfig, PreftGRPOTrainer
+
+    run_job(PreftGRPOTrainer, PreftGRPOConfig, EXAMPLE_DEFAULTS, __doc__, argv)
+
+
+def run_job(trainer_class: type, config_class: type, defaults: dict, doc: str, argv: list[str] | None = None) -> None:
+    """Train with `trainer_class` and score the held-out problems before and after (shared with ppo_gsm8k.py)."""
+    from preft_rl import PreftConfig
     from preft_rl.data import load_gsm8k
     from preft_rl.reports.stats import paired_bootstrap
     from preft_rl.reports.training import heldout_table, render_training_report, write_heldout
     from preft_rl.rewards import format_reward, gsm8k_accuracy_reward, gsm8k_last_number_reward
 
-    args, config = parse_args(argv)
+    args, config = parse_args(argv, config_class, defaults, doc)
     source = args.data or (SHARED_GSM8K if SHARED_GSM8K.is_dir() else "auto")
     train = load_gsm8k("train", source=source, shuffle=True, seed=config.seed)
     held_out = load_gsm8k("test", source=source, num_examples=args.eval_problems) if args.eval_problems else None
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         preft = PreftConfig(method="lora", r=args.r, alpha=2 * args.r, target_modules="all-linear", adapter_scope=args.adapter_scope)
     else:
         preft = PreftConfig(method=args.method, r=args.r, positions=positions, adapter_scope=args.adapter_scope)
-    trainer = PreftGRPOTrainer(
+    trainer = trainer_class(
         args.model, [gsm8k_accuracy_reward, format_reward], args=config, train_dataset=train, preft_config=preft
     )
     protocol = [gsm8k_accuracy_reward, format_reward, gsm8k_last_number_reward]

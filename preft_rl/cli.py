@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    from preft_rl.reports.study import METHODS, TASKS
+    from preft_rl.reports.study import DEFAULT_METHODS, METHODS, TASKS
     from preft_rl.trainers import PreftGRPOConfig
     from preft_rl.trainers.cli_args import add_dataclass_arguments
     from preft_rl.trainers.presets import GSM8K_CPU
@@ -74,7 +74,7 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/study", help="folder for runs/, study.json, study.md and plots (default: %(default)s)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model id, path or offline name (default: %(default)s)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: gsm8k and/or a numeric reasoning-gym task (default: %(default)s)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)} (default: %(default)s)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {list(METHODS)} (default: %(default)s)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     parser.add_argument("--eval-problems", type=int, default=200, help="held-out problems per task (default: %(default)s)")
     parser.add_argument("--train-problems", type=int, default=2000, help="generated training problems per task (default: %(default)s)")

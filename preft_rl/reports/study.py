@@ -30,7 +30,10 @@ METHODS = {
     "preft-lora": dict(method="lora", r=16, alpha=32, target_modules="all-linear"),
     "preft-loreft": dict(method="loreft", r=8, positions="f5+l5"),
     "all-lora": dict(method="lora", r=16, alpha=32, target_modules="all-linear", adapter_scope="all"),
+    # the same PreFT LoRA trained by PPO instead of GRPO (a critic adapter + value head on the same base)
+    "ppo-preft-lora": dict(method="lora", r=16, alpha=32, target_modules="all-linear", algorithm="ppo"),
 }
+DEFAULT_METHODS = ("preft-lora", "preft-loreft", "all-lora")
 TASKS = ("gsm8k", "chain_sum")
 SHARED_GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k"
 # Training rewards per task. GSM8K: strict accuracy + format, as the main job (the model solves too few for
@@ -47,12 +50,12 @@ class StudyConfig:
     out: str = "outputs/study"
     model: str = "smollm2-135m-instruct"
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     eval_problems: int = 200
     train_problems: int = 2000  # generated tasks only
     data: str | None = None  # GSM8K source (a jsonl, a folder, 'hub'); default ../shared/data/gsm8k or the hub
-    trainer: dict[str, Any] = field(default_factory=lambda: dict(GSM8K_CPU))  # PreftGRPOConfig fields
+    trainer: dict[str, Any] = field(default_factory=lambda: dict(GSM8K_CPU))  # PreftGRPOConfig fields (PPO: ppo_from_grpo)
 
     def __post_init__(self) -> None:
         if unknown := [t for t in self.tasks if t != "gsm8k" and _generated_task(t) is None]:
@@ -80,16 +83,21 @@ def run_name(task: str, method: str, seed: int) -> str:
 # ------------------------------------------------------------------------------------------ one run
 def run_one(cfg: StudyConfig, task: str, method: str, seed: int) -> dict[str, Any]:
     """Train one adapter and score the held-out problems before and after (runs in a child process)."""
-    from preft_rl import PreftConfig, PreftGRPOConfig, PreftGRPOTrainer
+    from preft_rl import PreftConfig, PreftGRPOConfig, PreftGRPOTrainer, PreftPPOConfig, PreftPPOTrainer
+    from preft_rl.trainers.presets import ppo_from_grpo
     from preft_rl.rewards import format_reward, gsm8k_accuracy_reward, gsm8k_last_number_reward
 
     train, held_out = _datasets(cfg, task, seed)
     out = Path(cfg.out) / "runs" / run_name(task, method, seed)
-    args = PreftGRPOConfig(**{**cfg.trainer, "output_dir": str(out), "seed": seed, "save_steps": 0})
-    preft = PreftConfig(**METHODS[method])
+    spec = dict(METHODS[method])
+    algorithm = spec.pop("algorithm", "grpo")
+    settings = {**cfg.trainer, "output_dir": str(out), "seed": seed, "save_steps": 0}
+    args = PreftPPOConfig(**ppo_from_grpo(settings)) if algorithm == "ppo" else PreftGRPOConfig(**settings)
+    preft = PreftConfig(**spec)
     start = time.perf_counter()
     rewards = list(TASK_REWARDS.get(task, DEFAULT_REWARDS))
-    trainer = PreftGRPOTrainer(cfg.model, rewards, args=args, train_dataset=train, preft_config=preft)
+    trainer_class = PreftPPOTrainer if algorithm == "ppo" else PreftGRPOTrainer
+    trainer = trainer_class(cfg.model, rewards, args=args, train_dataset=train, preft_config=preft)
     protocol = [gsm8k_accuracy_reward, format_reward, gsm8k_last_number_reward]
     try:
         before = trainer.evaluation_scores(protocol, held_out)

@@ -1,0 +1,34 @@
+"""The two main jobs end to end on the tiny Llama: one short step each, held-out evaluation before and after."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["grpo_gsm8k.py", "ppo_gsm8k.py"])
+def test_example_trains_and_reports_the_held_out_change(tiny_llama_dir, tmp_path, example):
+    out = tmp_path / "run"
+    command = [sys.executable, str(REPO / "examples" / example), "--model", str(tiny_llama_dir), "--output-dir", str(out),
+               "--max-steps", "2", "--eval-problems", "4", "--max-completion-length", "8", "--max-prompt-length", "256",
+               "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "1", "--num-generations", "2",
+               "--disable-tqdm"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "strict accuracy" in done.stdout and "format rate" in done.stdout
+    heldout = json.loads((out / "heldout.json").read_text())
+    assert set(heldout["metrics"]) == {"strict accuracy", "format rate", "lenient accuracy"}
+    assert len((out / "heldout_completions.jsonl").read_text().splitlines()) == 4
+    assert (out / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == [1, 2] or steps.count(2) >= 1
+    if example == "ppo_gsm8k.py":
+        assert (out / "checkpoint-2" / "trained_state.safetensors").is_file()  # the critic is saved with the run

@@ -6,7 +6,6 @@ PEFT LoRA (the peer), in the HF model, in the trainer's log-probs and in the eng
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest

@@ -470,52 +470,9 @@ class PreftRLTrainer:
         all processes: {reward name: [score per problem] (NaN where a function gave None), "completion_length": [...],
         "completion": [text]}. The scores of the same problems before and after training are what a paired
         comparison needs; the texts show what the scores measured."""
-        from preft_rl.engine import SamplingParams
+        from .evaluation import evaluation_scores
 
-        dataset = self.eval_dataset if dataset is None else as_dataset(dataset, "dataset")
-        if dataset is None:
-            raise ValueError("evaluation needs a dataset: pass eval_dataset=... when the trainer is built, or dataset=...")
-        if "prompt" not in dataset.column_names:
-            raise ValueError(f"the evaluation dataset has columns {dataset.column_names}; it needs a 'prompt' column")
-        args, acc = self.args, self.accelerator
-        if not self._engine_in_sync:
-            self._sync_engine()
-        total = min(len(dataset), args.eval_max_prompts or len(dataset))
-        per_process = math.ceil(total / acc.num_processes)
-        indices = list(range(acc.process_index, total, acc.num_processes))
-        rows = [dataset[i] for i in indices]
-        prompts = [row["prompt"] for row in rows]
-        prompt_ids = [prompt_ids_for(self.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
-        greedy = SamplingParams(max_tokens=args.max_completion_length, temperature=0.0)
-        show = acc.is_main_process and not args.disable_tqdm  # a progress bar: evaluation of hundreds of problems takes minutes
-        outputs = self.engine.generate(prompt_ids, greedy, adapters=[POLICY] * len(rows), use_tqdm=show) if rows else []
-        completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
-        texts = [o.outputs[0].text for o in outputs]
-        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
-        columns = {k: [row[k] for row in rows] for k in (rows[0] if rows else {}) if k != "prompt"}
-        funcs = list(reward_funcs) if reward_funcs is not None else self.reward_funcs
-        names = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(funcs)] if reward_funcs is not None else self.reward_names
-        per_func = score(funcs, names, prompts, completions, completion_ids, columns) if rows else torch.empty(0, len(funcs))
-        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32)
-        index = torch.tensor(indices, dtype=torch.float32)
-        pad = per_process - len(rows)  # equal shapes for gather; rows with a NaN index are dropped below
-        per_func = torch.cat([per_func, torch.full((pad, len(funcs)), math.nan)])
-        lengths = torch.cat([lengths, torch.full((pad,), math.nan)])
-        index = torch.cat([index, torch.full((pad,), math.nan)])
-        per_func, lengths, index = self._gather(per_func), self._gather(lengths), self._gather(index)
-        valid = ~index.isnan()
-        order = index[valid].argsort()
-        per_func, lengths = per_func[valid][order], lengths[valid][order]
-        scores = {name: per_func[:, j].tolist() for j, name in enumerate(names)}
-        scores["completion_length"] = lengths.tolist()
-        gathered_texts = [list(zip(indices, texts))]
-        if acc.num_processes > 1:
-            import torch.distributed as dist
-
-            gathered_texts = [None] * acc.num_processes
-            dist.all_gather_object(gathered_texts, list(zip(indices, texts)))
-        scores["completion"] = [text for _, text in sorted(pair for part in gathered_texts for pair in part)]
-        return scores
+        return evaluation_scores(self, reward_funcs, dataset)
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> None:
         """Write the policy adapter (adapter_config.json + adapter_model.safetensors)."""

@@ -98,11 +98,9 @@ def even_fraction(prompts, completions, completion_ids=None, **_):
 @pytest.mark.parametrize("method", ["lora"])
 def test_all_token_trainer_matches_peft_learns_and_serves_it(tiny_llama_dir, load_tiny, tmp_path, method):
     pytest.importorskip("vllm")
-    from test_grpo_trainer import config, dataset, even_mass
+    from test_grpo_trainer import assert_engine_serves, config, dataset, even_mass
 
     from preft_rl import PreftGRPOTrainer
-    from preft_rl.engine import SamplingParams
-    from preft_rl.trainers.rollout import prompt_ids_for
 
     train = dataset(True)
     preft = PreftConfig(method=method, r=4, alpha=8, adapter_scope="all")
@@ -125,13 +123,7 @@ def test_all_token_trainer_matches_peft_learns_and_serves_it(tiny_llama_dir, loa
         assert (ours[:, 1:] - theirs)[mask].abs().max() < 1e-4
         assert (batch.engine_logps[:, 1:] - theirs)[mask].abs().max() < 1e-4  # the engine sampled that same policy
         # after a sync the engine's greedy output equals the HF reference (PEFT) of the trained adapter
-        trainer._sync_engine()
-        twin.base_model.model.generation_config.eos_token_id = None
-        for prompt in train["prompt"][:3]:
-            ids = prompt_ids_for(trainer.engine.tokenizer, prompt, None)
-            served = trainer.engine.generate([ids], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), adapters=["policy"])
-            reference = twin.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
-            assert list(served[0].outputs[0].token_ids) == reference
+        assert_engine_serves(trainer, twin, train["prompt"][:3])
     finally:
         trainer.close()
     assert after > before + 0.1, (before, after)  # the all-token baseline learns (measured 0.497 -> 0.653)

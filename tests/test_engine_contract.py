@@ -56,3 +56,13 @@ def test_batch_layout_positions_equal_the_positions_vllm_feeds_the_model(engines
         np.testing.assert_array_equal(host_positions, vllm_positions)
         assert sorted(layout.num_prompt.tolist()) == sorted(len(p) for p, tag in zip(prompts, range(3)) if tag in extra)
         assert all(tag in (0, 1, 2) for tag in extra)
+
+
+def test_kv_cache_tensors_are_the_runners_caches(engines):
+    """The failed-step recovery zeroes these: they must be the real KV cache, one tensor per attention layer."""
+    from preft_rl.engine import vllm_compat
+
+    engine = engines("lora")
+    caches = vllm_compat.kv_cache_tensors(engine._runner)
+    assert len(caches) == engine.llm.llm_engine.model_config.hf_config.num_hidden_layers
+    assert all(c.is_floating_point() and c.numel() > 0 for c in caches)

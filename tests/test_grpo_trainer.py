@@ -39,6 +39,21 @@ def config(tmp_path, **overrides) -> PreftGRPOConfig:
     return PreftGRPOConfig(**settings)
 
 
+def assert_engine_serves(trainer, reference_model, prompts, max_tokens: int = 6) -> None:
+    """After a sync, the engine's greedy tokens for each prompt equal `reference_model.generate`'s (a PreftModel, or a
+    PEFT twin): the engine serves exactly the trained policy adapter."""
+    from preft_rl.engine import SamplingParams
+    from preft_rl.trainers.rollout import prompt_ids_for
+
+    trainer._sync_engine()
+    reference_model.generation_config.eos_token_id = None
+    for prompt in prompts:
+        ids = prompt_ids_for(trainer.engine.tokenizer, prompt, None)
+        served = trainer.engine.generate([ids], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), adapters=["policy"])
+        reference = reference_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(ids):]
+        assert list(served[0].outputs[0].token_ids) == reference.tolist()
+
+
 def even_mass(trainer: PreftGRPOTrainer, rows: Dataset) -> float:
     """Mean probability the policy gives to an even first completion token (exact, not sampled)."""
     from preft_rl.trainers.rollout import prompt_ids_for
@@ -77,18 +92,8 @@ def test_grpo_learns_and_keeps_its_invariants(tiny_llama_dir, tmp_path, method, 
         after = even_mass(trainer, train.select(range(8)))
         engine_weight_after = next(trainer.engine._runner.model.parameters()).detach().clone()
         # after a sync the engine serves exactly the trained adapter: greedy output equals PreftModel.generate
-        from preft_rl.engine import SamplingParams
-        from preft_rl.trainers.rollout import prompt_ids_for
-
         trainer.engine.update_adapter = original  # stop counting: this sync is the test's own
-        trainer._sync_engine()
-        model = trainer.preft_model.eval()
-        model.base_model.generation_config.eos_token_id = None
-        for prompt in train["prompt"][:3]:
-            ids = prompt_ids_for(trainer.engine.tokenizer, prompt, None)
-            served = trainer.engine.generate([ids], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), adapters=["policy"])
-            reference = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
-            assert list(served[0].outputs[0].token_ids) == reference
+        assert_engine_serves(trainer, trainer.preft_model.eval(), train["prompt"][:3])
     finally:
         trainer.close()
     assert after > before + 0.1, (before, after)  # GRPO moved probability onto rewarded first tokens

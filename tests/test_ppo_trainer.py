@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from preft_rl import PreftConfig, PreftPPOConfig, PreftPPOTrainer
-from test_grpo_trainer import dataset, even_mass, first_token_even
+from test_grpo_trainer import assert_engine_serves, dataset, even_mass, first_token_even
 
 pytest.importorskip("vllm")
 
@@ -46,17 +46,7 @@ def test_ppo_trains_policy_critic_and_head_only_and_the_engine_serves_the_policy
         trainer.engine.update_adapter = original
         after = trained_state(trainer)
         # the engine after a sync serves the trained policy: greedy output equals PreftModel.generate
-        from preft_rl.engine import SamplingParams
-        from preft_rl.trainers.rollout import prompt_ids_for
-
-        trainer._sync_engine()
-        model = trainer.preft_model.eval()
-        model.base_model.generation_config.eos_token_id = None
-        for prompt in train["prompt"][:3]:
-            ids = prompt_ids_for(trainer.engine.tokenizer, prompt, None)
-            served = trainer.engine.generate([ids], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), adapters=["policy"])
-            reference = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
-            assert list(served[0].outputs[0].token_ids) == reference
+        assert_engine_serves(trainer, trainer.preft_model.eval(), train["prompt"][:3])
         assert torch.equal(next(trainer.engine._runner.model.parameters()), engine_weight)
     finally:
         trainer.close()

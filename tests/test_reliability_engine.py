@@ -133,3 +133,35 @@ def test_a_chat_message_without_a_role_is_named_before_the_template_runs(tokeniz
 
     with pytest.raises(ValueError, match=r"chat message 1 of a prompt is \{'content': 'hi'\}; every message needs a string 'role'"):
         prompt_token_ids(tokenizer, [{"role": "system", "content": "be brief"}, {"content": "hi"}])
+
+
+@pytest.mark.parametrize("scale", [1e30])
+def test_an_adapter_whose_activations_overflow_is_named_and_nothing_leaks(engines, load_tiny, scale):
+    """Finite but huge adapter weights pass every file check, yet their prompt activations overflow to inf / NaN.
+    Before the guard the engine returned tokens sampled from NaN logits as if nothing had happened. Now it returns
+    no output of that call, names the adapter, zeroes the KV cache (no non-finite value stays in a block a later
+    request reuses) and keeps serving every later request exactly, on whatever blocks it gets."""
+    engine = engines("lora")
+    huge = reference_model(load_tiny, "lora", seed=70)
+    with torch.no_grad():
+        for name, param in huge.adapter_named_parameters():
+            if "lora_B" in name:
+                param.mul_(scale)
+    good = reference_model(load_tiny, "lora", seed=71)
+    engine.add_adapter("overflow", huge)
+    engine.add_adapter("good-71", good)
+    base = load_tiny()
+    rng = np.random.default_rng(70)
+    prompts = [random_prompt(rng, n) for n in (150, 40, 90)]
+    try:
+        for _ in range(2):  # a retry fails the same way, and the engine survives both
+            with pytest.raises(ValueError, match=r"adapter 'overflow' produced non-finite activations \(NaN or inf\)"):
+                engine.generate(prompts, greedy(), adapters=["overflow", "good-71", None])
+            # every later request, on whatever blocks it gets, is served exactly
+            outs = engine.generate(prompts * 3, greedy(), adapters=[None, "good-71", None] * 3)
+            for i, out in enumerate(outs):
+                model = good if i % 3 == 1 else None
+                assert list(out.outputs[0].token_ids) == reference_greedy(model, base, prompts[i % 3]), i
+    finally:
+        engine.remove_adapter("overflow")
+        engine.remove_adapter("good-71")

@@ -31,7 +31,7 @@ from preft_rl.adapters.config import PreftConfig
 from preft_rl.models import resolve_model
 
 from . import vllm_compat
-from .model import EXTRA_ARGS_KEY, SPLITTING_OPS, PreftRuntime, preft_model_class, register_runtime
+from .model import EXTRA_ARGS_KEY, SPLITTING_OPS, NonFiniteActivations, PreftRuntime, preft_model_class, register_runtime
 from .registry import AdapterEntry, AdapterRegistry, ModelShape
 
 logger = logging.getLogger(__name__)
@@ -185,8 +185,28 @@ class PreftEngine:
             request_params.append(sp)
         try:
             return self.llm.generate(requests, request_params, use_tqdm=use_tqdm)
+        except NonFiniteActivations as exc:
+            self._recover_from_failed_step()
+            culprits = [name for name in exc.adapters if name is not None]
+            named = ", ".join(repr(name) for name in culprits) or "(none: a request without adapter)"
+            raise ValueError(
+                f"adapter {named} produced non-finite activations (NaN or inf) on its prompt tokens: its weights are "
+                "finite but too large for this model. No output of this generate call was returned; the KV cache was "
+                "cleared and the engine keeps serving. Fix the adapter (engine.update_adapter with smaller weights, or "
+                "engine.remove_adapter) and retry the other requests."
+            ) from None
         finally:
             self._runtime.request_slots.clear()
+
+    def _recover_from_failed_step(self) -> None:
+        """After a step raised inside vLLM: abort every request of the call, zero the KV cache (so no non-finite value
+        survives in a block a later request reuses) and drop the prefix cache (blocks cached by the failed step)."""
+        vllm_compat.abort_all_requests(self.llm)
+        self._runtime.in_step, self._runtime.selection = False, None
+        for cache in vllm_compat.kv_cache_tensors(self._runner):
+            cache.zero_()
+        if not self.llm.reset_prefix_cache():
+            logger.warning("PreftEngine: the prefix cache could not be reset after a failed step (blocks still in use)")
 
     # ------------------------------------------------------------------------------ lifecycle
     def _begin_step(self) -> None:

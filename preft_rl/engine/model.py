@@ -31,6 +31,16 @@ from .registry import LORA_TARGETS, AdapterRegistry
 EXTRA_ARGS_KEY = "preft_adapter"  # sampling_params.extra_args[...] = {"name": ..., "version": ...}
 
 
+class NonFiniteActivations(RuntimeError):
+    """A step with adapters produced NaN / inf hidden states; raised out of vLLM's step so no output is returned.
+
+    `adapters` names the adapters of the requests whose tokens went non-finite (None: a request without adapter)."""
+
+    def __init__(self, adapters: list[str | None]) -> None:
+        super().__init__(f"non-finite activations in the prompts of requests with adapters {adapters}")
+        self.adapters = adapters
+
+
 @dataclass(frozen=True)
 class StepSelection:
     """Where adapters act in one forward step: each token's adapter slot (-1: none), grouped by slot
@@ -115,6 +125,25 @@ class PreftRuntime:
     step_log: list[tuple[int, int]] = field(default_factory=list)
     adapter_calls: int = 0
     on_selection: Callable[[StepSelection | None], None] | None = None
+
+    def check_finite(self, hidden: torch.Tensor) -> None:
+        """Raise NonFiniteActivations, naming the adapters, if this adapter step's hidden states hold NaN / inf.
+
+        A non-finite K or V of a prompt token makes that token's own last hidden state non-finite (it attends to
+        itself), so this check on the model's output catches every non-finite value written to the KV cache in the
+        step. One reduction over (tokens, hidden) on steps that apply adapters only; decode steps are never checked."""
+        rows_finite = torch.isfinite(hidden).all(dim=-1)
+        if bool(rows_finite.all()):
+            return
+        layout = vllm_compat.batch_layout(self.runner)
+        bad = torch.nonzero(~rows_finite).flatten().cpu().numpy()
+        names: set[str | None] = set()
+        slot_names = {entry.slot: entry.name for entry in self.registry.entries.values()}
+        for i, req_id in enumerate(layout.req_ids):
+            start, end = layout.query_start[i], layout.query_start[i + 1]
+            if ((bad >= start) & (bad < end)).any():
+                names.add(slot_names.get(self.request_slots.get(req_id, -1)))
+        raise NonFiniteActivations(sorted(names, key=lambda name: (name is None, name or "")))
 
     def slot_of(self, req_id: str) -> int:
         if req_id not in self.request_slots:
@@ -269,7 +298,10 @@ def preft_model_class(base_cls: type, method: str) -> type:
         if runtime is not None:
             runtime.begin_forward(int(positions.shape[-1]), positions.device)
         try:
-            return base_cls.forward(self, input_ids, positions, *args, **kwargs)
+            hidden = base_cls.forward(self, input_ids, positions, *args, **kwargs)
+            if runtime is not None and runtime.selection is not None and isinstance(hidden, torch.Tensor):
+                runtime.check_finite(hidden)  # before anything of this step reaches a sampler or a later step
+            return hidden
         finally:
             if runtime is not None:
                 runtime.selection = None

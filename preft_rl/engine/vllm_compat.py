@@ -81,6 +81,22 @@ def request_extra_args(runner: Any, req_id: str) -> dict:
     return (params.extra_args or {}) if params is not None else {}
 
 
+def abort_all_requests(llm: Any) -> None:
+    """Abort every unfinished request of an in-process LLM (their KV blocks are freed at once)."""
+    engine = llm.llm_engine
+    unfinished = list(engine.output_processor.request_states)  # internal request ids
+    if unfinished:
+        engine.abort_request(unfinished, internal=True)
+
+
+def kv_cache_tensors(runner: Any) -> list[Any]:
+    """The runner's KV cache tensors, one per attention layer (some may be shared views)."""
+    caches = getattr(runner, "kv_caches", None)
+    if not caches:
+        raise RuntimeError("vLLM's model runner has no kv_caches list; this vLLM version is not supported by preft-rl")
+    return [cache for cache in caches if cache is not None]
+
+
 def wrap_execute_model(runner: Any, before, after) -> None:
     """Call before() / after() around every real model step of this runner (not dummy or profile runs)."""
     original = runner.execute_model

@@ -162,12 +162,25 @@ class PreftModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        share_prompts: bool = False,
         **kwargs: Any,
     ) -> Any:
         """The base model's forward with the adapter at tokens where `prompt_mask` [B, T] is True.
 
         Position ids default to positions over non-pad tokens (from `attention_mask`).
+        `share_prompts=True` (training on right-padded rows `[prompt | completion | padding]`, e.g. a GRPO group's
+        completions): every distinct prompt is computed once (see shared_prompt.py). Logits are then given only at
+        each row's last prompt token and its completion tokens (within `logits_to_keep`), and are 0 elsewhere.
         """
+        if share_prompts and input_ids is not None and attention_mask is not None and attention_mask.dim() == 2:
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            from .shared_prompt import shared_prompt_logits
+
+            keep = kwargs.get("logits_to_keep") or input_ids.shape[1]
+            logits = shared_prompt_logits(self, input_ids, attention_mask, prompt_mask, keep)
+            if logits is not None:
+                return CausalLMOutputWithPast(logits=logits)
         return self._run(self.base_model, input_ids, attention_mask, prompt_mask, position_ids, kwargs)
 
     def hidden_states(

@@ -300,7 +300,8 @@ class PreftRLTrainer:
 
     def _policy_logits(self, ids: torch.Tensor, am: torch.Tensor, pm: torch.Tensor, keep: int) -> torch.Tensor:
         """(b, keep, V) policy logits of the last `keep` positions."""
-        return self.model(input_ids=ids, attention_mask=am, prompt_mask=pm, logits_to_keep=keep).logits
+        return self.model(input_ids=ids, attention_mask=am, prompt_mask=pm, logits_to_keep=keep,
+                          share_prompts=self.args.share_prompt_forward).logits
 
     def _token_logps(self, logits: torch.Tensor, ids: torch.Tensor, first: int, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(b, T) log-prob of each token given its prefix (0 before first + 1) from logits of positions first.., and entropies."""

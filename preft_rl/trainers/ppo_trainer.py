@@ -42,8 +42,9 @@ class ActorCritic(nn.Module):
         return self.value_head(hidden.float()).squeeze(-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor, logits_to_keep: int,
-                with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, prompt_mask=prompt_mask, logits_to_keep=logits_to_keep).logits
+                with_values: bool = True, share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, prompt_mask=prompt_mask, logits_to_keep=logits_to_keep,
+                             share_prompts=share_prompts).logits
         values = self.values(input_ids, attention_mask, prompt_mask, logits_to_keep) if with_values else None
         return logits, values
 
@@ -93,7 +94,8 @@ class PreftPPOTrainer(PreftRLTrainer):
         return state
 
     def _policy_logits(self, ids: torch.Tensor, am: torch.Tensor, pm: torch.Tensor, keep: int) -> torch.Tensor:
-        return self.model(input_ids=ids, attention_mask=am, prompt_mask=pm, logits_to_keep=keep, with_values=False)[0]
+        return self.model(input_ids=ids, attention_mask=am, prompt_mask=pm, logits_to_keep=keep, with_values=False,
+                          share_prompts=self.args.share_prompt_forward)[0]
 
     # ------------------------------------------------------------------------------ rollout
     def _needs_old_logps(self) -> bool:
@@ -159,7 +161,8 @@ class PreftPPOTrainer(PreftRLTrainer):
         args, device = self.args, self.accelerator.device
         ids, am, pm, first = self._forward_inputs(batch, rows)
         keep = ids.shape[1] - first
-        logits, value_tail = self.model(input_ids=ids, attention_mask=am, prompt_mask=pm, logits_to_keep=keep, with_values=True)
+        logits, value_tail = self.model(input_ids=ids, attention_mask=am, prompt_mask=pm, logits_to_keep=keep, with_values=True,
+                                        share_prompts=self.args.share_prompt_forward)
         logps, entropy = self._token_logps(logits, ids, first, with_entropy=True)
         values = torch.zeros(ids.shape, dtype=value_tail.dtype, device=device)
         values[:, first + 1 :] = value_tail[:, :-1]

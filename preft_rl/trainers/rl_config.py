@@ -47,6 +47,8 @@ class PreftRLConfig:
     # --- precision, logging, checkpoints -----------------------------------------------------
     bf16: bool = field(default=False, metadata={"help": "Train and serve in bf16 (the adapter stays fp32)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    share_prompt_forward: bool = field(default=True, metadata={"help": "Compute each distinct prompt once per training micro-batch "
+                                                                      "(exact for prefill-only adapters; a group's completions share it)."})
     logging_steps: int = field(default=1, metadata={"help": "Log every N steps."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate on eval_dataset every N steps (<= 0: only at the end)."})
     eval_max_prompts: int | None = field(default=None, metadata={"help": "Evaluate on at most this many eval prompts."})

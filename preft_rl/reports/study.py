@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def run_one(cfg: StudyConfig, task: str, method: str, seed: int) -> dict[str, An
 
     train, held_out = _datasets(cfg, task, seed)
     out = Path(cfg.out) / "runs" / run_name(task, method, seed)
+    shutil.rmtree(out, ignore_errors=True)  # a run interrupted before its JSON was written starts again from nothing
     spec = dict(METHODS[method])
     algorithm = spec.pop("algorithm", "grpo")
     settings = {**cfg.trainer, "output_dir": str(out), "seed": seed, "save_steps": 0}

@@ -161,7 +161,8 @@ class PreftRLTrainer:
         return [batch.micro_batches(self.args.per_device_train_batch_size)]
 
     def _compute_loss(self, batch: RolloutBatch, rows: Any, mini: MiniBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """(loss to backpropagate for these rows, statistics to average over the step)."""
+        """(loss to backpropagate for these rows, statistics of these rows); the step's statistics are their mean over
+        every micro-batch of every mini-batch."""
         raise NotImplementedError
 
     def _loss_mask(self, batch: RolloutBatch, rows: Any) -> torch.Tensor:

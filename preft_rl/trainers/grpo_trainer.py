@@ -48,7 +48,7 @@ class PreftGRPOTrainer(PreftRLTrainer):
         # dapo is already normalised by the whole accumulated batch's tokens: undo accelerate's division
         loss = out.loss * len(mini.micro) if args.loss_type == "dapo" else out.loss
         stats = {
-            "loss": loss.item() / len(mini.micro), "clip_ratio": out.clip_ratio.item(),
+            "loss": loss.item(), "clip_ratio": out.clip_ratio.item(),  # the core averages over micro-batches
             "kl": out.kl.item() if out.kl is not None else 0.0,
             "entropy": ((entropy * mask).sum() / mask.sum().clamp(min=1)).item(),
         }

@@ -182,7 +182,9 @@ class PreftPPOTrainer(PreftRLTrainer):
         with torch.no_grad():
             ratio = torch.exp(logps - old)
             stats = {
-                "loss": loss.item() / len(mini.micro), "policy_loss": policy.loss.item(), "value_loss": value.loss.item(),
+                # each micro-batch's terms are its share of the mini-batch's; the core averages over micro-batches
+                "loss": loss.item(), "policy_loss": policy.loss.item() * len(mini.micro),
+                "value_loss": value.loss.item() * len(mini.micro),
                 "clip_ratio": policy.clip_ratio.item(), "value_clip_ratio": value.clip_fraction.item(),
                 "approx_kl": ppo_core.masked_mean(0.5 * (logps - old) ** 2, mask).item(),
                 "ratio": ppo_core.masked_mean(ratio, mask).item(),

@@ -124,6 +124,19 @@ def test_load_adapter_state_dict_refuses_non_finite_values_and_keeps_the_old_one
     assert all(torch.equal(kept[k], v) for k, v in model.adapter_state_dict().items())
 
 
+def test_integer_or_numpy_adapter_tensors_are_named_and_change_nothing(load_tiny):
+    """An int64 tensor (e.g. a rounded export) would be copied in silently rounded; a numpy array has no torch dtype."""
+    model = make_preft(load_tiny, "lora", torch.float32)
+    randomize_adapter(model)
+    kept = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+    key = sorted(kept)[0]
+    with pytest.raises(TypeError, match=rf"{key} in the given state dict has dtype torch.int64; adapter weights are floating point"):
+        model.load_adapter_state_dict({**kept, key: kept[key].round().long()})
+    with pytest.raises(TypeError, match=rf"{key} in the given state dict is a ndarray; pass torch tensors"):
+        model.load_adapter_state_dict({**kept, key: kept[key].numpy()})
+    assert all(torch.equal(kept[k], v) for k, v in model.adapter_state_dict().items())
+
+
 @pytest.mark.parametrize("bad_value", [math.nan, math.inf])
 def test_save_pretrained_refuses_non_finite_weights_and_keeps_the_previous_files(load_tiny, tmp_path, bad_value):
     model = make_preft(load_tiny, "direft", torch.float32)

@@ -165,3 +165,12 @@ def test_an_adapter_whose_activations_overflow_is_named_and_nothing_leaks(engine
     finally:
         engine.remove_adapter("overflow")
         engine.remove_adapter("good-71")
+
+
+def test_integer_adapter_tensors_are_refused_by_the_engine(engines, load_tiny):
+    engine = engines("lora")
+    state = reference_model(load_tiny, "lora", seed=72).adapter_state_dict()
+    key = sorted(state)[0]
+    with pytest.raises(TypeError, match=rf"tensor {key} has dtype torch.int64; adapter weights are floating point"):
+        engine.add_adapter("ints", {**state, key: state[key].round().long()}, config=CONFIGS["lora"])
+    assert "ints" not in engine.adapters

@@ -101,6 +101,9 @@ def check_adapter_state(expected: dict[str, torch.Tensor], state: Any, source: s
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"adapter tensor {key} in {source} is a {type(tensor).__name__}; pass torch tensors (torch.as_tensor(x))")
+        if not tensor.is_floating_point():
+            raise TypeError(f"adapter tensor {key} in {source} has dtype {tensor.dtype}; adapter weights are floating point "
+                            "(an integer tensor would be loaded silently rounded): pass the float tensors the adapter was saved with")
     wrong = [(k, tuple(given[k].shape), tuple(p.shape)) for k, p in expected.items() if given[k].shape != p.shape]
     if wrong:
         key, got, want = wrong[0]

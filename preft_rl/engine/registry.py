@@ -251,6 +251,9 @@ class AdapterRegistry:
     def _check(self, name: str, key: str, tensor: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"adapter {name!r}: tensor {key} is a {type(tensor).__name__}; pass torch tensors (torch.as_tensor(x))")
+        if not tensor.is_floating_point():
+            raise TypeError(f"adapter {name!r}: tensor {key} has dtype {tensor.dtype}; adapter weights are floating point "
+                            "(an integer tensor would be served silently rounded): pass the float tensors the adapter was saved with")
         if tuple(tensor.shape) != want:
             raise ValueError(f"adapter {name!r}: tensor {key} has shape {tuple(tensor.shape)}, expected {want} for this base model")
         if not torch.isfinite(tensor).all():

@@ -358,7 +358,7 @@ def test_sleep_and_wake_up_are_logged_no_ops_without_a_gpu(engines, caplog):
     assert engine.generate([[5, 6, 7]], greedy(max_tokens=2))[0].outputs[0].token_ids  # still serving
 
 
-def test_all_token_baselines_match_peft_lora(tiny_llama_dir, load_tiny, engines):
+def test_all_token_baselines_match_peft_lora(tiny_llama_dir, load_tiny, engines, tmp_path):
     """adapter_scope='all' and vLLM's native multi-LoRA both equal an ordinary (all-token) PEFT LoRA."""
     from peft import LoraConfig, get_peft_model
 
@@ -396,6 +396,12 @@ def test_all_token_baselines_match_peft_lora(tiny_llama_dir, load_tiny, engines)
     with NativeLoraEngine(str(tiny_llama_dir), max_adapters=2, max_rank=8, **ENGINE_ARGS) as native:
         native.add_adapter("all", ref)
         outs = native.generate(prompts, greedy(), adapters=["all", "all"])
+        assert [list(o.outputs[0].token_ids) for o in outs] == expected
+        # a plain PEFT LoRA directory is what this all-token engine serves natively: no opt-in flag needed
+        peft_dir = tmp_path / "peft-lora"
+        peft_model.save_pretrained(peft_dir)
+        native.add_adapter("peft-dir", str(peft_dir))
+        outs = native.generate(prompts, greedy(), adapters=["peft-dir", "peft-dir"])
         assert [list(o.outputs[0].token_ids) for o in outs] == expected
 
 

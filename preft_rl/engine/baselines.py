@@ -87,9 +87,11 @@ class NativeLoraEngine:
         self.max_rank = max_rank
 
     def add_adapter(self, name: str, source: Any, config: PreftConfig | None = None) -> None:
+        """Register a LoRA from a directory (preft-rl's files or a plain PEFT LoRA directory: this engine serves every
+        adapter at every token, as PEFT does, so no opt-in is needed), a PreftModel, or a state dict + config."""
         from vllm.lora.request import LoRARequest
 
-        state, config = _adapter_source(source, config)
+        state, config = _adapter_source(source, config, load_peft_lora_as_prefill_only=True)
         if not config.is_lora:
             raise ValueError(f"vLLM's native LoRA serves LoRA adapters only, not {config.method!r}")
         if config.r > self.max_rank:

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None, config_class: type | None = None, 
     from preft_rl.trainers.cli_args import add_dataclass_arguments, dataclass_from_args
 
     config_class = config_class or PreftGRPOConfig
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--data", default=None)
     parser.add_argument("--method", default="lora", choices=["lora", "loreft", "direft"])

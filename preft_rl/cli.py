@@ -13,12 +13,13 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="preft-rl", description="Prefill-only adapter RL tools")
+    # no prefix abbreviations: `--seed 3` must not silently mean `--seeds 3` (and start a study)
+    parser = argparse.ArgumentParser(prog="preft-rl", description="Prefill-only adapter RL tools", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    report = sub.add_parser("report", help="render a training run's log.jsonl as Markdown and PNG plots")
+    report = sub.add_parser("report", allow_abbrev=False, help="render a training run's log.jsonl as Markdown and PNG plots")
     report.add_argument("output_dir", help="the output_dir of a PreftGRPOTrainer run")
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    rollout = bench.add_parser("rollout", help="rollout throughput: PreFT vs all-token multi-LoRA vs base, by adapters")
+    rollout = bench.add_parser("rollout", allow_abbrev=False, help="rollout throughput: PreFT vs all-token multi-LoRA vs base, by adapters")
     rollout.add_argument("--model", default="smollm2-135m-instruct", help="model id, path or offline name (default: %(default)s)")
     rollout.add_argument("--adapters", default="1,8,64,512", help="comma-separated adapter counts (default: %(default)s)")
     rollout.add_argument("--methods", default="lora,loreft", help="PreFT methods, comma-separated (default: %(default)s)")
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="also run vLLM's native all-token multi-LoRA (default: on; --no-all-token for quick PreFT-vs-base checks)")
     rollout.add_argument("--out", default="outputs/bench-rollout", help="folder for rollout.json/.md/.png (default: %(default)s)")
     rollout.add_argument("--seed", type=int, default=0)
-    study = sub.add_parser("study", help="PreFT vs all-token adapters: GRPO learning curves and held-out gains over seeds")
+    study = sub.add_parser("study", allow_abbrev=False, help="PreFT vs all-token adapters: GRPO learning curves and held-out gains over seeds")
     _add_study_arguments(study)
     args = parser.parse_args(argv)
     if args.command == "study":
@@ -80,7 +81,11 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-problems", type=int, default=2000, help="generated training problems per task (default: %(default)s)")
     parser.add_argument("--data", default=None, help="GSM8K source: a jsonl, a folder with train/test.jsonl, or 'hub'")
     parser.add_argument("--verbose", action="store_true", help="show vLLM's and the other libraries' logging")
-    add_dataclass_arguments(parser, PreftGRPOConfig, GSM8K_CPU)
+    # a study sets each run's output folder, seed and checkpointing itself (--out, --seeds)
+    add_dataclass_arguments(parser, PreftGRPOConfig, GSM8K_CPU, exclude=_STUDY_OWN_FIELDS)
+
+
+_STUDY_OWN_FIELDS = ("output_dir", "seed", "save_steps")
 
 
 def _study(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -97,7 +102,7 @@ def _study(args: argparse.Namespace, argv: list[str] | None) -> int:
     hints = typing.get_type_hints(PreftGRPOConfig)
     trainer = {}
     for f in dataclasses.fields(PreftGRPOConfig):
-        if _simple_type(hints[f.name]) is None or f.name in ("output_dir", "seed", "save_steps"):
+        if _simple_type(hints[f.name]) is None or f.name in _STUDY_OWN_FIELDS:
             continue
         if getattr(args, f.name) != f.default:
             trainer[f.name] = getattr(args, f.name)

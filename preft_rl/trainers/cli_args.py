@@ -24,13 +24,15 @@ def _simple_type(annotation: Any) -> type | None:
     return None
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
-    """Add `--field-name` (and `--field_name`) flags for the simple fields of dataclass `cls` (other fields keep their defaults)."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None,
+                            exclude: tuple[str, ...] = ()) -> None:
+    """Add `--field-name` (and `--field_name`) flags for the simple fields of dataclass `cls` (other fields keep their
+    defaults; fields in `exclude` get no flag, e.g. ones the caller sets itself)."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         kind = _simple_type(hints[f.name])
-        if kind is None:
+        if kind is None or f.name in exclude:
             continue
         default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         flags = ["--" + f.name.replace("_", "-")]

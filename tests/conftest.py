@@ -124,9 +124,11 @@ def load_tiny(tiny_llama_dir):
 ENGINE_ARGS = dict(max_model_len=512, max_num_batched_tokens=128, max_num_seqs=32)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def engines(tiny_llama_dir):
-    """Factory: one PreftEngine per method on the tiny Llama, shared by the whole session."""
+    """Factory: one PreftEngine per method on the tiny Llama, shared by a test module. Not by the session: while any
+    engine is live, closed engines stay parked in memory (engine._release_llm), so session-long engines made every
+    trainer test's engine a leak until the end, and the suite ran out of the machine's 24 GiB."""
     created = {}
 
     def get(method: str):

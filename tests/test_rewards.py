@@ -128,7 +128,7 @@ def test_hostile_answers_finish_quickly_in_the_main_and_worker_threads():
         for text, rewards, seconds in rows:
             assert rewards[0] == 0.0, (where, text, rewards)
             assert rewards[1] in (0.0, None), (where, text, rewards)
-            assert seconds < 2.0, (where, text, seconds)
+            assert seconds < 10.0, (where, text, seconds)  # a hang guard (they used to never finish), not a speed goal
 
 
 @pytest.mark.parametrize(

@@ -100,3 +100,56 @@ def test_two_reft_adapters_cannot_share_a_layer(load_tiny):
     with pytest.raises(ValueError, match=r"decoder layers \[1\] already carry a ReFT intervention"):
         get_preft_model(base, PreftConfig(method="direft", r=2, layers=[1], positions="all", adapter_scope="all"))
     get_preft_model(base, PreftConfig(method="lora", r=2, adapter_scope="all"))  # a LoRA critic beside a ReFT policy is fine
+
+
+@pytest.mark.parametrize("method", ["lora", "loreft"])
+def test_unload_gives_back_the_base_bit_for_bit(load_tiny, method):
+    base = load_tiny()
+    ids, am, pm = inputs()
+    with torch.no_grad():
+        before = base(input_ids=ids, attention_mask=am).logits
+    model = get_preft_model(base, PreftConfig(method=method, r=4, seed=0))
+    randomize_adapter(model, seed=1)
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids, attention_mask=am, prompt_mask=pm).logits, before)
+    assert model.unload() is base
+    assert not any(".lora_" in name or "preft_reft" in name for name, _ in base.named_modules())
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids, attention_mask=am).logits, before)
+    with pytest.raises(RuntimeError, match="unloaded"):
+        model(input_ids=ids, attention_mask=am, prompt_mask=pm)
+    with pytest.raises(RuntimeError, match="already unloaded"):
+        model.unload()
+    again = get_preft_model(base, PreftConfig(method=method, r=4, seed=0))  # the base takes a new adapter
+    with torch.no_grad():
+        fresh = again(input_ids=ids, attention_mask=am, prompt_mask=pm).logits  # a fresh adapter is a no-op
+    real = am.bool()  # (pad positions get other position ids through PreftModel)
+    assert torch.equal(fresh[real], before[real])
+
+
+@pytest.mark.parametrize("first", ["policy", "critic"])
+def test_two_adapters_unload_in_either_order(shared, load_tiny, first):
+    policy, critic = shared
+    ids, am, pm = inputs()
+    with torch.no_grad():
+        expected = {"policy": policy(input_ids=ids, attention_mask=am, prompt_mask=pm).logits, "critic": critic.hidden_states(ids, am, pm)}
+    gone, kept = (policy, critic) if first == "policy" else (critic, policy)
+    base = gone.unload()
+    with torch.no_grad():
+        out = kept(input_ids=ids, attention_mask=am, prompt_mask=pm).logits if kept is policy else kept.hidden_states(ids, am, pm)
+    assert torch.equal(out, expected["critic" if kept is critic else "policy"])
+    kept.unload()
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids, attention_mask=am).logits, load_tiny()(input_ids=ids, attention_mask=am).logits)
+
+
+def test_unload_refuses_and_changes_nothing_when_a_layer_was_replaced(load_tiny):
+    base = load_tiny()
+    model = get_preft_model(base, PreftConfig(method="lora", r=4, seed=0))
+    attn = base.model.layers[1].self_attn
+    attn.v_proj = torch.nn.Linear(attn.v_proj.in_features, attn.v_proj.out_features)  # someone else's module
+    with pytest.raises(RuntimeError, match="another adapter wraps 'v_proj'"):
+        model.unload()
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == "PreftLoraLinear"  # nothing was undone
+    ids, am, pm = inputs()
+    model(input_ids=ids, attention_mask=am, prompt_mask=pm)  # and the model still works

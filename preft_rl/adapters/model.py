@@ -15,7 +15,7 @@ import functools
 import itertools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -76,15 +76,15 @@ class PreftModel(nn.Module):
         self.base_model = base_model
         # only adapter parameters train (this adapter's, and those of another adapter already on this base)
         base_params = [param for name, param in base_model.named_parameters() if not _is_adapter_name(name)]
-        for _, _, attach in built:
-            attach()
+        self._detach = [attach() for _, _, attach in built]  # each attach() returns its undo
         for param in base_params:
             param.requires_grad_(False)
         self._adapter_modules = [module for _, module, _ in built]
         self._hooks = [layer.register_forward_pre_hook(self._select_for_layer, with_kwargs=True) for layer in layers]
 
     # ----------------------------------------------------------------------------------- injection
-    # The _build_* methods change nothing: they return (name under the decoder layers, new module, attach()).
+    # The _build_* methods change nothing: they return (name under the decoder layers, new module, attach()), where
+    # attach() changes the base model and returns a function that undoes exactly that change.
     def _build_lora(self, layers: nn.ModuleList, layers_name: str, generator: torch.Generator | None) -> list[tuple[str, nn.Module, Any]]:
         cfg = self.preft_config
         wanted = cfg.target_modules
@@ -111,7 +111,7 @@ class PreftModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
             lora = PreftLoraLinear(module, cfg.r, cfg.alpha, cfg.dropout, self._slot, cfg.init_scale, generator)
-            built.append((f"{index[id(layer)]}.{_logical(name)}", lora, functools.partial(setattr, parent, child, lora)))
+            built.append((f"{index[id(layer)]}.{_logical(name)}", lora, functools.partial(_attach_lora, parent, child, lora)))
         return built
 
     def _build_reft(self, base_model: nn.Module, layers: nn.ModuleList, generator: torch.Generator | None) -> list[tuple[str, nn.Module, Any]]:
@@ -196,6 +196,8 @@ class PreftModel(nn.Module):
 
     def _run(self, target: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
              prompt_mask: torch.Tensor | None, position_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        if self._detach is None:
+            raise RuntimeError("this PreftModel was unloaded; wrap the base model in a new PreftModel to use an adapter again")
         if prompt_mask is None:
             raise ValueError(
                 "PreftModel.forward needs prompt_mask: a bool tensor [batch, seq] that is True at prompt "
@@ -277,6 +279,24 @@ class PreftModel(nn.Module):
         finally:
             self._adapter_enabled = previous
 
+    def unload(self) -> nn.Module:
+        """Remove this adapter from the base model and return the base model, as it was before (PEFT's `unload`).
+
+        There is no `merge_and_unload`: a prefill-only adapter cannot be merged into weights that every token uses.
+        The PreftModel is unusable afterwards. Two adapters on one base (PPO's policy and critic) unload in either
+        order, each leaving the other working. If anything else replaced a wrapped layer since, nothing is changed.
+        """
+        if self._detach is None:
+            raise RuntimeError("this PreftModel was already unloaded")
+        for detach in self._detach:  # check every module first, so a refused unload changes nothing
+            detach(check_only=True)
+        for hook in self._hooks:
+            hook.remove()
+        for detach in reversed(self._detach):
+            detach()
+        self._detach, self._hooks = None, []
+        return self.base_model
+
     def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name inside the base model, parameter) for every parameter of this adapter (not of another adapter
         sharing the base); names are as if this adapter were alone on the base, so file keys never change."""
@@ -347,9 +367,28 @@ def get_preft_model(model: nn.Module, config: PreftConfig) -> PreftModel:
     return PreftModel(model, config)
 
 
-def _attach_reft(layer: nn.Module, reft: ReftLayer) -> None:
+def _attach_lora(parent: nn.Module, child: str, lora: PreftLoraLinear) -> Callable[..., None]:
+    setattr(parent, child, lora)
+
+    def detach(check_only: bool = False) -> None:
+        if getattr(parent, child) is not lora:
+            raise RuntimeError(f"cannot unload: another adapter wraps {child!r} on top of this one; unload that adapter first")
+        if not check_only:
+            setattr(parent, child, lora.base_layer)
+
+    return detach
+
+
+def _attach_reft(layer: nn.Module, reft: ReftLayer) -> Callable[..., None]:
     layer.preft_reft = reft
-    layer.register_forward_hook(_apply_reft_to_output)
+    handle = layer.register_forward_hook(_apply_reft_to_output)
+
+    def detach(check_only: bool = False) -> None:
+        if not check_only:
+            handle.remove()
+            del layer.preft_reft
+
+    return detach
 
 
 def _apply_reft_to_output(layer: nn.Module, args: tuple, output: Any) -> Any:

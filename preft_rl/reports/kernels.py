@@ -2,7 +2,7 @@
 
     python -m preft_rl.reports.kernels                   # CUDA: the full table; CPU: a small torch-path timing
     python -m preft_rl.reports.kernels --quick           # only T=8192, N=64, r=16 (the target shape)
-    python -m preft_rl.reports.kernels --json out.json   # also write the rows as JSON
+    python -m preft_rl.reports.kernels --json out.json   # also write the device, its ceilings and the rows as JSON
 
 On CUDA it first measures the device's ceilings (a large device-to-device copy for memory bandwidth, a
 large bf16 matmul for tensor-core throughput), then times every op over T in {512, 8192}, N in {1, 64, 512},
@@ -215,11 +215,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parser.parse_args(argv)
 
     rows: list[Row] = []
+    summary: dict = {"device": "cpu", "bandwidth_gbs": None, "peak_tflops": None}
     if torch.cuda.is_available():
         device = torch.device("cuda")
         flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
         bandwidth, peak = measure_ceilings(device)
-        print(f"{torch.cuda.get_device_name(device)}: measured {bandwidth / 1e9:.0f} GB/s copy, {peak / 1e12:.0f} TFLOP/s bf16 matmul")
+        summary = {"device": torch.cuda.get_device_name(device), "bandwidth_gbs": bandwidth / 1e9, "peak_tflops": peak / 1e12}
+        print(f"{summary['device']}: measured {bandwidth / 1e9:.0f} GB/s copy, {peak / 1e12:.0f} TFLOP/s bf16 matmul")
         timer = lambda fn: cuda_time(fn, flush)  # noqa: E731
         shapes = [(8192, 64, 16)] if args.quick else [(t, n, r) for t in (512, 8192) for n in (1, 64, 512) for r in (8, 16, 64)]
         for T, N, r in shapes:
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print_rows(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(rw) for rw in rows], f, indent=1)
+            json.dump({**summary, "rows": [asdict(rw) for rw in rows]}, f, indent=1)
     return rows
 
 

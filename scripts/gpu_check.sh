@@ -14,7 +14,8 @@
 # Needs python3 with torch and triton that see a GPU (transformers for stage 3); vLLM, DeepSpeed and TRL are not
 # needed and preft-rl need not be installed: it is imported from this checkout. WORK_DIR (default: a new temp dir)
 # receives env.txt, pytest.log, kernels.json, train_step.json and gpu_check.log. On a machine without CUDA it
-# says so and exits 0. PYTHON picks the interpreter (default python3).
+# says so and exits 0. PYTHON picks the interpreter (default python3); STAGES="1 3" runs only those stages (the
+# report then reads the other stages' files from WORK_DIR, if an earlier run left them there).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -29,12 +30,13 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 # preft_rl from this checkout without installing it: kernels/ and rewards/ go inside it, as pyproject.toml's
-# package-dir maps them. `python -P` keeps the checkout's own preft_rl/ (which lacks them) off sys.path.
+# package-dir maps them. PYTHONSAFEPATH (python -P) keeps the checkout's own preft_rl/ (which lacks them) off sys.path,
+# in child processes too.
 SITE=$(mktemp -d -t preft_src.XXXXXX)
 cp -r "$ROOT/preft_rl" "$SITE/preft_rl"
 cp -r "$ROOT/kernels" "$SITE/preft_rl/kernels"
 cp -r "$ROOT/rewards" "$SITE/preft_rl/rewards"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 cd "$ROOT"
 exec > >(tee "$WORK/gpu_check.log") 2>&1
@@ -51,7 +53,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run under a time limit, report the e
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)   commit: ${GIT_REV:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
-    "$PY" -P -c 'import platform, torch, triton
+    "$PY" -c 'import platform, torch, triton
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}", end="")
 try:
     import transformers; print(f", transformers {transformers.__version__}")
@@ -63,10 +65,11 @@ cat "$WORK/env.txt"
 
 # Each test compiles its own kernel specialisations: spread them over processes when pytest-xdist is there.
 PARALLEL=()
-"$PY" -P -c 'import xdist' 2>/dev/null && PARALLEL=(-n 4)
-stage "1. kernel tests, native" 200 \
-    "$PY" -P -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" tests/test_kernels_triton.py tests/test_kernels.py 2>&1 | tee "$WORK/pytest.log"
-stage "2. kernel benchmark" 150 "$PY" -P -m preft_rl.reports.kernels --json "$WORK/kernels.json"
-stage "3. training step, 8B-shaped Llama" 220 "$PY" -P scripts/gpu_train_step.py --json "$WORK/train_step.json"
-"$PY" -P scripts/gpu_report.py "$WORK" "$REPORT"
+"$PY" -c 'import xdist' 2>/dev/null && PARALLEL=(-n 4)
+want() { [[ " ${STAGES:-1 2 3} " == *" $1 "* ]]; }
+want 1 && stage "1. kernel tests, native" 200 \
+    "$PY" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" tests/test_kernels_triton.py tests/test_kernels.py 2>&1 | tee "$WORK/pytest.log"
+want 2 && stage "2. kernel benchmark" 150 "$PY" -m preft_rl.reports.kernels --json "$WORK/kernels.json"
+want 3 && stage "3. training step, 8B-shaped Llama" 220 "$PY" scripts/gpu_train_step.py --json "$WORK/train_step.json"
+"$PY" scripts/gpu_report.py "$WORK" "$REPORT"
 echo "gpu_check: raw files in $WORK, report in $REPORT"

@@ -10,6 +10,7 @@ tokens, backward into the adapter only), with gradient checkpointing unless name
 
     reference pass     base model, adapter off, no grad (the KL reference / old log-prob pass)
     preft-lora         PreFT LoRA r=16 on every linear layer, adapter at prompt tokens only
+    *-torch-path       the same with the adapter arithmetic in plain torch, not the Triton prefill kernels
     preft-lora-shared  the same with share_prompts=True (each group's prompt computed once)
     all-token-lora     the same adapter at every token (adapter_scope="all"), the paper's baseline
     preft-loreft       PreFT LoReFT r=16 at every layer, positions f7+l7
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -124,9 +126,13 @@ def train_variants(args, device: torch.device, dtype: torch.dtype) -> dict:
     variants = [
         ("reference pass", lora, dict(share=False, grad=False, gc=True, adapter=False)),
         ("preft-lora", lora, dict(share=False, grad=True, gc=True)),
+        # the adapter arithmetic in plain torch instead of the Triton prefill kernels (the trainer before 2026-11-28)
+        ("preft-lora-torch-path", lora, dict(share=False, grad=True, gc=True, backend="torch")),
         ("preft-lora-shared", lora, dict(share=True, grad=True, gc=True)),
         ("all-token-lora", {**lora, "adapter_scope": "all"}, dict(share=False, grad=True, gc=True)),
         ("preft-loreft", dict(method="loreft", r=args.rank, positions="f7+l7", seed=0), dict(share=False, grad=True, gc=True)),
+        ("preft-loreft-torch-path", dict(method="loreft", r=args.rank, positions="f7+l7", seed=0),
+         dict(share=False, grad=True, gc=True, backend="torch")),
         # half the batch (one group): the full batch without checkpointing does not fit 141 GB at the 8B shape
         ("preft-lora-1group", lora, dict(share=False, grad=True, gc=True, groups=1)),
         ("preft-lora-1group-no-gc", lora, dict(share=False, grad=True, gc=False, groups=1)),
@@ -143,11 +149,18 @@ def train_variants(args, device: torch.device, dtype: torch.dtype) -> dict:
         context = model.disable_adapter if not how.get("adapter", True) else nullcontext
         rows = slice(0, how.get("groups", args.groups) * args.generations)
         part = tuple(t[rows] for t in batch)
+        previous_backend = os.environ.get("PREFT_KERNEL_BACKEND")
+        os.environ["PREFT_KERNEL_BACKEND"] = how.get("backend", previous_backend or "auto")
         try:
             with context():
                 row = timed(lambda: loss_step(model, part, args.prompt_len, how["share"], how["grad"]), device, args.repeats)
         except torch.OutOfMemoryError as err:
             row = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+        finally:
+            if previous_backend is None:
+                del os.environ["PREFT_KERNEL_BACKEND"]
+            else:
+                os.environ["PREFT_KERNEL_BACKEND"] = previous_backend
         row["tokens"] = int(part[1].sum())
         row["adapter_params"] = sum(p.numel() for _, p in model.adapter_named_parameters())
         results[name] = row

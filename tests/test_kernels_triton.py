@@ -390,3 +390,41 @@ def test_autograd_triton_matches_torch_gradients(case):
     for got, ref in zip(results["triton"], results["torch"]):
         assert got.dtype == ref.dtype and got.shape == ref.shape
         assert_close(got, ref, case["dtype"])
+
+
+@needs_triton
+@pytest.mark.parametrize("method,checkpointing", [("lora", False), ("lora", True), ("loreft", False), ("direft", True)])
+def test_preft_model_training_pass_on_the_kernels_matches_torch(load_tiny, monkeypatch, method, checkpointing):
+    """PreftModel's LoRA and ReFT layers run the Triton prefill kernels forward and backward (on CUDA by default;
+    here forced, so the interpreter runs them on CPU): same logits and adapter gradients as the torch path."""
+    from preft_rl import PreftConfig, get_preft_model
+    from test_adapters import randomize_adapter
+
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 300, (3, 10), generator=gen).to(DEVICE)
+    am = torch.ones_like(ids)
+    am[2, -4:] = 0  # right padding
+    pm = torch.zeros_like(ids, dtype=torch.bool)
+    pm[0, :6], pm[1, :3], pm[2, :5] = True, True, True
+    positions = "all" if method == "lora" else "f2+l2"
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("PREFT_KERNEL_BACKEND", backend)
+        base = load_tiny().to(DEVICE)
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.train()
+        model = get_preft_model(base, PreftConfig(method=method, r=4, positions=positions, seed=0))
+        randomize_adapter(model, seed=1)
+        before = launches()
+        logits = model(input_ids=ids, attention_mask=am, prompt_mask=pm).logits
+        (logits.float().square() * am[..., None]).mean().backward()
+        grads = {name: p.grad.detach().cpu() for name, p in model.adapter_named_parameters()}
+        results[backend] = (logits.detach().cpu(), grads, launches() - before)
+    (ref_logits, ref_grads, torch_launches), (logits, grads, triton_launches) = results["torch"], results["triton"]
+    assert torch_launches == 0 and triton_launches > 0
+    assert_close(logits, ref_logits, torch.float32)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert ref_grads[name].abs().max() > 0, name
+        assert_close(grads[name], ref_grads[name], torch.float32)

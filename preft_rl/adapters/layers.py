@@ -3,6 +3,10 @@
 Each module reads the current `TokenSelection` from a `SelectionSlot` shared by the whole model and
 acts only at the selected (prompt) tokens; everywhere else its output is the base output, bit for bit.
 Adapter parameters are kept in fp32 and the adapter arithmetic is done in fp32 whatever the model dtype.
+
+On CUDA (and with no dropout) the arithmetic runs in the Triton prefill kernels of preft_rl.kernels, which gather
+the prompt rows, accumulate in fp32 and write only those rows, forward and backward; elsewhere it is the plain
+torch below. `PREFT_KERNEL_BACKEND=torch` forces torch everywhere (see preft_rl/kernels/dispatch.py).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from preft_rl.kernels import PrefillLoraFunction, PrefillReftFunction, resolve_backend
 
 from .masks import TokenSelection
 
@@ -74,6 +80,11 @@ class PreftLoraLinear(nn.Module):
         selection = self._slot.current
         if selection is None:
             return out
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if isinstance(self.lora_dropout, nn.Identity) and x.dim() == 3 and resolve_backend(None, out, x, a, b) == "triton":
+            out2 = PrefillLoraFunction.apply(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), a, b, float(self.scaling),
+                                             selection.row_metadata("prompt"))
+            return out2.reshape(out.shape)
         x_prompt = x[selection.prompt].to(torch.float32)  # (P, d_in): prompt tokens only
         delta = self.lora_B(self.lora_A(self.lora_dropout(x_prompt))) * self.scaling  # (P, d_out)
         return out.index_put(selection.prompt, delta.to(out.dtype), accumulate=True)
@@ -126,6 +137,12 @@ class LoReftIntervention(nn.Module):
             self.learned_source.bias.zero_()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
+        """(first, bias, second, is_loreft) for preft_rl.kernels.PrefillReftFunction; None with dropout (torch only)."""
+        if not isinstance(self.dropout, nn.Identity):
+            return None
+        return self.rotate_layer.weight, self.learned_source.bias, self.learned_source.weight, True
+
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         """h (P, d) fp32 -> the edit (P, d) fp32."""
         R = self.rotate_layer.weight  # (r, d)
@@ -146,6 +163,12 @@ class DiReftIntervention(nn.Module):
         self.proj_layer = nn.Linear(d, r, bias=False, device=device, dtype=torch.float32)
         nn.init.zeros_(self.proj_layer.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
+        """(first, bias, second, is_loreft) for preft_rl.kernels.PrefillReftFunction; None with dropout (torch only)."""
+        if not isinstance(self.dropout, nn.Identity):
+            return None
+        return self.learned_source.weight, self.learned_source.bias, self.proj_layer.weight, False
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         """h (P, d) fp32 -> the edit (P, d) fp32."""
@@ -172,6 +195,12 @@ class ReftLayer(nn.Module):
         for group, intervention in self.interventions.items():
             index = selection.groups.get(group)
             if index is None:
+                continue
+            kernel = intervention.kernel_weights()
+            if kernel is not None and hidden.dim() == 3 and resolve_backend(None, hidden, *kernel[:3]) == "triton":
+                first, bias, second, is_loreft = kernel
+                flat = hidden.reshape(-1, hidden.shape[-1])
+                hidden = PrefillReftFunction.apply(flat, first, bias, second, selection.row_metadata(group), is_loreft).reshape(hidden.shape)
                 continue
             h = hidden[index].to(torch.float32)  # (P, d)
             hidden = hidden.index_put(index, (h + intervention.delta(h)).to(hidden.dtype))

@@ -6,9 +6,13 @@ sequence is below that sequence's prompt length. Pad tokens are never prompt tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from preft_rl.kernels import AdapterTokenMetadata
 
 Index = tuple[torch.Tensor, torch.Tensor]  # (batch indices, time indices), as from mask.nonzero(as_tuple=True)
 
@@ -73,6 +77,20 @@ class TokenSelection:
 
     prompt: Index
     groups: dict[str, Index]
+    shape: tuple[int, int] = (0, 0)  # (batch, seq) of the call
+    _metadata: dict[str, AdapterTokenMetadata] = field(default_factory=dict, repr=False, compare=False)
+
+    def row_metadata(self, group: str) -> AdapterTokenMetadata:
+        """Single-adapter kernel metadata for the flattened (batch * seq) rows of `group` ('prompt' or a ReFT
+        group), built once per call and shared by every layer (and by gradient checkpointing's recompute)."""
+        cached = self._metadata.get(group)
+        if cached is None:
+            from preft_rl.kernels import AdapterTokenMetadata
+
+            batch_index, time_index = self.prompt if group == "prompt" else self.groups[group]
+            rows = batch_index * self.shape[1] + time_index
+            cached = self._metadata[group] = AdapterTokenMetadata.for_rows(rows, self.shape[0] * self.shape[1])
+        return cached
 
     @staticmethod
     def build(prompt_mask: torch.Tensor, positions: tuple[int, int] | None, groups: tuple[str, ...]) -> TokenSelection | None:
@@ -90,4 +108,5 @@ class TokenSelection:
         return TokenSelection(
             prompt=prompt_mask.nonzero(as_tuple=True),
             groups={name: m.nonzero(as_tuple=True) for name, m in group_masks.items() if bool(m.any())},
+            shape=(prompt_mask.shape[0], prompt_mask.shape[1]),
         )

@@ -410,12 +410,13 @@ def test_preft_model_training_pass_on_the_kernels_matches_torch(load_tiny, monke
     results = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("PREFT_KERNEL_BACKEND", backend)
-        base = load_tiny().to(DEVICE)
+        base = load_tiny()
         if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.train()
         model = get_preft_model(base, PreftConfig(method=method, r=4, positions=positions, seed=0))
-        randomize_adapter(model, seed=1)
+        randomize_adapter(model, seed=1)  # on the CPU, then moved: the same adapter on any device
+        model.to(DEVICE)
         before = launches()
         logits = model(input_ids=ids, attention_mask=am, prompt_mask=pm).logits
         (logits.float().square() * am[..., None]).mean().backward()

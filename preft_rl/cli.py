@@ -3,6 +3,7 @@
     preft-rl report OUTPUT_DIR       render a GRPO run's log.jsonl as report.md + PNG plots
     preft-rl bench rollout ...       PreFT vs all-token multi-LoRA vs base rollout throughput (see --help)
     preft-rl study ...               PreFT vs all-token adapters under the same GRPO trainer (see --help)
+    preft-rl plan --model ...        per-GPU memory of the rollout and training phases, and what fits (see --help)
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     rollout.add_argument("--seed", type=int, default=0)
     study = sub.add_parser("study", allow_abbrev=False, help="PreFT vs all-token adapters: GRPO learning curves and held-out gains over seeds")
     _add_study_arguments(study)
+    plan = sub.add_parser("plan", allow_abbrev=False, help="per-GPU memory plan: rollout and training phases, largest batch and KV cache")
+    _add_plan_arguments(plan)
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "study":
         return _study(args, argv)
     if args.command == "bench":
@@ -64,6 +69,55 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"wrote {path}")
     return 0
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from preft_rl.plan import PRESETS, PlanInputs
+
+    d = PlanInputs()
+    parser.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}), a config.json, a model folder or an offline name")
+    parser.add_argument("--gpus", type=int, default=d.gpus, help="training processes, one GPU each (default: %(default)s)")
+    parser.add_argument("--gpu-memory", type=float, default=d.gpu_memory_gib, help="GiB per GPU (default: %(default)s)")
+    parser.add_argument("--zero", type=int, default=d.zero, help="DeepSpeed ZeRO stage 0-3 (default: %(default)s)")
+    parser.add_argument("--tp", type=int, default=d.tp, help="engine tensor-parallel size (default: %(default)s)")
+    parser.add_argument("--adapters", type=int, default=d.adapters, help="adapter slots in the engine (default: %(default)s)")
+    parser.add_argument("--method", choices=["lora", "loreft", "direft"], default=d.method)
+    parser.add_argument("--rank", type=int, default=d.rank, help="adapter rank (default: %(default)s)")
+    parser.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens (default: %(default)s)")
+    parser.add_argument("--completion-len", type=int, default=d.completion_len, help="completion tokens (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=d.batch, help="rows per training micro-batch per GPU (default: %(default)s)")
+    parser.add_argument("--generations", type=int, default=d.generations, help="completions per prompt (default: %(default)s)")
+    parser.add_argument("--share-prompts", action=argparse.BooleanOptionalAction, default=d.share_prompts,
+                        help="compute each group's prompt once in training (the trainer's default: on)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d.gradient_checkpointing)
+    parser.add_argument("--sleep", action=argparse.BooleanOptionalAction, default=d.sleep,
+                        help="the engine sleeps (level 1) while the trainer trains (default: on; CUDA only)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="the engine's share of each GPU (default: what the trainer's fixed state leaves)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    parser.add_argument("--dtype-bytes", type=int, choices=[2, 4], default=d.dtype_bytes, help="2 for bf16/fp16, 4 for fp32")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from preft_rl.plan import ModelShape, PlanInputs, format_plan, make_plan
+
+    try:
+        shape = ModelShape.resolve(args.model)
+        inputs = PlanInputs(
+            gpus=args.gpus, gpu_memory_gib=args.gpu_memory, zero=args.zero, tp=args.tp, adapters=args.adapters,
+            method=args.method, rank=args.rank, prompt_len=args.prompt_len, completion_len=args.completion_len,
+            batch=args.batch, generations=args.generations, share_prompts=args.share_prompts,
+            gradient_checkpointing=args.gradient_checkpointing, sleep=args.sleep, dtype_bytes=args.dtype_bytes,
+            gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+        )
+    except ValueError as exc:
+        print(f"preft-rl plan: {exc}", file=sys.stderr)
+        return 2
+    plan = make_plan(shape, inputs)
+    print(format_plan(plan))
+    return 0 if plan.fits else 1
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser) -> None:

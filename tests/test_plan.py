@@ -1,0 +1,90 @@
+"""`preft-rl plan`: the memory formulas against real models and measured runs.
+
+The parameter and adapter counts are pinned to the HF model and PreftModel themselves, the engine's slot size to the
+engine's own registry, and the training-phase prediction to peak memory measured on an H200 (Llama-3-8B shape,
+docs/benchmarks/kernels-gpu/train_step.json), within the error stated in docs/design/scale.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from preft_rl import PreftConfig, get_preft_model
+from preft_rl.cli import main as cli
+from preft_rl.plan import GiB, PRESETS, ModelShape, PlanInputs, adapter_params, engine_adapter_slot_elems, make_plan, training_activations
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parameter_counts_equal_the_hf_model_and_preft_model(tiny_llama_dir, load_tiny):
+    shape = ModelShape.resolve(str(tiny_llama_dir))
+    assert shape.params() == sum(p.numel() for p in load_tiny().parameters())
+    for method in ("lora", "loreft", "direft"):
+        model = get_preft_model(load_tiny(), PreftConfig(method=method, r=4))
+        assert adapter_params(shape, method, 4) == sum(p.numel() for _, p in model.adapter_named_parameters()), method
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_parameter_counts_equal_the_hf_model(preset):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**PRESETS[preset]))
+    assert ModelShape.resolve(preset).params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["lora", "loreft"])
+def test_engine_slot_size_equals_the_engine_registry(tiny_llama_dir, method):
+    from transformers import AutoConfig
+
+    from preft_rl.engine.registry import AdapterRegistry, ModelShape as EngineShape
+
+    registry = AdapterRegistry(method, EngineShape.from_hf_config(AutoConfig.from_pretrained(tiny_llama_dir)), 4, 8,
+                               torch.bfloat16, torch.device("cpu"))
+    per_slot = registry.bytes_per_adapter() - (2 if method == "lora" else 0)  # less the LoRA scaling scalar
+    assert engine_adapter_slot_elems(ModelShape.resolve(str(tiny_llama_dir)), method, 8, tp=1) * 2 == per_slot
+
+
+def test_training_prediction_matches_the_measured_8b_peaks():
+    """Peaks measured by scripts/gpu_train_step.py on an H200: weights + adapter and its gradient + activations +
+    logits, no optimizer and no engine in that process. The no-checkpointing point calibrated the activation
+    constant; the other two are predictions."""
+    measured = json.loads((ROOT / "docs" / "benchmarks" / "kernels-gpu" / "train_step.json").read_text())
+    cfg, train = measured["config"], measured["train"]
+    shape = ModelShape.resolve("llama-3-8b")
+    for name, rows, checkpointing in (("preft-lora", 16, True), ("preft-lora-1group", 8, True), ("preft-lora-1group-no-gc", 8, False)):
+        inputs = PlanInputs(gpus=1, zero=0, batch=rows, prompt_len=cfg["prompt_len"], completion_len=cfg["completion_len"],
+                            share_prompts=False, gradient_checkpointing=checkpointing)
+        predicted = shape.params() * 2 + 8 * adapter_params(shape, "lora", 16) + sum(training_activations(shape, inputs, rows).values())
+        error = predicted / GiB / train[name]["peak_gib"] - 1
+        assert abs(error) < 0.04, (name, predicted / GiB, train[name]["peak_gib"])
+
+
+def test_70b_on_8_gpus_fits_with_zero3_and_tp4_and_says_what_to_change_otherwise():
+    shape = ModelShape.resolve("llama-3-70b")
+    good = make_plan(shape, PlanInputs(gpus=8, gpu_memory_gib=80, zero=3, tp=4, prompt_len=512, completion_len=1024, batch=8))
+    assert good.fits, good.problems
+    assert 0 < sum(good.rollout.values()) <= 80 * GiB and sum(good.training.values()) <= 80 * GiB
+    assert good.max_sequences >= 4 * 8 and good.max_batch >= 8
+    zero2 = make_plan(shape, PlanInputs(gpus=8, gpu_memory_gib=80, zero=2, tp=1, prompt_len=512, completion_len=1024, batch=8))
+    assert not zero2.fits and any("use --zero 3" in p for p in zero2.problems)
+    many = make_plan(shape, PlanInputs(gpus=8, gpu_memory_gib=80, zero=3, tp=4, adapters=512, prompt_len=512, completion_len=1024))
+    assert not many.fits and any("adapter slots" in p and "fewer --adapters" in p for p in many.problems)
+    no_gc = make_plan(shape, PlanInputs(gpus=8, gpu_memory_gib=80, zero=3, tp=4, batch=64, gradient_checkpointing=False))
+    assert any(f"use --batch {no_gc.max_batch}" in p and "gradient checkpointing" in p for p in no_gc.problems)
+
+
+def test_cli_prints_the_plan_and_rejects_bad_values(capsys):
+    assert cli(["plan", "--model", "llama-3-8b", "--gpus", "1", "--gpu-memory", "141", "--zero", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "rollout phase, per GPU" in out and "training phase, per GPU" in out and "fits." in out
+    assert cli(["plan", "--model", "llama-3-70b", "--gpus", "1", "--zero", "0"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert cli(["plan", "--model", "llama-3-8b", "--gpus", "4", "--tp", "3"]) == 2
+    assert "--tp 3 must divide --gpus 4" in capsys.readouterr().err
+    assert cli(["plan", "--model", "no-such-model-xyz"]) == 2
+    assert "no model config for 'no-such-model-xyz'" in capsys.readouterr().err

@@ -106,10 +106,11 @@ class ModelShape:
         h, q, kv, i = self.hidden, self.q_size, self.kv_size, self.intermediate
         return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
-    def activation_elems_per_token_layer(self) -> float:
+    def activation_elems_per_token_layer(self, dtype_bytes: int = 2) -> float:
         h, kv, i = self.hidden, self.kv_size, self.intermediate
-        attention = 2 * h + h + (self.q_size + 2 * kv) + (self.q_size + kv) + h  # norm fp32 in + out, qkv, RoPE'd q/k, SDPA out
-        mlp = 2 * h + h + 4 * i  # norm fp32 in + out, gate, up, act(gate), act(gate) * up
+        norm_in = 4 / dtype_bytes * h  # RMSNorm keeps its input upcast to fp32
+        attention = norm_in + h + (self.q_size + 2 * kv) + (self.q_size + kv) + h  # norm in + out, qkv, RoPE'd q/k, SDPA out
+        mlp = norm_in + h + 4 * i  # norm in + out, gate, up, act(gate), act(gate) * up
         return (attention + mlp) * _ACTIVATION_CALIBRATION
 
 
@@ -199,7 +200,7 @@ def _tokens(inputs: PlanInputs, rows: int) -> int:
 def training_activations(shape: ModelShape, inputs: PlanInputs, rows: int) -> dict[str, float]:
     e = inputs.dtype_bytes
     tokens = _tokens(inputs, rows)
-    per_layer = tokens * shape.activation_elems_per_token_layer() * e
+    per_layer = tokens * shape.activation_elems_per_token_layer(e) * e
     if inputs.gradient_checkpointing:
         items = {"activations: layer-input checkpoints": tokens * shape.layers * shape.hidden * e,
                  "activations: one layer recomputed": per_layer}

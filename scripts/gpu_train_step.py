@@ -42,6 +42,9 @@ SHAPES = {
     # Llama-3-8B (meta-llama/Meta-Llama-3-8B config.json)
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    # SmolLM2-135M (the offline default model); random weights take the same memory as the real ones
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024),
 }
@@ -50,7 +53,7 @@ SHAPES = {
 def build_base(shape: str, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
+    config = LlamaConfig(**{"tie_word_embeddings": False, **SHAPES[shape]})
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -82,7 +85,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def timed(fn, device: torch.device, repeats: int) -> dict:
+    rss_before = _rss_gib() if device.type == "cpu" and os.path.exists("/proc/self/statm") else None
     fn()  # warm-up (kernel compiles, allocator)
     sync(device)
     if device.type == "cuda":
@@ -94,7 +103,13 @@ def timed(fn, device: torch.device, repeats: int) -> dict:
         sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"seconds": statistics.median(times), "all_seconds": times, "peak_gib": peak}
+    result = {"seconds": statistics.median(times), "all_seconds": times, "peak_gib": peak}
+    if rss_before is not None:  # CPU: the process's peak RSS above its RSS before this variant (one variant per process)
+        import resource
+
+        result["rss_before_gib"] = rss_before
+        result["peak_rss_above_before_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - rss_before
+    return result
 
 
 def loss_step(model, batch, prompt_len: int, share: bool, grad: bool) -> None:

@@ -17,29 +17,19 @@ from typing import Any
 from safetensors.torch import save_file
 
 from preft_rl.adapters.config import PreftConfig
-from preft_rl.models import resolve_model
 
-from . import vllm_compat
-from .engine import Prompt, _adapter_source, _release_llm, _track_llm, default_vllm_settings, prompt_token_ids
+from .common import Prompt, VllmEngineBase, adapter_source, check_batch, model_settings, prompt_token_ids
 
 _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class BaseEngine:
+class BaseEngine(VllmEngineBase):
     """The base model in plain vLLM (no adapter code at all), with PreftEngine's generate shape."""
 
     def __init__(self, model_path: str | os.PathLike, **vllm_kwargs: Any) -> None:
-        vllm_compat.check_vllm_version()
-        from vllm import LLM
-
-        self.model_path = resolve_model(model_path)
-        settings = _settings(self.model_path)
-        settings.update(vllm_kwargs)
-        self.llm = LLM(self.model_path, **settings)
-        vllm_compat.rewind_discarded_samples_on_cpu(self.llm)
-        _track_llm()
-        self.tokenizer = self.llm.get_tokenizer()
+        self.model_path, _, settings = model_settings(model_path)
+        self._start_vllm(self.model_path, settings, vllm_kwargs)
 
     def generate(self, prompts: Sequence[Prompt], sampling_params: Any = None, adapters: Sequence[str | None] | None = None,
                  use_tqdm: bool = True) -> list[Any]:
@@ -48,40 +38,17 @@ class BaseEngine:
         requests = [{"prompt_token_ids": prompt_token_ids(self.tokenizer, p)} for p in prompts]
         return self.llm.generate(requests, sampling_params, use_tqdm=use_tqdm)
 
-    def close(self) -> None:
-        if self.llm is not None:
-            _release_llm(self.llm)
-            self.llm = None
 
-    def __enter__(self) -> BaseEngine:
-        return self
+class NativeLoraEngine(VllmEngineBase):
+    """vLLM's own multi-LoRA (`enable_lora`): every adapter acts at every token."""
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def _settings(model_path: str) -> dict[str, Any]:
-    from transformers import AutoConfig
-
-    return default_vllm_settings(AutoConfig.from_pretrained(model_path))
-
-
-class NativeLoraEngine:
     def __init__(self, model_path: str | os.PathLike, max_adapters: int = 64, max_rank: int = 16, **vllm_kwargs: Any) -> None:
-        vllm_compat.check_vllm_version()
-        from vllm import LLM
-
         vllm_rank = next((r for r in _VLLM_RANKS if r >= max_rank), None)
         if vllm_rank is None:
             raise ValueError(f"max_rank={max_rank} exceeds vLLM's largest LoRA rank {_VLLM_RANKS[-1]}")
-        self.model_path = resolve_model(model_path)
-        settings = _settings(self.model_path)
+        self.model_path, _, settings = model_settings(model_path)
         settings.update(enable_lora=True, max_loras=max_adapters, max_cpu_loras=max_adapters, max_lora_rank=vllm_rank)
-        settings.update(vllm_kwargs)
-        self.llm = LLM(self.model_path, **settings)
-        vllm_compat.rewind_discarded_samples_on_cpu(self.llm)
-        _track_llm()
-        self.tokenizer = self.llm.get_tokenizer()
+        self._start_vllm(self.model_path, settings, vllm_kwargs)
         self._dir = tempfile.TemporaryDirectory(prefix="preft-native-lora-")
         self._requests: dict[str, Any] = {}
         self.max_rank = max_rank
@@ -91,7 +58,7 @@ class NativeLoraEngine:
         adapter at every token, as PEFT does, so no opt-in is needed), a PreftModel, or a state dict + config."""
         from vllm.lora.request import LoRARequest
 
-        state, config = _adapter_source(source, config, load_peft_lora_as_prefill_only=True)
+        state, config = adapter_source(source, config, load_peft_lora_as_prefill_only=True)
         if not config.is_lora:
             raise ValueError(f"vLLM's native LoRA serves LoRA adapters only, not {config.method!r}")
         if config.r > self.max_rank:
@@ -116,9 +83,7 @@ class NativeLoraEngine:
     def generate(
         self, prompts: Sequence[Prompt], sampling_params: Any = None, adapters: Sequence[str | None] | None = None, use_tqdm: bool = True
     ) -> list[Any]:
-        adapters = [None] * len(prompts) if adapters is None else list(adapters)
-        if len(adapters) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(adapters)} adapter names")
+        adapters = check_batch(prompts, adapters)
         unknown = sorted({a for a in adapters if a is not None and a not in self._requests})
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; add_adapter first")
@@ -126,14 +91,5 @@ class NativeLoraEngine:
         lora_requests = [self._requests[a] if a is not None else None for a in adapters]
         return self.llm.generate(requests, sampling_params, lora_request=lora_requests, use_tqdm=use_tqdm)
 
-    def close(self) -> None:
-        if self.llm is not None:
-            _release_llm(self.llm)
-            self.llm = None
-            self._dir.cleanup()
-
-    def __enter__(self) -> NativeLoraEngine:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def _before_close(self) -> None:
+        self._dir.cleanup()

@@ -1,4 +1,4 @@
-"""PreftEngine: one in-process vLLM serving many prefill-only adapters per batch.
+"""PreftEngine: one vLLM serving many prefill-only adapters per batch.
 
 The base weights are loaded once and never change; adapters are registered by name and applied only
 at their own requests' prompt tokens. Prefix caching stays on: each adapted prompt carries a cache salt
@@ -6,6 +6,12 @@ of (adapter, version, prompt length), so cached prompt KV is never shared across
 (a name's versions never repeat, not even across remove_adapter and a new add_adapter of that name),
 and KV computed for generated tokens (plain) is never reused as prompt KV (adapted) when a later prompt
 extends an earlier conversation: the longer prompt has another length, so another salt.
+
+Where things run: the adapter registry, the per-step token selection and the hooks live in vLLM's worker
+(preft_rl/engine/worker.py, a worker extension), driven through `collective_rpc`; this class keeps a mirror of
+the registered adapters (names, slots, versions) to validate and salt requests before they are submitted. vLLM
+runs in this process by default (what the colocated trainer needs); `multiprocess=True` runs it in vLLM's own
+engine-core process, with the same results.
 
 Compilation: by default the engine runs vLLM eagerly (`enforce_eager=True`: no torch.compile, no CUDA
 graphs), which starts in seconds. With `enforce_eager=False` vLLM compiles the model: the adapters are
@@ -17,34 +23,27 @@ token selection when they run.
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from preft_rl.adapters.config import PreftConfig
-from preft_rl.models import resolve_model
 
 from . import vllm_compat
-from .model import EXTRA_ARGS_KEY, SPLITTING_OPS, NonFiniteActivations, PreftRuntime, preft_model_class, register_runtime
-from .registry import AdapterEntry, AdapterRegistry, ModelShape
+from .common import Prompt, VllmEngineBase, adapter_source, check_batch, default_vllm_settings, model_settings, prompt_token_ids
+from .model import EXTRA_ARGS_KEY, SPLITTING_OPS, SUPPORTED_ARCHITECTURES, NonFiniteActivations, preft_architecture
+from .registry import AdapterEntry, AdapterRegistry, ModelShape, unknown_adapter_message
+from .worker import entry_from_dict, pack_state
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-Prompt = str | list[int] | list[dict[str, str]]
-# vLLM's process groups are process-wide and a vLLM engine tears them down when it is shut down or
-# garbage-collected. So a closed engine's vLLM is parked here until the last engine in the process closes.
-_live_engines = 0
-_parked: list[Any] = []
+__all__ = ["PreftEngine", "Prompt", "default_vllm_settings", "prompt_token_ids"]
 
 
-class PreftEngine:
+class PreftEngine(VllmEngineBase):
     """Colocated vLLM with multi-adapter, prefill-only adapter application.
 
     >>> engine = PreftEngine("smollm2-135m-instruct", max_adapters=64, max_rank=16)   # doctest: +SKIP
@@ -61,64 +60,61 @@ class PreftEngine:
         *,
         adapter_scope: str = "prompt",
         cpu_kv_cache_gib: int = 1,
+        multiprocess: bool = False,
         **vllm_kwargs: Any,
     ) -> None:
         vllm_compat.check_vllm_version()
         if adapter_scope not in ("prompt", "all"):
             raise ValueError(f"adapter_scope={adapter_scope!r}: use 'prompt' (PreFT) or 'all' (an all-token baseline)")
         if vllm_kwargs.get("tensor_parallel_size", 1) != 1:
-            raise ValueError("PreftEngine runs vLLM in-process on one device; tensor_parallel_size must be 1")
-        from transformers import AutoConfig
-        from vllm import LLM, ModelRegistry
-
-        self.model_path = resolve_model(model_path)
-        hf_config = AutoConfig.from_pretrained(self.model_path)
+            raise ValueError("PreftEngine does not shard adapters over tensor-parallel ranks yet; tensor_parallel_size must be 1")
+        self.model_path, hf_config, settings = model_settings(model_path, cpu_kv_cache_gib)
         arch = (getattr(hf_config, "architectures", None) or [None])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch!r} is not supported by PreftEngine; supported: {list(SUPPORTED_ARCHITECTURES)}")
-        cls = preft_model_class(ModelRegistry.models[arch].load_model_cls(), method)
-        ModelRegistry.register_model(cls.__name__, cls)
-
+        if method not in ("lora", "loreft", "direft"):
+            raise ValueError(f"method={method!r}: use 'lora', 'loreft' or 'direft'")
+        model_class = preft_architecture(arch, method)  # registered by importing the worker extension (in every process)
         overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
-        overrides["architectures"] = [cls.__name__]
-        settings = default_vllm_settings(hf_config, cpu_kv_cache_gib)
+        overrides["architectures"] = [model_class]
         settings.update(vllm_kwargs)
         if not settings["enforce_eager"]:
             vllm_compat.add_splitting_ops(SPLITTING_OPS)  # adapter ops stay opaque, outside captured graphs
-        # Size the registry before vLLM starts, so an impossible max_adapters fails in seconds.
-        shape = ModelShape.from_hf_config(hf_config)
+        # Size the registry before vLLM starts, so an impossible max_adapters fails in seconds (on the meta device:
+        # nothing is allocated here; the worker allocates the real one beside the model).
         expected_dtype = getattr(torch, settings["dtype"], None) if settings["dtype"] != "auto" else torch.bfloat16
         expected_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        registry = AdapterRegistry(method, shape, max_adapters, max_rank, expected_dtype or torch.bfloat16, expected_device)
-        self._check_registry_fits(registry, expected_device)
+        sizing = AdapterRegistry(method, ModelShape.from_hf_config(hf_config), max_adapters, max_rank,
+                                 expected_dtype or torch.bfloat16, torch.device("meta"))
+        self._check_registry_fits(sizing, expected_device)
 
-        self.llm = LLM(self.model_path, hf_overrides=overrides, **settings)
-        self.tokenizer = self.llm.get_tokenizer()
-
-        self._runner = vllm_compat.model_runner(self.llm)
-        vllm_compat.rewind_discarded_samples_on_cpu(self.llm)
-        model = self._runner.model
-        if type(model) is not cls:
-            raise RuntimeError(f"vLLM built {type(model).__name__}, not {cls.__name__}; the adapter hooks are missing")
-        param = next(model.parameters())
-        if (registry.dtype, registry.device) != (param.dtype, param.device):
-            registry = AdapterRegistry(method, shape, max_adapters, max_rank, param.dtype, param.device)
-        self._runtime = PreftRuntime(registry=registry, runner=self._runner, prompt_only=adapter_scope == "prompt")
-        model.preft_runtime = self._runtime
-        register_runtime(self._runtime, model.preft_runtime_id)
-        vllm_compat.wrap_execute_model(self._runner, self._begin_step, self._end_step)
+        settings["hf_overrides"] = overrides
+        self._start_vllm(self.model_path, settings, {}, multiprocess)
+        info = self._rpc("preft_setup", method, max_adapters, max_rank, adapter_scope == "prompt", model_class)
+        self._device_type_name = info["device"]
         self.method, self.adapter_scope = method, adapter_scope
-        _track_llm()
+        self.max_adapters, self.max_rank = max_adapters, max_rank
+        self._entries: dict[str, AdapterEntry] = {}  # the worker registry's entries, as its RPCs reported them
 
     # ------------------------------------------------------------------------------ registry
     @property
+    def _runtime(self) -> Any:
+        """The worker's runtime (registry, step selection, spies); in-process only (tests)."""
+        runner = self._runner
+        return None if runner is None else runner.model.preft_runtime
+
+    @property
     def registry(self) -> AdapterRegistry:
-        return self._runtime.registry
+        """The worker's adapter registry; reachable only when vLLM runs in this process."""
+        runtime = self._runtime
+        if runtime is None:
+            raise RuntimeError("the adapter registry lives in vLLM's worker process (multiprocess=True); use engine.adapters")
+        return runtime.registry
 
     @property
     def adapters(self) -> dict[str, AdapterEntry]:
         """Registered adapters by name (slot, version, rank, config); a copy."""
-        return {name: copy.copy(entry) for name, entry in self.registry.entries.items()}
+        return {name: copy.copy(entry) for name, entry in self._entries.items()}
 
     def add_adapter(
         self, name: str, source: Any, config: PreftConfig | None = None, *, load_peft_lora_as_prefill_only: bool = False
@@ -128,21 +124,33 @@ class PreftEngine:
         A plain PEFT LoRA directory is refused unless `load_peft_lora_as_prefill_only=True` (as in
         PreftModel.from_pretrained): it was trained to act on every token, and here it acts on prompt tokens only.
         """
-        state, config = _adapter_source(source, config, load_peft_lora_as_prefill_only)
+        state, config = adapter_source(source, config, load_peft_lora_as_prefill_only)
+        if not isinstance(config, PreftConfig):
+            raise TypeError(f"adapter {name!r}: config must be a PreftConfig, got {type(config).__name__}")
         if config.adapter_scope != self.adapter_scope:
             raise ValueError(
                 f"adapter {name!r} has adapter_scope={config.adapter_scope!r} but this engine applies adapters with "
                 f"adapter_scope={self.adapter_scope!r}; start PreftEngine(..., adapter_scope={config.adapter_scope!r}) to serve it"
             )
-        return copy.copy(self.registry.add(name, state, config))
+        return self._record(self._rpc("preft_add_adapter", name, self._as_state(name, state), dataclasses_asdict(config)))
 
     def update_adapter(self, name: str, state_dict: dict[str, torch.Tensor]) -> AdapterEntry:
         """Replace all of an adapter's tensors in memory (the save_pretrained key format, every key the adapter
         was added with); bumps its version. A refused state leaves the adapter as it was."""
-        return copy.copy(self.registry.update(name, state_dict))
+        return self._record(self._rpc("preft_update_adapter", name, self._as_state(name, state_dict)))
 
     def remove_adapter(self, name: str) -> None:
-        self.registry.remove(name)
+        self._rpc("preft_remove_adapter", name)
+        self._entries.pop(name, None)
+
+    def _as_state(self, name: str, state: Any) -> Any:
+        """The state as the worker takes it: as is in this process, else packed (worker.pack_state)."""
+        return pack_state(name, state) if self.multiprocess else state
+
+    def _record(self, data: dict[str, Any]) -> AdapterEntry:
+        entry = entry_from_dict(data)
+        self._entries[entry.name] = entry
+        return copy.copy(entry)
 
     # ------------------------------------------------------------------------------ generation
     def generate(
@@ -156,9 +164,7 @@ class PreftEngine:
         from vllm import SamplingParams
 
         prompts = list(prompts)
-        adapters = [None] * len(prompts) if adapters is None else list(adapters)
-        if len(adapters) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(adapters)} adapter names; pass one name (or None) per prompt")
+        adapters = check_batch(prompts, adapters)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
@@ -166,13 +172,9 @@ class PreftEngine:
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params; pass one, or one per prompt")
         entries = []
         for name in adapters:  # every name checked before any work starts
-            if name is None:
-                entries.append(None)
-                continue
-            try:
-                entries.append(self.registry.get(name))
-            except KeyError as exc:
-                raise ValueError(exc.args[0]) from None
+            if name is not None and name not in self._entries:
+                raise ValueError(unknown_adapter_message(name, list(self._entries)))
+            entries.append(None if name is None else self._entries[name])
         requests, request_params = [], []
         for prompt, entry, sp in zip(prompts, entries, params):
             token_ids = prompt_token_ids(self.tokenizer, prompt)
@@ -195,27 +197,16 @@ class PreftEngine:
                 "cleared and the engine keeps serving. Fix the adapter (engine.update_adapter with smaller weights, or "
                 "engine.remove_adapter) and retry the other requests."
             ) from None
-        finally:
-            self._runtime.request_slots.clear()
 
     def _recover_from_failed_step(self) -> None:
         """After a step raised inside vLLM: abort every request of the call, zero the KV cache (so no non-finite value
         survives in a block a later request reuses) and drop the prefix cache (blocks cached by the failed step)."""
         vllm_compat.abort_all_requests(self.llm)
-        self._runtime.in_step, self._runtime.selection = False, None
-        for cache in vllm_compat.kv_cache_tensors(self._runner):
-            cache.zero_()
+        self._rpc("preft_recover")
         if not self.llm.reset_prefix_cache():
             logger.warning("PreftEngine: the prefix cache could not be reset after a failed step (blocks still in use)")
 
     # ------------------------------------------------------------------------------ lifecycle
-    def _begin_step(self) -> None:
-        self._runtime.in_step = True
-
-    def _end_step(self) -> None:
-        self._runtime.in_step = False
-        self._runtime.selection = None
-
     def sleep(self, level: int = 1) -> None:
         """Free vLLM's GPU memory for colocated training (vLLM sleep mode); a logged no-op without a GPU."""
         if self._device_type() != "cuda":
@@ -229,23 +220,14 @@ class PreftEngine:
             return
         self.llm.wake_up()
 
-    def close(self) -> None:
-        """Release vLLM and its memory; the engine cannot be used afterwards."""
-        if getattr(self, "llm", None) is None:
-            return
-        self._runner.model.preft_runtime = None
-        register_runtime(None, self._runner.model.preft_runtime_id)
-        _release_llm(self.llm)
-        self.llm = self._runner = None
+    def _before_close(self) -> None:
+        self._rpc("preft_release")
 
     def __enter__(self) -> PreftEngine:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def _device_type(self) -> str:
-        return self.registry.device.type
+        return self._device_type_name
 
     @staticmethod
     def _check_registry_fits(registry: AdapterRegistry, device: torch.device) -> None:
@@ -268,78 +250,7 @@ class PreftEngine:
             )
 
 
-def default_vllm_settings(hf_config: Any, cpu_kv_cache_gib: int = 1) -> dict[str, Any]:
-    """The vLLM settings every engine here starts from (the same for PreftEngine and the baselines, so
-    benchmarks compare like with like). Also puts vLLM in-process (the model is reachable and the hooks see
-    the runner) with a modest CPU KV cache, so users need no environment variables."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cpu_kv_cache_gib)))
-    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    return dict(
-        dtype=str(config_dtype).replace("torch.", "") if config_dtype else "auto",  # never a silent downcast
-        enforce_eager=True,
-        enable_prefix_caching=True,
-        logprobs_mode="processed_logprobs",  # after temperature, as the trainer's loss needs
-        seed=0,
-    )
+def dataclasses_asdict(config: PreftConfig) -> dict[str, Any]:
+    import dataclasses
 
-
-def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt given as text (special tokens added, as vllm.LLM.generate does), token ids,
-    or chat messages (chat template with the generation prompt)."""
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        for i, message in enumerate(prompt):
-            if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-                raise ValueError(f"chat message {i} of a prompt is {message!r}; every message needs a string 'role' "
-                                 "('system', 'user' or 'assistant') and a string 'content'")
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
-        ids = [int(t) for t in prompt]
-    else:
-        raise ValueError(f"a prompt must be text, a list of token ids or a list of chat messages, got {type(prompt).__name__}")
-    if not ids:
-        raise ValueError("got an empty prompt; every prompt needs at least one token")
-    return list(ids)
-
-
-def _track_llm() -> None:
-    global _live_engines
-    _live_engines += 1
-
-
-def _release_llm(llm: Any) -> None:
-    """Park a closed engine's vLLM; shut all parked ones down once no engine in the process is live."""
-    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-    global _live_engines
-    _parked.append(llm)
-    _live_engines -= 1
-    if _live_engines == 0:
-        while _parked:
-            _parked.pop().llm_engine.engine_core.shutdown()
-        destroy_model_parallel()
-        destroy_distributed_environment()
-    else:
-        logger.info("engine closed while other engines are live: its memory is freed when the last one closes")
-    gc.collect()
-
-
-def _adapter_source(
-    source: Any, config: PreftConfig | None, load_peft_lora_as_prefill_only: bool = False
-) -> tuple[dict[str, torch.Tensor], PreftConfig]:
-    from preft_rl.adapters.model import PreftModel
-
-    if isinstance(source, PreftModel):
-        return source.adapter_state_dict(), source.preft_config
-    if isinstance(source, (str, os.PathLike)):
-        from preft_rl.adapters.serialization import WEIGHTS_NAME, read_adapter_config, read_weights
-
-        file_config = read_adapter_config(source, load_peft_lora_as_prefill_only)
-        return read_weights(Path(source) / WEIGHTS_NAME), file_config
-    if isinstance(source, dict):
-        if config is None:
-            raise ValueError("add_adapter(name, state_dict) needs config=PreftConfig(...) (method, r, alpha, positions)")
-        return source, config
-    raise TypeError(f"adapter source must be a directory, a PreftModel or a state dict, got {type(source).__name__}")
+    return dataclasses.asdict(config)

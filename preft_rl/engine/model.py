@@ -164,6 +164,9 @@ class PreftRuntime:
         self.selection = None
         if self.in_step:
             layout = vllm_compat.batch_layout(self.runner)
+            if len(self.request_slots) > 2 * len(layout.req_ids) + 256:  # forget finished requests
+                live = set(vllm_compat.live_request_ids(self.runner))
+                self.request_slots = {req: slot for req, slot in self.request_slots.items() if req in live}
             slots = np.full(len(layout.req_ids), -1, dtype=np.int64)
             # prompt-only: a request acts only while its prompt is being computed, so a pure-decode step
             # looks up no adapter at all
@@ -309,3 +312,25 @@ def preft_model_class(base_cls: type, method: str) -> type:
     cls = type(key, (base_cls,), {"__init__": __init__, "forward": forward, "__module__": __name__})
     _CLASSES[key] = cls
     return cls
+
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+METHODS = ("lora", "loreft", "direft")
+
+
+def preft_architecture(arch: str, method: str) -> str:
+    """The name vLLM knows the PreFT class of a base architecture by (`hf_overrides={"architectures": [...]}`)."""
+    return f"Preft{method.capitalize()}{arch}"
+
+
+def register_preft_models() -> None:
+    """Register every PreFT model class with vLLM's model registry in this process. vLLM's registry is per process,
+    so this runs wherever the worker extension is imported: the caller, an engine-core process, every TP rank."""
+    from vllm import ModelRegistry
+
+    for arch in SUPPORTED_ARCHITECTURES:
+        base = ModelRegistry.models[arch].load_model_cls()
+        for method in METHODS:
+            cls = preft_model_class(base, method)
+            if cls.__name__ not in ModelRegistry.models:
+                ModelRegistry.register_model(cls.__name__, cls)

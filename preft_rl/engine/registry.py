@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,6 +79,21 @@ class AdapterEntry:
     rank: int
     config: PreftConfig
     keys: frozenset[str] = field(default=frozenset(), repr=False)  # the file-format keys the engine uses; an update must give exactly these
+
+
+def check_is_state(name: str, state: Any) -> None:
+    if not isinstance(state, dict):
+        raise TypeError(f"adapter {name!r}: the state must be a dict of tensors, got {type(state).__name__}")
+
+
+def check_is_tensor(name: str, key: str, tensor: Any) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"adapter {name!r}: tensor {key} is a {type(tensor).__name__}; pass torch tensors (torch.as_tensor(x))")
+
+
+def unknown_adapter_message(name: str, registered: list[str]) -> str:
+    known = sorted(registered)
+    return f"unknown adapter {name!r}; registered: {known[:10]}{' ...' if len(known) > 10 else ''} (add_adapter first)"
 
 
 class AdapterRegistry:
@@ -180,8 +196,7 @@ class AdapterRegistry:
 
     def get(self, name: str) -> AdapterEntry:
         if name not in self.entries:
-            known = sorted(self.entries)
-            raise KeyError(f"unknown adapter {name!r}; registered: {known[:10]}{' ...' if len(known) > 10 else ''} (add_adapter first)")
+            raise KeyError(unknown_adapter_message(name, list(self.entries)))
         return self.entries[name]
 
     # ----------------------------------------------------------------------- validation
@@ -205,8 +220,7 @@ class AdapterRegistry:
                 f"adapter {name!r}: LoRA scaling alpha / r = {config.scaling} is not finite in {self.dtype} "
                 f"(alpha={config.alpha}, r={config.r}); use a finite alpha such as alpha={2 * config.r}"
             )
-        if not isinstance(state, dict):
-            raise TypeError(f"adapter {name!r}: the state must be a dict of tensors, got {type(state).__name__}")
+        check_is_state(name, state)
         stage = self._stage_lora if config.is_lora else self._stage_reft
         staged, keys = stage(name, state, config)
         if expected is None:
@@ -249,8 +263,7 @@ class AdapterRegistry:
         )
 
     def _check(self, name: str, key: str, tensor: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"adapter {name!r}: tensor {key} is a {type(tensor).__name__}; pass torch tensors (torch.as_tensor(x))")
+        check_is_tensor(name, key, tensor)
         if not tensor.is_floating_point():
             raise TypeError(f"adapter {name!r}: tensor {key} has dtype {tensor.dtype}; adapter weights are floating point "
                             "(an integer tensor would be served silently rounded): pass the float tensors the adapter was saved with")

@@ -28,7 +28,8 @@ def check_vllm_version() -> None:
 
 
 def model_runner(llm: Any) -> Any:
-    """The in-process model runner (needs VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    """The in-process model runner (needs VLLM_ENABLE_V1_MULTIPROCESSING=0); for tests and step timers only: the
+    engine itself reaches the worker through collective_rpc (preft_rl/engine/worker.py)."""
     try:
         return llm.llm_engine.model_executor.driver_worker.worker.model_runner
     except AttributeError as exc:
@@ -81,6 +82,11 @@ def request_extra_args(runner: Any, req_id: str) -> dict:
     return (params.extra_args or {}) if params is not None else {}
 
 
+def live_request_ids(runner: Any) -> list[str]:
+    """Ids of the requests the runner still holds state for (scheduled or waiting to be resumed)."""
+    return list(runner.requests)
+
+
 def abort_all_requests(llm: Any) -> None:
     """Abort every unfinished request of an in-process LLM (their KV blocks are freed at once)."""
     engine = llm.llm_engine
@@ -111,7 +117,7 @@ def wrap_execute_model(runner: Any, before, after) -> None:
     runner.execute_model = execute_model
 
 
-def rewind_discarded_samples_on_cpu(llm: Any) -> bool:
+def rewind_discarded_samples_on_cpu(runner: Any) -> bool:
     """Make seeded sampling work with chunked prefill on vLLM-CPU; returns whether a patch was installed.
 
     A request whose prompt is split over several steps samples a token at each non-final chunk, which
@@ -120,13 +126,11 @@ def rewind_discarded_samples_on_cpu(llm: Any) -> bool:
     raised "CPU Generator does not use offset". On CPU we instead save the generator's state before
     sampling and restore it after, which undoes the discarded draw exactly, and hide those generators
     from vLLM's own rewind. The seeded stream is then what it would be without chunking, as on GPU.
+    Runs in the worker (preft_rl/engine/worker.py), on its model runner.
     """
-    try:
-        runner = model_runner(llm)
-    except RuntimeError:
-        return False  # vLLM in another process: nothing to patch here
-    if getattr(runner, "device", None) is None or runner.device.type != "cpu":
+    if getattr(runner, "device", None) is None or runner.device.type != "cpu" or getattr(runner, "_preft_rewind", False):
         return False
+    runner._preft_rewind = True
     sample, bookkeeping = runner._sample, runner._bookkeeping_sync
 
     def discarded_generators() -> dict[int, Any]:

@@ -1,0 +1,146 @@
+"""The engine's worker side: a vLLM worker extension that holds the adapter registry, the per-step token selection
+and the adapter hooks' runtime, driven from the engine through `collective_rpc`.
+
+vLLM mixes this class into its worker class (`LLM(..., worker_extension_cls=WORKER_EXTENSION)`), in whatever process
+the worker lives: the caller's own (in-process), an engine-core process (vLLM's default multiprocess mode), or one
+process per tensor-parallel rank. So the same code serves all of them, and every rank applies adds, updates and
+removals in the order the engine sends them.
+
+Every RPC returns plain data (dicts, lists, strings) so it crosses processes under vLLM's msgpack serialisation, and
+never raises for a bad adapter: it returns {"error": class name, "message": ...}, which the engine raises again as that
+class, after checking that every rank agrees. A refused adapter changes nothing on any rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from preft_rl.adapters.config import PreftConfig
+
+from . import vllm_compat
+from .model import register_preft_models
+from .registry import AdapterEntry, AdapterRegistry, ModelShape, check_is_state, check_is_tensor
+
+WORKER_EXTENSION = "preft_rl.engine.worker.PreftWorkerExtension"
+# vLLM imports this module in every worker process (to mix the extension in) before it builds the model: the PreFT
+# model classes must be registered there too.
+register_preft_models()
+_ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError}
+
+
+def entry_to_dict(entry: AdapterEntry) -> dict[str, Any]:
+    return {"name": entry.name, "slot": entry.slot, "version": entry.version, "rank": entry.rank,
+            "config": dataclasses.asdict(entry.config), "keys": sorted(entry.keys)}
+
+
+def entry_from_dict(data: dict[str, Any]) -> AdapterEntry:
+    return AdapterEntry(name=data["name"], slot=data["slot"], version=data["version"], rank=data["rank"],
+                        config=PreftConfig(**data["config"]), keys=frozenset(data["keys"]))
+
+
+def pack_state(name: str, state: Any) -> dict[str, Any]:
+    """An adapter state as it crosses to a worker in another process: one safetensors blob (vLLM's RPC serialiser does
+    not carry tensors as such). The type checks the registry would make on the other side are made here first."""
+    from safetensors.torch import save
+
+    check_is_state(name, state)
+    for key, value in state.items():
+        check_is_tensor(name, key, value)
+    return {"safetensors": save({key: value.detach().cpu().contiguous().clone() for key, value in state.items()})}
+
+
+def unpack_state(state: Any) -> Any:
+    if isinstance(state, dict) and set(state) == {"safetensors"} and isinstance(state["safetensors"], bytes):
+        from safetensors.torch import load
+
+        return load(state["safetensors"])
+    return state
+
+
+def raise_if_error(result: Any) -> Any:
+    """Raise the exception a worker RPC reported (same class, same message); pass anything else through."""
+    if isinstance(result, dict) and "error" in result:
+        raise _ERRORS.get(result["error"], RuntimeError)(result["message"])
+    return result
+
+
+class PreftWorkerExtension:
+    """Methods vLLM adds to its worker; every name starts with `preft_` so none collides with the worker's own."""
+
+    def preft_prepare(self) -> bool:
+        """For every engine here, PreFT or baseline: make seeded sampling work with chunked prefill on vLLM-CPU."""
+        return vllm_compat.rewind_discarded_samples_on_cpu(self.model_runner)
+
+    def preft_setup(self, method: str, max_adapters: int, max_rank: int, prompt_only: bool, model_class: str) -> dict[str, Any]:
+        """Create the registry beside the model (its dtype and device) and attach the runtime the hooks read."""
+        from .model import PreftRuntime, register_runtime
+
+        runner = self.model_runner
+        model = runner.model
+        if type(model).__name__ != model_class:
+            raise RuntimeError(f"vLLM built {type(model).__name__}, not {model_class}; the adapter hooks are missing")
+        param = next(model.parameters())
+        shape = ModelShape.from_hf_config(runner.model_config.hf_config)
+        registry = AdapterRegistry(method, shape, max_adapters, max_rank, param.dtype, param.device)
+        runtime = PreftRuntime(registry=registry, runner=runner, prompt_only=prompt_only)
+        model.preft_runtime = runtime
+        register_runtime(runtime, model.preft_runtime_id)
+
+        def begin() -> None:
+            runtime.in_step = True
+
+        def end() -> None:
+            runtime.in_step, runtime.selection = False, None
+
+        vllm_compat.wrap_execute_model(runner, begin, end)
+        return {"dtype": str(param.dtype).removeprefix("torch."), "device": param.device.type,
+                "bytes_per_adapter": registry.bytes_per_adapter()}
+
+    # ------------------------------------------------------------------------------ adapters
+    def _preft_registry(self) -> AdapterRegistry:
+        runtime = getattr(self.model_runner.model, "preft_runtime", None)
+        if runtime is None:
+            raise RuntimeError("the PreFT runtime is not set up in this worker (preft_setup was not called)")
+        return runtime.registry
+
+    @staticmethod
+    def _preft_guard(fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except (ValueError, TypeError, KeyError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            return {"error": type(exc).__name__, "message": message}
+
+    def preft_add_adapter(self, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, Any]:
+        registry = self._preft_registry()
+        return self._preft_guard(lambda: entry_to_dict(registry.add(name, unpack_state(state), PreftConfig(**config))))
+
+    def preft_update_adapter(self, name: str, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        registry = self._preft_registry()
+        return self._preft_guard(lambda: entry_to_dict(registry.update(name, unpack_state(state))))
+
+    def preft_remove_adapter(self, name: str) -> dict[str, Any]:
+        registry = self._preft_registry()
+        return self._preft_guard(lambda: registry.remove(name) or {"removed": name})
+
+    # ------------------------------------------------------------------------------ recovery
+    def preft_recover(self) -> None:
+        """After a step raised: drop the step's state and zero the KV cache, so no non-finite value survives in a block
+        a later request reuses (the engine also aborts the requests and resets the prefix cache)."""
+        runtime = getattr(self.model_runner.model, "preft_runtime", None)
+        if runtime is not None:
+            runtime.in_step, runtime.selection = False, None
+            runtime.request_slots.clear()
+        for cache in vllm_compat.kv_cache_tensors(self.model_runner):
+            cache.zero_()
+
+    def preft_release(self) -> None:
+        from .model import register_runtime
+
+        model = self.model_runner.model
+        if getattr(model, "preft_runtime", None) is not None:
+            model.preft_runtime = None
+            register_runtime(None, model.preft_runtime_id)

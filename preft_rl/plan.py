@@ -128,7 +128,7 @@ def engine_adapter_slot_elems(shape: ModelShape, method: str, rank: int, tp: int
     multi-LoRA: A whole and B by rows for column-parallel layers, A by columns for row-parallel ones; ReFT replicated)."""
     if method != "lora":
         return shape.layers * (2 * rank * shape.hidden + rank)
-    h, q, kv, i = shape.hidden, shape.q_size, shape.kv_size, shape.intermediate
+    h, q, i = shape.hidden, shape.q_size, shape.intermediate
     kv_rank = max(1, shape.kv_heads // tp) * shape.head_dim  # KV heads replicate once tp exceeds them
     qkv = 3 * rank * h + (q / tp + 2 * kv_rank) * rank
     o = rank * q / tp + h * rank

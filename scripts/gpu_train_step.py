@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"shape": args.shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "dtype": str(dtype).removeprefix("torch."), "config": {k: v for k, v in vars(args).items() if k != "json"}}
     results["layer"] = lora_layer(args, device, dtype)
-    print(f"LoRA layer fwd+bwd: " + ", ".join(f"{k} {results['layer'][k]['seconds'] * 1e3:.2f} ms" for k in ("torch", "triton") if k in results["layer"]), flush=True)
+    print("LoRA layer fwd+bwd: " + ", ".join(f"{k} {results['layer'][k]['seconds'] * 1e3:.2f} ms" for k in ("torch", "triton") if k in results["layer"]), flush=True)
     results["train"] = train_variants(args, device, dtype)
     if args.json:
         with open(args.json, "w") as f:

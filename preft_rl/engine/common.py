@@ -65,7 +65,10 @@ class VllmEngineBase:
         """vLLM's model runner, reachable only when vLLM runs in this process (tests and step timers use it)."""
         if self.llm is None or getattr(self, "multiprocess", False):
             return None
-        return vllm_compat.model_runner(self.llm)
+        try:
+            return vllm_compat.model_runner(self.llm)
+        except RuntimeError:  # workers in their own processes (tensor parallelism)
+            return None
 
     def close(self) -> None:
         """Release vLLM and its memory; the engine cannot be used afterwards."""

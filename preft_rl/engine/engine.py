@@ -22,6 +22,7 @@ token selection when they run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -66,8 +67,9 @@ class PreftEngine(VllmEngineBase):
         vllm_compat.check_vllm_version()
         if adapter_scope not in ("prompt", "all"):
             raise ValueError(f"adapter_scope={adapter_scope!r}: use 'prompt' (PreFT) or 'all' (an all-token baseline)")
-        if vllm_kwargs.get("tensor_parallel_size", 1) != 1:
-            raise ValueError("PreftEngine does not shard adapters over tensor-parallel ranks yet; tensor_parallel_size must be 1")
+        tp = int(vllm_kwargs.get("tensor_parallel_size", 1))
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size={tp} must be >= 1")
         self.model_path, hf_config, settings = model_settings(model_path, cpu_kv_cache_gib)
         arch = (getattr(hf_config, "architectures", None) or [None])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -80,6 +82,7 @@ class PreftEngine(VllmEngineBase):
         settings.update(vllm_kwargs)
         if not settings["enforce_eager"]:
             vllm_compat.add_splitting_ops(SPLITTING_OPS)  # adapter ops stay opaque, outside captured graphs
+        ModelShape.from_hf_config(hf_config, 0, tp)  # a tensor-parallel size the adapters can be sharded by
         # Size the registry before vLLM starts, so an impossible max_adapters fails in seconds (on the meta device:
         # nothing is allocated here; the worker allocates the real one beside the model).
         expected_dtype = getattr(torch, settings["dtype"], None) if settings["dtype"] != "auto" else torch.bfloat16
@@ -89,7 +92,10 @@ class PreftEngine(VllmEngineBase):
         self._check_registry_fits(sizing, expected_device)
 
         settings["hf_overrides"] = overrides
-        self._start_vllm(self.model_path, settings, {}, multiprocess)
+        if tp > 1:
+            settings.setdefault("distributed_executor_backend", "mp")  # one worker process per rank
+        with _cpu_thread_binding(tp, settings.get("distributed_executor_backend"), expected_device):
+            self._start_vllm(self.model_path, settings, {}, multiprocess)
         info = self._rpc("preft_setup", method, max_adapters, max_rank, adapter_scope == "prompt", model_class)
         self._device_type_name = info["device"]
         self.method, self.adapter_scope = method, adapter_scope
@@ -254,3 +260,22 @@ def dataclasses_asdict(config: PreftConfig) -> dict[str, Any]:
     import dataclasses
 
     return dataclasses.asdict(config)
+
+
+@contextlib.contextmanager
+def _cpu_thread_binding(tp: int, backend: str | None, device: torch.device):
+    """On CPU, vLLM's TP workers of one machine each need their own cores (VLLM_CPU_OMP_THREADS_BIND, e.g. "0|1"):
+    unless the user set a binding, split this process's cores into `tp` contiguous groups while the workers start."""
+    if tp == 1 or backend != "mp" or device.type != "cpu" or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        yield
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tp:
+        raise ValueError(f"tensor_parallel_size={tp} needs at least {tp} CPU cores; this process may use {len(cores)}")
+    per = len(cores) // tp
+    groups = [cores[i * per : (i + 1) * per] for i in range(tp)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
+    try:
+        yield
+    finally:
+        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]

@@ -26,7 +26,7 @@ from torch import nn
 from preft_rl.kernels import AdapterTokenMetadata, apply_direft, apply_lora, apply_loreft
 
 from . import vllm_compat
-from .registry import LORA_TARGETS, AdapterRegistry
+from .registry import LORA_TARGETS, ROW_PARALLEL, AdapterRegistry
 
 EXTRA_ARGS_KEY = "preft_adapter"  # sampling_params.extra_args[...] = {"name": ..., "version": ...}
 
@@ -203,15 +203,24 @@ def _apply_lora(x: torch.Tensor, out: torch.Tensor, runtime_id: int, layer: int,
     reg = runtime.registry
     module_name = _MODULES[module_index]
     _, slices = reg.shape.lora_io(module_name)
-    apply_lora(
-        out,  # (T, d_out_total), edited in place at adapted rows
-        x,  # (T, d_in)
+    args = (
+        x,  # (T, d_in): this rank's input (a shard of it for row-parallel layers)
         reg.tensors[f"{layer}.{module_name}.A"],  # (S, n_slices * R, d_in)
         reg.tensors[f"{layer}.{module_name}.B"],  # (S, d_out_total, R)
         reg.tensors["scaling"],  # (S,)
         selection.metadata,
-        output_slices=slices,
     )
+    if reg.shape.tp_size > 1 and module_name in ROW_PARALLEL:
+        # The hook runs after vLLM's all-reduce of this layer's output, and this rank's input columns give a partial
+        # delta: sum the partial deltas over the ranks, then add the whole delta on every rank. Every rank has the
+        # same selection (the same batch), so all of them reach this all-reduce.
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        partial = torch.zeros_like(out)
+        apply_lora(partial, *args, output_slices=slices)
+        out.add_(tensor_model_parallel_all_reduce(partial))
+        return
+    apply_lora(out, *args, output_slices=slices)  # (T, d_out_total), edited in place at adapted rows
 
 
 def _apply_reft(hidden: torch.Tensor, residual: torch.Tensor, runtime_id: int, layer: int) -> None:

@@ -40,35 +40,93 @@ _REFT_KEY = re.compile(
 NO_LIMIT = np.iinfo(np.int64).max // 4
 
 
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")  # their input is sharded and vLLM all-reduces their output
+
+
 @dataclass(frozen=True)
 class ModelShape:
-    """What the registry needs to know about the base model (from its HF config)."""
+    """What the registry needs to know about the base model (from its HF config), and which tensor-parallel rank
+    holds it. `lora_io` gives this rank's sizes, `lora_io_full` the whole model's; adapters arrive whole and each rank
+    keeps its shard, as vLLM shards its own multi-LoRA (vllm/lora/layers/): column-parallel qkv and gate_up keep
+    this rank's output rows of B (k/v by KV head, replicated when there are fewer KV heads than ranks), row-parallel
+    o_proj and down_proj keep this rank's input columns of A."""
 
     num_layers: int
     hidden: int
     q_size: int
     kv_size: int
     intermediate: int
+    head_dim: int = 0
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @staticmethod
-    def from_hf_config(config) -> ModelShape:
+    def from_hf_config(config, tp_rank: int = 0, tp_size: int = 1) -> ModelShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return ModelShape(
+        shape = ModelShape(
             num_layers=config.num_hidden_layers,
             hidden=config.hidden_size,
             q_size=config.num_attention_heads * head_dim,
             kv_size=config.num_key_value_heads * head_dim,
             intermediate=config.intermediate_size,
+            head_dim=head_dim,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
         )
+        if tp_size > 1:
+            heads = config.num_attention_heads
+            if heads % tp_size or config.intermediate_size % tp_size or not (
+                    config.num_key_value_heads % tp_size == 0 or tp_size % config.num_key_value_heads == 0):
+                raise ValueError(f"tensor_parallel_size={tp_size} must divide the model's {heads} attention heads and "
+                                 f"{config.intermediate_size} MLP rows, and divide or be a multiple of its "
+                                 f"{config.num_key_value_heads} KV heads")
+        return shape
 
-    def lora_io(self, vllm_module: str) -> tuple[int, tuple[int, ...]]:
-        """(d_in, output slice sizes) of a fused vLLM module."""
+    def _kv_shard(self) -> tuple[int, int]:
+        """(first row, rows) of this rank's k (or v) output."""
+        kv_heads = self.kv_size // self.head_dim if self.head_dim else 1
+        if self.tp_size <= kv_heads:
+            rows = self.kv_size // self.tp_size
+            return self.tp_rank * rows, rows
+        replicas = self.tp_size // kv_heads  # several ranks hold the same KV head
+        return (self.tp_rank // replicas) * self.head_dim, self.head_dim
+
+    def lora_io_full(self, vllm_module: str) -> tuple[int, tuple[int, ...]]:
+        """(d_in, output slice sizes) of a fused vLLM module in the whole model."""
         return {
             "self_attn.qkv_proj": (self.hidden, (self.q_size, self.kv_size, self.kv_size)),
             "self_attn.o_proj": (self.q_size, (self.hidden,)),
             "mlp.gate_up_proj": (self.hidden, (self.intermediate, self.intermediate)),
             "mlp.down_proj": (self.intermediate, (self.hidden,)),
         }[vllm_module]
+
+    def lora_io(self, vllm_module: str) -> tuple[int, tuple[int, ...]]:
+        """(d_in, output slice sizes) of a fused vLLM module on this rank."""
+        t = self.tp_size
+        kv = self._kv_shard()[1]
+        return {
+            "self_attn.qkv_proj": (self.hidden, (self.q_size // t, kv, kv)),
+            "self_attn.o_proj": (self.q_size // t, (self.hidden,)),
+            "mlp.gate_up_proj": (self.hidden, (self.intermediate // t, self.intermediate // t)),
+            "mlp.down_proj": (self.intermediate // t, (self.hidden,)),
+        }[vllm_module]
+
+    def shard(self, vllm_module: str, which: str, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole LoRA tensor: A (r, d_in) or B (d_out of slice `index`, r)."""
+        if self.tp_size == 1:
+            return tensor
+        d_in, slices = self.lora_io(vllm_module)
+        if which == "A":
+            if vllm_module not in ROW_PARALLEL:
+                return tensor  # column-parallel layers see the whole input
+            return tensor[:, self.tp_rank * d_in : (self.tp_rank + 1) * d_in]
+        if vllm_module in ROW_PARALLEL:
+            return tensor  # row-parallel layers produce the whole output (after the all-reduce)
+        if vllm_module == "self_attn.qkv_proj" and index > 0:
+            start, rows = self._kv_shard()
+            return tensor[start : start + rows]
+        rows = slices[index]
+        return tensor[self.tp_rank * rows : (self.tp_rank + 1) * rows]
 
 
 @dataclass
@@ -288,9 +346,10 @@ class AdapterRegistry:
                 raise ValueError(f"adapter {name!r}: unexpected tensor {key!r} for a LoRA adapter on this {s.num_layers}-layer model")
             layer, hf_module, which = int(match.group(1)), match.group(2), match.group(3)
             vllm_module, index = hf_to_vllm[hf_module]
-            d_in, slices = s.lora_io(vllm_module)
+            d_in, slices = s.lora_io_full(vllm_module)
             want = (r, d_in) if which == "A" else (slices[index], r)
-            staged[f"{layer}.{vllm_module}.{which}.{index}"] = self._check(name, key, tensor, want)
+            checked = self._check(name, key, tensor, want)
+            staged[f"{layer}.{vllm_module}.{which}.{index}"] = s.shard(vllm_module, which, index, checked)
         if not staged:
             raise ValueError(f"adapter {name!r}: no LoRA tensors found (keys like base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight)")
         return staged, frozenset(state)

@@ -82,8 +82,11 @@ class PreftWorkerExtension:
         model = runner.model
         if type(model).__name__ != model_class:
             raise RuntimeError(f"vLLM built {type(model).__name__}, not {model_class}; the adapter hooks are missing")
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
         param = next(model.parameters())
-        shape = ModelShape.from_hf_config(runner.model_config.hf_config)
+        shape = ModelShape.from_hf_config(runner.model_config.hf_config, get_tensor_model_parallel_rank(),
+                                          get_tensor_model_parallel_world_size())
         registry = AdapterRegistry(method, shape, max_adapters, max_rank, param.dtype, param.device)
         runtime = PreftRuntime(registry=registry, runner=runner, prompt_only=prompt_only)
         model.preft_runtime = runtime

@@ -24,6 +24,7 @@ if __name__ == "__main__":
         output_dir=sys.argv[2], per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4,
         max_steps=max_steps, max_completion_length=4, learning_rate=3e-2, save_steps=save_steps, disable_tqdm=True,
         engine_kwargs={"max_num_batched_tokens": 256},
+        engine_tensor_parallel_size=int(os.environ.get("PREFT_CHECK_ENGINE_TP", "1")),
     )
     ppo = os.environ.get("PREFT_CHECK_ALGO") == "ppo"
     trainer_class = PreftPPOTrainer if ppo else PreftGRPOTrainer
@@ -48,7 +49,8 @@ if __name__ == "__main__":
             save_file({k: v.detach().contiguous().clone() for k, v in extra.items()}, f"{sys.argv[2]}/critic_final.safetensors")
         digest = hashlib.sha256(b"".join(state[k].float().numpy().tobytes() for k in sorted(state))).hexdigest()[:16]
     # One write per line: both ranks share torchrun's stdout, and print() writes the newline separately.
+    engine_tp = trainer.engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
     sys.stdout.write(f"RANK {trainer.accelerator.process_index} OF {trainer.accelerator.num_processes} "
-                     f"{type(trainer.model).__name__} ADAPTER {digest}\n")
+                     f"{type(trainer.model).__name__} ADAPTER {digest} ENGINE TP {engine_tp}\n")
     sys.stdout.flush()
     trainer.close()

@@ -180,10 +180,18 @@ class PreftRLTrainer:
         args, config = self.args, self.preft_config
         limit = getattr(base.config, "max_position_embeddings", None) or 10**9
         max_len = args.engine_max_model_len or min((args.max_prompt_length or 1024) + args.max_completion_length, limit)
+        tp = args.engine_tensor_parallel_size
         engine_kwargs = dict(
             dtype="bfloat16" if args.bf16 else "float32", max_model_len=max_len, enforce_eager=args.engine_enforce_eager,
-            seed=args.seed + self.accelerator.process_index,
+            seed=args.seed + self.accelerator.process_index // tp,  # one seed per TP group: its ranks sample alike
         )
+        self._tp_group = None
+        if tp > 1:  # colocated TP, as TRL: groups of consecutive ranks, vLLM inside every training process
+            self._tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
+                [list(range(i * tp, (i + 1) * tp)) for i in range(self.accelerator.num_processes // tp)])
+            os.environ.update(RANK=str(self.accelerator.process_index), LOCAL_RANK=str(self.accelerator.local_process_index),
+                              WORLD_SIZE=str(self.accelerator.num_processes))
+            engine_kwargs.update(tensor_parallel_size=tp, distributed_executor_backend="external_launcher")
         if torch.cuda.is_available():
             engine_kwargs["gpu_memory_utilization"] = args.engine_gpu_memory_utilization
             engine_kwargs["enable_sleep_mode"] = args.engine_sleep
@@ -204,6 +212,25 @@ class PreftRLTrainer:
         with gathered(self._policy_parameters(), self.accelerator):
             self.engine.update_adapter(POLICY, self.preft_model.adapter_state_dict())
         self._engine_in_sync = True
+
+    def _engine_generate(self, prompt_ids: list[list[int]], params: list[Any], use_tqdm: bool = False) -> list[Any]:
+        """The engine's outputs for this process's prompts (every process calls it, with or without prompts). Under
+        engine TP the ranks of a group must submit the same requests, so they gather the group's prompts (and their
+        seeded params), generate them all, and each keeps its own slice."""
+        if self._tp_group is None:
+            if not prompt_ids:
+                return []
+            return self.engine.generate(prompt_ids, params, adapters=[POLICY] * len(prompt_ids), use_tqdm=use_tqdm)
+        size = torch.distributed.get_world_size(self._tp_group)
+        gathered_requests: list[Any] = [None] * size
+        torch.distributed.all_gather_object(gathered_requests, list(zip(prompt_ids, params)), group=self._tp_group)
+        everything = [request for part in gathered_requests for request in part]
+        if not everything:
+            return []
+        outputs = self.engine.generate([ids for ids, _ in everything], [sp for _, sp in everything],
+                                       adapters=[POLICY] * len(everything), use_tqdm=use_tqdm)
+        start = sum(len(part) for part in gathered_requests[: torch.distributed.get_rank(self._tp_group)])
+        return outputs[start : start + len(prompt_ids)]
 
     # ------------------------------------------------------------------------------ rollout
     def _prompts_for_step(self, step: int) -> list[dict]:
@@ -246,7 +273,7 @@ class PreftRLTrainer:
         start = time.perf_counter()
         if args.engine_sleep:
             self.engine.wake_up()
-        outputs = self.engine.generate(prompt_ids, params, adapters=[POLICY] * local, use_tqdm=False)
+        outputs = self._engine_generate(prompt_ids, params)
         if args.engine_sleep:
             self.engine.sleep()
         timings["time/generate"] = time.perf_counter() - start

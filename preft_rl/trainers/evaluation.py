@@ -20,7 +20,6 @@ def evaluation_scores(trainer: PreftRLTrainer, reward_funcs: Sequence[Callable] 
     """See PreftRLTrainer.evaluation_scores."""
     from preft_rl.engine import SamplingParams
 
-    from .core import POLICY
 
     dataset = trainer.eval_dataset if dataset is None else as_dataset(dataset, "dataset")
     if dataset is None:
@@ -38,7 +37,7 @@ def evaluation_scores(trainer: PreftRLTrainer, reward_funcs: Sequence[Callable] 
     prompt_ids = [prompt_ids_for(trainer.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
     greedy = SamplingParams(max_tokens=args.max_completion_length, temperature=0.0)
     show = acc.is_main_process and not args.disable_tqdm  # a progress bar: evaluation of hundreds of problems takes minutes
-    outputs = trainer.engine.generate(prompt_ids, greedy, adapters=[POLICY] * len(rows), use_tqdm=show) if rows else []
+    outputs = trainer._engine_generate(prompt_ids, [greedy] * len(prompt_ids), use_tqdm=show)  # every process: TP groups gather
     completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
     texts = [o.outputs[0].text for o in outputs]
     completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]

@@ -62,6 +62,9 @@ class PreftRLConfig:
     engine_enforce_eager: bool = field(default=True, metadata={"help": "Run vLLM eagerly (no torch.compile / CUDA graphs)."})
     engine_sleep: bool = field(default=False, metadata={"help": "Put vLLM to sleep during the optimizer phase (CUDA)."})
     engine_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra vLLM LLM(...) arguments."})
+    engine_tensor_parallel_size: int = field(default=1, metadata={
+        "help": "Shard the colocated engine over groups of this many consecutive processes (vLLM's external_launcher, "
+                "as TRL's vllm_tensor_parallel_size): each group generates its ranks' prompts together."})
 
     min_generations = 1  # GRPO needs a group of at least 2
 
@@ -78,6 +81,7 @@ class PreftRLConfig:
              f"max_steps={self.max_steps} and num_train_epochs={self.num_train_epochs}: set max_steps > 0 (or max_steps <= 0 "
              "with num_train_epochs > 0)")
         need(self.max_completion_length >= 1, f"max_completion_length={self.max_completion_length} must be >= 1")
+        need(self.engine_tensor_parallel_size >= 1, f"engine_tensor_parallel_size={self.engine_tensor_parallel_size} must be >= 1")
         need(self.temperature > 0, f"temperature={self.temperature} must be > 0 (RL samples its completions)")
         need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
         need(self.vllm_importance_sampling_mode in IS_MODES, f"vllm_importance_sampling_mode: use one of {IS_MODES}")
@@ -116,6 +120,13 @@ class PreftRLConfig:
 
     def check_batch(self, num_processes: int) -> None:
         """Each process generates whole groups (all num_generations completions of its prompts)."""
+        tp = self.engine_tensor_parallel_size
+        if num_processes % tp:
+            raise ValueError(
+                f"{type(self).__name__}: engine_tensor_parallel_size={tp} must divide the {num_processes} training "
+                f"process(es): the engine's TP groups are consecutive ranks; use one of "
+                f"{[k for k in range(1, num_processes + 1) if num_processes % k == 0]}"
+            )
         local = self.generation_batch_size(1)
         if local % self.num_generations:
             valid = [n for n in range(self.min_generations, local + 1) if local % n == 0]

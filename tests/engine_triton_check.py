@@ -1,6 +1,7 @@
 """Run by test_engine.py in a child process with TRITON_INTERPRET=1 and PREFT_KERNEL_BACKEND=triton:
 the engine's adapter ops go through the Triton kernels (interpreted on CPU) and must still equal the
-HF reference. Usage: python engine_triton_check.py METHOD MODEL_DIR; prints RESULT True/False."""
+HF reference. Usage: python engine_triton_check.py METHOD MODEL_DIR; prints RESULT <tokens equal> LAUNCHES <n>, n the
+number of Triton kernel launches the engine's adapter ops made (vLLM imports triton anyway: only launches prove it ran)."""
 
 import os
 import sys
@@ -31,5 +32,7 @@ if __name__ == "__main__":
             with refs[0].disable_adapter(): g = refs[0].generate(input_ids=ids, max_new_tokens=4, do_sample=False)
         else: g = refs[int(n[1])].generate(input_ids=ids, max_new_tokens=4, do_sample=False)
         ok &= g[0, len(p):].tolist() == list(o.outputs[0].token_ids)
-    print("RESULT", ok, "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1")
+    from preft_rl.kernels import triton_common
+
+    print("RESULT", ok, "LAUNCHES", sum(triton_common.LAUNCHES.values()) if os.environ.get("TRITON_INTERPRET") == "1" else 0)
     eng.close()

@@ -264,3 +264,49 @@ def test_triton_kernels_under_interpreter():
     passed = re.search(r"(\d+) passed", proc.stdout)
     assert passed and int(passed.group(1)) >= 50 and "skipped" not in proc.stdout, log  # really ran, nothing skipped
     print(f"interpreted Triton suite: {passed.group(0)} in {time.perf_counter() - start:.1f}s")
+
+
+@pytest.mark.parametrize("method", ["loreft", "direft"])
+def test_reft_autograd_reference_equals_plain_math(method):
+    """The torch autograd path of prefill_loreft / prefill_direft is the oracle the Triton gradients are tested against
+    (test_kernels_triton.py), so it is itself checked here against the formulas written out row by row, in float64:
+    LoReFT h + R^T (W h + b - R h), DiReFT h + W2^T (W1 h + b), at the selected rows only; values and every gradient."""
+    from preft_rl.kernels import prefill_direft, prefill_loreft
+
+    gen = torch.Generator().manual_seed(11)
+    T, d, r = 7, 12, 3
+    rows = torch.tensor([0, 2, 3, 6])
+    h = torch.randn(T, d, generator=gen, dtype=torch.float64)
+    first = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64)).Q.T.contiguous()  # R (LoReFT) or W1
+    second = torch.randn(r, d, generator=gen, dtype=torch.float64)  # W (LoReFT) or W2
+    bias = torch.randn(r, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(T, d, generator=gen, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (h, first, second, bias)]
+        out = fn(*leaves)
+        (out * upstream).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    def reference(h_, first_, second_, bias_):
+        if method == "loreft":
+            return prefill_loreft(h_, first_, second_, bias_, rows, backend="torch")
+        return prefill_direft(h_, first_, bias_, second_, rows, backend="torch")
+
+    def plain(h_, first_, second_, bias_):
+        out = []
+        for t in range(T):
+            x = h_[t]
+            if t not in rows.tolist():
+                out.append(x)
+            elif method == "loreft":  # R = first_, W = second_
+                out.append(x + first_.T @ (second_ @ x + bias_ - first_ @ x))
+            else:  # W1 = first_, W2 = second_
+                out.append(x + second_.T @ (first_ @ x + bias_))
+        return torch.stack(out)
+
+    (got, got_grads), (want, want_grads) = grads(reference), grads(plain)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # the reference computes in fp32
+    for name, g, w in zip(("h", "first", "second", "bias"), got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
+    assert torch.equal(got[1], h[1]) and not torch.allclose(got[0], h[0])  # unselected rows untouched, selected changed

@@ -47,10 +47,10 @@ def use_fp32_dot(*dtypes: torch.dtype) -> bool:
 BLOCK_M_BY_GROUP_SIZE = ((16, 16), (48, 32), (None, 64))
 
 
-def tile_height(metadata) -> int:
-    """Tokens per tile (BLOCK_M) for this step's adapter groups."""
+def tile_height(metadata, table: tuple = BLOCK_M_BY_GROUP_SIZE) -> int:
+    """Tokens per tile (BLOCK_M) for this step's adapter groups, from a (mean group size up to, BLOCK_M) table."""
     mean_group = -(-metadata.num_active_tokens // len(metadata.counts_host))
-    return next(bm for limit, bm in BLOCK_M_BY_GROUP_SIZE if limit is None or mean_group <= limit)
+    return next(bm for limit, bm in table if limit is None or mean_group <= limit)
 
 
 def dot_block(size: int, cap: int) -> int:

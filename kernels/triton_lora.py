@@ -168,13 +168,17 @@ SHRINK_MAX_BLOCK_R = 64  # wider ranks (fused slices) take several rank blocks; 
 EXPAND_BLOCK_N = {False: 128, True: 64}
 MAX_SPLIT_K = 8
 MAX_RANK = 128  # ranks above this take backend='torch' (the tile configs below are checked up to 128)
+# LoRA's own tile heights, measured on an H200 with scripts/tune_lora_kernel.py (docs/benchmarks/kernels-gpu.md): at
+# 128 tokens per adapter (T=8192, N=64) 16-token tiles beat 64 by 1.7x at r=16 and 1.3x at r=64 (more programs over
+# the SMs; the expand dominates), while at 256 tokens per adapter (T=2048, N=8) 64 was best.
+LORA_BLOCK_M_BY_GROUP_SIZE = ((128, 16), (None, 64))
 
 
 def choose_config(metadata: AdapterTokenMetadata, d_in: int, sr: int, rank: int, fp32_dot: bool, device) -> LoraLaunchConfig:
     """Launch parameters for one call (and the rank check, done here so that nothing launches first)."""
     if rank > MAX_RANK:
         raise ValueError(f"LoRA rank {rank} exceeds the kernels' maximum {MAX_RANK}; use backend='torch'")
-    block_m = common.tile_height(metadata)
+    block_m = common.tile_height(metadata, LORA_BLOCK_M_BY_GROUP_SIZE)
     block_k = SHRINK_BLOCK_K[fp32_dot]
     block_r = common.dot_block(sr, SHRINK_MAX_BLOCK_R)
     programs = sum(-(-count // block_m) for count in metadata.counts_host) * triton.cdiv(sr, block_r)

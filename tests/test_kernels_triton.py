@@ -195,9 +195,10 @@ def test_lora_split_k_sums_partials(split_k):
 
 
 @needs_triton
-@pytest.mark.parametrize("num_tokens,num_slots,block_m,split_k", [(8192, 64, 64, 2), (512, 1, 64, 8), (8192, 512, 16, 1)])
+@pytest.mark.parametrize("num_tokens,num_slots,block_m,split_k", [(8192, 8, 64, 2), (512, 1, 64, 8), (8192, 64, 16, 1), (8192, 512, 16, 1)])
 def test_launch_config_splits_k_only_when_tiles_are_few(monkeypatch, num_tokens, num_slots, block_m, split_k):
-    """On a 132-SM GPU at d_in = 4096: split d_in only while the tiles do not fill one wave."""
+    """On a 132-SM GPU at d_in = 4096: 16-token tiles up to 128 tokens per adapter, else 64 (triton_lora's table),
+    and split d_in only while the tiles do not fill one wave."""
     from preft_rl.kernels import triton_common, triton_lora
 
     monkeypatch.setattr(triton_common, "sm_count", lambda device: 132)

@@ -88,11 +88,67 @@ def tune_shape(T: int, N: int, r: int, d: int, flush: torch.Tensor, ceilings: tu
     return result
 
 
+def graph_time(fn, calls: int = 20, reps: int = 5) -> float:
+    """Seconds per call of fn, from CUDA-graph replays of `calls` back-to-back calls: no Python launch overhead in the
+    measurement (event timing of single eager calls includes the host's launch latency, which varies by machine)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def compare_tile_tables(shapes: list[tuple[int, int, int]], ceilings: tuple[float, float]) -> list[dict]:
+    """The LoRA op with the old shared tile table against triton_lora's own, timed by graph replay, side by side."""
+    device = torch.device("cuda")
+    rows = []
+    for T, N, r in shapes:
+        x, out, lora_a, lora_b, index = lora_problem(T, N, r, 4096, device)
+        meta = AdapterTokenMetadata.build(index)
+        scaling = torch.ones(N, device=device)
+        fp32_dot = common.use_fp32_dot(x.dtype, lora_a.dtype, lora_b.dtype)
+        new = tlora.choose_config(meta, 4096, r, r, fp32_dot, device)
+        saved = tlora.LORA_BLOCK_M_BY_GROUP_SIZE
+        tlora.LORA_BLOCK_M_BY_GROUP_SIZE = common.BLOCK_M_BY_GROUP_SIZE
+        try:
+            old = tlora.choose_config(meta, 4096, r, r, fp32_dot, device)
+        finally:
+            tlora.LORA_BLOCK_M_BY_GROUP_SIZE = saved
+        moved, flops = lora_cost(meta, r, 4096)
+        floor_us = max(moved / ceilings[0], flops / ceilings[1]) * 1e6
+        row = {"T": T, "N": N, "r": r, "floor_us": floor_us, "old": dataclasses.asdict(old), "new": dataclasses.asdict(new)}
+        for name, config in (("old", old), ("new", new)):
+            row[f"{name}_us"] = graph_time(lambda config=config: tlora.lora_forward(out, x, lora_a, lora_b, scaling, meta, (4096,), config)) * 1e6
+        rows.append(row)
+        print(f"T={T} N={N} r={r}: floor {floor_us:.1f} us; old tiles (block_m {old.block_m}, split {old.split_k}) "
+              f"{row['old_us']:.1f} us = {row['old_us'] / floor_us:.2f}x; new (block_m {new.block_m}, split {new.split_k}) "
+              f"{row['new_us']:.1f} us = {row['new_us'] / floor_us:.2f}x; new/old {row['new_us'] / row['old_us']:.2f}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
     parser.add_argument("--shapes", default="8192,64,16;512,64,16;8192,512,16", help="T,N,r;... (d = 4096)")
     parser.add_argument("--passes", type=int, default=2, help="coordinate-descent passes for the first shape (others: 1)")
+    parser.add_argument("--compare", action="store_true", help="only time the old shared tile table against LoRA's own, "
+                        "by CUDA-graph replay, at --shapes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("tune_lora_kernel: no CUDA device; nothing to tune")
@@ -100,6 +156,13 @@ def main() -> None:
     device = torch.device("cuda")
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
     ceilings = measure_ceilings(device)
+    if args.compare:
+        shapes = [tuple(int(v) for v in shape.split(",")) for shape in args.shapes.split(";")]
+        rows = compare_tile_tables(shapes, ceilings)
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(device), "bandwidth_gbs": ceilings[0] / 1e9,
+                       "peak_tflops": ceilings[1] / 1e12, "timing": "CUDA graph replay, 20 calls", "rows": rows}, f, indent=1)
+        return
     results = []
     for i, shape in enumerate(args.shapes.split(";")):
         T, N, r = (int(v) for v in shape.split(","))

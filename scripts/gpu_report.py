@@ -50,12 +50,15 @@ def kernels_section(data) -> list[str]:
         "bf16, d = 4096, every token assigned to a random adapter of N, L2 flushed before each call; "
         "floor = max(unavoidable bytes / bandwidth, flops / peak).",
         "",
-        "| op | backend | T | N | r | us | GB/s | TFLOP/s | floor us | x floor |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| op | backend | T | N | r | us | GB/s | TFLOP/s | floor us | x floor | graph us | graph x floor |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in data["rows"]:
+        graph = r.get("graph_us")
+        graph_x = graph / r["floor_us"] if graph and r["floor_us"] else None
         lines.append(f"| {r['op']} | {r['backend']} | {r['T']} | {r['N']} | {r['r']} | {r['us']:.1f} | {_num(r['gbps'], '.0f')} | "
-                     f"{_num(r['tflops'], '.2f')} | {_num(r['floor_us'], '.1f')} | {_num(r['x_floor'], '.2f')} |")
+                     f"{_num(r['tflops'], '.2f')} | {_num(r['floor_us'], '.1f')} | {_num(r['x_floor'], '.2f')} | "
+                     f"{_num(graph, '.1f')} | {_num(graph_x, '.2f')} |")
     target = {r["backend"]: r for r in data["rows"] if r["op"] == "lora" and (r["T"], r["N"], r["r"]) == (8192, 64, 16)}
     if "triton" in target:
         tri = target["triton"]

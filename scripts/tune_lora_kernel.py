@@ -20,7 +20,7 @@ import torch
 from preft_rl.kernels import AdapterTokenMetadata, apply_lora
 from preft_rl.kernels import triton_common as common
 from preft_rl.kernels import triton_lora as tlora
-from preft_rl.reports.kernels import cuda_time, lora_cost, lora_problem, measure_ceilings
+from preft_rl.reports.kernels import cuda_time, graph_time, lora_cost, lora_problem, measure_ceilings
 
 SPACE = {
     "block_m": [16, 32, 64, 128],
@@ -86,32 +86,6 @@ def tune_shape(T: int, N: int, r: int, d: int, flush: torch.Tensor, ceilings: tu
     print(f"T={T} N={N} r={r}: floor {floor * 1e6:.1f} us; default {result['default_us']:.1f} us (shrink {shrink_us:.1f}, "
           f"expand {expand_us:.1f}); best {best_us:.1f} us = {best_us / (floor * 1e6):.2f}x floor with {result['best']}", flush=True)
     return result
-
-
-def graph_time(fn, calls: int = 20, reps: int = 5) -> float:
-    """Seconds per call of fn, from CUDA-graph replays of `calls` back-to-back calls: no Python launch overhead in the
-    measurement (event timing of single eager calls includes the host's launch latency, which varies by machine)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def compare_tile_tables(shapes: list[tuple[int, int, int]], ceilings: tuple[float, float]) -> list[dict]:

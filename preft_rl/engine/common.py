@@ -74,9 +74,13 @@ class VllmEngineBase:
         """Release vLLM and its memory; the engine cannot be used afterwards."""
         if self.llm is None:
             return
-        self._before_close()
-        _release_llm(self.llm)
-        self.llm = None
+        try:
+            self._before_close()
+        except Exception as exc:  # a dead engine core (e.g. after a worker error) must still be released
+            logger.warning("closing the engine: %s: %s", type(exc).__name__, exc)
+        finally:
+            _release_llm(self.llm)
+            self.llm = None
 
     def _before_close(self) -> None:
         pass

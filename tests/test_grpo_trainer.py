@@ -107,8 +107,12 @@ def test_grpo_learns_and_keeps_its_invariants(tiny_llama_dir, tmp_path, method, 
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == list(range(1, 17))
     for key in ("reward", "reward_std", "rewards/first_token_even/mean", "completions/mean_length", "kl", "clip_ratio",
-                "entropy", "time/generate", "time/score", "time/backward", "rollout/tokens_per_s"):
+                "entropy", "time/generate", "time/score", "time/backward", "rollout/tokens_per_s", "memory/update_gib"):
         assert key in metrics and key in log[-1], key
+    # memory per phase: the rollout phase on steps that generate, the update phase on every step (CPU: resident set)
+    assert all(0.1 < row["memory/update_gib"] < 24 for row in log)
+    rollouts = sum((row["step"] - 1) % trainer.args.steps_per_generation == 0 for row in log)
+    assert sum("memory/rollout_gib" in row for row in log) == rollouts and all(0.1 < row.get("memory/rollout_gib", 1) < 24 for row in log)
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "checkpoint-16").is_dir()
 
 

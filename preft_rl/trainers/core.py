@@ -40,7 +40,7 @@ from . import checkpoint
 from .grpo_core import entropy_from_logits, nanstd, selective_log_softmax
 from .rl_config import PreftRLConfig
 from .rollout import RolloutBatch, pack, prompt_ids_for, reward_nan_counts, sampling_seed, score
-from .runtime import as_dataset, fill_deepspeed_batch_fields, gathered, process_group_kwargs
+from .runtime import as_dataset, begin_memory_phase, fill_deepspeed_batch_fields, gathered, memory_phase_gib, process_group_kwargs
 
 logger = logging.getLogger(__name__)
 POLICY = "policy"
@@ -212,6 +212,12 @@ class PreftRLTrainer:
         with gathered(self._policy_parameters(), self.accelerator):
             self.engine.update_adapter(POLICY, self.preft_model.adapter_state_dict())
         self._engine_in_sync = True
+
+    def _log_memory(self, metrics: dict[str, float], key: str) -> None:
+        """Memory of the phase just ended (runtime.memory_phase_gib: CUDA peak, or CPU resident set at its end)."""
+        value = memory_phase_gib(self.accelerator.device)
+        if value is not None:
+            metrics[key] = value
 
     def _engine_generate(self, prompt_ids: list[list[int]], params: list[Any], use_tqdm: bool = False) -> list[Any]:
         """The engine's outputs for this process's prompts (every process calls it, with or without prompts). Under
@@ -419,9 +425,13 @@ class PreftRLTrainer:
             start = time.perf_counter()
             timings: dict[str, float] = {}
             if self.step % args.steps_per_generation == 0 or self._rollout is None:
+                begin_memory_phase(acc.device)
                 self._rollout, timings = self._generate_and_score(self.step)
+                self._log_memory(timings, "memory/rollout_gib")
             train_start = time.perf_counter()
+            begin_memory_phase(acc.device)
             stats = self._optimizer_step(self._rollout)
+            self._log_memory(timings, "memory/update_gib")
             timings["time/backward"] = time.perf_counter() - train_start
             self.step += 1
             timings["time/step"] = time.perf_counter() - start

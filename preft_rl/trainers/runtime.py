@@ -64,3 +64,21 @@ class gathered:
     def __exit__(self, *exc: Any) -> None:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
+
+
+def begin_memory_phase(device: torch.device) -> None:
+    """Start measuring a phase's peak memory (CUDA: the allocator's peak is reset; CPU: nothing to reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_phase_gib(device: torch.device) -> float | None:
+    """The phase's memory: on CUDA the allocator's peak since begin_memory_phase; on CPU the process's resident
+    set at the end of the phase (Linux /proc); None where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return None

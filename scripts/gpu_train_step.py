@@ -36,12 +36,11 @@ from contextlib import nullcontext
 import torch
 
 from preft_rl import PreftConfig, get_preft_model
+from preft_rl.plan import PRESETS
 from preft_rl.trainers.grpo_core import selective_log_softmax
 
 SHAPES = {
-    # Llama-3-8B (meta-llama/Meta-Llama-3-8B config.json)
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "8b": {**PRESETS["llama-3-8b"], "rope_theta": 500000.0, "max_position_embeddings": 8192},  # Llama-3-8B
     # SmolLM2-135M (the offline default model); random weights take the same memory as the real ones
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True),

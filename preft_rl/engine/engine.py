@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -74,24 +75,21 @@ class PreftEngine(VllmEngineBase):
         arch = (getattr(hf_config, "architectures", None) or [None])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch!r} is not supported by PreftEngine; supported: {list(SUPPORTED_ARCHITECTURES)}")
-        if method not in ("lora", "loreft", "direft"):
-            raise ValueError(f"method={method!r}: use 'lora', 'loreft' or 'direft'")
-        model_class = preft_architecture(arch, method)  # registered by importing the worker extension (in every process)
         overrides = dict(vllm_kwargs.pop("hf_overrides", None) or {})
-        overrides["architectures"] = [model_class]
         settings.update(vllm_kwargs)
-        if not settings["enforce_eager"]:
-            vllm_compat.add_splitting_ops(SPLITTING_OPS)  # adapter ops stay opaque, outside captured graphs
         ModelShape.from_hf_config(hf_config, 0, tp)  # a tensor-parallel size the adapters can be sharded by
-        # Size the registry before vLLM starts, so an impossible max_adapters fails in seconds (on the meta device:
-        # nothing is allocated here; the worker allocates the real one beside the model).
+        # Size the registry before vLLM starts, so a bad method or an impossible max_adapters fails in seconds (on the
+        # meta device: nothing is allocated here; the worker allocates the real one beside the model).
         expected_dtype = getattr(torch, settings["dtype"], None) if settings["dtype"] != "auto" else torch.bfloat16
         expected_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         sizing = AdapterRegistry(method, ModelShape.from_hf_config(hf_config), max_adapters, max_rank,
                                  expected_dtype or torch.bfloat16, torch.device("meta"))
         self._check_registry_fits(sizing, expected_device)
+        if not settings["enforce_eager"]:
+            vllm_compat.add_splitting_ops(SPLITTING_OPS)  # adapter ops stay opaque, outside captured graphs
 
-        settings["hf_overrides"] = overrides
+        model_class = preft_architecture(arch, method)  # registered by importing the worker extension (in every process)
+        settings["hf_overrides"] = {**overrides, "architectures": [model_class]}
         if tp > 1:
             settings.setdefault("distributed_executor_backend", "mp")  # one worker process per rank
         with _cpu_thread_binding(tp, settings.get("distributed_executor_backend"), expected_device):
@@ -138,7 +136,7 @@ class PreftEngine(VllmEngineBase):
                 f"adapter {name!r} has adapter_scope={config.adapter_scope!r} but this engine applies adapters with "
                 f"adapter_scope={self.adapter_scope!r}; start PreftEngine(..., adapter_scope={config.adapter_scope!r}) to serve it"
             )
-        return self._record(self._rpc("preft_add_adapter", name, self._as_state(name, state), dataclasses_asdict(config)))
+        return self._record(self._rpc("preft_add_adapter", name, self._as_state(name, state), dataclasses.asdict(config)))
 
     def update_adapter(self, name: str, state_dict: dict[str, torch.Tensor]) -> AdapterEntry:
         """Replace all of an adapter's tensors in memory (the save_pretrained key format, every key the adapter
@@ -229,9 +227,6 @@ class PreftEngine(VllmEngineBase):
     def _before_close(self) -> None:
         self._rpc("preft_release")
 
-    def __enter__(self) -> PreftEngine:
-        return self
-
     def _device_type(self) -> str:
         return self._device_type_name
 
@@ -254,12 +249,6 @@ class PreftEngine(VllmEngineBase):
                 f"max_adapters={registry.max_adapters} at max_rank={registry.max_rank} needs up to {total / 2**30:.2f} GiB "
                 f"({per_adapter / 2**20:.2f} MiB each) but only {free / 2**30:.2f} GiB is free; lower max_adapters or max_rank"
             )
-
-
-def dataclasses_asdict(config: PreftConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(config)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@
     preft-rl bench rollout ...       PreFT vs all-token multi-LoRA vs base rollout throughput (see --help)
     preft-rl study ...               PreFT vs all-token adapters under the same GRPO trainer (see --help)
     preft-rl plan --model ...        per-GPU memory of the rollout and training phases, and what fits (see --help)
+    preft-rl serve MODEL --adapters NAME=DIR ...   vLLM's OpenAI-compatible server with prefill-only adapters
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["serve"]:  # its unknown flags go to `vllm serve`, so it parses its own arguments
+        from preft_rl.server.launch import main as serve_main
+
+        return serve_main(args_list[1:])
     # no prefix abbreviations: `--seed 3` must not silently mean `--seeds 3` (and start a study)
     parser = argparse.ArgumentParser(prog="preft-rl", description="Prefill-only adapter RL tools", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_study_arguments(study)
     plan = sub.add_parser("plan", allow_abbrev=False, help="per-GPU memory plan: rollout and training phases, largest batch and KV cache")
     _add_plan_arguments(plan)
+    sub.add_parser("serve", add_help=False, help="vLLM's OpenAI-compatible server with many prefill-only adapters "
+                   "(preft-rl serve --help)")
     args = parser.parse_args(argv)
     if args.command == "plan":
         return _plan(args)

@@ -21,7 +21,7 @@ from preft_rl.adapters.config import PreftConfig
 from preft_rl.models import resolve_model
 
 from . import vllm_compat
-from .worker import WORKER_EXTENSION, raise_if_error
+from .worker import WORKER_EXTENSION, agreed_result
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +53,7 @@ class VllmEngineBase:
     def _rpc(self, method: str, *args: Any) -> Any:
         """Call a worker-extension method on every rank; raise what it reported; return rank 0's result, after
         checking that every rank returned the same (so all ranks hold the same adapters and versions)."""
-        results = self.llm.collective_rpc(method, args=args)
-        for result in results:
-            raise_if_error(result)
-        if any(result != results[0] for result in results[1:]):
-            raise RuntimeError(f"the engine's ranks disagree after {method}: {results}; restart the engine")
-        return results[0]
+        return agreed_result(method, self.llm.collective_rpc(method, args=args))
 
     @property
     def _runner(self) -> Any:

@@ -67,6 +67,16 @@ def raise_if_error(result: Any) -> Any:
     return result
 
 
+def agreed_result(method: str, results: list[Any]) -> Any:
+    """One `collective_rpc` call's result: raise what any rank reported; check that every rank returned the same (so
+    all ranks hold the same adapters and versions); return rank 0's."""
+    for result in results:
+        raise_if_error(result)
+    if any(result != results[0] for result in results[1:]):
+        raise RuntimeError(f"the engine's ranks disagree after {method}: {results}; restart the engine")
+    return results[0]
+
+
 class PreftWorkerExtension:
     """Methods vLLM adds to its worker; every name starts with `preft_` so none collides with the worker's own."""
 

@@ -1,0 +1,241 @@
+"""The server's adapters: which are loaded (name -> version), the requests using each, and every change to them.
+
+This lives in vLLM's API-server process. The adapter tensors live in the worker's registry (the engine's worker
+extension); this class drives it through `engine_client.collective_rpc`, as `PreftEngine` does, and keeps a mirror of
+its entries to route and salt requests.
+
+Pinning. A request reads its adapter's version when it starts and holds the adapter until it finishes (prompt and
+generated tokens, since vLLM may preempt and recompute a prompt). An update or an unload of that adapter waits until no
+request holds it, and new requests for it wait for the change to finish. So a request never mixes versions, the worker
+never sees a request for a version it no longer holds, and requests for other adapters and the base run on
+undisturbed.
+
+Errors are `AdapterError(status, message)`: 404 for an adapter that is not loaded (naming it and listing the loaded
+ones), 400 for a bad directory (the file and the reason) or a wrong method / rank (with the fix). A refused change
+leaves everything as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import re
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from preft_rl.adapters.config import PreftConfig
+from preft_rl.engine.registry import AdapterEntry
+from preft_rl.engine.worker import agreed_result, entry_from_dict, pack_state
+
+logger = logging.getLogger(__name__)
+
+# Names go into cache salts ("preft:<name>:v<version>:p<prompt_len>") and URLs: no ':' (so no two salts can collide),
+# no spaces, and nothing a base model name (a path or a hub id with '/') is likely to be.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class AdapterError(Exception):
+    """A refused adapter request or change, with its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def cache_salt(entry: AdapterEntry, prompt_len: int, client_salt: str | None) -> str:
+    """The prefix-cache salt of an adapted prompt, set by the server after tokenisation (see PreftEngine): adapter,
+    version and prompt length, then the client's own salt if it sent one. Never the client's salt alone."""
+    salt = f"preft:{entry.name}:v{entry.version}:p{prompt_len}"
+    return salt if client_salt is None else f"{salt}:client:{client_salt}"
+
+
+def base_cache_salt(client_salt: str | None) -> str | None:
+    """A base request's salt: the client's, in its own namespace, so it can never equal an adapter's salt."""
+    return None if client_salt is None else f"client:{client_salt}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """What `preft-rl serve` passes to the plugin (as JSON in PREFT_RL_SERVE)."""
+
+    method: str
+    max_adapters: int
+    max_rank: int
+    model_class: str
+    adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # loaded at start-up: name -> directory
+    runtime_updates: bool = False  # the load / unload routes
+
+
+def read_adapter(name: str, path: Any, settings: ServeSettings) -> tuple[dict[str, Any], PreftConfig]:
+    """Read and check an adapter directory: (its state packed for the worker, its config). Every refusal names the
+    file or the setting and says what to do."""
+    from preft_rl.engine.common import adapter_source
+
+    if not isinstance(path, str) or not path:
+        raise AdapterError(400, f"adapter {name!r}: adapter_path={path!r} must be the path of a directory written "
+                                "by PreftModel.save_pretrained, on the server's machine")
+    if not Path(path).is_dir():
+        raise AdapterError(400, f"adapter {name!r}: {path} is not a directory on the server; pass the directory "
+                                "written by PreftModel.save_pretrained")
+    try:
+        state, config = adapter_source(path, None)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise AdapterError(400, f"adapter {name!r}: {exc}") from None
+    s = settings
+    if config.method != s.method:
+        raise AdapterError(400, f"adapter {name!r} in {path} is a {config.method} adapter but this server serves "
+                                f"{s.method} adapters (--method {s.method}); serve it from a server started with "
+                                f"--method {config.method}")
+    if config.r > s.max_rank:
+        raise AdapterError(400, f"adapter {name!r} in {path} has rank {config.r} but this server takes at most "
+                                f"--max-rank {s.max_rank}; restart the server with --max-rank {config.r} or more")
+    if config.adapter_scope != "prompt":
+        raise AdapterError(400, f"adapter {name!r} in {path} has adapter_scope={config.adapter_scope!r}; this server "
+                                "applies adapters to prompt tokens only (PreFT). Serve all-token adapters with "
+                                "`vllm serve --enable-lora` instead")
+    try:
+        packed = pack_state(name, state)  # the type checks the worker would make, before anything is sent
+    except (ValueError, TypeError) as exc:
+        raise AdapterError(400, f"adapter {name!r} in {path}: {exc}") from None
+    return packed, config
+
+
+class ServedAdapters:
+    """The loaded adapters of one server, their in-flight requests, and load / update / unload."""
+
+    def __init__(self, engine_client: Any, settings: ServeSettings, base_names: list[str]) -> None:
+        self.engine_client = engine_client
+        self.settings = settings
+        self.base_names = base_names
+        self.entries: dict[str, AdapterEntry] = {}
+        self.paths: dict[str, str] = {}
+        self._readers: Counter[str] = Counter()  # requests in flight per adapter name
+        self._changing: set[str] = set()  # names an update / unload is waiting for or applying
+        self._state = asyncio.Condition()
+        self._admin = asyncio.Lock()  # one change at a time, in order, on every rank
+
+    # ------------------------------------------------------------------------------ requests
+    def unknown(self, name: str) -> AdapterError:
+        loaded = sorted(self.entries)
+        shown = ", ".join(repr(n) for n in loaded[:20]) + (" ..." if len(loaded) > 20 else "") if loaded else "none"
+        return AdapterError(
+            404,
+            f"adapter {name!r} is not loaded on this server. Loaded adapters: {shown}. The base model is "
+            f"{self.base_names[0]!r} (no adapter). Load it with POST /v1/load_preft_adapter "
+            '{"adapter_name": ..., "adapter_path": ...} (when the server runs with --enable-adapter-updates).',
+        )
+
+    @contextlib.asynccontextmanager
+    async def serving(self, name: str) -> AsyncIterator[AdapterEntry]:
+        """Hold adapter `name` for one request: its entry (version) cannot change until the request ends."""
+        async with self._state:
+            await self._state.wait_for(lambda: name not in self._changing)
+            if name not in self.entries:
+                raise self.unknown(name)
+            entry = self.entries[name]
+            self._readers[name] += 1
+        try:
+            yield entry
+        finally:
+            async with self._state:
+                self._readers[name] -= 1
+                if not self._readers[name]:
+                    del self._readers[name]
+                self._state.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, name: str) -> AsyncIterator[None]:
+        """Wait until no request holds `name` (new ones wait meanwhile), then hold it alone."""
+        async with self._state:
+            self._changing.add(name)
+            await self._state.wait_for(lambda: not self._readers[name])
+        try:
+            yield
+        finally:
+            async with self._state:
+                self._changing.discard(name)
+                self._state.notify_all()
+
+    def in_flight(self, name: str) -> int:
+        return self._readers[name]
+
+    # ------------------------------------------------------------------------------ changes
+    async def _rpc(self, method: str, *args: Any) -> Any:
+        return agreed_result(method, await self.engine_client.collective_rpc(method, args=args))
+
+    def _check_name(self, name: Any) -> str:
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise AdapterError(400, f"adapter_name={name!r}: use 1-128 letters, digits, '.', '_' or '-', starting "
+                                    "with a letter or digit")
+        if name in self.base_names:
+            raise AdapterError(400, f"adapter_name={name!r} is the base model's name; choose another name")
+        return name
+
+    async def load(self, name: Any, path: Any, *, replace: bool = False) -> AdapterEntry:
+        """Load adapter `name` from `path`; with `replace=True` an adapter of that name is updated in place (its
+        version goes up) once the requests using it finish."""
+        name = self._check_name(name)
+        packed, config = await asyncio.to_thread(read_adapter, name, path, self.settings)
+        async with self._admin:
+            if name in self.entries and not replace:
+                raise AdapterError(400, f"adapter {name!r} is already loaded (version {self.entries[name].version}); "
+                                        'pass "load_inplace": true to update it, or unload it first')
+            if name not in self.entries and len(self.entries) >= self.settings.max_adapters:
+                raise AdapterError(400, f"all {self.settings.max_adapters} adapter slots are in use; unload an adapter "
+                                        "first, or restart the server with a larger --max-adapters")
+            if name in self.entries:
+                async with self._exclusive(name):
+                    entry = await self._replace(name, packed, config)
+            else:
+                entry = await self._add(name, packed, config)
+            self.paths[name] = str(path)
+        logger.info("adapter %r version %d loaded from %s", name, entry.version, path)
+        return entry
+
+    async def _add(self, name: str, packed: dict[str, Any], config: PreftConfig) -> AdapterEntry:
+        try:
+            data = await self._rpc("preft_add_adapter", name, packed, dataclasses.asdict(config))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise AdapterError(400, f"adapter {name!r}: {exc.args[0] if exc.args else exc}") from None
+        self.entries[name] = entry = entry_from_dict(data)
+        return entry
+
+    async def _replace(self, name: str, packed: dict[str, Any], config: PreftConfig) -> AdapterEntry:
+        """Same settings: new tensors in place. Other settings (rank, positions, ...): remove and add again, under the
+        same name (the registry keeps counting its versions, so no cached prompt of the old weights is reused)."""
+        old = self.entries[name]
+        if old.config == config:
+            try:
+                data = await self._rpc("preft_update_adapter", name, packed)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise AdapterError(400, f"adapter {name!r}: {exc.args[0] if exc.args else exc}") from None
+            self.entries[name] = entry = entry_from_dict(data)
+            return entry
+        await self._rpc("preft_remove_adapter", name)
+        del self.entries[name]
+        return await self._add(name, packed, config)
+
+    async def unload(self, name: Any) -> None:
+        if not isinstance(name, str) or name not in self.entries:
+            raise self.unknown(str(name))
+        async with self._admin:
+            if name not in self.entries:
+                raise self.unknown(name)
+            async with self._exclusive(name):
+                await self._rpc("preft_remove_adapter", name)
+                del self.entries[name]
+                self.paths.pop(name, None)
+        logger.info("adapter %r unloaded", name)
+
+
+_ids = itertools.count(1)
+
+
+def next_request_id() -> int:
+    """A fresh positive id for the LoRARequest-shaped record vLLM's model list and request routing use."""
+    return next(_ids)

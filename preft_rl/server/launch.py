@@ -1,0 +1,181 @@
+"""`preft-rl serve`: vLLM's own OpenAI-compatible server (`vllm serve`) with preft-rl's plugins.
+
+    preft-rl serve MODEL --adapters user-7=./adapters/user-7 [NAME=DIR ...] --method lora --max-adapters 64 \\
+        --max-rank 16 [--enable-adapter-updates --api-key KEY] [any vllm serve flag]
+
+This checks preft-rl's own flags and the start-up adapters (in seconds, before vLLM starts), then runs `vllm serve`
+in this process with:
+- `--hf-overrides` naming the PreFT model class of the base architecture, and `--worker-extension-cls`;
+- the plugins allowlisted (VLLM_PLUGINS) and their settings in PREFT_RL_SERVE;
+- preft-rl's engine defaults where the user gave none: the model's own dtype, eager mode, the served name as typed.
+Everything else (chat templates, streaming, /health, /metrics, the usual flags) is vLLM's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from importlib.metadata import entry_points
+from typing import Any
+
+from .adapters import NAME_PATTERN, AdapterError, ServeSettings, read_adapter
+from .plugins import ENDPOINT_PLUGIN, GENERAL_PLUGIN, LOAD_ROUTE, SETTINGS_ENV, UNLOAD_ROUTE
+
+# vllm serve flags preft-rl serve sets itself, or that would bypass the PreFT adapters.
+_REFUSED = {
+    "--hf-overrides": "preft-rl serve sets the architecture override itself (the PreFT model class)",
+    "--worker-extension-cls": "preft-rl serve uses its own worker extension",
+    "--enable-lora": "vLLM's LoRA serves every token; PreFT adapters go in --adapters",
+    "--lora-modules": "vLLM's LoRA serves every token; PreFT adapters go in --adapters",
+    "--headless": "the adapters are routed by the API server, which headless mode does not run",
+    "--grpc": "the adapters are routed by the HTTP API server",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="preft-rl serve", allow_abbrev=False,
+        description="Serve many prefill-only adapters with vLLM's OpenAI-compatible server. Flags not listed here go "
+                    "to `vllm serve` (e.g. --port, --host, --api-key, --max-model-len, --tensor-parallel-size).")
+    parser.add_argument("model", help="base model: a hub id, a local directory or an offline name")
+    parser.add_argument("--adapters", nargs="*", default=[], metavar="NAME=DIR",
+                        help="adapters to load at start-up; a request selects one with \"model\": NAME")
+    parser.add_argument("--method", choices=["lora", "loreft", "direft"], default="lora",
+                        help="the adapters' method; one per server (default: %(default)s)")
+    parser.add_argument("--max-adapters", type=int, default=64, help="adapter slots (default: %(default)s)")
+    parser.add_argument("--max-rank", type=int, default=16, help="largest adapter rank (default: %(default)s)")
+    parser.add_argument("--enable-adapter-updates", action="store_true",
+                        help=f"add POST {LOAD_ROUTE} and {UNLOAD_ROUTE} (needs --api-key or VLLM_API_KEY)")
+    parser.add_argument("--cpu-kv-cache-gib", type=int, default=1,
+                        help="CPU KV cache size when VLLM_CPU_KVCACHE_SPACE is unset (default: %(default)s)")
+    return parser
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--adapters {spec!r}: write NAME=DIR, e.g. user-7=./adapters/user-7")
+        if not NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"--adapters {spec!r}: the name {name!r} must be 1-128 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit")
+        if name in adapters:
+            raise ValueError(f"--adapters: {name!r} is given twice")
+        adapters[name] = os.path.abspath(path)
+    return adapters
+
+
+def _flag_given(argv: list[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(the `vllm serve` argv, the environment to add) for `preft-rl serve` arguments; raises ValueError with the fix
+    for any bad flag or start-up adapter. Nothing is started."""
+    from transformers import AutoConfig
+
+    from preft_rl.engine.common import default_vllm_settings
+    from preft_rl.engine.model import SUPPORTED_ARCHITECTURES, preft_architecture
+    from preft_rl.engine.worker import WORKER_EXTENSION
+    from preft_rl.models import resolve_model
+
+    args, vllm_argv = build_parser().parse_known_args(argv)
+    for flag, why in _REFUSED.items():
+        if _flag_given(vllm_argv, flag):
+            raise ValueError(f"{flag} cannot be used with preft-rl serve: {why}")
+    for flag in ("--api-server-count", "--data-parallel-size"):
+        value = _flag_value(vllm_argv, flag)
+        if value not in (None, "1"):
+            raise ValueError(f"{flag} {value}: preft-rl serve runs one API server (it holds the adapter table); "
+                             "scale out with --tensor-parallel-size, or run several servers behind a load balancer")
+    if args.max_adapters < 1 or args.max_rank < 1:
+        raise ValueError(f"--max-adapters {args.max_adapters} and --max-rank {args.max_rank} must both be >= 1")
+    if args.enable_adapter_updates and not (_flag_given(vllm_argv, "--api-key") or os.environ.get("VLLM_API_KEY")):
+        raise ValueError("--enable-adapter-updates lets clients load files of the server's machine: it needs an API "
+                         "key (--api-key KEY or VLLM_API_KEY), as vLLM's own runtime LoRA updates do")
+    adapters = parse_adapters(args.adapters)
+    if len(adapters) > args.max_adapters:
+        raise ValueError(f"{len(adapters)} --adapters but --max-adapters {args.max_adapters}; raise --max-adapters")
+
+    path = resolve_model(args.model)
+    hf_config = AutoConfig.from_pretrained(path)
+    arch = (getattr(hf_config, "architectures", None) or [None])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{args.model}: architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHITECTURES)}")
+    settings = ServeSettings(method=args.method, max_adapters=args.max_adapters, max_rank=args.max_rank,
+                             model_class=preft_architecture(arch, args.method), adapters=adapters,
+                             runtime_updates=args.enable_adapter_updates)
+    for name, adapter_dir in adapters.items():  # every start-up adapter read and checked before vLLM starts
+        try:
+            read_adapter(name, adapter_dir, settings)
+        except AdapterError as exc:
+            raise ValueError(exc.message) from None
+
+    defaults = default_vllm_settings(hf_config, args.cpu_kv_cache_gib)  # also sets VLLM_CPU_KVCACHE_SPACE if unset
+    out = ["serve", path]
+    if not _flag_given(vllm_argv, "--served-model-name"):
+        out += ["--served-model-name", str(args.model)]
+    if not _flag_given(vllm_argv, "--dtype"):
+        out += ["--dtype", defaults["dtype"]]
+    if not any(_flag_given(vllm_argv, f) for f in ("--enforce-eager", "--no-enforce-eager", "--compilation-config", "-cc", "-O")):
+        out += ["--enforce-eager"]
+    out += vllm_argv
+    out += ["--hf-overrides", json.dumps({"architectures": [settings.model_class]}),
+            "--worker-extension-cls", WORKER_EXTENSION]
+    env = {SETTINGS_ENV: json.dumps(dataclasses.asdict(settings)), "VLLM_PLUGINS": _plugins_allowlist(),
+           "VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"]}
+    return out, env
+
+
+def _plugins_allowlist() -> str:
+    """VLLM_PLUGINS with preft-rl's two plugins added. Endpoint plugins load only when named there; and when it was
+    unset, every installed general plugin is named too, so none that loaded before stops loading."""
+    current = os.environ.get("VLLM_PLUGINS")
+    names = [n for n in current.split(",") if n] if current is not None else [p.name for p in entry_points(group="vllm.general_plugins")]
+    for name in (GENERAL_PLUGIN, ENDPOINT_PLUGIN):
+        if name not in names:
+            names.append(name)
+    return ",".join(names)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        vllm_argv, env = plan(argv)
+    except (ValueError, OSError) as exc:
+        print(f"preft-rl serve: {exc}", file=sys.stderr)
+        return 2
+    os.environ.update(env)
+    print("preft-rl serve: vllm " + " ".join(vllm_argv), file=sys.stderr, flush=True)
+    return run_vllm_serve(vllm_argv)
+
+
+def run_vllm_serve(vllm_argv: list[str]) -> int:
+    """`vllm serve ...` in this process (vLLM's CLI main looks up a `vllm` distribution, which vllm-cpu is not)."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="vllm")
+    subparsers = parser.add_subparsers(dest="subparser", required=True)
+    command = ServeSubcommand()
+    command.subparser_init(subparsers)
+    args: Any = parser.parse_args(vllm_argv)
+    configure_logging_from_args(args)
+    command.validate(args)
+    command.cmd(args)
+    return 0

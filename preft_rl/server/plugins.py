@@ -1,0 +1,225 @@
+"""preft-rl's vLLM plugins, declared as entry points in pyproject.toml and loaded by `vllm serve`:
+
+- `register_models` (group `vllm.general_plugins`, every vLLM process): registers the PreFT model classes, so the
+  engine core and every tensor-parallel worker can build `Preft<Method><Arch>` (`--hf-overrides`);
+- `PreftEndpointPlugin` (group `vllm.endpoint_plugins`, the API-server process; opt-in through VLLM_PLUGINS, which
+  `preft-rl serve` sets): sets up the worker extension's registry, loads the start-up adapters, routes each request's
+  `model` to its adapter, and adds the load / unload routes when they are enabled.
+
+The worker extension itself (`preft_rl.engine.worker.PreftWorkerExtension`) is vLLM's `--worker-extension-cls`.
+
+How a request reaches its adapter. Every loaded adapter is listed in vLLM's model table as a `PreftAdapterRequest`
+(a LoRARequest subclass), so vLLM's own checks accept its name as `model`, answer with that name, and list it in
+/v1/models. The engine client's `generate` is wrapped: for a PreftAdapterRequest it drops the LoRA request, holds the
+adapter for the request's life (`ServedAdapters.serving`), tells the worker which adapter and version (sampling
+params' `extra_args`, as PreftEngine does) and sets the prefix-cache salt from the tokenised prompt.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route handlers' annotations (Request) at run time.
+import json
+import logging
+import os
+from http import HTTPStatus
+from typing import Any
+
+from .adapters import AdapterError, ServedAdapters, ServeSettings, base_cache_salt, cache_salt, next_request_id
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_ENV = "PREFT_RL_SERVE"  # JSON of ServeSettings, set by `preft-rl serve`
+GENERAL_PLUGIN = "preft_rl"
+ENDPOINT_PLUGIN = "preft_rl_serve"
+LOAD_ROUTE = "/v1/load_preft_adapter"
+UNLOAD_ROUTE = "/v1/unload_preft_adapter"
+
+
+def register_models() -> None:
+    """vLLM general plugin: the PreFT model classes, in every vLLM process."""
+    from preft_rl.engine.model import register_preft_models
+
+    register_preft_models()
+
+
+def serve_settings() -> ServeSettings | None:
+    raw = os.environ.get(SETTINGS_ENV)
+    return None if not raw else ServeSettings(**json.loads(raw))
+
+
+def _lora_request_class() -> type:
+    from vllm.lora.request import LoRARequest
+
+    class PreftAdapterRequest(LoRARequest):
+        """A PreFT adapter in vLLM's model table: never sent to the engine as a LoRA (the wrapped generate drops it)."""
+
+    return PreftAdapterRequest
+
+
+PreftAdapterRequest: type | None = None
+
+
+class PreftEndpointPlugin:
+    """vLLM endpoint plugin: adapters per request, and the adapter routes (see the module docstring)."""
+
+    name = ENDPOINT_PLUGIN
+    required_tasks = ("generate",)
+
+    def __init__(self) -> None:
+        self.settings = serve_settings()
+
+    def attach_router(self, app: Any) -> None:
+        if self.settings is None or not self.settings.runtime_updates:
+            return  # off unless `preft-rl serve --enable-adapter-updates` (which also requires an API key)
+        from fastapi import APIRouter, Request
+        from fastapi.responses import JSONResponse
+
+        router = APIRouter()
+
+        def error(exc: AdapterError) -> JSONResponse:
+            return JSONResponse(status_code=exc.status, content={"error": {
+                "message": exc.message, "type": HTTPStatus(exc.status).phrase.replace(" ", "") + "Error",
+                "param": None, "code": exc.status}})
+
+        async def body(request: Request) -> dict[str, Any]:
+            try:
+                data = await request.json()
+            except ValueError:
+                raise AdapterError(400, "the request body must be a JSON object") from None
+            if not isinstance(data, dict):
+                raise AdapterError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+            return data
+
+        @router.post(LOAD_ROUTE)
+        async def load_preft_adapter(request: Request):
+            """{"adapter_name": ..., "adapter_path": ..., "load_inplace": false}; load_inplace=true updates a loaded
+            adapter (new weights, same name, next version) once the requests using it finish."""
+            served: ServedAdapters = request.app.state.preft_adapters
+            try:
+                data = await body(request)
+                inplace = data.get("load_inplace", False)
+                if not isinstance(inplace, bool):
+                    raise AdapterError(400, f"load_inplace={inplace!r} must be true or false")
+                entry = await served.load(data.get("adapter_name"), data.get("adapter_path"), replace=inplace)
+            except AdapterError as exc:
+                return error(exc)
+            _list_adapter(request.app.state, entry.name, served.paths[entry.name])
+            return JSONResponse({"adapter_name": entry.name, "version": entry.version, "rank": entry.rank,
+                                 "method": entry.config.method})
+
+        @router.post(UNLOAD_ROUTE)
+        async def unload_preft_adapter(request: Request):
+            """{"adapter_name": ...}; waits for the requests using the adapter to finish."""
+            served: ServedAdapters = request.app.state.preft_adapters
+            try:
+                data = await body(request)
+                name = data.get("adapter_name")
+                await served.unload(name)
+            except AdapterError as exc:
+                return error(exc)
+            request.app.state.openai_serving_models.lora_requests.pop(name, None)
+            return JSONResponse({"adapter_name": name, "unloaded": True})
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        if self.settings is None:
+            logger.warning("preft_rl_serve endpoint plugin: %s is not set; start the server with `preft-rl serve`",
+                           SETTINGS_ENV)
+            return
+        if engine_client is None:
+            raise RuntimeError("preft-rl serve needs an engine (this is a render-only server)")
+        s = self.settings
+        from preft_rl.engine.worker import agreed_result
+
+        agreed_result("preft_prepare", await engine_client.collective_rpc("preft_prepare"))
+        info = agreed_result("preft_setup", await engine_client.collective_rpc(
+            "preft_setup", args=(s.method, s.max_adapters, s.max_rank, True, s.model_class)))
+        models = state.openai_serving_models
+        served = ServedAdapters(engine_client, s, [m.name for m in models.base_model_paths])
+        state.preft_adapters = served
+        install_request_routing(engine_client, served)
+        for name, path in s.adapters.items():
+            try:
+                await served.load(name, path)
+            except AdapterError as exc:
+                raise SystemExit(f"preft-rl serve: {exc.message}") from None
+            _list_adapter(state, name, path)
+        logger.info("preft-rl serve: %s adapters (%s, up to %d of rank <= %d, %.2f MiB each): %s", s.method,
+                    "prefill-only", s.max_adapters, s.max_rank, info["bytes_per_adapter"] / 2**20, sorted(served.entries))
+
+
+def _list_adapter(state: Any, name: str, path: str) -> None:
+    """Make `name` a valid `model` for vLLM's request checks, responses and /v1/models."""
+    global PreftAdapterRequest
+    if PreftAdapterRequest is None:
+        PreftAdapterRequest = _lora_request_class()
+    models = state.openai_serving_models
+    models.lora_requests[name] = PreftAdapterRequest(
+        lora_name=name, lora_int_id=next_request_id(), lora_path=path, base_model_name=models.base_model_paths[0].name)
+
+
+def install_request_routing(engine_client: Any, served: ServedAdapters) -> None:
+    """Wrap the engine client's generate (see the module docstring) and make vLLM's request checks PreFT-aware."""
+    from vllm.exceptions import VLLMNotFoundError
+
+    from preft_rl.engine.model import EXTRA_ARGS_KEY
+
+    inner = engine_client.generate
+
+    async def generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any, lora_request: Any = None,
+                       **kwargs: Any):
+        if PreftAdapterRequest is None or not isinstance(lora_request, PreftAdapterRequest):  # the base model
+            if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
+                prompt = {**prompt, "cache_salt": base_cache_salt(prompt["cache_salt"])}
+            async for output in inner(prompt, sampling_params, request_id, *args, lora_request=lora_request, **kwargs):
+                yield output
+            return
+        name = lora_request.lora_name
+        if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt_token_ids"), list):
+            raise ValueError(f"adapter {name!r}: a PreFT adapter needs a text or token prompt, not "
+                             f"{type(prompt).__name__} input")
+        try:
+            async with served.serving(name) as entry:
+                salt = cache_salt(entry, len(prompt["prompt_token_ids"]), prompt.get("cache_salt"))
+                params = sampling_params.clone()
+                params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: {"name": entry.name, "version": entry.version}}
+                stream = inner({**prompt, "cache_salt": salt}, params, request_id, *args, lora_request=None, **kwargs)
+                try:
+                    async for output in stream:
+                        yield output
+                finally:
+                    await stream.aclose()  # an abandoned request is aborted before the adapter is released
+        except AdapterError as exc:  # unloaded between vLLM's model check and here
+            raise VLLMNotFoundError(exc.message) from None
+
+    engine_client.generate = generate
+    _patch_serving_checks(served)
+
+
+_PATCHED = False
+
+
+def _patch_serving_checks(served: ServedAdapters) -> None:
+    """vLLM's request checks, PreFT-aware (API-server process only): an unknown `model` gets a 404 that lists the
+    loaded adapters; PreFT adapters are never picked as a "default multimodal LoRA" (vLLM matches LoRA names against
+    content types, so an adapter named "text" would otherwise serve plain base requests)."""
+    global _PATCHED
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+
+    BaseServing._preft_served = served
+    if _PATCHED:
+        return
+    _PATCHED = True
+    check_model, default_mm_loras = BaseServing._check_model, BaseServing._get_active_default_mm_loras
+
+    async def _check_model(self, request):
+        error = await check_model(self, request)
+        if error is not None and error.error.code == HTTPStatus.NOT_FOUND.value:
+            error.error.message = self._preft_served.unknown(str(request.model)).message
+        return error
+
+    def _get_active_default_mm_loras(self, request):
+        lora = default_mm_loras(self, request)
+        return None if PreftAdapterRequest is not None and isinstance(lora, PreftAdapterRequest) else lora
+
+    BaseServing._check_model = _check_model
+    BaseServing._get_active_default_mm_loras = _get_active_default_mm_loras

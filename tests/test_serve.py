@@ -1,0 +1,515 @@
+"""`preft-rl serve`: vLLM's OpenAI-compatible server with prefill-only adapters, driven by the `openai` client.
+
+The server tests (marked slow) start one real server on 127.0.0.1 for the module, on the tiny Llama, and compare
+every greedy output with the HF reference (`PreftModel.generate`, which the engine tests pin PreftEngine to). The
+first tests check the launcher and the adapter table without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from preft_rl.server.adapters import AdapterError, ServedAdapters, ServeSettings, base_cache_salt, cache_salt
+from preft_rl.server.launch import plan
+
+API_KEY = "test-key"
+MAX_RANK = 8
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int, method: str = "lora", r: int = 4) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from preft_rl.adapters import PreftConfig, PreftModel
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = PreftConfig(method=method, r=r, alpha=2 * r) if method == "lora" else PreftConfig(method=method, r=r)
+    model = PreftModel(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in model.adapter_named_parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.5)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve-adapters")
+    return {
+        "a": make_adapter(tiny_llama_dir, root / "a", seed=1),
+        "b": make_adapter(tiny_llama_dir, root / "b", seed=2),
+        "c": make_adapter(tiny_llama_dir, root / "c", seed=3),
+        "loreft": make_adapter(tiny_llama_dir, root / "loreft", seed=4, method="loreft"),
+        "rank16": make_adapter(tiny_llama_dir, root / "rank16", seed=5, r=16),
+    }
+
+
+# ------------------------------------------------------------------------------------------ the launcher
+def test_plan_builds_vllm_serve_with_the_plugins(tiny_llama_dir, adapter_dirs):
+    argv, env = plan([str(tiny_llama_dir), "--adapters", f"a={adapter_dirs['a']}", "--max-rank", "8", "--port", "9"])
+    assert argv[:2] == ["serve", str(tiny_llama_dir)]
+    assert argv[argv.index("--hf-overrides") + 1] == json.dumps({"architectures": ["PreftLoraLlamaForCausalLM"]})
+    assert argv[argv.index("--worker-extension-cls") + 1] == "preft_rl.engine.worker.PreftWorkerExtension"
+    assert argv[argv.index("--dtype") + 1] == "float32"  # the model's own dtype, never a silent downcast
+    assert "--port" in argv and "--enforce-eager" in argv
+    settings = json.loads(env["PREFT_RL_SERVE"])
+    assert settings["adapters"] == {"a": str(adapter_dirs["a"])} and settings["runtime_updates"] is False
+    assert {"preft_rl", "preft_rl_serve"} <= set(env["VLLM_PLUGINS"].split(","))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--enable-lora"], "--enable-lora cannot be used"),
+        (["--lora-modules", "x=y"], "--lora-modules cannot be used"),
+        (["--api-server-count", "2"], "one API server"),
+        (["--enable-adapter-updates"], "needs an API key"),
+        (["--adapters", "a"], "write NAME=DIR"),
+        (["--adapters", "bad:name=/x"], "'bad:name' must be"),
+        (["--max-adapters", "0"], "must both be >= 1"),
+    ],
+)
+def test_plan_refuses_bad_flags(tiny_llama_dir, extra, message, monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        plan([str(tiny_llama_dir), *extra])
+
+
+def test_plan_checks_startup_adapters_before_vllm_starts(tiny_llama_dir, adapter_dirs, tmp_path):
+    with pytest.raises(ValueError, match=r"is a loreft adapter but this server serves lora adapters .*--method loreft"):
+        plan([str(tiny_llama_dir), "--adapters", f"x={adapter_dirs['loreft']}"])
+    with pytest.raises(ValueError, match=r"has rank 16 .*--max-rank 16 or more"):
+        plan([str(tiny_llama_dir), "--adapters", f"x={adapter_dirs['rank16']}", "--max-rank", "8"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((adapter_dirs["a"] / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes((adapter_dirs["a"] / "adapter_model.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors cannot be read .*truncated or corrupt"):
+        plan([str(tiny_llama_dir), "--adapters", f"x={broken}"])
+
+
+def test_cache_salts_never_collide():
+    from preft_rl.engine.registry import AdapterEntry
+
+    entry = AdapterEntry(name="u", slot=0, version=3, rank=4, config=None, keys=frozenset())
+    assert cache_salt(entry, 17, None) == "preft:u:v3:p17"
+    assert cache_salt(entry, 17, "mine") == "preft:u:v3:p17:client:mine"
+    # a base request's own salt can never equal an adapter's: a client cannot reach an adapter's cached prompt KV
+    assert base_cache_salt("preft:u:v3:p17") == "client:preft:u:v3:p17"
+    assert base_cache_salt(None) is None
+
+
+# ------------------------------------------------------------------------------------------ the adapter table
+class FakeEngineClient:
+    """collective_rpc of one rank, with the worker extension's replies (a registry of names and versions)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.versions: dict[str, int] = {}
+
+    async def collective_rpc(self, method, args=()):
+        self.calls.append(method)
+        name = args[0]
+        if method == "preft_add_adapter":
+            self.versions[name] = self.versions.get(name, 0) + 1
+        elif method == "preft_update_adapter":
+            self.versions[name] += 1
+        elif method == "preft_remove_adapter":
+            return [{"removed": name}]
+        config = args[2] if method == "preft_add_adapter" else {"method": "lora", "r": 4}
+        return [{"name": name, "slot": 0, "version": self.versions[name], "rank": 4, "config": config, "keys": []}]
+
+
+def test_updates_wait_for_the_requests_using_the_adapter(adapter_dirs):
+    """A request is pinned to the version it started with: an update waits for it, and a request arriving during the
+    update waits and then gets the new version. Requests for other adapters are not held up."""
+
+    async def scenario():
+        served = ServedAdapters(FakeEngineClient(), ServeSettings("lora", 4, 8, "X"), ["base"])
+        await served.load("a", str(adapter_dirs["a"]))
+        await served.load("b", str(adapter_dirs["b"]))
+        events = []
+        first_started, release_first = asyncio.Event(), asyncio.Event()
+
+        async def long_request():
+            async with served.serving("a") as entry:
+                first_started.set()
+                await release_first.wait()
+                events.append(("first request done", entry.version))
+
+        async def later_request():
+            async with served.serving("a") as entry:
+                events.append(("later request", entry.version))
+
+        async def other_adapter():
+            async with served.serving("b") as entry:
+                events.append(("b", entry.version))
+
+        first = asyncio.create_task(long_request())
+        await first_started.wait()
+        update = asyncio.create_task(served.load("a", str(adapter_dirs["c"]), replace=True))
+        await asyncio.sleep(0.05)
+        assert not update.done() and served.entries["a"].version == 1  # waits for the request that holds version 1
+        later = asyncio.create_task(later_request())
+        await other_adapter()  # another adapter is served meanwhile
+        await asyncio.sleep(0.05)
+        assert not later.done()  # a new request for "a" waits for the update
+        release_first.set()
+        await asyncio.gather(first, update, later)
+        return events, served
+
+    events, served = asyncio.run(scenario())
+    assert events == [("b", 1), ("first request done", 1), ("later request", 2)]
+    assert served.entries["a"].version == 2 and served.in_flight("a") == 0
+
+
+def test_adapter_table_errors_change_nothing(adapter_dirs, tmp_path):
+    async def scenario():
+        client = FakeEngineClient()
+        served = ServedAdapters(client, ServeSettings("lora", 2, 8, "X"), ["base"])
+        await served.load("a", str(adapter_dirs["a"]))
+        checks = [
+            (served.load("a", str(adapter_dirs["b"])), 400, "already loaded"),
+            (served.load("x", str(tmp_path / "missing")), 400, "is not a directory"),
+            (served.load("x", str(adapter_dirs["loreft"])), 400, "--method loreft"),
+            (served.load("x", str(adapter_dirs["rank16"])), 400, "--max-rank 16"),
+            (served.load("base", str(adapter_dirs["b"])), 400, "base model's name"),
+            (served.load("a:b", str(adapter_dirs["b"])), 400, "letters, digits"),
+            (served.unload("nope"), 404, "'nope' is not loaded on this server. Loaded adapters: 'a'"),
+        ]
+        for coro, status, message in checks:
+            with pytest.raises(AdapterError, match=message.replace("(", r"\(")) as info:
+                await coro
+            assert info.value.status == status
+        await served.load("b", str(adapter_dirs["b"]))
+        with pytest.raises(AdapterError, match="all 2 adapter slots are in use"):
+            await served.load("c", str(adapter_dirs["c"]))
+        with pytest.raises(AdapterError, match="not loaded"):
+            async with served.serving("c"):
+                pass
+        return client, served
+
+    client, served = asyncio.run(scenario())
+    assert client.calls == ["preft_add_adapter", "preft_add_adapter"]  # no refused change reached the worker
+    assert sorted(served.entries) == ["a", "b"] and served.entries["a"].version == 1
+
+
+def test_endpoint_routes_are_off_by_default(monkeypatch):
+    from fastapi import FastAPI
+
+    from preft_rl.server.plugins import LOAD_ROUTE, SETTINGS_ENV, PreftEndpointPlugin
+
+    settings = ServeSettings("lora", 4, 8, "X")
+    for updates, expected in ((False, set()), (True, {LOAD_ROUTE, "/v1/unload_preft_adapter"})):
+        monkeypatch.setenv(SETTINGS_ENV, json.dumps({**settings.__dict__, "runtime_updates": updates}))
+        app = FastAPI()
+        PreftEndpointPlugin().attach_router(app)
+        assert {route.path for route in app.routes} & expected == expected
+        assert ({route.path for route in app.routes} & {LOAD_ROUTE}) == (expected & {LOAD_ROUTE})
+
+
+# ------------------------------------------------------------------------------------------ a real server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, adapter_dirs, tmp_path_factory):
+    """One `preft-rl serve` on 127.0.0.1 with adapters a and b, runtime updates on; stopped at the end."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    cmd = [sys.executable, "-m", "preft_rl.cli", "serve", str(tiny_llama_dir),
+           "--adapters", f"a={adapter_dirs['a']}", f"b={adapter_dirs['b']}", "--max-adapters", "6", "--max-rank", str(MAX_RANK),
+           "--enable-adapter-updates", "--api-key", API_KEY, "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", "tiny", "--max-model-len", "512", "--max-num-seqs", "32", "--max-num-batched-tokens", "512"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"preft-rl serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(base_url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"preft-rl serve did not come up in 300 s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield base_url
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir):
+    """Greedy token ids of the HF reference: the base model or a PreftModel loaded from an adapter directory."""
+    from transformers import AutoModelForCausalLM
+
+    from preft_rl.adapters import PreftModel
+
+    cache: dict = {}
+
+    def generate(adapter_dir: Path | None, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        key = (str(adapter_dir), tuple(prompt_ids), max_tokens)
+        if key not in cache:
+            model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+            model.generation_config.eos_token_id = None
+            if adapter_dir is not None:
+                model = PreftModel.from_pretrained(model, adapter_dir)
+            with torch.no_grad():
+                out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False)
+            cache[key] = out[0, len(prompt_ids):].tolist()
+        return cache[key]
+
+    return generate
+
+
+PROMPTS = ["the apples and two books", "how many cats has she", "five birds buy more coins than 12 pears", "what is 7 plus"]
+GREEDY = {"temperature": 0, "max_tokens": 8}
+TOKENS = {"return_token_ids": True, "ignore_eos": True}
+
+
+def complete(client, model: str, prompt: str, **kwargs):
+    params = {**GREEDY, **kwargs}
+    response = client.completions.create(model=model, prompt=prompt, extra_body={**TOKENS, **params.pop("extra_body", {})},
+                                         **params)
+    choice = response.choices[0]
+    return response, choice.prompt_token_ids, choice.token_ids
+
+
+def post(server: str, route: str, body: dict, key: str | None = API_KEY) -> tuple[int, dict]:
+    request = urllib.request.Request(server + route, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def served_dir(adapter_dirs, model: str) -> Path | None:
+    return None if model == "tiny" else adapter_dirs[model]
+
+
+@pytest.mark.slow
+def test_models_lists_the_base_and_every_adapter(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"tiny", "a", "b"}
+    assert models["a"].model_extra.get("parent") == "tiny"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny", "a", "b"])
+def test_completions_equal_the_reference(client, reference, adapter_dirs, model):
+    for prompt in PROMPTS:
+        response, prompt_ids, ids = complete(client, model, prompt)
+        assert response.model == model
+        assert ids == reference(served_dir(adapter_dirs, model), prompt_ids, GREEDY["max_tokens"]), (model, prompt)
+        # streamed: the same text, chunk by chunk
+        stream = client.completions.create(model=model, prompt=prompt, stream=True, extra_body={"ignore_eos": True}, **GREEDY)
+        assert "".join(chunk.choices[0].text for chunk in stream) == response.choices[0].text
+    if model != "tiny":  # the adapter really acts
+        _, prompt_ids, ids = complete(client, model, PROMPTS[0])
+        assert ids != reference(None, prompt_ids, GREEDY["max_tokens"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny", "a"])
+def test_chat_equals_the_reference(client, reference, adapter_dirs, tokenizer, model):
+    messages = [{"role": "user", "content": "how many books has the sister"}]
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    response = client.chat.completions.create(model=model, messages=messages, extra_body=TOKENS, **GREEDY)
+    assert response.model == model
+    assert response.prompt_token_ids == list(prompt_ids)
+    assert response.choices[0].token_ids == reference(served_dir(adapter_dirs, model), list(prompt_ids), GREEDY["max_tokens"])
+    stream = client.chat.completions.create(model=model, messages=messages, stream=True, extra_body={"ignore_eos": True}, **GREEDY)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == response.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_concurrent_clients_over_two_adapters_and_the_base(server, reference, adapter_dirs, tokenizer):
+    """32 clients x 8 requests, spread over a, b and the base, within a time limit: every response is complete and equal
+    to its reference, and none is dropped."""
+    from openai import AsyncOpenAI
+
+    expected = {}
+    for model in ("tiny", "a", "b"):
+        for prompt in PROMPTS:
+            expected[model, prompt] = reference(served_dir(adapter_dirs, model), tokenizer.encode(prompt), GREEDY["max_tokens"])
+
+    async def run():
+        client = AsyncOpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+        async def one_client(i: int):
+            results = []
+            for j in range(8):
+                model, prompt = ("tiny", "a", "b")[(i + j) % 3], PROMPTS[(i * 8 + j) % len(PROMPTS)]
+                response = await client.completions.create(model=model, prompt=prompt, extra_body=TOKENS, **GREEDY)
+                results.append((model, prompt, response))
+            return results
+
+        return await asyncio.wait_for(asyncio.gather(*(one_client(i) for i in range(32))), timeout=600)
+
+    start = time.monotonic()
+    results = [item for client_results in asyncio.run(run()) for item in client_results]
+    assert len(results) == 32 * 8
+    for model, prompt, response in results:
+        choice = response.choices[0]
+        assert response.model == model and choice.finish_reason == "length"
+        assert choice.token_ids == expected[model, prompt], (model, prompt)
+    print(f"256 requests in {time.monotonic() - start:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_client_salt_never_reaches_an_adapters_cached_prompt(client, reference, adapter_dirs, tokenizer):
+    """A long prompt (several KV blocks) served under adapter a is cached with a's salt. A base request that sends
+    that very salt as its own `cache_salt` must still get the base model's answer, not a's cached prompt KV."""
+    prompt = " ".join(["the sister buys five more apples than the brother and then sells them at the market"] * 12)
+    prompt_ids = tokenizer.encode(prompt)
+    assert 150 < len(prompt_ids) < 480
+    _, _, adapted = complete(client, "a", prompt)
+    assert adapted == reference(adapter_dirs["a"], prompt_ids, 8)
+    version = 1  # a is never updated before this test (runtime updates use their own names)
+    _, _, base = complete(client, "tiny", prompt, extra_body={"cache_salt": f"preft:a:v{version}:p{len(prompt_ids)}"})
+    assert base == reference(None, prompt_ids, 8)
+    _, _, again = complete(client, "a", prompt, extra_body={"cache_salt": "mine"})
+    assert again == adapted
+
+
+@pytest.mark.slow
+def test_errors_name_the_problem_and_the_server_keeps_serving(server, client, reference, adapter_dirs, tmp_path):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="user-404", prompt="hi", max_tokens=2)
+    assert "'user-404' is not loaded" in str(info.value) and "'a', 'b'" in str(info.value)
+
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "adapter_config.json").write_text("{not json")
+    cases = [
+        ({"adapter_name": "x", "adapter_path": str(tmp_path / "missing")}, 400, "is not a directory"),
+        ({"adapter_name": "x", "adapter_path": str(tmp_path / "corrupt")}, 400, "adapter_config.json is not valid JSON"),
+        ({"adapter_name": "x", "adapter_path": str(adapter_dirs["loreft"])}, 400, "a server started with --method loreft"),
+        ({"adapter_name": "x", "adapter_path": str(adapter_dirs["rank16"])}, 400, "--max-rank 16 or more"),
+        ({"adapter_name": "a", "adapter_path": str(adapter_dirs["c"])}, 400, "already loaded"),
+        ({"adapter_name": "x"}, 400, "adapter_path=None"),
+    ]
+    for body, status, message in cases:
+        code, reply = post(server, "/v1/load_preft_adapter", body)
+        assert code == status and message in reply["error"]["message"], (body, reply)
+    code, reply = post(server, "/v1/unload_preft_adapter", {"adapter_name": "nope"})
+    assert code == 404 and "Loaded adapters: 'a', 'b'" in reply["error"]["message"]
+    code, _ = post(server, "/v1/load_preft_adapter", {"adapter_name": "x", "adapter_path": str(adapter_dirs["c"])}, key=None)
+    assert code == 401  # the routes need the API key
+
+    assert {m.id for m in client.models.list().data} == {"tiny", "a", "b"}  # nothing changed
+    for model in ("tiny", "a", "b"):
+        _, prompt_ids, ids = complete(client, model, PROMPTS[1])
+        assert ids == reference(served_dir(adapter_dirs, model), prompt_ids, 8)
+
+
+@pytest.mark.slow
+def test_load_update_unload_at_run_time(server, client, reference, adapter_dirs, tokenizer):
+    """Outputs change exactly when the adapter changes; a name removed and loaded again with other weights never gets
+    the old weights' cached prompt KV (a prompt of several KV blocks, cached before the unload)."""
+    import openai
+
+    long_prompt = " ".join(["how many coins has the friend at the school farm and how many birds"] * 12)
+    long_ids = tokenizer.encode(long_prompt)
+    code, reply = post(server, "/v1/load_preft_adapter", {"adapter_name": "user-7", "adapter_path": str(adapter_dirs["c"])})
+    assert code == 200 and reply["version"] == 1
+    assert "user-7" in {m.id for m in client.models.list().data}
+    for prompt in (PROMPTS[0], long_prompt):
+        _, prompt_ids, ids = complete(client, "user-7", prompt)
+        assert ids == reference(adapter_dirs["c"], prompt_ids, 8)
+
+    # update in place: new weights (b's), same name, next version
+    code, reply = post(server, "/v1/load_preft_adapter",
+                       {"adapter_name": "user-7", "adapter_path": str(adapter_dirs["b"]), "load_inplace": True})
+    assert code == 200 and reply["version"] == 2
+    for prompt in (PROMPTS[0], long_prompt):
+        _, prompt_ids, ids = complete(client, "user-7", prompt)
+        assert ids == reference(adapter_dirs["b"], prompt_ids, 8)
+
+    code, _ = post(server, "/v1/unload_preft_adapter", {"adapter_name": "user-7"})
+    assert code == 200 and "user-7" not in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="user-7", prompt="hi", max_tokens=2)
+
+    # the same name again, with c's weights: never b's cached prompt
+    code, reply = post(server, "/v1/load_preft_adapter", {"adapter_name": "user-7", "adapter_path": str(adapter_dirs["c"])})
+    assert code == 200 and reply["version"] == 3
+    _, _, ids = complete(client, "user-7", long_prompt)
+    assert ids == reference(adapter_dirs["c"], long_ids, 8)
+    for model in ("a", "b"):  # the others are untouched
+        _, prompt_ids, ids = complete(client, model, PROMPTS[2])
+        assert ids == reference(adapter_dirs[model], prompt_ids, 8)
+    post(server, "/v1/unload_preft_adapter", {"adapter_name": "user-7"})
+
+
+@pytest.mark.slow
+def test_an_update_while_requests_run_pins_each_request_to_one_version(server, reference, adapter_dirs, tokenizer):
+    """Long requests for one adapter are running, and more are queued (80 requests, 32 sequences at a time), when its
+    update arrives: each of them finishes with the old weights' output, every request sent after the update returns
+    gets the new weights', and the engine keeps serving. (Without the pinning, a queued request reached the worker
+    after the update, for a version it no longer held, and the engine core died.)"""
+    from openai import AsyncOpenAI
+
+    code, _ = post(server, "/v1/load_preft_adapter", {"adapter_name": "pinned", "adapter_path": str(adapter_dirs["a"])})
+    assert code == 200
+    prompt_ids = tokenizer.encode(PROMPTS[3])
+    old, new = reference(adapter_dirs["a"], prompt_ids, 128), reference(adapter_dirs["c"], prompt_ids, 128)
+    assert old != new
+
+    async def run():
+        client = AsyncOpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+        async def request():
+            response = await client.completions.create(model="pinned", prompt=PROMPTS[3], temperature=0, max_tokens=128,
+                                                       extra_body=TOKENS)
+            return response.choices[0].token_ids
+
+        before = [asyncio.create_task(request()) for _ in range(80)]
+        await asyncio.sleep(0.3)
+        update = asyncio.to_thread(post, server, "/v1/load_preft_adapter",
+                                   {"adapter_name": "pinned", "adapter_path": str(adapter_dirs["c"]), "load_inplace": True})
+        status, reply = await update
+        after = await asyncio.gather(*(request() for _ in range(4)))
+        return await asyncio.gather(*before), (status, reply), after
+
+    before, (status, reply), after = asyncio.run(run())
+    assert status == 200 and reply["version"] == 2
+    assert all(ids == old for ids in before)
+    assert all(ids == new for ids in after)
+    post(server, "/v1/unload_preft_adapter", {"adapter_name": "pinned"})

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     rollout.add_argument("--max-num-batched-tokens", type=int, default=4096, help="vLLM max_num_batched_tokens (default: %(default)s)")
     rollout.add_argument("--all-token", action=argparse.BooleanOptionalAction, default=True,
                          help="also run vLLM's native all-token multi-LoRA (default: on; --no-all-token for quick PreFT-vs-base checks)")
+    rollout.add_argument("--ours-all-token", action=argparse.BooleanOptionalAction, default=True,
+                         help="also run our engine with the same adapters on every token (all-<method>; default: on)")
     rollout.add_argument("--out", default="outputs/bench-rollout", help="folder for rollout.json/.md/.png (default: %(default)s)")
     rollout.add_argument("--seed", type=int, default=0)
     study = sub.add_parser("study", allow_abbrev=False, help="PreFT vs all-token adapters: GRPO learning curves and held-out gains over seeds")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, adapters=[int(n) for n in args.adapters.split(",")], methods=args.methods.split(","),
             rank=args.rank, prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
             out=args.out, seed=args.seed, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            all_token=args.all_token,
+            all_token=args.all_token, ours_all_token=args.ours_all_token,
         )
         result = bench_rollout.run(cfg)
         command = "preft-rl " + " ".join(argv if argv is not None else sys.argv[1:])

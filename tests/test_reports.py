@@ -47,18 +47,20 @@ def test_rollout_benchmark_bookkeeping(tiny_llama_dir, tmp_path):
                              prompt_len=16, gen_len=4, repeats=2, out=str(tmp_path), max_num_seqs=8, max_num_batched_tokens=256)
     result = run(cfg, progress=False)
     measurements = result["measurements"]
-    assert len(measurements) == 2 * (1 + 2 * 3)  # repeats x (base + adapters x (2 PreFT methods + all-token LoRA))
+    # repeats x (base + adapter counts x (2 PreFT methods + the same on all tokens in our engine + vLLM's all-token LoRA))
+    assert len(measurements) == 2 * (1 + 2 * 5)
     assert all(m["output_tokens"] == 4 * 4 and m["prompt_tokens"] == 4 * 16 for m in measurements)
     assert all(m["prefill_steps"] >= 1 and m["decode_steps"] >= 3 for m in measurements)  # 4 tokens: 1 prefill + 3 decode steps
     assert all(m["prefill_s"] + m["decode_s"] <= m["seconds"] for m in measurements)
     summary = {(r["config"], r["adapters"]): r for r in result["summary"]}
-    assert set(summary) == {("base", 0)} | {(c, n) for n in (1, 3) for c in ("preft-lora", "preft-loreft", "lora-all-token")}
+    configs = ("preft-lora", "preft-loreft", "all-lora", "all-loreft", "lora-all-token")
+    assert set(summary) == {("base", 0)} | {(c, n) for n in (1, 3) for c in configs}
     assert summary[("base", 0)]["vs_base"] == 1.0
     assert summary[("lora-all-token", 3)]["vs_lora_all_token"] == 1.0
     assert all(r["vs_base"] > 0 for r in summary.values())  # the ratios themselves: test_rollout_ratios_by_hand
     paths = write_report(result, tmp_path, "preft-rl bench rollout (test)")
     assert json.loads(paths["json"].read_text())["command"] == "preft-rl bench rollout (test)"
-    assert paths["markdown"].read_text().count("\n| ") == 2 + 7  # header, separator, 7 configurations
+    assert paths["markdown"].read_text().count("\n| ") == 2 + 11  # header, separator, 11 configurations
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -91,6 +93,7 @@ def test_rollout_ratios_by_hand():
         Measurement("preft-lora", 8, 2.0, 100, 50, 1.0, 1.0, 1, 9),  # 50
         Measurement("preft-lora", 8, 8.0, 100, 50, 1.0, 7.0, 1, 9),  # 12.5 -> median of two: 31.25
         Measurement("lora-all-token", 8, 10.0, 100, 50, 2.0, 8.0, 1, 9),  # 10
+        Measurement("all-lora", 8, 4.0, 100, 50, 1.0, 3.0, 1, 9),  # 25: our engine, the same adapters on every token
     ]
     rows = {(r["config"], r["adapters"]): r for r in summarize(ms)}
     assert rows[("base", 0)]["output_tok_s"] == 50.0 and rows[("base", 0)]["runs"] == 3
@@ -99,3 +102,5 @@ def test_rollout_ratios_by_hand():
     assert rows[("preft-lora", 8)]["vs_base"] == 0.625
     assert rows[("preft-lora", 8)]["vs_lora_all_token"] == 3.125
     assert rows[("lora-all-token", 8)]["vs_base"] == 0.2 and rows[("lora-all-token", 8)]["vs_lora_all_token"] == 1.0
+    assert rows[("preft-lora", 8)]["vs_ours_all_token"] == 1.25  # 31.25 / 25
+    assert rows[("all-lora", 8)]["vs_ours_all_token"] is None and rows[("base", 0)]["vs_ours_all_token"] is None

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 from preft_rl.adapters.config import PreftConfig
@@ -66,14 +67,7 @@ class NativeLoraEngine(VllmEngineBase):
         if name in self._requests:
             raise ValueError(f"adapter {name!r} is already registered")
         path = Path(self._dir.name) / f"{len(self._requests)}"
-        path.mkdir()
-        targets = sorted({key.split(".")[-3] for key in state})
-        peft_config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
-            "lora_dropout": 0.0, "bias": "none", "target_modules": targets if targets != sorted(_ALL_LINEAR) else _ALL_LINEAR,
-        }
-        (path / "adapter_config.json").write_text(json.dumps(peft_config))
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / "adapter_model.safetensors"))
+        write_peft_lora(state, config, path)
         self._requests[name] = LoRARequest(name, len(self._requests) + 1, str(path))
 
     @property
@@ -93,3 +87,18 @@ class NativeLoraEngine(VllmEngineBase):
 
     def _before_close(self) -> None:
         self._dir.cleanup()
+
+
+def write_peft_lora(state: dict[str, torch.Tensor], config: PreftConfig, path: str | os.PathLike) -> Path:
+    """A LoRA in the file format (preft-rl's keys are PEFT's) written as a plain PEFT LoRA directory, which vLLM's
+    native LoRA (`enable_lora`, `vllm serve --lora-modules`) loads. Returns the directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    targets = sorted({key.split(".")[-3] for key in state})
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
+        "lora_dropout": 0.0, "bias": "none", "target_modules": targets if targets != sorted(_ALL_LINEAR) else _ALL_LINEAR,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(peft_config))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / "adapter_model.safetensors"))
+    return path

@@ -8,6 +8,9 @@ round-robin, greedy, exactly gen-len tokens each) goes through
   base              the base model in plain vLLM (BaseEngine),
   preft-<method>    PreftEngine with N prefill-only adapters,
   lora-all-token    vLLM's native multi-LoRA with the same N adapters (NativeLoraEngine),
+  all-<method>      PreftEngine(adapter_scope="all"): our own engine with the same adapters on every token. PreFT
+                    against it isolates the paper's idea (skip the adapter at decode) from how fast vLLM's CPU LoRA
+                    kernels are,
 all with identical vLLM settings (eager, prefix caching off, same batch limits). Configurations
 alternate within each repeat; the report gives medians and the min-max spread. Adapters are random
 (rank --rank; LoRA on all linear layers; ReFT on every layer at every prompt token, the costliest case).
@@ -41,6 +44,7 @@ class RolloutBenchConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     all_token: bool = True  # also run vLLM's native all-token multi-LoRA (the baseline users pick today)
+    ours_all_token: bool = True  # also run our engine with the adapters on every token (all-<method>)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,12 +109,14 @@ def _engines(cfg: RolloutBenchConfig, settings: dict[str, Any]) -> dict[str, Any
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(path))
     most = max(cfg.adapters)
     engines: dict[str, Any] = {"base": BaseEngine(path, **settings)}
+    scopes = {"preft": "prompt", **({"all": "all"} if cfg.ours_all_token else {})}
     for method in cfg.methods:
-        engine = PreftEngine(path, max_adapters=most, max_rank=cfg.rank, method=method, **settings)
-        config = PreftConfig(method=method, r=cfg.rank)
-        for i in range(most):
-            engine.add_adapter(f"a{i}", random_adapter_state(method, shape, cfg.rank, cfg.seed + i), config=config)
-        engines[f"preft-{method}"] = engine
+        for label, scope in scopes.items():
+            engine = PreftEngine(path, max_adapters=most, max_rank=cfg.rank, method=method, adapter_scope=scope, **settings)
+            config = PreftConfig(method=method, r=cfg.rank, adapter_scope=scope)
+            for i in range(most):
+                engine.add_adapter(f"a{i}", random_adapter_state(method, shape, cfg.rank, cfg.seed + i), config=config)
+            engines[f"{label}-{method}"] = engine
     if cfg.all_token:
         native = NativeLoraEngine(path, max_adapters=most, max_rank=cfg.rank, **settings)
         for i in range(most):
@@ -170,7 +176,8 @@ def _runner(engine: Any) -> Any:
 
 
 def summarize(measurements: list[Measurement]) -> list[dict[str, Any]]:
-    """Median and spread per (config, adapters), with ratios to base and to all-token LoRA at the same N."""
+    """Median and spread per (config, adapters), with ratios to base, to vLLM's all-token LoRA at the same N, and (for
+    preft-<method>) to our own engine with the same adapters on every token (all-<method>) at the same N."""
     groups: dict[tuple[str, int], list[Measurement]] = {}
     for m in measurements:
         groups.setdefault((m.config, m.adapters), []).append(m)
@@ -186,9 +193,12 @@ def summarize(measurements: list[Measurement]) -> list[dict[str, Any]]:
         })
     base = next((r["output_tok_s"] for r in rows if r["config"] == "base"), None)
     native = {r["adapters"]: r["output_tok_s"] for r in rows if r["config"] == "lora-all-token"}
+    by_key = {(r["config"], r["adapters"]): r["output_tok_s"] for r in rows}
     for row in rows:
         row["vs_base"] = row["output_tok_s"] / base if base else None
         row["vs_lora_all_token"] = row["output_tok_s"] / native[row["adapters"]] if row["adapters"] in native else None
+        ours = by_key.get(("all-" + row["config"].removeprefix("preft-"), row["adapters"])) if row["config"].startswith("preft-") else None
+        row["vs_ours_all_token"] = row["output_tok_s"] / ours if ours else None
     return sorted(rows, key=lambda r: (r["adapters"], r["config"]))
 
 
@@ -209,13 +219,15 @@ def write_report(result: dict[str, Any], out: str | Path, command: str) -> dict[
         "# Rollout throughput", "", f"Command: `{command}`", "",
         f"{cfg['prompts']} requests x {cfg['prompt_len']} prompt tokens -> {cfg['gen_len']} generated tokens each, rank "
         f"{cfg['rank']}, greedy, eager, prefix caching off; median of {cfg['repeats']} alternating runs (min-max in brackets).", "",
-        "| config | adapters | output tok/s | total tok/s | prefill s | decode s | vs base | vs all-token LoRA |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| config | adapters | output tok/s | total tok/s | prefill s | decode s | vs base | vs all-token LoRA (vLLM) "
+        "| vs same adapters on all tokens (ours) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["summary"]:
         lines.append(
             f"| {r['config']} | {r['adapters']} | {r['output_tok_s']:.1f} ({r['output_tok_s_min']:.1f}-{r['output_tok_s_max']:.1f}) | "
-            f"{r['total_tok_s']:.1f} | {r['prefill_s']:.3f} | {r['decode_s']:.3f} | {fmt(r['vs_base'])} | {fmt(r['vs_lora_all_token'])} |"
+            f"{r['total_tok_s']:.1f} | {r['prefill_s']:.3f} | {r['decode_s']:.3f} | {fmt(r['vs_base'])} | {fmt(r['vs_lora_all_token'])} | "
+            f"{fmt(r.get('vs_ours_all_token'))} |"
         )
     paths["markdown"].write_text("\n".join(lines) + "\n")
 

@@ -69,6 +69,7 @@ class ServeSettings:
     model_class: str
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # loaded at start-up: name -> directory
     runtime_updates: bool = False  # the load / unload routes
+    adapter_scope: str = "prompt"  # "all": the same server with adapters on every token (a benchmark baseline)
 
 
 def read_adapter(name: str, path: Any, settings: ServeSettings) -> tuple[dict[str, Any], PreftConfig]:
@@ -94,10 +95,10 @@ def read_adapter(name: str, path: Any, settings: ServeSettings) -> tuple[dict[st
     if config.r > s.max_rank:
         raise AdapterError(400, f"adapter {name!r} in {path} has rank {config.r} but this server takes at most "
                                 f"--max-rank {s.max_rank}; restart the server with --max-rank {config.r} or more")
-    if config.adapter_scope != "prompt":
-        raise AdapterError(400, f"adapter {name!r} in {path} has adapter_scope={config.adapter_scope!r}; this server "
-                                "applies adapters to prompt tokens only (PreFT). Serve all-token adapters with "
-                                "`vllm serve --enable-lora` instead")
+    if config.adapter_scope != s.adapter_scope:
+        raise AdapterError(400, f"adapter {name!r} in {path} has adapter_scope={config.adapter_scope!r} but this server "
+                                f"applies adapters with adapter_scope={s.adapter_scope!r}; serve it from a server started "
+                                f"with --adapter-scope {config.adapter_scope}")
     try:
         packed = pack_state(name, state)  # the type checks the worker would make, before anything is sent
     except (ValueError, TypeError) as exc:

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-rank", type=int, default=16, help="largest adapter rank (default: %(default)s)")
     parser.add_argument("--enable-adapter-updates", action="store_true",
                         help=f"add POST {LOAD_ROUTE} and {UNLOAD_ROUTE} (needs --api-key or VLLM_API_KEY)")
+    parser.add_argument("--adapter-scope", choices=["prompt", "all"], default="prompt",
+                        help="prompt: PreFT, adapters on prompt tokens only (default); all: on every token, the same "
+                             "server as an all-token baseline for benchmarks")
     parser.add_argument("--cpu-kv-cache-gib", type=int, default=1,
                         help="CPU KV cache size when VLLM_CPU_KVCACHE_SPACE is unset (default: %(default)s)")
     return parser
@@ -117,7 +120,7 @@ def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         raise ValueError(f"{args.model}: architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHITECTURES)}")
     settings = ServeSettings(method=args.method, max_adapters=args.max_adapters, max_rank=args.max_rank,
                              model_class=preft_architecture(arch, args.method), adapters=adapters,
-                             runtime_updates=args.enable_adapter_updates)
+                             runtime_updates=args.enable_adapter_updates, adapter_scope=args.adapter_scope)
     for name, adapter_dir in adapters.items():  # every start-up adapter read and checked before vLLM starts
         try:
             read_adapter(name, adapter_dir, settings)
@@ -179,3 +182,7 @@ def run_vllm_serve(vllm_argv: list[str]) -> int:
     command.validate(args)
     command.cmd(args)
     return 0
+
+
+if __name__ == "__main__":  # `python -m preft_rl.server.launch serve MODEL ...`: plain `vllm serve` (benchmarks' baselines)
+    sys.exit(run_vllm_serve(sys.argv[1:]))

@@ -132,7 +132,7 @@ class PreftEndpointPlugin:
 
         agreed_result("preft_prepare", await engine_client.collective_rpc("preft_prepare"))
         info = agreed_result("preft_setup", await engine_client.collective_rpc(
-            "preft_setup", args=(s.method, s.max_adapters, s.max_rank, True, s.model_class)))
+            "preft_setup", args=(s.method, s.max_adapters, s.max_rank, s.adapter_scope == "prompt", s.model_class)))
         models = state.openai_serving_models
         served = ServedAdapters(engine_client, s, [m.name for m in models.base_model_paths])
         state.preft_adapters = served
@@ -143,8 +143,8 @@ class PreftEndpointPlugin:
             except AdapterError as exc:
                 raise SystemExit(f"preft-rl serve: {exc.message}") from None
             _list_adapter(state, name, path)
-        logger.info("preft-rl serve: %s adapters (%s, up to %d of rank <= %d, %.2f MiB each): %s", s.method,
-                    "prefill-only", s.max_adapters, s.max_rank, info["bytes_per_adapter"] / 2**20, sorted(served.entries))
+        logger.info("preft-rl serve: %s adapters (adapter_scope=%s, up to %d of rank <= %d, %.2f MiB each): %s", s.method,
+                    s.adapter_scope, s.max_adapters, s.max_rank, info["bytes_per_adapter"] / 2**20, sorted(served.entries))
 
 
 def _list_adapter(state: Any, name: str, path: str) -> None:

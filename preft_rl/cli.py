@@ -43,6 +43,20 @@ def main(argv: list[str] | None = None) -> int:
                          help="also run our engine with the same adapters on every token (all-<method>; default: on)")
     rollout.add_argument("--out", default="outputs/bench-rollout", help="folder for rollout.json/.md/.png (default: %(default)s)")
     rollout.add_argument("--seed", type=int, default=0)
+    serve_bench = bench.add_parser("serve", allow_abbrev=False, help="serving over HTTP: preft-rl serve vs the same "
+                                   "adapters on all tokens vs vLLM's LoRA server vs the base, with N concurrent clients")
+    serve_bench.add_argument("--model", default="smollm2-135m-instruct", help="model id, path or offline name (default: %(default)s)")
+    serve_bench.add_argument("--adapters", type=int, default=8, help="adapters per server, requests round-robin (default: %(default)s)")
+    serve_bench.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default: %(default)s)")
+    serve_bench.add_argument("--requests", type=int, default=4, help="requests per client, one after another (default: %(default)s)")
+    serve_bench.add_argument("--rank", type=int, default=16, help="adapter rank (default: %(default)s)")
+    serve_bench.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (default: %(default)s)")
+    serve_bench.add_argument("--gen-len", type=int, default=64, help="generated tokens per request (default: %(default)s)")
+    serve_bench.add_argument("--repeats", type=int, default=3, help="runs per server, alternating; medians reported (default: %(default)s)")
+    serve_bench.add_argument("--servers", default="base,preft-lora,all-lora,vllm-lora", help="comma-separated (default: %(default)s)")
+    serve_bench.add_argument("--max-num-seqs", type=int, default=64, help="vLLM max_num_seqs for every server (default: %(default)s)")
+    serve_bench.add_argument("--out", default="outputs/bench-serve", help="folder for serve.json/.md (default: %(default)s)")
+    serve_bench.add_argument("--seed", type=int, default=0)
     study = sub.add_parser("study", allow_abbrev=False, help="PreFT vs all-token adapters: GRPO learning curves and held-out gains over seeds")
     _add_study_arguments(study)
     plan = sub.add_parser("plan", allow_abbrev=False, help="per-GPU memory plan: rollout and training phases, largest batch and KV cache")
@@ -54,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plan(args)
     if args.command == "study":
         return _study(args, argv)
+    if args.command == "bench" and args.bench == "serve":
+        return _bench_serve(args, argv)
     if args.command == "bench":
         from preft_rl.reports import rollout as bench_rollout
 
@@ -78,6 +94,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"preft-rl report: {exc}", file=sys.stderr)
             return 2
         print(f"wrote {path}")
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from preft_rl.reports import serve as bench_serve
+
+    try:
+        cfg = bench_serve.ServeBenchConfig(
+            model=args.model, adapters=args.adapters, clients=args.clients, requests=args.requests, rank=args.rank,
+            prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats, servers=args.servers.split(","),
+            max_num_seqs=args.max_num_seqs, out=args.out, seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"preft-rl bench serve: {exc}", file=sys.stderr)
+        return 2
+    result = bench_serve.run(cfg)
+    command = "preft-rl " + " ".join(argv if argv is not None else sys.argv[1:])
+    paths = bench_serve.write_report(result, args.out, command)
+    print(paths["markdown"].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
 

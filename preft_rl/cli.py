@@ -73,12 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from preft_rl.reports import rollout as bench_rollout
 
-        cfg = bench_rollout.RolloutBenchConfig(
-            model=args.model, adapters=[int(n) for n in args.adapters.split(",")], methods=args.methods.split(","),
-            rank=args.rank, prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
-            out=args.out, seed=args.seed, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            all_token=args.all_token, ours_all_token=args.ours_all_token,
-        )
+        try:
+            cfg = bench_rollout.RolloutBenchConfig(
+                model=args.model, adapters=_int_list(args.adapters, "--adapters"), methods=args.methods.split(","),
+                rank=args.rank, prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
+                out=args.out, seed=args.seed, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                all_token=args.all_token, ours_all_token=args.ours_all_token,
+            )
+        except ValueError as exc:
+            print(f"preft-rl bench rollout: {exc}", file=sys.stderr)
+            return 2
         result = bench_rollout.run(cfg)
         command = "preft-rl " + " ".join(argv if argv is not None else sys.argv[1:])
         paths = bench_rollout.write_report(result, args.out, command)
@@ -95,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"wrote {path}")
     return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give comma-separated integers, e.g. 1,8,64") from None
 
 
 def _bench_serve(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -209,7 +220,7 @@ def _study(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         cfg = StudyConfig(
             out=args.out, model=args.model, tasks=args.tasks.split(","), methods=args.methods.split(","),
-            seeds=[int(s) for s in args.seeds.split(",")], eval_problems=args.eval_problems, train_problems=args.train_problems,
+            seeds=_int_list(args.seeds, "--seeds"), eval_problems=args.eval_problems, train_problems=args.train_problems,
             data=args.data, trainer=trainer,
         )
     except ValueError as exc:

@@ -120,8 +120,10 @@ def extract_final_answer(text: str) -> str | None:
     return next(_boxed_answers(text), None)
 
 
-def gsm8k_ground_truth(answer: str) -> str:
-    """The number after '####' in a GSM8K answer field (the whole string if it has none)."""
+def gsm8k_ground_truth(answer: str | int | float) -> str:
+    """The number after '####' in a GSM8K answer field (the whole string if it has none); a number as its text."""
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
     match = _HASHES.findall(answer)
     return re.sub(r"\s+", "", match[-1]) if match else answer.strip()
 
@@ -205,6 +207,20 @@ def _equal(gold: str, predicted: str) -> bool:
         return False
 
 
+def check_batch_columns(name: str, completions: Any, *answers: Any) -> None:
+    """The batch as TRL passes it: one completion (and one answer) per row, in lists. A bare string is refused: it
+    would be read one character per row. (Malformed *elements* are scored, never refused: see completion_text.)"""
+    if not isinstance(completions, (list, tuple)):
+        raise TypeError(f"{name}: completions must be a list with one completion per row, got {type(completions).__name__}")
+    for answer in answers:
+        if not isinstance(answer, (list, tuple)):
+            raise TypeError(f"{name}: answer must be a list with one answer per row (the dataset's 'answer' column), "
+                            f"got {type(answer).__name__} {answer!r:.60}")
+        if len(answer) != len(completions):
+            raise ValueError(f"{name}: got {len(completions)} completions but {len(answer)} answers; pass one answer "
+                             "per completion (repeat each prompt's answer for each of its completions)")
+
+
 def gsm8k_accuracy_reward(
     prompts: list[Any], completions: list[Any], completion_ids: list[list[int]] | None = None, *, answer: list[str], **_: Any
 ) -> list[float | None]:
@@ -218,8 +234,7 @@ def gsm8k_accuracy_reward(
     >>> gsm8k_accuracy_reward(["q"], [[{"role": "assistant", "content": "It is 1,234.\\n#### 1,234"}]], answer=["x #### 1234"])
     [1.0]
     """
-    if len(answer) != len(completions):
-        raise ValueError(f"got {len(completions)} completions but {len(answer)} answers")
+    check_batch_columns("gsm8k_accuracy_reward", completions, answer)
     rewards: list[float | None] = []
     for completion, gold in zip(completions, answer):
         text = completion_text(completion)
@@ -245,6 +260,7 @@ def format_reward(prompts: list[Any], completions: list[Any], completion_ids: li
     >>> format_reward(["q", "q"], ["2 + 2 = 4\\n#### 4", "the answer is 4"])
     [1.0, 0.0]
     """
+    check_batch_columns("format_reward", completions)
     texts = [completion_text(c) for c in completions]
     return [1.0 if text is not None and _FINAL_LINE.search(text.strip()) else 0.0 for text in texts]
 
@@ -257,8 +273,7 @@ def gsm8k_last_number_reward(
     >>> gsm8k_last_number_reward(["q", "q"], ["so she has 72 clips", "72 or maybe 71"], answer=["#### 72", "#### 72"])
     [1.0, 0.0]
     """
-    if len(answer) != len(completions):
-        raise ValueError(f"got {len(completions)} completions but {len(answer)} answers")
+    check_batch_columns("gsm8k_last_number_reward", completions, answer)
     rewards: list[float | None] = []
     for completion, gold in zip(completions, answer):
         text = completion_text(completion)
@@ -269,7 +284,10 @@ def gsm8k_last_number_reward(
         try:
             rewards.append(1.0 if _equal(gsm8k_ground_truth(gold), numbers[-1].rstrip(".")) else 0.0)
         except Exception:  # noqa: BLE001 - counted and reported, never a silent zero
-            gsm8k_accuracy_reward.errors.add()
+            gsm8k_last_number_reward.errors.add()
             logger.exception("gsm8k_last_number_reward: could not score %r against %r", numbers[-1], gold)
             rewards.append(None)
     return rewards
+
+
+gsm8k_last_number_reward.errors = RewardErrorCounter()

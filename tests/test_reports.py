@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from preft_rl.cli import main
 
 
@@ -104,3 +106,26 @@ def test_rollout_ratios_by_hand():
     assert rows[("lora-all-token", 8)]["vs_base"] == 0.2 and rows[("lora-all-token", 8)]["vs_lora_all_token"] == 1.0
     assert rows[("preft-lora", 8)]["vs_ours_all_token"] == 1.25  # 31.25 / 25
     assert rows[("all-lora", 8)]["vs_ours_all_token"] is None and rows[("base", 0)]["vs_ours_all_token"] is None
+
+
+def test_serve_benchmark_statistics_by_hand():
+    """Serving metrics on numbers worked out by hand: TTFT / TPOT percentiles (linear between order statistics),
+    requests/s and output tokens/s over the run's wall time, medians over runs, and the ratios."""
+    from preft_rl.reports.serve import RequestTiming, summarize, summarize_run
+
+    timings = [RequestTiming(0.1, 0.01, 10), RequestTiming(0.2, 0.02, 10), RequestTiming(0.3, 0.03, 10),
+               RequestTiming(0.5, None, 1)]  # a one-token answer has no TPOT
+    run = summarize_run(timings, seconds=2.0)
+    assert run["requests_s"] == 2.0 and run["output_tok_s"] == 15.5  # 31 tokens / 2 s
+    assert run["ttft_p50_ms"] == pytest.approx(250.0)  # between 0.2 and 0.3
+    assert run["ttft_p99_ms"] == pytest.approx(494.0)  # 0.3 + 0.99 * 3 - 2 = 0.97 of the way from 0.3 to 0.5
+    assert run["tpot_p50_ms"] == pytest.approx(20.0) and run["tpot_p99_ms"] == pytest.approx(29.8)
+    keys = ("requests_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
+    row = lambda server, tok_s: {"server": server, "output_tok_s": tok_s, **{k: 1.0 for k in keys}}  # noqa: E731
+    rows = {r["server"]: r for r in summarize([row("base", 100.0), row("base", 120.0), row("base", 80.0),
+                                               row("preft-lora", 90.0), row("all-lora", 60.0), row("vllm-lora", 30.0)])}
+    assert rows["base"]["output_tok_s"] == 100.0 and rows["base"]["runs"] == 3
+    assert (rows["base"]["output_tok_s_min"], rows["base"]["output_tok_s_max"]) == (80.0, 120.0)
+    assert rows["preft-lora"]["vs_base"] == 0.9 and rows["preft-lora"]["vs_vllm_lora"] == 3.0
+    assert rows["preft-lora"]["vs_all_lora"] == 1.5 and rows["all-lora"]["vs_all_lora"] is None
+    assert [r["server"] for r in summarize([row("vllm-lora", 1.0), row("base", 1.0)])] == ["base", "vllm-lora"]

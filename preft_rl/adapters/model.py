@@ -54,6 +54,12 @@ class PreftModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: PreftConfig, *, adapter_state: dict[str, torch.Tensor] | None = None,
                  adapter_source: str = "the given state dict") -> None:
         super().__init__()
+        if not isinstance(base_model, nn.Module):
+            raise TypeError(f"the base model must be a loaded Hugging Face causal LM, got {type(base_model).__name__} "
+                            f"{base_model!r:.80}; load it first: AutoModelForCausalLM.from_pretrained(...)")
+        if not isinstance(config, PreftConfig):
+            raise TypeError(f"the adapter config must be a PreftConfig, got {type(config).__name__}"
+                            + ("; use PreftConfig(**your_dict)" if isinstance(config, dict) else ""))
         self.preft_config = config
         self._slot = SelectionSlot()
         # Each PreftModel on a base reads its own kwarg, so two adapters can share one frozen base (PPO's policy and

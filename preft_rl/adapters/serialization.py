@@ -142,6 +142,9 @@ def _copy(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> 
 
 def save_adapter(model: PreftModel, save_directory: str | os.PathLike) -> None:
     directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"save_pretrained({str(save_directory)!r}): that path is a file; pass a directory (it is created "
+                         "if missing)")
     state = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
     non_finite = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
     if non_finite:  # checked before anything is written: a previous save in this directory stays as it was

@@ -131,6 +131,13 @@ def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
 
 
 def check_batch(prompts: Sequence[Any], adapters: Sequence[str | None] | None) -> list[str | None]:
+    """One adapter name (or None) per prompt. A bare string is refused for either: iterating it would silently make one
+    prompt (or adapter name) per character."""
+    if isinstance(prompts, (str, dict)):
+        raise TypeError(f"generate takes a list of prompts, got a single {type(prompts).__name__}; pass [prompt]")
+    if isinstance(adapters, str):
+        raise TypeError(f"adapters={adapters!r} is a single name; pass one name (or None) per prompt, e.g. "
+                        f"[{adapters!r}] * len(prompts)")
     adapters = [None] * len(prompts) if adapters is None else list(adapters)
     if len(adapters) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(adapters)} adapter names; pass one name (or None) per prompt")

@@ -167,11 +167,15 @@ class PreftEngine(VllmEngineBase):
         """One vLLM RequestOutput per prompt, in order. Prompts: text, token ids, or chat messages."""
         from vllm import SamplingParams
 
+        adapters = check_batch(prompts, adapters)  # first: refuses a bare string before list() splits it into characters
         prompts = list(prompts)
-        adapters = check_batch(prompts, adapters)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        for sp in params:
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"sampling_params must be a vllm.SamplingParams (or a list, one per prompt), got "
+                                f"{type(sp).__name__}" + ("; use SamplingParams(**your_dict)" if isinstance(sp, dict) else ""))
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params; pass one, or one per prompt")
         entries = []

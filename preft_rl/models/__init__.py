@@ -44,7 +44,15 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         return name
     if os.path.exists(name):
         raise ValueError(f"model {name!r} is a file; pass a model directory, a hub id or {DEFAULT_MODEL!r}")
+    if _looks_like_path(name):
+        raise ValueError(f"model {name!r}: no such directory; pass a model directory, a hub id such as "
+                         f"'HuggingFaceTB/SmolLM2-135M-Instruct', or the offline default {DEFAULT_MODEL!r}")
     return name
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ('org/name' or 'name'): absolute, relative ('./', '../', '~'), or deeper."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def _default_model_dir() -> Path:

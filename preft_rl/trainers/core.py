@@ -80,6 +80,13 @@ class PreftRLTrainer:
             raise ValueError(f"{type(self).__name__} needs a non-empty train_dataset with a 'prompt' column")
         if "prompt" not in train_dataset.column_names:
             raise ValueError(f"train_dataset has columns {train_dataset.column_names}; it needs a 'prompt' column")
+        check_prompts(train_dataset, "train_dataset")
+        if eval_dataset is not None and "prompt" in eval_dataset.column_names:
+            check_prompts(eval_dataset, "eval_dataset")
+        check_reward_funcs(reward_funcs)
+        if preft_config is not None and not isinstance(preft_config, PreftConfig):
+            raise TypeError(f"preft_config must be a PreftConfig, got {type(preft_config).__name__}"
+                            + ("; use PreftConfig(**your_dict)" if isinstance(preft_config, dict) else ""))
         self.accelerator = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps, log_with=args.report_to or None,
             project_dir=args.output_dir, kwargs_handlers=process_group_kwargs(),
@@ -522,3 +529,30 @@ class PreftRLTrainer:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def check_prompts(dataset: Any, name: str) -> None:
+    """Every prompt is text or a list of chat messages (dicts with string 'role' and 'content'); the first bad row is
+    named, before anything is built."""
+    for i, prompt in enumerate(dataset["prompt"]):
+        if isinstance(prompt, str) and prompt:
+            continue
+        if isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+        ):
+            continue
+        raise ValueError(f"{name} row {i}: prompt {prompt!r:.120} must be non-empty text or a list of chat messages "
+                         "({'role': ..., 'content': ...} with string values)")
+
+
+def check_reward_funcs(reward_funcs: Any) -> None:
+    from preft_rl.rewards import REWARD_FUNCS
+
+    funcs = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else reward_funcs
+    if not isinstance(funcs, (list, tuple)) or not funcs:
+        raise TypeError(f"reward_funcs must be a reward function, a registered name or a non-empty list of them, got "
+                        f"{reward_funcs!r:.80}")
+    for i, func in enumerate(funcs):
+        if not callable(func) and not isinstance(func, str):
+            raise TypeError(f"reward_funcs[{i}] is {func!r:.80} ({type(func).__name__}); pass a function "
+                            f"f(prompts, completions, **columns) -> list[float | None] or one of {sorted(REWARD_FUNCS)}")

@@ -6,6 +6,7 @@ Field names follow TRL's configs where the meaning is the same. Algorithm config
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
@@ -74,6 +75,12 @@ class PreftRLConfig:
 
     def __post_init__(self) -> None:
         need = self._need
+        for f in dataclasses.fields(self):  # every number finite: a NaN learning rate or KL weight trains on garbage
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                need(math.isfinite(value), f"{f.name}={value} must be a finite number")
+        need(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
+        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         need(self.num_generations >= self.min_generations,
              f"num_generations={self.num_generations} must be >= {self.min_generations}")
         need(self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1, "batch sizes must be >= 1")

@@ -84,6 +84,26 @@ def test_add_with_fewer_tensors_than_the_config_describes_is_refused(engines, lo
     engine.remove_adapter("only-q")
 
 
+def test_peft_full_path_targets_expect_exactly_their_tensors(engines, load_tiny):
+    """PEFT saves target_modules as full paths ('model.layers.1.self_attn.q_proj'). Those are matched per layer, so a
+    state without one targeted module's tensors is refused (it used to pass: only A-without-B pairs were checked, and
+    the module was served with a zero delta)."""
+    from preft_rl import get_preft_model
+
+    engine = engines("lora")
+    targets = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    config = PreftConfig(method="lora", r=4, alpha=8, target_modules=targets)
+    state = get_preft_model(load_tiny(), config).adapter_state_dict()
+    assert sorted({k.split(".lora_")[0] for k in state}) == [
+        "base_model.model.model.layers.0.mlp.down_proj", "base_model.model.model.layers.1.self_attn.q_proj"]
+    layer0 = {k: v for k, v in state.items() if ".layers.0." in k}
+    with pytest.raises(ValueError, match=r"missing 2 tensors.*layers\.1\.self_attn\.q_proj"):
+        engine.add_adapter("full-paths", layer0, config=config)
+    assert "full-paths" not in engine.adapters
+    engine.add_adapter("full-paths", state, config=config)  # the whole adapter is taken
+    engine.remove_adapter("full-paths")
+
+
 def test_non_finite_scaling_or_tensors_are_refused_and_other_requests_stay_exact(engines, load_tiny):
     engine = engines("lora")
     good = reference_model(load_tiny, "lora", seed=66)

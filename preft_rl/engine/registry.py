@@ -302,15 +302,15 @@ class AdapterRegistry:
         """The file keys `config` describes on this model; None where the config alone cannot say."""
         layers = range(self.shape.num_layers)
         if config.is_lora:
-            modules = [hf for hfs in LORA_TARGETS.values() for hf in hfs]
+            # Every (layer, module) by its full name in the HF model, matched as PreftModel matches target_modules:
+            # short names ('q_proj', 'self_attn.q_proj') and PEFT's full paths ('model.layers.0.mlp.down_proj') alike.
+            full = {(i, m): f"model.layers.{i}.{m}" for i in layers for hfs in LORA_TARGETS.values() for m in hfs}
             if config.target_modules != "all-linear":
-                hit = lambda m, t: m == t or m.endswith("." + t)  # noqa: E731 - PreftModel's matching rule
-                if not all(any(hit(m, t) for m in modules) for t in config.target_modules):
+                hit = lambda name, t: name == t or name.endswith("." + t)  # noqa: E731 - PreftModel's matching rule
+                if not all(any(hit(name, t) for name in full.values()) for t in config.target_modules):
                     return None  # a name this engine does not know: the tensors alone define the adapter
-                modules = [m for m in modules if any(hit(m, t) for t in config.target_modules)]
-            return frozenset(
-                f"base_model.model.model.layers.{i}.{m}.lora_{ab}.weight" for i in layers for m in modules for ab in "AB"
-            )
+                full = {key: name for key, name in full.items() if any(hit(name, t) for t in config.target_modules)}
+            return frozenset(f"base_model.model.model.layers.{i}.{m}.lora_{ab}.weight" for (i, m) in full for ab in "AB")
         if config.layers != "all":
             layers = config.layers
         parts = ("rotate_layer.weight", "learned_source.weight", "learned_source.bias") if self.method == "loreft" else (

@@ -100,6 +100,23 @@ def test_plan_checks_startup_adapters_before_vllm_starts(tiny_llama_dir, adapter
         plan([str(tiny_llama_dir), "--adapters", f"x={broken}"])
 
 
+def test_a_plain_peft_lora_needs_the_servers_own_opt_in(adapter_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    from preft_rl.adapters import PreftConfig
+    from preft_rl.engine.baselines import write_peft_lora
+    from preft_rl.server.adapters import read_adapter
+
+    state = load_file(str(adapter_dirs["a"] / "adapter_model.safetensors"))
+    peft_dir = write_peft_lora(state, PreftConfig(method="lora", r=4, alpha=8), tmp_path / "peft")
+    settings = ServeSettings("lora", 4, 8, "X")
+    with pytest.raises(AdapterError, match='plain PEFT LoRA.*"load_peft_lora_as_prefill_only": true.*'
+                                           "--load-peft-lora-as-prefill-only"):
+        read_adapter("p", str(peft_dir), settings)
+    _, config = read_adapter("p", str(peft_dir), settings, peft_lora_as_prefill_only=True)
+    assert config.adapter_scope == "prompt" and config.r == 4
+
+
 def test_cache_salts_never_collide():
     from preft_rl.engine.registry import AdapterEntry
 

@@ -191,6 +191,10 @@ def _read_config_json(path: Path) -> dict[str, Any]:
     return raw
 
 
+class PlainPeftLoraError(ValueError):
+    """A plain PEFT LoRA directory given where a prefill-only adapter was expected, without the explicit opt-in."""
+
+
 def read_adapter_config(
     adapter_dir: str | os.PathLike, load_peft_lora_as_prefill_only: bool = False, module_names: Iterable[str] | None = None
 ) -> PreftConfig:
@@ -230,7 +234,7 @@ def read_adapter_config(
             f"(peft_type={raw.get('peft_type')!r}); pass a directory written by PreftModel.save_pretrained"
         )
     if not load_peft_lora_as_prefill_only:
-        raise ValueError(
+        raise PlainPeftLoraError(
             f"{adapter_dir} is a plain PEFT LoRA, trained to act on every token; loading it as prefill-only "
             "changes what it does. If that is what you want, pass load_peft_lora_as_prefill_only=True to "
             "PreftModel.from_pretrained or PreftEngine.add_adapter"

@@ -70,9 +70,11 @@ class ServeSettings:
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # loaded at start-up: name -> directory
     runtime_updates: bool = False  # the load / unload routes
     adapter_scope: str = "prompt"  # "all": the same server with adapters on every token (a benchmark baseline)
+    peft_lora_as_prefill_only: bool = False  # start-up adapters may be plain PEFT LoRA directories
 
 
-def read_adapter(name: str, path: Any, settings: ServeSettings) -> tuple[dict[str, Any], PreftConfig]:
+def read_adapter(name: str, path: Any, settings: ServeSettings, peft_lora_as_prefill_only: bool = False,
+                 ) -> tuple[dict[str, Any], PreftConfig]:
     """Read and check an adapter directory: (its state packed for the worker, its config). Every refusal names the
     file or the setting and says what to do."""
     from preft_rl.engine.common import adapter_source
@@ -83,8 +85,15 @@ def read_adapter(name: str, path: Any, settings: ServeSettings) -> tuple[dict[st
     if not Path(path).is_dir():
         raise AdapterError(400, f"adapter {name!r}: {path} is not a directory on the server; pass the directory "
                                 "written by PreftModel.save_pretrained")
+    from preft_rl.adapters.serialization import PlainPeftLoraError
+
     try:
-        state, config = adapter_source(path, None)
+        state, config = adapter_source(path, None, peft_lora_as_prefill_only)
+    except PlainPeftLoraError:
+        raise AdapterError(400, f"adapter {name!r}: {path} is a plain PEFT LoRA, trained to act on every token; serving "
+                                "it on prompt tokens only changes what it does. If that is what you want, pass "
+                                '"load_peft_lora_as_prefill_only": true (load route) or start the server with '
+                                "--load-peft-lora-as-prefill-only") from None
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise AdapterError(400, f"adapter {name!r}: {exc}") from None
     s = settings
@@ -177,11 +186,12 @@ class ServedAdapters:
             raise AdapterError(400, f"adapter_name={name!r} is the base model's name; choose another name")
         return name
 
-    async def load(self, name: Any, path: Any, *, replace: bool = False) -> AdapterEntry:
+    async def load(self, name: Any, path: Any, *, replace: bool = False, peft_lora_as_prefill_only: bool = False) -> AdapterEntry:
         """Load adapter `name` from `path`; with `replace=True` an adapter of that name is updated in place (its
-        version goes up) once the requests using it finish."""
+        version goes up) once the requests using it finish. A plain PEFT LoRA directory needs
+        `peft_lora_as_prefill_only=True` (it was trained on every token)."""
         name = self._check_name(name)
-        packed, config = await asyncio.to_thread(read_adapter, name, path, self.settings)
+        packed, config = await asyncio.to_thread(read_adapter, name, path, self.settings, peft_lora_as_prefill_only)
         async with self._admin:
             if name in self.entries and not replace:
                 raise AdapterError(400, f"adapter {name!r} is already loaded (version {self.entries[name].version}); "

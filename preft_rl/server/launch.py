@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter-scope", choices=["prompt", "all"], default="prompt",
                         help="prompt: PreFT, adapters on prompt tokens only (default); all: on every token, the same "
                              "server as an all-token baseline for benchmarks")
+    parser.add_argument("--load-peft-lora-as-prefill-only", action="store_true",
+                        help="the --adapters may be plain PEFT LoRA directories, served on prompt tokens only (they were "
+                             "trained on every token, so this changes what they do)")
     parser.add_argument("--cpu-kv-cache-gib", type=int, default=1,
                         help="CPU KV cache size when VLLM_CPU_KVCACHE_SPACE is unset (default: %(default)s)")
     return parser
@@ -120,10 +123,11 @@ def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         raise ValueError(f"{args.model}: architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHITECTURES)}")
     settings = ServeSettings(method=args.method, max_adapters=args.max_adapters, max_rank=args.max_rank,
                              model_class=preft_architecture(arch, args.method), adapters=adapters,
-                             runtime_updates=args.enable_adapter_updates, adapter_scope=args.adapter_scope)
+                             runtime_updates=args.enable_adapter_updates, adapter_scope=args.adapter_scope,
+                             peft_lora_as_prefill_only=args.load_peft_lora_as_prefill_only)
     for name, adapter_dir in adapters.items():  # every start-up adapter read and checked before vLLM starts
         try:
-            read_adapter(name, adapter_dir, settings)
+            read_adapter(name, adapter_dir, settings, settings.peft_lora_as_prefill_only)
         except AdapterError as exc:
             raise ValueError(exc.message) from None
 

@@ -90,15 +90,18 @@ class PreftEndpointPlugin:
 
         @router.post(LOAD_ROUTE)
         async def load_preft_adapter(request: Request):
-            """{"adapter_name": ..., "adapter_path": ..., "load_inplace": false}; load_inplace=true updates a loaded
-            adapter (new weights, same name, next version) once the requests using it finish."""
+            """{"adapter_name": ..., "adapter_path": ..., "load_inplace": false, "load_peft_lora_as_prefill_only": false};
+            load_inplace=true updates a loaded adapter (new weights, same name, next version) once the requests using
+            it finish; load_peft_lora_as_prefill_only=true serves a plain PEFT LoRA on prompt tokens only."""
             served: ServedAdapters = request.app.state.preft_adapters
             try:
                 data = await body(request)
-                inplace = data.get("load_inplace", False)
-                if not isinstance(inplace, bool):
-                    raise AdapterError(400, f"load_inplace={inplace!r} must be true or false")
-                entry = await served.load(data.get("adapter_name"), data.get("adapter_path"), replace=inplace)
+                flags = {key: data.get(key, False) for key in ("load_inplace", "load_peft_lora_as_prefill_only")}
+                for key, value in flags.items():
+                    if not isinstance(value, bool):
+                        raise AdapterError(400, f"{key}={value!r} must be true or false")
+                entry = await served.load(data.get("adapter_name"), data.get("adapter_path"), replace=flags["load_inplace"],
+                                          peft_lora_as_prefill_only=flags["load_peft_lora_as_prefill_only"])
             except AdapterError as exc:
                 return error(exc)
             _list_adapter(request.app.state, entry.name, served.paths[entry.name])
@@ -139,7 +142,7 @@ class PreftEndpointPlugin:
         install_request_routing(engine_client, served)
         for name, path in s.adapters.items():
             try:
-                await served.load(name, path)
+                await served.load(name, path, peft_lora_as_prefill_only=s.peft_lora_as_prefill_only)
             except AdapterError as exc:
                 raise SystemExit(f"preft-rl serve: {exc.message}") from None
             _list_adapter(state, name, path)

@@ -200,7 +200,7 @@ def test_pure_decode_steps_do_no_adapter_work(engines, load_tiny):
     calls_before = runtime.adapter_calls
     engine.generate([random_prompt(np.random.default_rng(4), 20)], greedy(max_tokens=10), adapters=["spy"])
     assert runtime.step_log[0] == (20, 1)  # the prefill step: one adapter group
-    assert runtime.step_log[1:] == [(1, 0)] * 9  # every decode step: no selection at all
+    assert list(runtime.step_log)[1:] == [(1, 0)] * 9  # every decode step: no selection at all
     assert runtime.adapter_calls - calls_before == 2 * 4  # 2 layers x 4 fused modules, prefill only
 
 

@@ -15,6 +15,7 @@ The adapter math is preft_rl.kernels: Triton on CUDA, the torch reference on CPU
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -121,8 +122,9 @@ class PreftRuntime:
     selection: StepSelection | None = None
     in_step: bool = False
     request_slots: dict[str, int] = field(default_factory=dict)
-    # spies for tests and reports: (tokens in the forward, adapters acting in it) per forward
-    step_log: list[tuple[int, int]] = field(default_factory=list)
+    # spies for tests and reports: (tokens in the forward, adapters acting in it) per forward, the latest 4096 only
+    # (a server runs for millions of steps)
+    step_log: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=4096))
     adapter_calls: int = 0
     on_selection: Callable[[StepSelection | None], None] | None = None
 

@@ -53,6 +53,7 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
         "c": make_adapter(tiny_llama_dir, root / "c", seed=3),
         "loreft": make_adapter(tiny_llama_dir, root / "loreft", seed=4, method="loreft"),
         "rank16": make_adapter(tiny_llama_dir, root / "rank16", seed=5, r=16),
+        "rank2": make_adapter(tiny_llama_dir, root / "rank2", seed=6, r=2),
     }
 
 
@@ -141,11 +142,11 @@ class FakeEngineClient:
         name = args[0]
         if method == "preft_add_adapter":
             self.versions[name] = self.versions.get(name, 0) + 1
-        elif method == "preft_update_adapter":
+        elif method in ("preft_update_adapter", "preft_replace_adapter"):
             self.versions[name] += 1
         elif method == "preft_remove_adapter":
             return [{"removed": name}]
-        config = args[2] if method == "preft_add_adapter" else {"method": "lora", "r": 4}
+        config = args[2] if method in ("preft_add_adapter", "preft_replace_adapter") else {"method": "lora", "r": 4}
         return [{"name": name, "slot": 0, "version": self.versions[name], "rank": 4, "config": config, "keys": []}]
 
 
@@ -457,7 +458,7 @@ def test_errors_name_the_problem_and_the_server_keeps_serving(server, client, re
 
 
 @pytest.mark.slow
-def test_load_update_unload_at_run_time(server, client, reference, adapter_dirs, tokenizer):
+def test_load_update_unload_at_run_time(server, client, reference, adapter_dirs, tokenizer, tmp_path):
     """Outputs change exactly when the adapter changes; a name removed and loaded again with other weights never gets
     the old weights' cached prompt KV (a prompt of several KV blocks, cached before the unload)."""
     import openai
@@ -479,6 +480,23 @@ def test_load_update_unload_at_run_time(server, client, reference, adapter_dirs,
         _, prompt_ids, ids = complete(client, "user-7", prompt)
         assert ids == reference(adapter_dirs["b"], prompt_ids, 8)
 
+    # an update whose files disagree (a rank-2 config over rank-4 tensors) is refused as a whole: b's weights stay
+    mismatch = tmp_path / "mismatch"
+    mismatch.mkdir()
+    config = json.loads((adapter_dirs["c"] / "adapter_config.json").read_text())
+    (mismatch / "adapter_config.json").write_text(json.dumps({**config, "r": 2, "lora_alpha": 4}))
+    (mismatch / "adapter_model.safetensors").write_bytes((adapter_dirs["c"] / "adapter_model.safetensors").read_bytes())
+    code, reply = post(server, "/v1/load_preft_adapter", {"adapter_name": "user-7", "adapter_path": str(mismatch), "load_inplace": True})
+    assert code == 400 and "shape" in reply["error"]["message"], reply
+    _, prompt_ids, ids = complete(client, "user-7", PROMPTS[0])
+    assert ids == reference(adapter_dirs["b"], prompt_ids, 8)
+    # an update to other settings (rank 2) replaces the adapter in its slot
+    code, reply = post(server, "/v1/load_preft_adapter",
+                       {"adapter_name": "user-7", "adapter_path": str(adapter_dirs["rank2"]), "load_inplace": True})
+    assert code == 200 and reply["version"] == 3 and reply["rank"] == 2
+    _, prompt_ids, ids = complete(client, "user-7", PROMPTS[0])
+    assert ids == reference(adapter_dirs["rank2"], prompt_ids, 8)
+
     code, _ = post(server, "/v1/unload_preft_adapter", {"adapter_name": "user-7"})
     assert code == 200 and "user-7" not in {m.id for m in client.models.list().data}
     with pytest.raises(openai.NotFoundError):
@@ -486,7 +504,7 @@ def test_load_update_unload_at_run_time(server, client, reference, adapter_dirs,
 
     # the same name again, with c's weights: never b's cached prompt
     code, reply = post(server, "/v1/load_preft_adapter", {"adapter_name": "user-7", "adapter_path": str(adapter_dirs["c"])})
-    assert code == 200 and reply["version"] == 3
+    assert code == 200 and reply["version"] == 4
     _, _, ids = complete(client, "user-7", long_prompt)
     assert ids == reference(adapter_dirs["c"], long_ids, 8)
     for model in ("a", "b"):  # the others are untouched

@@ -246,6 +246,16 @@ class AdapterRegistry:
         entry.version += 1
         return entry
 
+    def replace(self, name: str, state: dict[str, torch.Tensor], config: PreftConfig) -> AdapterEntry:
+        """New tensors and a new config (rank, targets, positions) for a registered name, in its own slot; the
+        version goes up. Everything is validated before the slot is touched: a refused adapter leaves the old one."""
+        entry = self.get(name)
+        staged, keys = self._stage(name, state, config)
+        self._write(entry.slot, staged, config)
+        entry.version += 1
+        entry.config, entry.rank, entry.keys = config, config.r, keys
+        return entry
+
     def remove(self, name: str) -> None:
         entry = self.get(name)
         self._write(entry.slot, None, entry.config)

@@ -135,6 +135,10 @@ class PreftWorkerExtension:
         registry = self._preft_registry()
         return self._preft_guard(lambda: entry_to_dict(registry.update(name, unpack_state(state))))
 
+    def preft_replace_adapter(self, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, Any]:
+        registry = self._preft_registry()
+        return self._preft_guard(lambda: entry_to_dict(registry.replace(name, unpack_state(state), PreftConfig(**config))))
+
     def preft_remove_adapter(self, name: str) -> dict[str, Any]:
         registry = self._preft_registry()
         return self._preft_guard(lambda: registry.remove(name) or {"removed": name})

@@ -217,19 +217,14 @@ class ServedAdapters:
         return entry
 
     async def _replace(self, name: str, packed: dict[str, Any], config: PreftConfig) -> AdapterEntry:
-        """Same settings: new tensors in place. Other settings (rank, positions, ...): remove and add again, under the
-        same name (the registry keeps counting its versions, so no cached prompt of the old weights is reused)."""
-        old = self.entries[name]
-        if old.config == config:
-            try:
-                data = await self._rpc("preft_update_adapter", name, packed)
-            except (ValueError, TypeError, KeyError) as exc:
-                raise AdapterError(400, f"adapter {name!r}: {exc.args[0] if exc.args else exc}") from None
-            self.entries[name] = entry = entry_from_dict(data)
-            return entry
-        await self._rpc("preft_remove_adapter", name)
-        del self.entries[name]
-        return await self._add(name, packed, config)
+        """New tensors, and settings (rank, targets, positions) that may differ, in the adapter's own slot; the version
+        goes up (so no cached prompt of the old weights is reused). Refused as a whole, or applied as a whole."""
+        try:
+            data = await self._rpc("preft_replace_adapter", name, packed, dataclasses.asdict(config))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise AdapterError(400, f"adapter {name!r}: {exc.args[0] if exc.args else exc}") from None
+        self.entries[name] = entry = entry_from_dict(data)
+        return entry
 
     async def unload(self, name: Any) -> None:
         if not isinstance(name, str) or name not in self.entries:

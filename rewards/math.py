@@ -207,13 +207,19 @@ def _equal(gold: str, predicted: str) -> bool:
         return False
 
 
+def _is_batch(value: Any) -> bool:
+    """A list, tuple or dataset column: sized and iterable, and not a string or a mapping (read per character / key)."""
+    return hasattr(value, "__len__") and hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))
+
+
 def check_batch_columns(name: str, completions: Any, *answers: Any) -> None:
-    """The batch as TRL passes it: one completion (and one answer) per row, in lists. A bare string is refused: it
-    would be read one character per row. (Malformed *elements* are scored, never refused: see completion_text.)"""
-    if not isinstance(completions, (list, tuple)):
+    """The batch as TRL passes it: one completion (and one answer) per row, in lists (or dataset columns). A bare
+    string is refused: it would be read one character per row. (Malformed *elements* are scored, never refused: see
+    completion_text.)"""
+    if not _is_batch(completions):
         raise TypeError(f"{name}: completions must be a list with one completion per row, got {type(completions).__name__}")
     for answer in answers:
-        if not isinstance(answer, (list, tuple)):
+        if not _is_batch(answer):
             raise TypeError(f"{name}: answer must be a list with one answer per row (the dataset's 'answer' column), "
                             f"got {type(answer).__name__} {answer!r:.60}")
         if len(answer) != len(completions):

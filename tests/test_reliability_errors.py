@@ -145,3 +145,12 @@ def test_the_lenient_reward_counts_its_own_errors():
     assert gsm8k_last_number_reward(["q"], ["it is 4"], answer=["#### four"]) == [None]
     assert gsm8k_last_number_reward.errors.count == before_own + 1  # logged under its own name in the trainer log
     assert gsm8k_accuracy_reward.errors.count == before_strict
+
+
+def test_reward_batches_may_be_dataset_columns():
+    from datasets import Dataset
+
+    from preft_rl.rewards import gsm8k_accuracy_reward
+
+    rows = Dataset.from_list([{"completion": "#### 4", "answer": "#### 4"}, {"completion": "#### 5", "answer": "#### 6"}])
+    assert gsm8k_accuracy_reward(["q", "q"], rows["completion"], answer=rows["answer"]) == [1.0, 0.0]

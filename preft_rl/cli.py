@@ -17,7 +17,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["serve"]:  # its unknown flags go to `vllm serve`, so it parses its own arguments
-        from preft_rl.server.launch import main as serve_main
+        from preft_rl.engine.server.launch import main as serve_main
 
         return serve_main(args_list[1:])
     # no prefix abbreviations: `--seed 3` must not silently mean `--seeds 3` (and start a study)

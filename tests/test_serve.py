@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from preft_rl.server.adapters import AdapterError, ServedAdapters, ServeSettings, base_cache_salt, cache_salt
-from preft_rl.server.launch import plan
+from preft_rl.engine.server.adapters import AdapterError, ServedAdapters, ServeSettings, base_cache_salt, cache_salt
+from preft_rl.engine.server.launch import plan
 
 API_KEY = "test-key"
 MAX_RANK = 8
@@ -106,7 +106,7 @@ def test_a_plain_peft_lora_needs_the_servers_own_opt_in(adapter_dirs, tmp_path):
 
     from preft_rl.adapters import PreftConfig
     from preft_rl.engine.baselines import write_peft_lora
-    from preft_rl.server.adapters import read_adapter
+    from preft_rl.engine.server.adapters import read_adapter
 
     state = load_file(str(adapter_dirs["a"] / "adapter_model.safetensors"))
     peft_dir = write_peft_lora(state, PreftConfig(method="lora", r=4, alpha=8), tmp_path / "peft")
@@ -227,7 +227,7 @@ def test_adapter_table_errors_change_nothing(adapter_dirs, tmp_path):
 def test_endpoint_routes_are_off_by_default(monkeypatch):
     from fastapi import FastAPI
 
-    from preft_rl.server.plugins import LOAD_ROUTE, SETTINGS_ENV, PreftEndpointPlugin
+    from preft_rl.engine.server.plugins import LOAD_ROUTE, SETTINGS_ENV, PreftEndpointPlugin
 
     settings = ServeSettings("lora", 4, 8, "X")
     for updates, expected in ((False, set()), (True, {LOAD_ROUTE, "/v1/unload_preft_adapter"})):

@@ -153,7 +153,7 @@ def _commands(cfg: ServeBenchConfig, path: str, dirs: dict[str, list[Path]], dty
               "--max-model-len", str(cfg.prompt_len + cfg.gen_len + 8), "--max-num-seqs", str(cfg.max_num_seqs),
               "--max-num-batched-tokens", str(cfg.max_num_batched_tokens), "--served-model-name", "base",
               "--disable-uvicorn-access-log"]
-    vllm = [sys.executable, "-m", "preft_rl.server.launch", "serve", path]
+    vllm = [sys.executable, "-m", "preft_rl.engine.server.launch", "serve", path]
     preft = [sys.executable, "-m", "preft_rl.cli", "serve", path, "--method", "lora", "--max-adapters", str(cfg.adapters),
              "--max-rank", str(cfg.rank)]
     named = lambda scope: [f"a{i}={d}" for i, d in enumerate(dirs[scope])]  # noqa: E731

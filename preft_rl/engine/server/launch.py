@@ -188,5 +188,5 @@ def run_vllm_serve(vllm_argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `python -m preft_rl.server.launch serve MODEL ...`: plain `vllm serve` (benchmarks' baselines)
+if __name__ == "__main__":  # `python -m preft_rl.engine.server.launch serve MODEL ...`: plain `vllm serve` (benchmarks' baselines)
     sys.exit(run_vllm_serve(sys.argv[1:]))

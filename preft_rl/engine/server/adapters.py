@@ -209,18 +209,17 @@ class ServedAdapters:
         return entry
 
     async def _add(self, name: str, packed: dict[str, Any], config: PreftConfig) -> AdapterEntry:
-        try:
-            data = await self._rpc("preft_add_adapter", name, packed, dataclasses.asdict(config))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise AdapterError(400, f"adapter {name!r}: {exc.args[0] if exc.args else exc}") from None
-        self.entries[name] = entry = entry_from_dict(data)
-        return entry
+        return await self._commit("preft_add_adapter", name, packed, config)
 
     async def _replace(self, name: str, packed: dict[str, Any], config: PreftConfig) -> AdapterEntry:
         """New tensors, and settings (rank, targets, positions) that may differ, in the adapter's own slot; the version
         goes up (so no cached prompt of the old weights is reused). Refused as a whole, or applied as a whole."""
+        return await self._commit("preft_replace_adapter", name, packed, config)
+
+    async def _commit(self, method: str, name: str, packed: dict[str, Any], config: PreftConfig) -> AdapterEntry:
+        """Send an add / replace to the worker; record the entry it reports, or raise its refusal as a 400."""
         try:
-            data = await self._rpc("preft_replace_adapter", name, packed, dataclasses.asdict(config))
+            data = await self._rpc(method, name, packed, dataclasses.asdict(config))
         except (ValueError, TypeError, KeyError) as exc:
             raise AdapterError(400, f"adapter {name!r}: {exc.args[0] if exc.args else exc}") from None
         self.entries[name] = entry = entry_from_dict(data)

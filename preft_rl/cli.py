@@ -31,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     rollout.add_argument("--adapters", default="1,8,64,512", help="comma-separated adapter counts (default: %(default)s)")
     rollout.add_argument("--methods", default="lora,loreft", help="PreFT methods, comma-separated (default: %(default)s)")
     rollout.add_argument("--rank", type=int, default=16, help="adapter rank (default: %(default)s)")
-    rollout.add_argument("--prompts", type=int, default=64, help="requests per run, adapters assigned round-robin (default: %(default)s)")
+    rollout.add_argument("--prompts", default="64", help="requests per run, adapters assigned round-robin; several counts "
+                         "(e.g. 8,64,256) make a batch-size sweep (default: %(default)s)")
     rollout.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (default: %(default)s)")
     rollout.add_argument("--gen-len", type=int, default=64, help="generated tokens per request (default: %(default)s)")
     rollout.add_argument("--repeats", type=int, default=3, help="runs per configuration, alternating; the median is reported (default: %(default)s)")
-    rollout.add_argument("--max-num-seqs", type=int, default=64, help="vLLM max_num_seqs for every engine (default: %(default)s)")
+    rollout.add_argument("--max-num-seqs", type=int, default=None,
+                         help="vLLM max_num_seqs for every engine (default: the largest --prompts, all requests at once)")
     rollout.add_argument("--max-num-batched-tokens", type=int, default=4096, help="vLLM max_num_batched_tokens (default: %(default)s)")
     rollout.add_argument("--all-token", action=argparse.BooleanOptionalAction, default=True,
                          help="also run vLLM's native all-token multi-LoRA (default: on; --no-all-token for quick PreFT-vs-base checks)")
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = bench_rollout.RolloutBenchConfig(
                 model=args.model, adapters=_int_list(args.adapters, "--adapters"), methods=args.methods.split(","),
-                rank=args.rank, prompts=args.prompts, prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
+                rank=args.rank, prompts=_int_list(args.prompts, "--prompts"), prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
                 out=args.out, seed=args.seed, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 all_token=args.all_token, ours_all_token=args.ours_all_token,
             )

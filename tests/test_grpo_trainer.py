@@ -107,10 +107,15 @@ def test_grpo_learns_and_keeps_its_invariants(tiny_llama_dir, tmp_path, method, 
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == list(range(1, 17))
     for key in ("reward", "reward_std", "rewards/first_token_even/mean", "completions/mean_length", "kl", "clip_ratio",
-                "entropy", "time/generate", "time/score", "time/backward", "rollout/tokens_per_s", "memory/update_gib"):
+                "entropy", "time/generate", "time/score", "time/forward", "time/backward", "time/optimizer", "time/update",
+                "rollout/tokens_per_s", "memory/update_gib", "memory/forward_gib", "memory/backward_gib"):
         assert key in metrics and key in log[-1], key
-    # memory per phase: the rollout phase on steps that generate, the update phase on every step (CPU: resident set)
+    for row in log:  # the update's phases are parts of it; its memory is the largest of theirs
+        assert row["time/forward"] + row["time/backward"] + row["time/optimizer"] <= row["time/update"] <= row["time/step"]
+        assert row["memory/update_gib"] >= max(row["memory/forward_gib"], row["memory/backward_gib"])
+    # peak memory per phase: the rollout phase on steps that generate, the update phase on every step (CPU: VmHWM)
     assert all(0.1 < row["memory/update_gib"] < 24 for row in log)
+    assert all(row["memory/rollout_gib"] >= row["memory/generate_gib"] for row in log if "memory/rollout_gib" in row)
     rollouts = sum((row["step"] - 1) % trainer.args.steps_per_generation == 0 for row in log)
     assert sum("memory/rollout_gib" in row for row in log) == rollouts and all(0.1 < row.get("memory/rollout_gib", 1) < 24 for row in log)
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "checkpoint-16").is_dir()

@@ -45,24 +45,29 @@ def test_rollout_benchmark_bookkeeping(tiny_llama_dir, tmp_path):
     pytest.importorskip("vllm")
     from preft_rl.reports.rollout import RolloutBenchConfig, run, write_report
 
-    cfg = RolloutBenchConfig(model=str(tiny_llama_dir), adapters=[1, 3], methods=["lora", "loreft"], rank=4, prompts=4,
-                             prompt_len=16, gen_len=4, repeats=2, out=str(tmp_path), max_num_seqs=8, max_num_batched_tokens=256)
+    cfg = RolloutBenchConfig(model=str(tiny_llama_dir), adapters=[1, 3], methods=["lora", "loreft"], rank=4, prompts=[2, 4],
+                             prompt_len=16, gen_len=4, repeats=2, out=str(tmp_path), max_num_batched_tokens=256)
+    assert cfg.max_num_seqs == 4  # default: the largest point of the sweep runs all at once
     result = run(cfg, progress=False)
     measurements = result["measurements"]
-    # repeats x (base + adapter counts x (2 PreFT methods + the same on all tokens in our engine + vLLM's all-token LoRA))
-    assert len(measurements) == 2 * (1 + 2 * 5)
-    assert all(m["output_tokens"] == 4 * 4 and m["prompt_tokens"] == 4 * 16 for m in measurements)
-    assert all(m["prefill_steps"] >= 1 and m["decode_steps"] >= 3 for m in measurements)  # 4 tokens: 1 prefill + 3 decode steps
-    assert all(m["prefill_s"] + m["decode_s"] <= m["seconds"] for m in measurements)
-    summary = {(r["config"], r["adapters"]): r for r in result["summary"]}
+    # repeats x sweep points x (base + adapter counts x (2 PreFT methods + the same on all tokens in our engine +
+    # vLLM's all-token LoRA))
+    assert len(measurements) == 2 * 2 * (1 + 2 * 5)
+    for m in measurements:
+        s = m["sequences"]
+        assert m["output_tokens"] == s * 4 and m["prompt_tokens"] == s * 16
+        # 4 tokens: one prefill step (all prompts fit in 256 tokens), then 3 pure-decode steps of s tokens each
+        assert (m["prefill_steps"], m["decode_steps"], m["decode_tokens"]) == (1, 3, 3 * s)
+        assert m["prefill_s"] + m["decode_s"] <= m["seconds"]
+    summary = {(r["config"], r["adapters"], r["sequences"]): r for r in result["summary"]}
     configs = ("preft-lora", "preft-loreft", "all-lora", "all-loreft", "lora-all-token")
-    assert set(summary) == {("base", 0)} | {(c, n) for n in (1, 3) for c in configs}
-    assert summary[("base", 0)]["vs_base"] == 1.0
-    assert summary[("lora-all-token", 3)]["vs_lora_all_token"] == 1.0
-    assert all(r["vs_base"] > 0 for r in summary.values())  # the ratios themselves: test_rollout_ratios_by_hand
+    assert set(summary) == {("base", 0, s) for s in (2, 4)} | {(c, n, s) for n in (1, 3) for c in configs for s in (2, 4)}
+    assert all(summary[("base", 0, s)]["vs_base"] == summary[("base", 0, s)]["decode_vs_base"] == 1.0 for s in (2, 4))
+    assert summary[("lora-all-token", 3, 4)]["vs_lora_all_token"] == 1.0
+    assert all(r["vs_base"] > 0 and r["decode_vs_base"] > 0 for r in summary.values())  # the ratios: by hand below
     paths = write_report(result, tmp_path, "preft-rl bench rollout (test)")
     assert json.loads(paths["json"].read_text())["command"] == "preft-rl bench rollout (test)"
-    assert paths["markdown"].read_text().count("\n| ") == 2 + 11  # header, separator, 11 configurations
+    assert paths["markdown"].read_text().count("\n| ") == 2 + 22  # header, separator, 11 configurations x 2 points
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -106,6 +111,28 @@ def test_rollout_ratios_by_hand():
     assert rows[("lora-all-token", 8)]["vs_base"] == 0.2 and rows[("lora-all-token", 8)]["vs_lora_all_token"] == 1.0
     assert rows[("preft-lora", 8)]["vs_ours_all_token"] == 1.25  # 31.25 / 25
     assert rows[("all-lora", 8)]["vs_ours_all_token"] is None and rows[("base", 0)]["vs_ours_all_token"] is None
+
+
+def test_rollout_batch_sweep_ratios_by_hand():
+    """With several request counts, every ratio compares runs of the same count; pure-decode tokens/s is the tokens of
+    the pure-decode steps over those steps' seconds."""
+    from preft_rl.reports.rollout import Measurement, summarize
+
+    # (config, adapters, seconds, output tokens, prompt tokens, prefill s, decode s, prefill steps, decode steps,
+    #  sequences, decode tokens)
+    ms = [
+        Measurement("base", 0, 2.0, 64, 64, 0.5, 1.5, 1, 7, 8, 56),  # decode 56 / 1.5
+        Measurement("preft-lora", 8, 2.5, 64, 64, 1.0, 1.5, 1, 7, 8, 56),  # the same decode rate: 1.0
+        Measurement("base", 0, 4.0, 512, 512, 1.0, 3.0, 1, 7, 64, 448),  # decode 448 / 3 = 149.33
+        Measurement("preft-lora", 8, 5.0, 512, 512, 1.8, 3.2, 1, 7, 64, 448),  # decode 448 / 3.2 = 140
+    ]
+    rows = {(r["config"], r["sequences"]): r for r in summarize(ms)}
+    assert rows[("base", 8)]["decode_tok_s"] == pytest.approx(56 / 1.5)
+    assert rows[("preft-lora", 8)]["decode_vs_base"] == pytest.approx(1.0)
+    assert rows[("preft-lora", 8)]["vs_base"] == pytest.approx(0.8)  # 25.6 vs 32 output tok/s
+    assert rows[("preft-lora", 64)]["decode_vs_base"] == pytest.approx(3.0 / 3.2)
+    assert rows[("preft-lora", 64)]["vs_base"] == pytest.approx(0.8)  # 102.4 vs 128
+    assert [r["sequences"] for r in summarize(ms)] == [8, 8, 64, 64]
 
 
 def test_serve_benchmark_statistics_by_hand():

@@ -174,15 +174,18 @@ def add_splitting_ops(ops: list[str]) -> None:
 
 class StepTimer:
     """Wall time of every model step of a runner, split into steps with prompt work (prefill or mixed
-    prefill/decode) and pure-decode steps. A step runs from execute_model to the end of sample_tokens."""
+    prefill/decode) and pure-decode steps. A step runs from execute_model to the end of sample_tokens.
+    `decode_tokens` counts the tokens the pure-decode steps computed (one per running request per step)."""
 
     def __init__(self, runner: Any) -> None:
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.prefill_steps = 0
         self.decode_steps = 0
+        self.decode_tokens = 0
         self._start: float | None = None
         self._prefill = False
+        self._tokens = 0
         execute, sample = runner.execute_model, runner.sample_tokens
 
         def execute_model(scheduler_output, *args, **kwargs):
@@ -190,7 +193,8 @@ class StepTimer:
 
             self._start = time.perf_counter()
             # Without speculative decoding a decode step schedules one token per request; more means prompt work.
-            self._prefill = scheduler_output.total_num_scheduled_tokens > len(scheduler_output.num_scheduled_tokens)
+            self._tokens = scheduler_output.total_num_scheduled_tokens
+            self._prefill = self._tokens > len(scheduler_output.num_scheduled_tokens)
             out = execute(scheduler_output, *args, **kwargs)
             if out is not None:
                 self._stop()
@@ -215,11 +219,12 @@ class StepTimer:
         else:
             self.decode_s += elapsed
             self.decode_steps += 1
+            self.decode_tokens += self._tokens
         self._start = None
 
-    def reset(self) -> tuple[float, float, int, int]:
-        """(prefill seconds, decode seconds, prefill steps, decode steps) since the last reset."""
-        totals = (self.prefill_s, self.decode_s, self.prefill_steps, self.decode_steps)
+    def reset(self) -> tuple[float, float, int, int, int]:
+        """(prefill seconds, decode seconds, prefill steps, decode steps, decode tokens) since the last reset."""
+        totals = (self.prefill_s, self.decode_s, self.prefill_steps, self.decode_steps, self.decode_tokens)
         self.prefill_s = self.decode_s = 0.0
-        self.prefill_steps = self.decode_steps = 0
+        self.prefill_steps = self.decode_steps = self.decode_tokens = 0
         return totals

@@ -2,6 +2,7 @@
 
     preft-rl bench rollout --model smollm2-135m-instruct --adapters 1,8,64 --methods lora,loreft \\
         --rank 16 --prompts 64 --prompt-len 64 --gen-len 64 --repeats 3 --out docs/benchmarks/rollout-cpu
+    preft-rl bench rollout --adapters 8 --methods lora --prompts 8,64,256 --no-all-token --no-ours-all-token  # batch sweep
 
 One process, one run: the same request set (random prompt tokens, requests assigned to adapters
 round-robin, greedy, exactly gen-len tokens each) goes through
@@ -11,7 +12,10 @@ round-robin, greedy, exactly gen-len tokens each) goes through
   all-<method>      PreftEngine(adapter_scope="all"): our own engine with the same adapters on every token. PreFT
                     against it isolates the paper's idea (skip the adapter at decode) from how fast vLLM's CPU LoRA
                     kernels are,
-all with identical vLLM settings (eager, prefix caching off, same batch limits). Configurations
+all with identical vLLM settings (eager, prefix caching off, same batch limits). `--prompts` may list several
+request counts (a batch-size sweep: every count runs as its own point, all requests at once by default); beside the
+whole run's output tokens/s the report gives pure-decode tokens/s (tokens computed in steps without prompt work, over
+those steps' time), the number that shows an engine's per-step overhead at small batch. Configurations
 alternate within each repeat; the report gives medians and the min-max spread. Adapters are random
 (rank --rank; LoRA on all linear layers; ReFT on every layer at every prompt token, the costliest case).
 """
@@ -35,26 +39,32 @@ class RolloutBenchConfig:
     adapters: list[int] = field(default_factory=lambda: [1, 8, 64, 512])
     methods: list[str] = field(default_factory=lambda: ["lora", "loreft"])
     rank: int = 16
-    prompts: int = 64
+    prompts: list[int] = field(default_factory=lambda: [64])  # requests per run; several counts = a batch sweep
     prompt_len: int = 64
     gen_len: int = 64
     repeats: int = 3
     out: str = "outputs/bench-rollout"
     seed: int = 0
-    max_num_seqs: int = 64
+    max_num_seqs: int | None = None  # None: the largest --prompts, so every request of a point runs at once
     max_num_batched_tokens: int = 4096
     all_token: bool = True  # also run vLLM's native all-token multi-LoRA (the baseline users pick today)
     ours_all_token: bool = True  # also run our engine with the adapters on every token (all-<method>)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompts, int):
+            self.prompts = [self.prompts]
+        if not self.prompts or min(self.prompts) < 1:
+            raise ValueError(f"--prompts {self.prompts}: give positive request counts, e.g. 8,64,256")
+        if self.max_num_seqs is None:
+            self.max_num_seqs = max(self.prompts)
         if not self.adapters or min(self.adapters) < 1:
             raise ValueError(f"--adapters {self.adapters}: give positive counts, e.g. 1,8,64")
         unknown = set(self.methods) - {"lora", "loreft", "direft"}
         if unknown:
             raise ValueError(f"--methods {sorted(unknown)}: use lora, loreft or direft")
-        if self.repeats < 1 or self.prompts < 1 or self.prompt_len < 1 or self.gen_len < 1:
-            raise ValueError("--repeats, --prompts, --prompt-len and --gen-len must be >= 1")
+        if self.repeats < 1 or self.prompt_len < 1 or self.gen_len < 1 or self.max_num_seqs < 1:
+            raise ValueError("--repeats, --prompt-len, --gen-len and --max-num-seqs must be >= 1")
 
 
 @dataclass
@@ -68,6 +78,8 @@ class Measurement:
     decode_s: float
     prefill_steps: int
     decode_steps: int
+    sequences: int = 0  # requests in the run (the batch-sweep point)
+    decode_tokens: int = 0  # tokens computed in pure-decode steps
 
 
 def random_adapter_state(method: str, shape, rank: int, seed: int) -> dict[str, torch.Tensor]:
@@ -138,32 +150,36 @@ def run(cfg: RolloutBenchConfig, progress: bool = True) -> dict[str, Any]:
     timers = {name: vllm_compat.StepTimer(_runner(engine)) for name, engine in engines.items()}
     rng = np.random.default_rng(cfg.seed)
     vocab = len(engines["base"].tokenizer)
-    prompts = [rng.integers(100, vocab - 100, size=cfg.prompt_len).tolist() for _ in range(cfg.prompts)]
+    all_prompts = [rng.integers(100, vocab - 100, size=cfg.prompt_len).tolist() for _ in range(max(cfg.prompts))]
     params = SamplingParams(max_tokens=cfg.gen_len, min_tokens=cfg.gen_len, temperature=0.0, ignore_eos=True)
-    runs = [("base", 0)] + [(name, n) for n in cfg.adapters for name in engines if name != "base"]
+    runs = [(name, n, s) for s in cfg.prompts
+            for name, n in [("base", 0)] + [(name, n) for n in cfg.adapters for name in engines if name != "base"]]
     warm_params = SamplingParams(max_tokens=2, min_tokens=2, temperature=0.0, ignore_eos=True)
-    warmed: set[tuple[str, int]] = set()
+    warmed: set[tuple[str, int, int]] = set()
     measurements: list[Measurement] = []
     for repeat in range(cfg.repeats):
         order = runs[repeat % len(runs):] + runs[: repeat % len(runs)]  # rotate, so no configuration always goes first
-        for name, n in order:
+        for name, n, sequences in order:
             engine = engines[name]
-            adapters = None if n == 0 else [f"a{i % n}" for i in range(cfg.prompts)]
-            if (name, n) not in warmed:  # the first full-size prefill of an engine pays one-off costs (measured
-                # 2.8 s vs 1.5 s on the random Llama): warm every configuration at full size once
+            prompts = all_prompts[:sequences]
+            adapters = None if n == 0 else [f"a{i % n}" for i in range(sequences)]
+            if (name, n, sequences) not in warmed:  # the first full-size prefill of an engine pays one-off costs
+                # (measured 2.8 s vs 1.5 s on the random Llama): warm every configuration at full size once
                 engine.generate(prompts, warm_params, adapters=adapters, use_tqdm=False)
-                warmed.add((name, n))
+                warmed.add((name, n, sequences))
             engine.generate(prompts[:2], params, adapters=None if adapters is None else adapters[:2], use_tqdm=False)  # warm
             timers[name].reset()
             start = time.perf_counter()
             outs = engine.generate(prompts, params, adapters=adapters, use_tqdm=False)
             seconds = time.perf_counter() - start
-            prefill_s, decode_s, prefill_steps, decode_steps = timers[name].reset()
+            prefill_s, decode_s, prefill_steps, decode_steps, decode_tokens = timers[name].reset()
             output_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            measurements.append(Measurement(name, n, seconds, output_tokens, cfg.prompts * cfg.prompt_len,
-                                            prefill_s, decode_s, prefill_steps, decode_steps))
+            measurements.append(Measurement(name, n, seconds, output_tokens, sequences * cfg.prompt_len,
+                                            prefill_s, decode_s, prefill_steps, decode_steps, sequences, decode_tokens))
             if progress:
-                print(f"[{repeat + 1}/{cfg.repeats}] {name:15s} N={n:<4d} {output_tokens / seconds:9.1f} output tok/s", flush=True)
+                decode = f"{decode_tokens / decode_s:9.1f}" if decode_s else "      n/a"
+                print(f"[{repeat + 1}/{cfg.repeats}] {name:15s} N={n:<4d} seqs={sequences:<4d} {output_tokens / seconds:9.1f} "
+                      f"output tok/s, {decode} pure-decode tok/s", flush=True)
     for engine in engines.values():
         engine.close()
     return {"config": asdict(cfg), "measurements": [asdict(m) for m in measurements], "summary": summarize(measurements)}
@@ -176,30 +192,38 @@ def _runner(engine: Any) -> Any:
 
 
 def summarize(measurements: list[Measurement]) -> list[dict[str, Any]]:
-    """Median and spread per (config, adapters), with ratios to base, to vLLM's all-token LoRA at the same N, and (for
-    preft-<method>) to our own engine with the same adapters on every token (all-<method>) at the same N."""
-    groups: dict[tuple[str, int], list[Measurement]] = {}
+    """Median and spread per (config, adapters, sequences), with ratios at the same number of sequences: to base, to
+    vLLM's all-token LoRA at the same N, and (for preft-<method>) to our own engine with the same adapters on every
+    token (all-<method>) at the same N. `decode_vs_base` compares pure-decode tokens/s with base's."""
+    groups: dict[tuple[str, int, int], list[Measurement]] = {}
     for m in measurements:
-        groups.setdefault((m.config, m.adapters), []).append(m)
+        groups.setdefault((m.config, m.adapters, m.sequences), []).append(m)
     rows = []
-    for (name, n), ms in groups.items():
+    for (name, n, sequences), ms in groups.items():
         out_tps = [m.output_tokens / m.seconds for m in ms]
+        decode_tps = [m.decode_tokens / m.decode_s for m in ms if m.decode_s > 0 and m.decode_tokens > 0]
         rows.append({
-            "config": name, "adapters": n, "runs": len(ms),
+            "config": name, "adapters": n, "sequences": sequences, "runs": len(ms),
             "output_tok_s": statistics.median(out_tps), "output_tok_s_min": min(out_tps), "output_tok_s_max": max(out_tps),
             "total_tok_s": statistics.median((m.output_tokens + m.prompt_tokens) / m.seconds for m in ms),
+            "decode_tok_s": statistics.median(decode_tps) if decode_tps else None,
             "prefill_s": statistics.median(m.prefill_s for m in ms), "decode_s": statistics.median(m.decode_s for m in ms),
             "seconds": statistics.median(m.seconds for m in ms),
         })
-    base = next((r["output_tok_s"] for r in rows if r["config"] == "base"), None)
-    native = {r["adapters"]: r["output_tok_s"] for r in rows if r["config"] == "lora-all-token"}
-    by_key = {(r["config"], r["adapters"]): r["output_tok_s"] for r in rows}
+    base = {r["sequences"]: r for r in rows if r["config"] == "base"}
+    native = {(r["adapters"], r["sequences"]): r["output_tok_s"] for r in rows if r["config"] == "lora-all-token"}
+    by_key = {(r["config"], r["adapters"], r["sequences"]): r["output_tok_s"] for r in rows}
     for row in rows:
-        row["vs_base"] = row["output_tok_s"] / base if base else None
-        row["vs_lora_all_token"] = row["output_tok_s"] / native[row["adapters"]] if row["adapters"] in native else None
-        ours = by_key.get(("all-" + row["config"].removeprefix("preft-"), row["adapters"])) if row["config"].startswith("preft-") else None
+        ref = base.get(row["sequences"])
+        row["vs_base"] = row["output_tok_s"] / ref["output_tok_s"] if ref else None
+        row["decode_vs_base"] = (row["decode_tok_s"] / ref["decode_tok_s"]
+                                 if ref and ref["decode_tok_s"] and row["decode_tok_s"] else None)
+        key = (row["adapters"], row["sequences"])
+        row["vs_lora_all_token"] = row["output_tok_s"] / native[key] if key in native else None
+        ours = (by_key.get(("all-" + row["config"].removeprefix("preft-"), *key))
+                if row["config"].startswith("preft-") else None)
         row["vs_ours_all_token"] = row["output_tok_s"] / ours if ours else None
-    return sorted(rows, key=lambda r: (r["adapters"], r["config"]))
+    return sorted(rows, key=lambda r: (r["sequences"], r["adapters"], r["config"]))
 
 
 def write_report(result: dict[str, Any], out: str | Path, command: str) -> dict[str, Path]:
@@ -215,31 +239,39 @@ def write_report(result: dict[str, Any], out: str | Path, command: str) -> dict[
     paths["json"].write_text(json.dumps({**result, "command": command}, indent=2) + "\n")
     cfg = result["config"]
     fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+    prompts = cfg["prompts"] if isinstance(cfg["prompts"], list) else [cfg["prompts"]]
     lines = [
         "# Rollout throughput", "", f"Command: `{command}`", "",
-        f"{cfg['prompts']} requests x {cfg['prompt_len']} prompt tokens -> {cfg['gen_len']} generated tokens each, rank "
-        f"{cfg['rank']}, greedy, eager, prefix caching off; median of {cfg['repeats']} alternating runs (min-max in brackets).", "",
-        "| config | adapters | output tok/s | total tok/s | prefill s | decode s | vs base | vs all-token LoRA (vLLM) "
-        "| vs same adapters on all tokens (ours) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"{', '.join(map(str, prompts))} requests x {cfg['prompt_len']} prompt tokens -> {cfg['gen_len']} generated tokens "
+        f"each, rank {cfg['rank']}, greedy, eager, prefix caching off, max_num_seqs {cfg['max_num_seqs']}; median of "
+        f"{cfg['repeats']} alternating runs (min-max in brackets). Pure decode: tokens of the steps without prompt work over "
+        "those steps' time.", "",
+        "| config | adapters | sequences | output tok/s | total tok/s | pure-decode tok/s | prefill s | decode s | vs base "
+        "| pure decode vs base | vs all-token LoRA (vLLM) | vs same adapters on all tokens (ours) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["summary"]:
+        decode = "" if r.get("decode_tok_s") is None else f"{r['decode_tok_s']:.1f}"
         lines.append(
-            f"| {r['config']} | {r['adapters']} | {r['output_tok_s']:.1f} ({r['output_tok_s_min']:.1f}-{r['output_tok_s_max']:.1f}) | "
-            f"{r['total_tok_s']:.1f} | {r['prefill_s']:.3f} | {r['decode_s']:.3f} | {fmt(r['vs_base'])} | {fmt(r['vs_lora_all_token'])} | "
-            f"{fmt(r.get('vs_ours_all_token'))} |"
+            f"| {r['config']} | {r['adapters']} | {r.get('sequences', '')} | {r['output_tok_s']:.1f} "
+            f"({r['output_tok_s_min']:.1f}-{r['output_tok_s_max']:.1f}) | {r['total_tok_s']:.1f} | {decode} | "
+            f"{r['prefill_s']:.3f} | {r['decode_s']:.3f} | {fmt(r['vs_base'])} | {fmt(r.get('decode_vs_base'))} | "
+            f"{fmt(r['vs_lora_all_token'])} | {fmt(r.get('vs_ours_all_token'))} |"
         )
     paths["markdown"].write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     summary = result["summary"]
-    base = next((r for r in summary if r["config"] == "base"), None)
-    names = sorted({r["config"] for r in summary if r["config"] != "base"})
-    for name in names:
-        pts = sorted((r["adapters"], r["output_tok_s"]) for r in summary if r["config"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    if base:
-        ax.axhline(base["output_tok_s"], color="gray", linestyle="--", label="base (no adapters)")
+    sweep = sorted({r.get("sequences", 0) for r in summary})
+    for sequences in sweep:
+        suffix = f", {sequences} seqs" if len(sweep) > 1 else ""
+        rows = [r for r in summary if r.get("sequences", 0) == sequences]
+        base = next((r for r in rows if r["config"] == "base"), None)
+        for name in sorted({r["config"] for r in rows if r["config"] != "base"}):
+            pts = sorted((r["adapters"], r["output_tok_s"]) for r in rows if r["config"] == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name + suffix)
+        if base:
+            ax.axhline(base["output_tok_s"], color="gray", linestyle="--", label="base (no adapters)" + suffix)
     ax.set_xscale("log", base=2)
     ax.set(title="Rollout throughput vs number of adapters", xlabel="adapters in the batch", ylabel="output tokens / s")
     ax.grid(alpha=0.3)

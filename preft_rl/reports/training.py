@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 HELDOUT_NAME = "heldout.json"
-TIMING_KEYS = ("time/generate", "time/score", "time/logprobs", "time/backward", "time/sync")
+# the step's phases, which do not overlap (time/update is forward + backward + optimizer and more; not stacked)
+TIMING_KEYS = ("time/sync", "time/generate", "time/score", "time/logprobs", "time/forward", "time/backward", "time/optimizer")
 
 
 def read_log(output_dir: str | Path) -> tuple[list[dict], list[dict]]:

@@ -40,7 +40,7 @@ from . import checkpoint
 from .grpo_core import entropy_from_logits, nanstd, selective_log_softmax
 from .rl_config import PreftRLConfig
 from .rollout import RolloutBatch, pack, prompt_ids_for, reward_nan_counts, sampling_seed, score
-from .runtime import as_dataset, begin_memory_phase, fill_deepspeed_batch_fields, gathered, memory_phase_gib, process_group_kwargs
+from .runtime import PhaseRecorder, as_dataset, fill_deepspeed_batch_fields, gathered, process_group_kwargs
 
 logger = logging.getLogger(__name__)
 POLICY = "policy"
@@ -220,12 +220,6 @@ class PreftRLTrainer:
             self.engine.update_adapter(POLICY, self.preft_model.adapter_state_dict())
         self._engine_in_sync = True
 
-    def _log_memory(self, metrics: dict[str, float], key: str) -> None:
-        """Memory of the phase just ended (runtime.memory_phase_gib: CUDA peak, or CPU resident set at its end)."""
-        value = memory_phase_gib(self.accelerator.device)
-        if value is not None:
-            metrics[key] = value
-
     def _engine_generate(self, prompt_ids: list[list[int]], params: list[Any], use_tqdm: bool = False) -> list[Any]:
         """The engine's outputs for this process's prompts (every process calls it, with or without prompts). Under
         engine TP the ranks of a group must submit the same requests, so they gather the group's prompts (and their
@@ -265,12 +259,11 @@ class PreftRLTrainer:
         from preft_rl.engine import SamplingParams
 
         args, acc = self.args, self.accelerator
-        timings: dict[str, float] = {}
+        phases = PhaseRecorder(acc.device)
         rows = self._prompts_for_step(step)
         if not self._engine_in_sync:
-            start = time.perf_counter()
-            self._sync_engine()
-            timings["time/sync"] = time.perf_counter() - start
+            with phases.phase("sync"):
+                self._sync_engine()
 
         prompts = [row["prompt"] for row in rows for _ in range(args.num_generations)]
         prompt_ids = [prompt_ids_for(self.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
@@ -283,25 +276,23 @@ class PreftRLTrainer:
             )
             for i in range(local)
         ]
-        start = time.perf_counter()
-        if args.engine_sleep:
-            self.engine.wake_up()
-        outputs = self._engine_generate(prompt_ids, params)
-        if args.engine_sleep:
-            self.engine.sleep()
-        timings["time/generate"] = time.perf_counter() - start
+        with phases.phase("generate"):
+            if args.engine_sleep:
+                self.engine.wake_up()
+            outputs = self._engine_generate(prompt_ids, params)
+            if args.engine_sleep:
+                self.engine.sleep()
         completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
         completion_logps = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, ids)] for o, ids in zip(outputs, completion_ids)]
         texts = [o.outputs[0].text for o in outputs]
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
-        timings["rollout/tokens_per_s"] = sum(map(len, completion_ids)) / max(timings["time/generate"], 1e-9)
+        tokens_per_s = sum(map(len, completion_ids)) / max(phases.seconds["generate"], 1e-9)
 
-        start = time.perf_counter()
-        columns = {k: [row[k] for row in rows for _ in range(args.num_generations)] for k in rows[0] if k != "prompt"}
-        per_func = score(self.reward_funcs, self.reward_names, prompts, completions, completion_ids, columns)
-        rewards = (per_func * self.reward_weights).nansum(dim=1)
-        rewards[per_func.isnan().all(dim=1)] = math.nan  # no function could score it: no reward, never a silent 0.0
-        timings["time/score"] = time.perf_counter() - start
+        with phases.phase("score"):
+            columns = {k: [row[k] for row in rows for _ in range(args.num_generations)] for k in rows[0] if k != "prompt"}
+            per_func = score(self.reward_funcs, self.reward_names, prompts, completions, completion_ids, columns)
+            rewards = (per_func * self.reward_weights).nansum(dim=1)
+            rewards[per_func.isnan().all(dim=1)] = math.nan  # no function could score it: no reward, never a silent 0.0
 
         eos = self.tokenizer.eos_token_id
         batch = RolloutBatch(
@@ -310,16 +301,20 @@ class PreftRLTrainer:
             completion_lengths=torch.tensor([len(c) for c in completion_ids]),
             truncated=torch.tensor([len(c) >= args.max_completion_length and (not c or c[-1] != eos) for c in completion_ids]),
         )
-        start = time.perf_counter()
-        if self._needs_old_logps():
-            batch.old_logps = self._logps_no_grad(batch)
-        if self._needs_ref_logps():
-            with self.preft_model.disable_adapter():
-                batch.ref_logps = self._logps_no_grad(batch)
-        timings["time/logprobs"] = time.perf_counter() - start
-        start = time.perf_counter()
-        self._compute_advantages(batch)
-        timings["time/advantages"] = time.perf_counter() - start
+        with phases.phase("logprobs"):
+            if self._needs_old_logps():
+                batch.old_logps = self._logps_no_grad(batch)
+            if self._needs_ref_logps():
+                with self.preft_model.disable_adapter():
+                    batch.ref_logps = self._logps_no_grad(batch)
+        with phases.phase("advantages"):
+            self._compute_advantages(batch)
+        timings = {f"time/{name}": seconds for name, seconds in phases.seconds.items()}
+        timings["rollout/tokens_per_s"] = tokens_per_s
+        # peak memory: of the engine's generation (sync included), of the no-grad log-prob passes, of the whole rollout
+        timings.update({f"memory/{name}_gib": phases.peak_gib[name] for name in ("generate", "logprobs") if name in phases.peak_gib})
+        if phases.peak_gib:
+            timings["memory/rollout_gib"] = max(phases.peak_gib.values())
         return batch, timings
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -380,7 +375,8 @@ class PreftRLTrainer:
     # ------------------------------------------------------------------------------ update
     def _optimizer_step(self, batch: RolloutBatch) -> dict[str, float]:
         """One training step: an optimizer step per mini-batch, accumulating over its micro-batches."""
-        args, acc = self.args, self.accelerator
+        acc = self.accelerator
+        phases = PhaseRecorder(acc.device)
         totals: dict[str, float] = defaultdict(float)
         count, norms = 0, []
         for micro in self._mini_batches(batch):
@@ -389,23 +385,12 @@ class PreftRLTrainer:
             mini = MiniBatch(micro=micro, num_items=num_items)
             for rows in micro:
                 with acc.accumulate(self.model):  # backward divides by gradient_accumulation_steps; steps at the last
-                    loss, stats = self._compute_loss(batch, rows, mini)
-                    acc.backward(loss)
-                    finite = True
-                    if acc.sync_gradients:  # the norm is taken even without clipping (max_norm=inf scales by exactly 1)
-                        clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
-                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
-                        if grad_norm is not None:
-                            norms.append(float(grad_norm))
-                            finite = math.isfinite(norms[-1])
-                    if finite:
-                        self.optimizer.step()
-                    else:  # never step on NaN/inf gradients: the weights (and the next checkpoint) would be NaN
-                        self._skipped_steps += 1
-                        logger.warning("gradient norm is %s at step %d: optimizer step skipped (%d skipped so far)",
-                                       float(grad_norm), self.step + 1, self._skipped_steps)
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    with phases.phase("forward"):
+                        loss, stats = self._compute_loss(batch, rows, mini)
+                    with phases.phase("backward"):
+                        acc.backward(loss)
+                    with phases.phase("optimizer"):
+                        self._apply_gradients(norms)
                 for key, value in stats.items():
                     totals[key] += value
                 count += 1
@@ -415,7 +400,32 @@ class PreftRLTrainer:
             out["grad_norm"] = sum(norms) / len(norms)
         out["learning_rate"] = self.scheduler.get_last_lr()[0]
         out["skipped_steps"] = self._skipped_steps  # optimizer steps skipped for non-finite gradients
+        # seconds summed over micro-batches; peak memory of the training forwards, of the backwards, of the whole update
+        out.update({f"time/{name}": seconds for name, seconds in phases.seconds.items()})
+        out.update({f"memory/{name}_gib": phases.peak_gib[name] for name in ("forward", "backward") if name in phases.peak_gib})
+        if phases.peak_gib:
+            out["memory/update_gib"] = max(phases.peak_gib.values())
         return out
+
+    def _apply_gradients(self, norms: list[float]) -> None:
+        """Inside acc.accumulate: at the micro-batch that ends a mini-batch, clip and step (never on non-finite
+        gradients), appending the gradient norm to `norms`; the scheduler and zero_grad act as accelerate decides."""
+        args, acc = self.args, self.accelerator
+        finite = True
+        if acc.sync_gradients:  # the norm is taken even without clipping (max_norm=inf scales by exactly 1)
+            clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+            if grad_norm is not None:
+                norms.append(float(grad_norm))
+                finite = math.isfinite(norms[-1])
+        if finite:
+            self.optimizer.step()
+        else:  # never step on NaN/inf gradients: the weights (and the next checkpoint) would be NaN
+            self._skipped_steps += 1
+            logger.warning("gradient norm is %s at step %d: optimizer step skipped (%d skipped so far)",
+                           float(grad_norm), self.step + 1, self._skipped_steps)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------------------ loop
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, float]:
@@ -432,14 +442,10 @@ class PreftRLTrainer:
             start = time.perf_counter()
             timings: dict[str, float] = {}
             if self.step % args.steps_per_generation == 0 or self._rollout is None:
-                begin_memory_phase(acc.device)
                 self._rollout, timings = self._generate_and_score(self.step)
-                self._log_memory(timings, "memory/rollout_gib")
             train_start = time.perf_counter()
-            begin_memory_phase(acc.device)
             stats = self._optimizer_step(self._rollout)
-            self._log_memory(timings, "memory/update_gib")
-            timings["time/backward"] = time.perf_counter() - train_start
+            timings["time/update"] = time.perf_counter() - train_start  # forward + backward + optimizer, all micro-batches
             self.step += 1
             timings["time/step"] = time.perf_counter() - start
             metrics = {**self._rollout_metrics(self._rollout), **stats, **timings, "step": self.step}

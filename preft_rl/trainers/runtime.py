@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -67,18 +70,51 @@ class gathered:
 
 
 def begin_memory_phase(device: torch.device) -> None:
-    """Start measuring a phase's peak memory (CUDA: the allocator's peak is reset; CPU: nothing to reset)."""
+    """Start measuring a phase's peak memory. CUDA: the allocator's peak is reset. CPU (Linux): the process's peak
+    resident set (VmHWM) is reset to the current resident set (writing 5 to /proc/self/clear_refs)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: memory_phase_gib then gives the peak since the process started
 
 
 def memory_phase_gib(device: torch.device) -> float | None:
-    """The phase's memory: on CUDA the allocator's peak since begin_memory_phase; on CPU the process's resident
-    set at the end of the phase (Linux /proc); None where neither can be read."""
+    """The phase's peak memory since begin_memory_phase: on CUDA the allocator's peak; on CPU the process's peak
+    resident set (Linux /proc, colocated vLLM included); None where neither can be read."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
     except (OSError, ValueError, IndexError):
-        return None
+        pass
+    return None
+
+
+class PhaseRecorder:
+    """Wall time and peak memory of named, non-overlapping phases of a step (sums of time and maxima of memory
+    over repeated phases, such as the forward of each micro-batch). `phase` blocks must not nest: each one resets
+    the memory peak."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.peak_gib: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        begin_memory_phase(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            peak = memory_phase_gib(self.device)
+            if peak is not None:
+                self.peak_gib[name] = max(self.peak_gib.get(name, 0.0), peak)

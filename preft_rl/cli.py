@@ -2,6 +2,7 @@
 
     preft-rl report OUTPUT_DIR       render a GRPO run's log.jsonl as report.md + PNG plots
     preft-rl bench rollout ...       PreFT vs all-token multi-LoRA vs base rollout throughput (see --help)
+    preft-rl bench train ...         GRPO step time and memory per phase, against TRL's GRPOTrainer (see --help)
     preft-rl study ...               PreFT vs all-token adapters under the same GRPO trainer (see --help)
     preft-rl plan --model ...        per-GPU memory of the rollout and training phases, and what fits (see --help)
     preft-rl serve MODEL --adapters NAME=DIR ...   vLLM's OpenAI-compatible server with prefill-only adapters
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_bench.add_argument("--max-num-seqs", type=int, default=64, help="vLLM max_num_seqs for every server (default: %(default)s)")
     serve_bench.add_argument("--out", default="outputs/bench-serve", help="folder for serve.json/.md (default: %(default)s)")
     serve_bench.add_argument("--seed", type=int, default=0)
+    train_bench = bench.add_parser("train", allow_abbrev=False, help="GRPO step time per phase: preft-rl's trainer vs TRL's "
+                                   "GRPOTrainer (PEFT LoRA; colocated vLLM and HF generate) on the same work")
+    _add_train_bench_arguments(train_bench)
     study = sub.add_parser("study", allow_abbrev=False, help="PreFT vs all-token adapters: GRPO learning curves and held-out gains over seeds")
     _add_study_arguments(study)
     plan = sub.add_parser("plan", allow_abbrev=False, help="per-GPU memory plan: rollout and training phases, largest batch and KV cache")
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return _study(args, argv)
     if args.command == "bench" and args.bench == "serve":
         return _bench_serve(args, argv)
+    if args.command == "bench" and args.bench == "train":
+        return _bench_train(args, argv)
     if args.command == "bench":
         from preft_rl.reports import rollout as bench_rollout
 
@@ -125,6 +131,51 @@ def _bench_serve(args: argparse.Namespace, argv: list[str] | None) -> int:
     result = bench_serve.run(cfg)
     command = "preft-rl " + " ".join(argv if argv is not None else sys.argv[1:])
     paths = bench_serve.write_report(result, args.out, command)
+    print(paths["markdown"].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _add_train_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from preft_rl.reports.train import SYSTEMS, TrainBenchConfig
+
+    d = TrainBenchConfig()
+    parser.add_argument("--model", default=d.model, help="model id, path or offline name (default: %(default)s)")
+    parser.add_argument("--data", default=None, help="GSM8K: a jsonl or a folder with train.jsonl (default: the shared copy, else the hub)")
+    parser.add_argument("--systems", default=",".join(d.systems), help=f"comma-separated, of {', '.join(SYSTEMS)} (default: %(default)s; "
+                        "the TRL ones are skipped, with a note, when TRL is not installed)")
+    parser.add_argument("--steps", type=int, default=d.steps, help="timed steps per run (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=d.repeats, help="runs per system, alternating (default: %(default)s)")
+    parser.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step, help="(default: %(default)s)")
+    parser.add_argument("--num-generations", type=int, default=d.num_generations, help="completions per prompt (default: %(default)s)")
+    parser.add_argument("--max-completion-length", type=int, default=d.max_completion_length, help="(default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=d.rank, help="LoRA rank, every linear layer (default: %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate, help="(default: %(default)s)")
+    parser.add_argument("--beta", type=float, default=d.beta, help="KL coefficient (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="(default: %(default)s)")
+    parser.add_argument("--cpu-kv-cache-gib", type=int, default=d.cpu_kv_cache_gib, help="vLLM's CPU KV cache for every system (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--out", default=d.out, help="folder for train.json/.md and runs/ (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' logging in the runs")
+
+
+def _bench_train(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from preft_rl.reports import train as bench_train
+
+    try:
+        cfg = bench_train.TrainBenchConfig(
+            model=args.model, data=args.data, systems=args.systems.split(","), steps=args.steps, warmup_steps=args.warmup_steps,
+            repeats=args.repeats, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length, rank=args.rank, learning_rate=args.learning_rate, beta=args.beta,
+            temperature=args.temperature, cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, out=args.out,
+        )
+    except ValueError as exc:
+        print(f"preft-rl bench train: {exc}", file=sys.stderr)
+        return 2
+    result = bench_train.run(cfg, verbose=args.verbose)
+    command = "preft-rl " + " ".join(argv if argv is not None else sys.argv[1:])
+    paths = bench_train.write_report(result, args.out, command)
     print(paths["markdown"].read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

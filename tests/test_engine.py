@@ -198,10 +198,18 @@ def test_pure_decode_steps_do_no_adapter_work(engines, load_tiny):
     runtime = engine._runtime
     runtime.step_log.clear()
     calls_before = runtime.adapter_calls
-    engine.generate([random_prompt(np.random.default_rng(4), 20)], greedy(max_tokens=10), adapters=["spy"])
+    hooks = runtime.runner.model.preft_hooks  # eager: the hooks are attached only for steps that apply adapters
+    attached, for_step = [], hooks.for_step
+    hooks.for_step = lambda applies: (for_step(applies), attached.append(hooks.attached))
+    try:
+        engine.generate([random_prompt(np.random.default_rng(4), 20)], greedy(max_tokens=10), adapters=["spy"])
+    finally:
+        del hooks.for_step
     assert runtime.step_log[0] == (20, 1)  # the prefill step: one adapter group
     assert list(runtime.step_log)[1:] == [(1, 0)] * 9  # every decode step: no selection at all
     assert runtime.adapter_calls - calls_before == 2 * 4  # 2 layers x 4 fused modules, prefill only
+    assert attached == [True] + [False] * 9  # a decode step runs vLLM's modules without any hook
+    assert not hooks.always and all(not module._forward_hooks for module, _ in hooks.specs)
 
 
 def test_sixty_four_adapters_in_one_batch(engines, load_tiny):
@@ -347,6 +355,8 @@ def test_compiled_engine_applies_adapters(tiny_llama_dir, load_tiny, method):
         assert list(outs[0].outputs[0].token_ids) == reference_greedy(ref, base, prompts[0])
         assert list(outs[1].outputs[0].token_ids) == reference_greedy(None, base, prompts[1])
         assert engine._runtime.step_log[-1][1] == 0  # the last (decode) step selected nothing
+        hooks = engine._runtime.runner.model.preft_hooks
+        assert hooks.always and hooks.attached  # the compiled graph was traced with the hooks: they stay
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU sleep() really frees the shared engine's memory")

@@ -9,7 +9,8 @@ Per forward step, `StepSelection.build` turns vLLM's batch layout into the token
 acts on: token t of request i is a prompt token iff its absolute position < prompt_len(i). Decided by
 position, never by "is this a prefill step", so chunked prefill, mixed batches, n > 1 children and
 recomputed preempted requests are all handled by the same rule. A step with no adapted prompt token
-(every pure-decode step) gets no selection, and then every hook returns at once: no kernel, no gather.
+(every pure-decode step) gets no selection; in eager mode the hooks are then not even attached
+(`AdapterHooks`), so such a step runs exactly plain vLLM's modules.
 The adapter math is preft_rl.kernels: Triton on CUDA, the torch reference on CPU.
 """
 
@@ -19,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -283,13 +285,46 @@ def _reft_hook(model: nn.Module, layer: int) -> Callable:
     return hook
 
 
-def install_hooks(model: nn.Module, method: str) -> None:
-    for i, layer in enumerate(model.model.layers):
-        if method == "lora":
-            for index, module_name in enumerate(_MODULES):
-                layer.get_submodule(module_name).register_forward_hook(_lora_hook(model, i, index))
+class AdapterHooks:
+    """The forward hooks that apply adapters (LoRA: after each target module; ReFT: after each decoder layer).
+
+    Eager (vLLM's compilation mode NONE, e.g. enforce_eager): the hooks are attached only while a step applies an
+    adapter, so a pure-decode step runs vLLM's modules exactly as plain vLLM does (no hook, no op call; measured as
+    the whole of PreftEngine's decode overhead at small batch). Compiled: the graph is traced once with the hooks,
+    so they stay attached, and each op returns at once on a step without a selection."""
+
+    def __init__(self, model: nn.Module, method: str, always: bool) -> None:
+        self.specs: list[tuple[nn.Module, Callable]] = []
+        for i, layer in enumerate(model.model.layers):
+            if method == "lora":
+                self.specs += [(layer.get_submodule(name), _lora_hook(model, i, index)) for index, name in enumerate(_MODULES)]
+            else:
+                self.specs.append((layer, _reft_hook(model, i)))
+        self.always = always
+        self.handles: list[Any] = []
+        if always:
+            self.attach()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.handles)
+
+    def attach(self) -> None:
+        if not self.handles:
+            self.handles = [module.register_forward_hook(hook) for module, hook in self.specs]
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def for_step(self, applies_adapters: bool) -> None:
+        if self.always:
+            return
+        if applies_adapters:
+            self.attach()
         else:
-            layer.register_forward_hook(_reft_hook(model, i))
+            self.detach()
 
 
 _CLASSES: dict[str, type] = {}
@@ -302,15 +337,18 @@ def preft_model_class(base_cls: type, method: str) -> type:
         return _CLASSES[key]
 
     def __init__(self, *, vllm_config, prefix: str = ""):
+        from vllm.config.compilation import CompilationMode
+
         base_cls.__init__(self, vllm_config=vllm_config, prefix=prefix)
         self.preft_runtime = None  # attached by PreftEngine once vLLM is up
         self.preft_runtime_id = id(self)  # how the custom ops find the runtime (a constant under compile)
-        install_hooks(self, method)
+        self.preft_hooks = AdapterHooks(self, method, always=vllm_config.compilation_config.mode != CompilationMode.NONE)
 
     def forward(self, input_ids, positions, *args, **kwargs):
         runtime = self.preft_runtime
         if runtime is not None:
             runtime.begin_forward(int(positions.shape[-1]), positions.device)
+        self.preft_hooks.for_step(runtime is not None and runtime.selection is not None)
         try:
             hidden = base_cls.forward(self, input_ids, positions, *args, **kwargs)
             if runtime is not None and runtime.selection is not None and isinstance(hidden, torch.Tensor):

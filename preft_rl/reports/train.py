@@ -123,7 +123,11 @@ def run_one(cfg: TrainBenchConfig, system: str) -> dict[str, Any]:
                 beta=cfg.beta, temperature=cfg.temperature, seed=cfg.seed, generation=system.removeprefix("trl-"),
                 output_dir=tmp,
             )
-    result["peak_rss_gib"] = _peak_rss_gib()
+    # the preft trainer resets the peak at every phase (its per-phase memory): the run's peak is the largest of
+    # those and of the peak since the last reset
+    phase_peaks = [v for step in result["steps"] for k, v in step.items() if k.endswith("_gib") and v is not None]
+    now = _peak_rss_gib()
+    result["peak_rss_gib"] = max(phase_peaks + ([now] if now is not None else [])) if phase_peaks or now else None
     result["steps"] = [s for s in result["steps"] if s["step"] > cfg.warmup_steps]
     return {"system": system, **result}
 

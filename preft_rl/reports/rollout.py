@@ -22,12 +22,13 @@ alternate within each repeat; the report gives medians and the min-max spread. A
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import start_report
 
 import numpy as np
 import torch
@@ -233,10 +234,7 @@ def write_report(result: dict[str, Any], out: str | Path, command: str) -> dict[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "rollout.json", "markdown": out / "rollout.md", "plot": out / "rollout.png"}
-    paths["json"].write_text(json.dumps({**result, "command": command}, indent=2) + "\n")
+    paths = start_report(out, "rollout", result, command, plot=True)
     cfg = result["config"]
     fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
     prompts = cfg["prompts"] if isinstance(cfg["prompts"], list) else [cfg["prompts"]]

@@ -19,7 +19,6 @@ p99 time to first token (TTFT) and time per output token after the first (TPOT);
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -32,6 +31,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import start_report
 
 import numpy as np
 
@@ -282,10 +283,7 @@ def run(cfg: ServeBenchConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def write_report(result: dict[str, Any], out: str | Path, command: str) -> dict[str, Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "serve.json", "markdown": out / "serve.md"}
-    paths["json"].write_text(json.dumps({**result, "command": command}, indent=2) + "\n")
+    paths = start_report(out, "serve", result, command)
     cfg = result["config"]
     fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import start_report
+
 SYSTEMS = ("preft", "preft-unshared", "trl-vllm", "trl-hf")
 
 
@@ -125,9 +127,11 @@ def run_one(cfg: TrainBenchConfig, system: str) -> dict[str, Any]:
             )
     # the preft trainer resets the peak at every phase (its per-phase memory): the run's peak is the largest of
     # those and of the peak since the last reset
-    phase_peaks = [v for step in result["steps"] for k, v in step.items() if k.endswith("_gib") and v is not None]
-    now = _peak_rss_gib()
-    result["peak_rss_gib"] = max(phase_peaks + ([now] if now is not None else [])) if phase_peaks or now else None
+    from preft_rl.trainers.runtime import peak_rss_gib
+
+    peaks = [v for step in result["steps"] for k, v in step.items() if k.endswith("_gib") and v is not None]
+    peaks += [p for p in (peak_rss_gib(),) if p is not None]
+    result["peak_rss_gib"] = max(peaks, default=None)
     result["steps"] = [s for s in result["steps"] if s["step"] > cfg.warmup_steps]
     return {"system": system, **result}
 
@@ -136,14 +140,6 @@ def _local_model(model: str) -> str:
     from preft_rl.models import resolve_model
 
     return resolve_model(model)
-
-
-def _peak_rss_gib() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 2**20 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
-        return None
 
 
 def _child(argv: list[str]) -> int:
@@ -232,10 +228,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_report(result: dict[str, Any], out: str | Path, command: str) -> dict[str, Path]:
     """train.json (everything) and train.md (the table) in `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "train.json", "markdown": out / "train.md"}
-    paths["json"].write_text(json.dumps({**result, "command": command}, indent=2) + "\n")
+    paths = start_report(out, "train", result, command)
     cfg = result["config"]
     fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)  # noqa: E731
     lines = [

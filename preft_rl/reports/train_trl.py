@@ -45,15 +45,6 @@ def _rss_gib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 1024**3
 
 
-def _peak_rss_gib() -> float:
-    """Peak resident set of this process (VmHWM), in GiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024**2
-    return float("nan")
-
-
 def _check_args(dataset: Any, steps: int, prompts_per_step: int, num_generations: int, max_completion_length: int,
                 rank: int, generation: str) -> None:
     for name, value in (("steps", steps), ("prompts_per_step", prompts_per_step), ("num_generations", num_generations),
@@ -184,6 +175,8 @@ def _run(model_path: str, dataset: Any, reward_func: Callable, notes: list[str],
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from preft_rl.trainers.runtime import peak_rss_gib
+
     notes.append(f"TRL {trl.__version__}, PEFT {peft.__version__}, transformers {transformers.__version__}, "
                  f"torch {torch.__version__} ({torch.get_num_threads()} threads); generation: "
                  + ("vLLM colocated in the training process" if use_vllm else "transformers generate (use_vllm=False)"))
@@ -272,7 +265,7 @@ def _run(model_path: str, dataset: Any, reward_func: Callable, notes: list[str],
             row["loss"] = losses.get(row["step"])
         if len(rows) != steps:
             notes.append(f"expected {steps} steps, the trainer ran {len(rows)}")
-        return {"steps": rows, "notes": notes, "peak_rss_gib": _peak_rss_gib()}
+        return {"steps": rows, "notes": notes, "peak_rss_gib": peak_rss_gib()}
     finally:
         _release(trainer, use_vllm)
 

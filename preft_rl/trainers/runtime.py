@@ -87,6 +87,12 @@ def memory_phase_gib(device: torch.device) -> float | None:
     resident set (Linux /proc, colocated vLLM included); None where neither can be read."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_gib()
+
+
+def peak_rss_gib() -> float | None:
+    """This process's peak resident set (Linux VmHWM: since it started, or since the last begin_memory_phase on
+    CPU), in GiB; None where /proc cannot be read."""
     try:
         with open("/proc/self/status") as f:
             for line in f:

@@ -336,6 +336,22 @@ def post(server: str, route: str, body: dict, key: str | None = API_KEY) -> tupl
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def wait_for_requests_in_engine(server: str, count: int, timeout: float = 120) -> None:
+    """Block until vLLM's /metrics counts at least `count` requests running or waiting (each one already admitted
+    and so pinned to an adapter version)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(server + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        in_engine = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{")))
+        if in_engine >= count:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {in_engine:.0f} of {count} requests reached the engine in {timeout} s")
+        time.sleep(0.05)
+
+
 def served_dir(adapter_dirs, model: str) -> Path | None:
     return None if model == "tiny" else adapter_dirs[model]
 
@@ -536,7 +552,7 @@ def test_an_update_while_requests_run_pins_each_request_to_one_version(server, r
             return response.choices[0].token_ids
 
         before = [asyncio.create_task(request()) for _ in range(80)]
-        await asyncio.sleep(0.3)
+        await asyncio.to_thread(wait_for_requests_in_engine, server, 80)  # a fixed sleep raced a slow machine (CI)
         update = asyncio.to_thread(post, server, "/v1/load_preft_adapter",
                                    {"adapter_name": "pinned", "adapter_path": str(adapter_dirs["c"]), "load_inplace": True})
         status, reply = await update

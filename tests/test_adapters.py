@@ -106,6 +106,27 @@ def test_fresh_adapter_is_bit_identical_to_base(load_tiny, tokenizer, method, dt
     plain = load_tiny(dtype)(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits
     assert torch.equal(adapted, base)
     assert torch.equal(adapted, plain)
+    assert model.is_identity()
+
+
+@pytest.mark.parametrize("method", list(METHOD_CONFIGS))
+def test_is_identity_says_whether_the_adapter_changes_anything(load_tiny, tokenizer, method):
+    """Each adapter tensor changed alone: is_identity() is True exactly when the logits still equal the base's (a
+    changed LoRA A with B = 0 leaves the model unchanged; a changed B, a ReFT bias or projection does not)."""
+    model = make_preft(load_tiny, method, torch.float32)
+    ids, am, pm = batch(tokenizer, "left")
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=am, prompt_mask=pm).logits
+        seen = set()
+        for name, param in model.adapter_named_parameters():
+            saved = param.detach().clone()
+            param.add_(0.5 + torch.rand_like(param))
+            changed = not torch.equal(model(input_ids=ids, attention_mask=am, prompt_mask=pm).logits, base)
+            assert model.is_identity() == (not changed), name
+            seen.add(changed)
+            param.copy_(saved)
+        assert model.is_identity()
+    assert True in seen
 
 
 # ------------------------------------------------------------------------------------------- 3

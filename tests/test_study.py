@@ -35,6 +35,45 @@ def test_study_config_names_bad_values():
         StudyConfig(tasks=["math"])
 
 
+class _Trainer:
+    """What the study's before-training scores read of a trainer: the adapter, the accelerator and an evaluation."""
+
+    def __init__(self, identity: bool, score: float) -> None:
+        from types import SimpleNamespace
+
+        self.preft_model = SimpleNamespace(is_identity=lambda: identity)
+        self.accelerator = SimpleNamespace(state=SimpleNamespace(), is_main_process=True)
+        self.score, self.evaluations = score, 0
+
+    def _policy_parameters(self) -> list:
+        return []
+
+    def evaluation_scores(self, protocol, held_out) -> dict:
+        self.evaluations += 1
+        return {"format_reward": [self.score, 0.0]}
+
+
+def test_the_untrained_adapters_scores_are_computed_once_per_task_and_settings(tmp_path):
+    """Every identity adapter of a task reuses the first one's scores; a non-identity adapter, another task or
+    other settings are evaluated afresh."""
+    from preft_rl.reports.study import StudyConfig, _scores_before_training
+
+    cfg = StudyConfig(out=str(tmp_path), tasks=["chain_sum"])
+    (tmp_path / "runs").mkdir()
+    first = _Trainer(identity=True, score=1.0)
+    assert _scores_before_training(cfg, "chain_sum", first, [], None) == {"format_reward": [1.0, 0.0]}
+    again = _Trainer(identity=True, score=0.5)
+    assert _scores_before_training(cfg, "chain_sum", again, [], None) == {"format_reward": [1.0, 0.0]} and again.evaluations == 0
+    changed = _Trainer(identity=False, score=0.25)
+    assert _scores_before_training(cfg, "chain_sum", changed, [], None)["format_reward"][0] == 0.25
+    other_task = _Trainer(identity=True, score=0.75)
+    assert _scores_before_training(cfg, "gsm8k", other_task, [], None)["format_reward"][0] == 0.75
+    cfg.trainer = {**cfg.trainer, "max_completion_length": 7}
+    other_settings = _Trainer(identity=True, score=0.125)
+    assert _scores_before_training(cfg, "chain_sum", other_settings, [], None)["format_reward"][0] == 0.125
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["chain_sum-before.json", "gsm8k-before.json"]
+
+
 @pytest.mark.slow
 def test_study_runs_end_to_end_on_the_tiny_model(tiny_llama_dir, tmp_path, capsys):
     pytest.importorskip("vllm")
@@ -56,6 +95,10 @@ def test_study_runs_end_to_end_on_the_tiny_model(tiny_llama_dir, tmp_path, capsy
         assert entry["seconds_per_step"] > 0 and entry["rollout_tokens_per_s"] > 0
     assert (out / "learning-chain_sum.png").stat().st_size > 0
     assert "| all-lora |" in (out / "study.md").read_text()
+    # every method starts as the identity: one evaluation before training, shared by all 6 runs
+    cached = json.loads((out / "runs" / "chain_sum-before.json").read_text())["scores"]
+    for path in (out / "runs").glob("chain_sum-*-s*.json"):
+        assert json.loads(path.read_text())["before"] == cached, path.name
     # a rerun keeps the finished runs instead of training them again
     capsys.readouterr()
     assert main(argv) == 0

@@ -89,6 +89,10 @@ class PreftLoraLinear(nn.Module):
         delta = self.lora_B(self.lora_A(self.lora_dropout(x_prompt))) * self.scaling  # (P, d_out)
         return out.index_put(selection.prompt, delta.to(out.dtype), accumulate=True)
 
+    def is_identity(self) -> bool:
+        """True when the edit is exactly zero for every input (B = 0 or A = 0), as at initialisation."""
+        return not self.lora_B.weight.any() or not self.lora_A.weight.any()
+
     def extra_repr(self) -> str:
         return f"r={self.lora_A.out_features}, scaling={self.scaling}"
 
@@ -143,6 +147,11 @@ class LoReftIntervention(nn.Module):
             return None
         return self.rotate_layer.weight, self.learned_source.bias, self.learned_source.weight, True
 
+    def is_identity(self) -> bool:
+        """True when the edit is exactly zero for every input (W = R and b = 0), as at initialisation."""
+        with torch.no_grad():
+            return not self.learned_source.bias.any() and torch.equal(self.learned_source.weight, self.rotate_layer.weight)
+
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         """h (P, d) fp32 -> the edit (P, d) fp32."""
         R = self.rotate_layer.weight  # (r, d)
@@ -170,6 +179,10 @@ class DiReftIntervention(nn.Module):
             return None
         return self.learned_source.weight, self.learned_source.bias, self.proj_layer.weight, False
 
+    def is_identity(self) -> bool:
+        """True when the edit is exactly zero for every input (W2 = 0), as at initialisation."""
+        return not self.proj_layer.weight.any()
+
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         """h (P, d) fp32 -> the edit (P, d) fp32."""
         return self.dropout(self.learned_source(h)) @ self.proj_layer.weight  # (P, r) @ (r, d)
@@ -187,6 +200,9 @@ class ReftLayer(nn.Module):
         super().__init__()
         self.interventions = nn.ModuleDict(interventions)
         self._slot = slot
+
+    def is_identity(self) -> bool:
+        return all(intervention.is_identity() for intervention in self.interventions.values())
 
     def apply(self, hidden: torch.Tensor) -> torch.Tensor:
         selection = self._slot.current

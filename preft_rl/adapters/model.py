@@ -318,6 +318,11 @@ class PreftModel(nn.Module):
             if id(module) in own:
                 yield _logical(name), module
 
+    def is_identity(self) -> bool:
+        """True when every module of this adapter leaves its input exactly unchanged (every method starts so): the
+        adapted model then computes exactly what the base does. Needs the full parameters (gather ZeRO-3 shards first)."""
+        return all(module.is_identity() for module in self._adapter_modules)
+
     def num_parameters_summary(self) -> str:
         trainable = sum(p.numel() for _, p in self.adapter_named_parameters())
         total = sum(p.numel() for p in self.base_model.parameters())

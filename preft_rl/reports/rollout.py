@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import start_report
-
 import numpy as np
 import torch
+
+from . import start_report
 
 
 @dataclass

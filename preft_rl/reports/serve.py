@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import start_report
-
 import numpy as np
+
+from . import start_report
 
 SERVERS = ("base", "preft-lora", "all-lora", "vllm-lora")
 

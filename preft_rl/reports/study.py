@@ -138,10 +138,15 @@ def _scores_before_training(cfg: StudyConfig, task: str, trainer: Any, protocol:
             return saved["scores"]
     scores = trainer.evaluation_scores(protocol, held_out)
     if trainer.accelerator.is_main_process:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "scores": scores}))
-        os.replace(tmp, path)  # never a half-written file
+        _write_whole(path, {"key": key, "scores": scores})
     return scores
+
+
+def _write_whole(path: str | Path, data: Any) -> None:
+    """Write `data` as JSON to `path` so that the file appears whole or not at all (a crash leaves no half file)."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
 
 
 def _datasets(cfg: StudyConfig, task: str, seed: int):
@@ -257,9 +262,7 @@ def _child(argv: list[str]) -> int:
     quiet_libraries(verbose="--verbose" in argv)
     cfg_dict, task, method, seed, path = json.loads(argv[argv.index("--run-one") + 1])
     result = run_one(StudyConfig(**cfg_dict), task, method, seed)
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result) + "\n")
-    os.replace(tmp, path)  # a run's JSON appears whole or not at all
+    _write_whole(path, result)
     return 0
 
 

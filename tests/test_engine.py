@@ -446,3 +446,69 @@ def test_engine_through_the_triton_kernels_matches_hf(tiny_llama_dir, method):
     assert found, out.stdout[-2000:] + out.stderr[-3000:]
     assert found.group(1) == "True", "the engine's tokens through the Triton kernels differ from the HF reference"
     assert int(found.group(2)) > 0, "the engine's adapter ops launched no Triton kernel"
+
+
+# ---------------------------------------------------------------- request tagging: one rule for the engine and the server
+def test_tag_request_sets_the_adapter_and_salt_and_leaves_the_callers_objects_alone():
+    from preft_rl.engine import vllm_compat
+
+    params = SamplingParams(max_tokens=3, extra_args={"mine": 1})
+    prompt = {"prompt_token_ids": [4, 5, 6, 7, 8]}
+    tagged, tagged_params = vllm_compat.tag_request(prompt, params, "user-7", 3)
+    assert tagged == {"prompt_token_ids": [4, 5, 6, 7, 8], "cache_salt": "preft:user-7:v3:p5"}
+    assert tagged_params.extra_args == {"mine": 1, vllm_compat.EXTRA_ARGS_KEY: {"name": "user-7", "version": 3}}
+    assert prompt == {"prompt_token_ids": [4, 5, 6, 7, 8]} and params.extra_args == {"mine": 1}  # untouched
+    assert tagged_params.max_tokens == 3
+    # a client's own salt is kept, after the adapter's: it can never stand alone
+    salted, _ = vllm_compat.tag_request({**prompt, "cache_salt": "c"}, params, "user-7", 3)
+    assert salted["cache_salt"] == "preft:user-7:v3:p5:client:c"
+    # every part of the tag changes the salt: adapter, version, prompt length
+    salts = {vllm_compat.tag_request({"prompt_token_ids": ids}, params, name, version)[0]["cache_salt"]
+             for name, version, ids in [("a", 1, [1, 2]), ("b", 1, [1, 2]), ("a", 2, [1, 2]), ("a", 1, [1, 2, 3])]}
+    assert len(salts) == 4
+    with pytest.raises(ValueError, match="needs a tokenised prompt"):
+        vllm_compat.tag_request({"prompt": "text"}, params, "a", 1)
+
+
+def test_engine_and_server_tag_a_request_the_same_way(engines, load_tiny, monkeypatch):
+    """What PreftEngine.generate submits to vLLM and what `preft-rl serve`'s routing submits, for the same adapter,
+    version and prompt: the same extra_args and the same cache salt."""
+    import asyncio
+    import types
+
+    from preft_rl.engine import vllm_compat_serve
+    from preft_rl.engine.server.adapters import ServedAdapters, ServeSettings
+    from preft_rl.engine.server.plugins import install_request_routing
+
+    engine = engines("lora")
+    engine.add_adapter("tagged", reference_model(load_tiny, "lora", seed=31))
+    engine.update_adapter("tagged", reference_model(load_tiny, "lora", seed=32).adapter_state_dict())  # version 2
+    prompt = random_prompt(np.random.default_rng(7), 9)
+    submitted = {}
+
+    def engine_submit(requests, params, use_tqdm=True):
+        submitted["engine"] = (requests[0], params[0])
+        return []
+
+    monkeypatch.setattr(engine.llm, "generate", engine_submit)
+    engine.generate([prompt], greedy(), adapters=["tagged"])
+
+    async def server_submit(prompt, sampling_params, request_id, *args, lora_request=None, **kwargs):
+        submitted["server"] = (prompt, sampling_params)
+        yield "out"
+
+    client = types.SimpleNamespace(generate=server_submit)
+    served = ServedAdapters(client, ServeSettings(method="lora", max_adapters=2, max_rank=8, model_class="x"), ["tiny"])
+    served.entries["tagged"] = engine.adapters["tagged"]
+    monkeypatch.setattr(vllm_compat_serve, "patch_serving_checks", lambda *a: None)  # no vLLM server class in this test
+    install_request_routing(client, served)
+    lora = vllm_compat_serve.adapter_request_class()(lora_name="tagged", lora_int_id=1, lora_path="/unused")
+
+    async def run():
+        return [out async for out in client.generate({"prompt_token_ids": prompt}, greedy(), "r1", lora_request=lora)]
+
+    assert asyncio.run(run()) == ["out"]
+    (engine_prompt, engine_params), (server_prompt, server_params) = submitted["engine"], submitted["server"]
+    assert engine_prompt == server_prompt == {"prompt_token_ids": prompt, "cache_salt": f"preft:tagged:v2:p{len(prompt)}"}
+    assert engine_params.extra_args == server_params.extra_args == {"preft_adapter": {"name": "tagged", "version": 2}}
+    engine.remove_adapter("tagged")

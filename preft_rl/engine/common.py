@@ -151,16 +151,13 @@ def _track_llm() -> None:
 
 def _release_llm(llm: Any) -> None:
     """Park a closed engine's vLLM; shut all parked ones down once no engine in the process is live."""
-    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
     global _live_engines
     _parked.append(llm)
     _live_engines -= 1
     if _live_engines == 0:
         while _parked:
-            _parked.pop().llm_engine.engine_core.shutdown()
-        destroy_model_parallel()
-        destroy_distributed_environment()
+            vllm_compat.shutdown_llm(_parked.pop())
+        vllm_compat.destroy_distributed_state()
     else:
         logger.info("engine closed while other engines are live: its memory is freed when the last one closes")
     gc.collect()

@@ -36,7 +36,7 @@ from preft_rl.adapters.config import PreftConfig
 
 from . import vllm_compat
 from .common import Prompt, VllmEngineBase, adapter_source, check_batch, default_vllm_settings, model_settings, prompt_token_ids
-from .model import EXTRA_ARGS_KEY, SPLITTING_OPS, SUPPORTED_ARCHITECTURES, NonFiniteActivations, preft_architecture
+from .model import SPLITTING_OPS, SUPPORTED_ARCHITECTURES, NonFiniteActivations, preft_architecture
 from .registry import AdapterEntry, AdapterRegistry, ModelShape, unknown_adapter_message
 from .worker import entry_from_dict, pack_state
 
@@ -105,7 +105,7 @@ class PreftEngine(VllmEngineBase):
     def _runtime(self) -> Any:
         """The worker's runtime (registry, step selection, spies); in-process only (tests)."""
         runner = self._runner
-        return None if runner is None else runner.model.preft_runtime
+        return None if runner is None else vllm_compat.runner_model(runner).preft_runtime
 
     @property
     def registry(self) -> AdapterRegistry:
@@ -185,12 +185,11 @@ class PreftEngine(VllmEngineBase):
             entries.append(None if name is None else self._entries[name])
         requests, request_params = [], []
         for prompt, entry, sp in zip(prompts, entries, params):
-            token_ids = prompt_token_ids(self.tokenizer, prompt)
-            request: dict[str, Any] = {"prompt_token_ids": token_ids}
-            sp = sp.clone()
-            if entry is not None:
-                sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: {"name": entry.name, "version": entry.version}}
-                request["cache_salt"] = f"preft:{entry.name}:v{entry.version}:p{len(token_ids)}"
+            request: dict[str, Any] = {"prompt_token_ids": prompt_token_ids(self.tokenizer, prompt)}
+            if entry is None:
+                sp = sp.clone()
+            else:  # the adapter and version in extra_args, the prefix-cache salt: the rule `preft-rl serve` uses too
+                request, sp = vllm_compat.tag_request(request, sp, entry.name, entry.version)
             requests.append(request)
             request_params.append(sp)
         try:

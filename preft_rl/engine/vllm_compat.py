@@ -1,10 +1,16 @@
-"""Every private vLLM field the engine reads, in one place, behind a version guard.
+"""Every vLLM name preft-rl touches beyond vLLM's public `LLM` / `SamplingParams` / `LoRARequest` API, in one place.
 
 The engine needs, per forward step: which requests are in the batch and in what order, where each
 request's tokens start, how many tokens of each were computed before this step, each request's prompt
 length and its sampling params (which carry the adapter). vLLM has no public API for these, so they are
-read from the model runner here; tests/test_engine_contract.py pins what this module promises, so a
-vLLM upgrade fails there, loudly, instead of silently mis-assigning adapters.
+read from the model runner here. Beside them: how a request is tagged with its adapter (`tag_request`, the
+engine's most important correctness rule, shared by PreftEngine and `preft-rl serve`), the model registry, the
+custom-op registration, tensor-parallel collectives, the compilation mode, and vLLM's fused module names.
+The OpenAI server's patch points live in the sibling `vllm_compat_serve.py`.
+
+`SURFACE` lists every vLLM item this module uses and the function that uses it; tests/test_vllm_contract.py checks
+each against the installed vLLM, so a vLLM upgrade fails there, loudly and by name, instead of silently
+mis-assigning adapters.
 """
 
 from __future__ import annotations
@@ -27,6 +33,45 @@ def check_vllm_version() -> None:
         )
 
 
+# ------------------------------------------------------------------------------ request tagging
+EXTRA_ARGS_KEY = "preft_adapter"  # sampling_params.extra_args[EXTRA_ARGS_KEY] = {"name": ..., "version": ...}
+
+
+def adapter_cache_salt(name: str, version: int, prompt_len: int, client_salt: str | None = None) -> str:
+    """The prefix-cache salt of an adapted prompt: adapter, version and prompt length (then the client's own salt, if
+    any). vLLM hashes the salt into the first KV block, so prompt KV is never shared across adapters or versions, and
+    KV computed for generated tokens (plain) is never reused as prompt KV (adapted) when a later, longer prompt extends
+    a conversation: another length, another salt. Never the client's salt alone."""
+    salt = f"preft:{name}:v{version}:p{prompt_len}"
+    return salt if client_salt is None else f"{salt}:client:{client_salt}"
+
+
+def base_cache_salt(client_salt: str | None) -> str | None:
+    """A base (no adapter) request's salt: the client's, in its own namespace, so it never equals an adapter's."""
+    return None if client_salt is None else f"client:{client_salt}"
+
+
+def tag_request(prompt: dict[str, Any], sampling_params: Any, name: str, version: int) -> tuple[dict[str, Any], Any]:
+    """(prompt, sampling params) of a request served with adapter `name` at `version`: the worker reads the adapter from
+    the params' extra_args (`request_adapter`), and the prompt's cache salt keys its prefix cache (`adapter_cache_salt`;
+    a `cache_salt` the prompt already holds is the client's and is kept after ours). Both are new objects: the caller's
+    prompt and params are left as they were. The one rule PreftEngine and `preft-rl serve` both use."""
+    token_ids = prompt.get("prompt_token_ids")
+    if not isinstance(token_ids, list):
+        raise ValueError(f"adapter {name!r}: a PreFT adapter needs a tokenised prompt (prompt_token_ids), got keys "
+                         f"{sorted(prompt)}")
+    params = sampling_params.clone()
+    params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: {"name": name, "version": version}}
+    salt = adapter_cache_salt(name, version, len(token_ids), prompt.get("cache_salt"))
+    return {**prompt, "cache_salt": salt}, params
+
+
+def request_adapter(runner: Any, req_id: str) -> dict[str, Any] | None:
+    """The {"name", "version"} tag_request put on a running request, or None (a request without adapter)."""
+    return request_extra_args(runner, req_id).get(EXTRA_ARGS_KEY)
+
+
+# ------------------------------------------------------------------------------ the model runner
 def model_runner(llm: Any) -> Any:
     """The in-process model runner (needs VLLM_ENABLE_V1_MULTIPROCESSING=0); for tests and step timers only: the
     engine itself reaches the worker through collective_rpc (preft_rl/engine/worker.py)."""
@@ -165,7 +210,7 @@ def add_splitting_ops(ops: list[str]) -> None:
 
     vLLM builds its default splitting ops from CompilationConfig._attention_ops when the user gives none.
     """
-    from vllm.config import CompilationConfig
+    from vllm.config.compilation import CompilationConfig
 
     for op in ops:
         if op not in CompilationConfig._attention_ops:
@@ -228,3 +273,190 @@ class StepTimer:
         self.prefill_s = self.decode_s = 0.0
         self.prefill_steps = self.decode_steps = self.decode_tokens = 0
         return totals
+
+
+# ------------------------------------------------------------------------------ workers, models and distributed state
+def worker_model_runner(worker: Any) -> Any:
+    """The model runner of a vLLM worker (what a worker extension's `self` is)."""
+    return worker.model_runner
+
+
+def runner_model(runner: Any) -> Any:
+    """The nn.Module vLLM built (a PreFT model class for PreftEngine)."""
+    return runner.model
+
+
+def runner_hf_config(runner: Any) -> Any:
+    return runner.model_config.hf_config
+
+
+def tp_rank_and_size() -> tuple[int, int]:
+    """(this worker's tensor-parallel rank, the tensor-parallel world size)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+def tp_all_reduce(tensor: Any) -> Any:
+    """Sum `tensor` over the tensor-parallel ranks (returns the reduced tensor; every rank must call it)."""
+    from vllm.distributed import tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(tensor)
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop an LLM's engine core (its worker processes, or the in-process executor)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
+def destroy_distributed_state() -> None:
+    """Tear down vLLM's process-wide model-parallel groups and distributed environment (after the last engine)."""
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
+
+
+def compilation_is_eager(vllm_config: Any) -> bool:
+    """Whether vLLM runs this model without torch.compile (CompilationMode.NONE, e.g. enforce_eager=True)."""
+    from vllm.config.compilation import CompilationMode
+
+    return vllm_config.compilation_config.mode == CompilationMode.NONE
+
+
+def register_custom_op(name: str, fn: Any, mutates_args: list[str], fake_impl: Any, lib: Any) -> None:
+    """Register `fn` as the custom op `<lib namespace>::<name>` (opaque to torch.compile), the way vLLM registers its own."""
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op(name, fn, mutates_args=mutates_args, fake_impl=fake_impl, target_lib=lib)
+
+
+def model_registry_has(arch: str) -> bool:
+    """Whether vLLM's model registry (per process) knows the architecture name `arch`."""
+    from vllm import ModelRegistry
+
+    return arch in ModelRegistry.models
+
+
+def model_registry_load(arch: str) -> type:
+    """The model class vLLM registered under `arch` (e.g. "LlamaForCausalLM"), imported."""
+    from vllm import ModelRegistry
+
+    if arch not in ModelRegistry.models:
+        raise ValueError(f"vLLM {vllm.__version__} has no model class registered as {arch!r}")
+    return ModelRegistry.models[arch].load_model_cls()
+
+
+def model_registry_register(name: str, cls: type) -> None:
+    """Register model class `cls` under `name` (selected with hf_overrides={"architectures": [name]})."""
+    from vllm import ModelRegistry
+
+    ModelRegistry.register_model(name, cls)
+
+
+def decoder_layers(model: Any) -> Any:
+    """The decoder layers of a vLLM causal LM (Llama-style: model.model.layers); each returns (hidden, residual), whose
+    sum is the residual stream, and holds the linear modules named in FUSED_LINEAR_MODULES."""
+    return model.model.layers
+
+
+# vLLM's fused linear modules inside a decoder layer (Llama, Mistral, Qwen2, Qwen3), each with the HF modules it
+# fuses in the order of its output slices: the vLLM module path -> (HF module paths). vLLM's own table is the model
+# class's `packed_modules_mapping` (names without the "self_attn." / "mlp." parent).
+FUSED_LINEAR_MODULES: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+# Row-parallel under tensor parallelism: their input is sharded and vLLM all-reduces their output.
+ROW_PARALLEL_MODULES: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+# The vLLM layer class of each module above (what its sharding rule depends on).
+LINEAR_MODULE_CLASSES = {"self_attn.qkv_proj": "QKVParallelLinear", "self_attn.o_proj": "RowParallelLinear",
+                         "mlp.gate_up_proj": "MergedColumnParallelLinear", "mlp.down_proj": "RowParallelLinear"}
+
+
+# ------------------------------------------------------------------------------ the contract
+@dataclass(frozen=True)
+class VllmItem:
+    """One vLLM item preft-rl depends on, and the preft-rl function that depends on it.
+
+    `path` is "module:qualified.name" for an importable item, or "<root>:attribute.path" for state of a live engine,
+    where root is one of `LIVE_ROOTS` (checked on a running in-process engine). `kind`: "callable" (its signature
+    takes `params`), "class", "async generator" (a method that streams), "value" (equals `value`), "attribute"
+    (exists: a class attribute, a dataclass / struct field or an annotation), "keys" (a TypedDict with the keys in
+    `value`), "init attribute" (the class's __init__ assigns `self.<name>`), or "source" (the module's source contains
+    `value`: for a protocol vLLM keeps in code only, e.g. which app-state field holds the served models)."""
+
+    path: str
+    used_by: str
+    kind: str = "callable"
+    params: tuple[str, ...] = ()
+    value: Any = None
+
+
+LIVE_ROOTS = ("llm", "runner", "worker", "model")
+_C = "preft_rl.engine.vllm_compat."
+SURFACE: tuple[VllmItem, ...] = (
+    VllmItem("vllm:__version__", _C + "check_vllm_version", "attribute"),
+    # the public API every engine here drives (preft_rl/engine/common.py, engine.py, baselines.py)
+    VllmItem("vllm:LLM.generate", "preft_rl.engine (PreftEngine / BaseEngine / NativeLoraEngine .generate)",
+             params=("prompts", "sampling_params", "use_tqdm", "lora_request")),
+    VllmItem("vllm:LLM.collective_rpc", "preft_rl.engine.common.VllmEngineBase._rpc", params=("method", "args")),
+    VllmItem("vllm:LLM.reset_prefix_cache", "preft_rl.engine.engine.PreftEngine._recover_from_failed_step"),
+    VllmItem("vllm:LLM.get_tokenizer", "preft_rl.engine.common.VllmEngineBase._start_vllm"),
+    VllmItem("vllm:LLM.sleep", "preft_rl.engine.engine.PreftEngine.sleep", params=("level",)),
+    VllmItem("vllm:LLM.wake_up", "preft_rl.engine.engine.PreftEngine.wake_up"),
+    *(VllmItem(f"vllm.engine.arg_utils:EngineArgs.{arg}", "preft_rl.engine.common.default_vllm_settings / PreftEngine",
+               "attribute")
+      for arg in ("worker_extension_cls", "hf_overrides", "logprobs_mode", "enable_prefix_caching", "enforce_eager",
+                  "distributed_executor_backend", "tensor_parallel_size", "enable_lora", "max_loras", "max_cpu_loras",
+                  "max_lora_rank")),
+    VllmItem("vllm.sampling_params:SamplingParams.clone", _C + "tag_request", params=("self",)),
+    VllmItem("vllm.sampling_params:SamplingParams.extra_args", _C + "tag_request", "attribute"),
+    VllmItem("vllm.inputs:TokensPrompt", _C + "tag_request", "keys", value=("prompt_token_ids", "cache_salt")),
+    VllmItem("vllm.utils.torch_utils:direct_register_custom_op", _C + "register_custom_op",
+             params=("op_name", "op_func", "mutates_args", "fake_impl", "target_lib")),
+    VllmItem("vllm:ModelRegistry", _C + "model_registry_has / model_registry_load / model_registry_register", "attribute"),
+    VllmItem("vllm.model_executor.models.registry:_ModelRegistry.models", _C + "model_registry_has / model_registry_load",
+             "init attribute"),
+    VllmItem("vllm.model_executor.models.registry:_ModelRegistry.register_model", _C + "model_registry_register",
+             params=("model_arch", "model_cls")),
+    VllmItem("vllm.model_executor.models.registry:_BaseRegisteredModel.load_model_cls", _C + "model_registry_load",
+             params=("self",)),
+    VllmItem("vllm.distributed:tensor_model_parallel_all_reduce", _C + "tp_all_reduce", params=("input_",)),
+    VllmItem("vllm.distributed:get_tensor_model_parallel_rank", _C + "tp_rank_and_size"),
+    VllmItem("vllm.distributed:get_tensor_model_parallel_world_size", _C + "tp_rank_and_size"),
+    VllmItem("vllm.distributed.parallel_state:destroy_model_parallel", _C + "destroy_distributed_state"),
+    VllmItem("vllm.distributed.parallel_state:destroy_distributed_environment", _C + "destroy_distributed_state"),
+    VllmItem("vllm.config.compilation:CompilationMode.NONE", _C + "compilation_is_eager", "attribute"),
+    VllmItem("vllm.config.compilation:CompilationConfig._attention_ops", _C + "add_splitting_ops", "attribute"),
+    VllmItem("vllm.v1.engine.llm_engine:LLMEngine.abort_request", _C + "abort_all_requests",
+             params=("request_ids", "internal")),
+    VllmItem("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model", _C + "wrap_execute_model / StepTimer",
+             params=("scheduler_output",)),
+    VllmItem("vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens", _C + "StepTimer"),
+    VllmItem("vllm.v1.worker.gpu_model_runner:GPUModelRunner._sample", _C + "rewind_discarded_samples_on_cpu"),
+    VllmItem("vllm.v1.worker.gpu_model_runner:GPUModelRunner._bookkeeping_sync", _C + "rewind_discarded_samples_on_cpu"),
+    VllmItem("vllm.v1.core.sched.output:SchedulerOutput.total_num_scheduled_tokens", _C + "StepTimer", "attribute"),
+    VllmItem("vllm.v1.core.sched.output:SchedulerOutput.num_scheduled_tokens", _C + "StepTimer", "attribute"),
+    # live engine state (an in-process engine: VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    VllmItem("llm:llm_engine.model_executor.driver_worker.worker.model_runner", _C + "model_runner", "attribute"),
+    VllmItem("llm:llm_engine.output_processor.request_states", _C + "abort_all_requests", "attribute"),
+    VllmItem("llm:llm_engine.engine_core.shutdown", _C + "shutdown_llm"),
+    VllmItem("worker:model_runner", _C + "worker_model_runner", "attribute"),
+    VllmItem("runner:model", _C + "runner_model", "attribute"),
+    VllmItem("runner:model_config.hf_config", _C + "runner_hf_config", "attribute"),
+    VllmItem("runner:device", _C + "rewind_discarded_samples_on_cpu", "attribute"),
+    VllmItem("runner:input_batch.num_reqs", _C + "batch_layout", "attribute"),
+    VllmItem("runner:input_batch.req_ids", _C + "batch_layout", "attribute"),
+    VllmItem("runner:input_batch.num_computed_tokens_cpu", _C + "batch_layout", "attribute"),
+    VllmItem("runner:input_batch.num_prompt_tokens", _C + "batch_layout", "attribute"),
+    VllmItem("runner:input_batch.generators", _C + "rewind_discarded_samples_on_cpu", "attribute"),
+    VllmItem("runner:query_start_loc.np", _C + "batch_layout", "attribute"),
+    VllmItem("runner:discard_request_mask.np", _C + "rewind_discarded_samples_on_cpu", "attribute"),
+    VllmItem("runner:requests", _C + "request_extra_args / live_request_ids", "attribute"),
+    VllmItem("vllm.v1.worker.gpu_input_batch:CachedRequestState.sampling_params", _C + "request_extra_args", "attribute"),
+    VllmItem("runner:kv_caches", _C + "kv_cache_tensors", "attribute"),
+    VllmItem("model:model.layers", _C + "decoder_layers", "attribute"),
+)

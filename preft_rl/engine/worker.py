@@ -82,22 +82,20 @@ class PreftWorkerExtension:
 
     def preft_prepare(self) -> bool:
         """For every engine here, PreFT or baseline: make seeded sampling work with chunked prefill on vLLM-CPU."""
-        return vllm_compat.rewind_discarded_samples_on_cpu(self.model_runner)
+        return vllm_compat.rewind_discarded_samples_on_cpu(vllm_compat.worker_model_runner(self))
 
     def preft_setup(self, method: str, max_adapters: int, max_rank: int, prompt_only: bool, model_class: str) -> dict[str, Any]:
         """Create the registry beside the model (its dtype and device) and attach the runtime the hooks read."""
         from .model import PreftRuntime, register_runtime
 
-        runner = self.model_runner
-        model = runner.model
+        runner = vllm_compat.worker_model_runner(self)
+        model = vllm_compat.runner_model(runner)
         if type(model).__name__ != model_class:
             raise RuntimeError(f"vLLM built {type(model).__name__}, not {model_class}; the adapter hooks are missing")
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
         param = next(model.parameters())
-        shape = ModelShape.from_hf_config(runner.model_config.hf_config, get_tensor_model_parallel_rank(),
-                                          get_tensor_model_parallel_world_size())
-        registry = AdapterRegistry(method, shape, max_adapters, max_rank, param.dtype, param.device)
+        shape = ModelShape.from_hf_config(vllm_compat.runner_hf_config(runner), *vllm_compat.tp_rank_and_size())
+        registry = AdapterRegistry(method, shape, max_adapters, max_rank, param.dtype, param.device,
+                                   adapter_scope="prompt" if prompt_only else "all")
         runtime = PreftRuntime(registry=registry, runner=runner, prompt_only=prompt_only)
         model.preft_runtime = runtime
         register_runtime(runtime, model.preft_runtime_id)
@@ -113,8 +111,11 @@ class PreftWorkerExtension:
                 "bytes_per_adapter": registry.bytes_per_adapter()}
 
     # ------------------------------------------------------------------------------ adapters
+    def _preft_model(self) -> Any:
+        return vllm_compat.runner_model(vllm_compat.worker_model_runner(self))
+
     def _preft_registry(self) -> AdapterRegistry:
-        runtime = getattr(self.model_runner.model, "preft_runtime", None)
+        runtime = getattr(self._preft_model(), "preft_runtime", None)
         if runtime is None:
             raise RuntimeError("the PreFT runtime is not set up in this worker (preft_setup was not called)")
         return runtime.registry
@@ -147,17 +148,17 @@ class PreftWorkerExtension:
     def preft_recover(self) -> None:
         """After a step raised: drop the step's state and zero the KV cache, so no non-finite value survives in a block
         a later request reuses (the engine also aborts the requests and resets the prefix cache)."""
-        runtime = getattr(self.model_runner.model, "preft_runtime", None)
+        runtime = getattr(self._preft_model(), "preft_runtime", None)
         if runtime is not None:
             runtime.in_step, runtime.selection = False, None
             runtime.request_slots.clear()
-        for cache in vllm_compat.kv_cache_tensors(self.model_runner):
+        for cache in vllm_compat.kv_cache_tensors(vllm_compat.worker_model_runner(self)):
             cache.zero_()
 
     def preft_release(self) -> None:
         from .model import register_runtime
 
-        model = self.model_runner.model
+        model = self._preft_model()
         if getattr(model, "preft_runtime", None) is not None:
             model.preft_runtime = None
             register_runtime(None, model.preft_runtime_id)

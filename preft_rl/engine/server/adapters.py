@@ -30,6 +30,7 @@ from typing import Any
 
 from preft_rl.adapters.config import PreftConfig
 from preft_rl.engine.registry import AdapterEntry
+from preft_rl.engine.vllm_compat import adapter_cache_salt, base_cache_salt  # noqa: F401 (base_cache_salt: re-exported)
 from preft_rl.engine.worker import agreed_result, entry_from_dict, pack_state
 
 logger = logging.getLogger(__name__)
@@ -48,15 +49,9 @@ class AdapterError(Exception):
 
 
 def cache_salt(entry: AdapterEntry, prompt_len: int, client_salt: str | None) -> str:
-    """The prefix-cache salt of an adapted prompt, set by the server after tokenisation (see PreftEngine): adapter,
-    version and prompt length, then the client's own salt if it sent one. Never the client's salt alone."""
-    salt = f"preft:{entry.name}:v{entry.version}:p{prompt_len}"
-    return salt if client_salt is None else f"{salt}:client:{client_salt}"
-
-
-def base_cache_salt(client_salt: str | None) -> str | None:
-    """A base request's salt: the client's, in its own namespace, so it can never equal an adapter's salt."""
-    return None if client_salt is None else f"client:{client_salt}"
+    """The prefix-cache salt of an adapted prompt (vllm_compat.adapter_cache_salt, which vllm_compat.tag_request sets for
+    the server and PreftEngine alike): adapter, version and prompt length, then the client's own salt if it sent one."""
+    return adapter_cache_salt(entry.name, entry.version, prompt_len, client_salt)
 
 
 @dataclasses.dataclass(frozen=True)

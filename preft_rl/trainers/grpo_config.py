@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .grpo_core import LOSS_TYPES, SCALE_REWARDS
+from . import advantages as _advantages  # registers the estimators
+from . import losses as _losses  # registers the losses
+from .grpo_core import SCALE_REWARDS
 from .rl_config import PreftRLConfig
 
 
@@ -16,9 +18,14 @@ class PreftGRPOConfig(PreftRLConfig):
     beta: float = field(default=0.0, metadata={"help": "KL coefficient against the base model (adapter off); 0: no reference pass."})
     use_bias_correction_kl: bool = field(default=True, metadata={"help": "Multiply the k3 KL by pi_theta / pi_old (TRL's default)."})
     epsilon: float = field(default=0.2, metadata={"help": "Lower clipping range of the ratio."})
-    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping range (default: epsilon; DAPO: 0.28)."})
-    loss_type: str = field(default="dapo", metadata={"help": f"One of {LOSS_TYPES}."})
+    epsilon_high: float | None = field(default=None, metadata={
+        "help": "Upper clipping range (default: epsilon; DAPO: 0.28); with loss_type='cispo' the cap of the ratio itself (5.0)."})
+    loss_type: str = field(default="dapo", metadata={
+        "help": f"A registered loss (preft_rl.trainers.losses.register_loss), built in: {sorted(_losses.LOSSES)}."})
     scale_rewards: str = field(default="group", metadata={"help": f"One of {SCALE_REWARDS}."})
+    advantage_estimator: str = field(default="group", metadata={
+        "help": "A registered advantage estimator (preft_rl.trainers.advantages.register_advantage), built in: "
+                f"{sorted(_advantages.ADVANTAGE_ESTIMATORS)}."})
 
     min_generations = 2  # GRPO compares completions of one prompt
 
@@ -26,7 +33,12 @@ class PreftGRPOConfig(PreftRLConfig):
         super().__post_init__()
         need = self._need
         need(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1")
-        need(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r}: use one of {LOSS_TYPES}")
+        need(self.loss_type in _losses.LOSSES, f"loss_type={self.loss_type!r} is not a registered loss: use one of "
+             f"{sorted(_losses.LOSSES)}, or register it first with preft_rl.trainers.losses.register_loss")
+        need(self.advantage_estimator in _advantages.ADVANTAGE_ESTIMATORS,
+             f"advantage_estimator={self.advantage_estimator!r} is not registered: use one of "
+             f"{sorted(_advantages.ADVANTAGE_ESTIMATORS)}, or register it first with "
+             "preft_rl.trainers.advantages.register_advantage")
         if self.scale_rewards is True:
             self.scale_rewards = "group"
         elif self.scale_rewards is False:

@@ -1,4 +1,5 @@
-"""GRPO as pure, shape-documented functions: advantages, log-probs, KL, importance weights, policy loss.
+"""GRPO as pure, shape-documented functions: advantages, log-probs, KL, importance weights; `policy_loss` dispatches
+to the loss registry (losses.py).
 
 Conventions follow TRL's GRPOTrainer: rewards are grouped by prompt (num_generations consecutive
 completions share one prompt); the policy loss is the PPO-style clipped ratio against the old policy's
@@ -9,11 +10,10 @@ the KL term is the k3 estimator against the reference (here: the base model, ada
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
@@ -116,13 +116,6 @@ def importance_weights(
     return ratio * mask
 
 
-@dataclass
-class LossOutput:
-    loss: torch.Tensor  # scalar
-    clip_ratio: torch.Tensor  # fraction of tokens whose ratio was clipped (scalar, no grad)
-    kl: torch.Tensor | None  # mean per-token KL (scalar, no grad) when beta > 0
-
-
 def policy_loss(
     logps: torch.Tensor,  # (B, T) current policy log-probs of the completion tokens
     old_logps: torch.Tensor,  # (B, T) log-probs of the policy that sampled (detached)
@@ -130,48 +123,15 @@ def policy_loss(
     mask: torch.Tensor,  # (B, T) 1 at completion tokens (EOS included), 0 at padding
     *,
     loss_type: str = "dapo",
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.0,
-    ref_logps: torch.Tensor | None = None,  # (B, T) reference log-probs, needed when beta > 0
-    use_bias_correction_kl: bool = True,  # multiply the KL by pi_theta / pi_old (TRL's default)
-    is_weights: torch.Tensor | None = None,  # (B, T) importance weights (engine mismatch), detached
-    max_completion_length: int | None = None,  # dr_grpo's constant
-    num_items: float | None = None,  # dapo: completion tokens in the whole accumulated batch (default: this batch)
-) -> LossOutput:
-    """Clipped-ratio policy loss, aggregated as TRL's loss_type says.
+    **settings: Any,  # the other fields of losses.LossInputs (epsilon, beta, ref_logps, num_items, ...)
+):
+    """The registered loss `loss_type` (losses.LOSSES: grpo, dr_grpo, dapo, bnpo, gspo, cispo, and any registered
+    since) on these inputs: a losses.LossOutput (loss, clip_ratio, kl).
 
     grpo: mean over each sequence's tokens, then over sequences; dr_grpo: sum / (B * max_completion_length);
     dapo: sum over tokens / completion tokens in the global accumulated batch. With beta > 0 the k3 KL
     against the reference is added per token, times the ratio when use_bias_correction_kl (TRL's default).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r}: use one of {LOSS_TYPES}")
-    mask = mask.to(logps.dtype)
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    ratio = torch.exp(logps - old_logps)  # (B, T)
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1) per sequence, or (B, T) per token
-    per_token = -torch.min(ratio * adv, clipped * adv)  # (B, T)
-    if is_weights is not None:
-        per_token = per_token * is_weights
-    kl = None
-    if beta > 0:
-        if ref_logps is None:
-            raise ValueError("beta > 0 needs ref_logps (the base model's log-probs)")
-        per_token_kl = k3_kl(logps, ref_logps)
-        kl = ((per_token_kl * mask).sum() / mask.sum().clamp(min=1)).detach()  # logged: the plain k3 estimate
-        if use_bias_correction_kl:  # the ratio keeps its gradient: the unbiased reverse-KL gradient off-policy
-            per_token_kl = per_token_kl * ratio
-        per_token = per_token + beta * per_token_kl
-    if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "dr_grpo":
-        if not max_completion_length:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
-        loss = (per_token * mask).sum() / (per_token.shape[0] * max_completion_length)
-    else:
-        loss = (per_token * mask).sum() / (num_items if num_items is not None else mask.sum().clamp(min=1))
-    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-    clip_ratio = ((is_clipped.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)).detach()
-    return LossOutput(loss=loss, clip_ratio=clip_ratio, kl=kl)
+    from .losses import LossInputs, get_loss
+
+    return get_loss(loss_type)(LossInputs(logps, old_logps, advantages, mask.to(logps.dtype), **settings))

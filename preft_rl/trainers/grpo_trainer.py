@@ -1,8 +1,9 @@
 """PreftGRPOTrainer: GRPO on a prefill-only adapter, on the shared RL core (core.py).
 
-GRPO fills three hooks: group-relative advantages (rewards gathered over every process, so 'batch' scaling sees
-the whole batch), the clipped-ratio loss of `grpo_core.policy_loss` with TRL's loss types, and the log-prob
-passes it needs (old policy when a rollout is reused, the adapter-off base when beta > 0).
+GRPO fills three hooks: advantages from the registered estimator `advantage_estimator` (advantages.py; rewards
+gathered over every process, so 'batch' scaling sees the whole batch), the registered loss `loss_type` (losses.py),
+and the log-prob passes it needs (old policy when a rollout is reused, the adapter-off base when beta > 0). A variant
+that changes only its loss or advantage registers a function and needs no subclass (docs/design/trainer.md).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from typing import Any
 
 import torch
 
+from .advantages import get_advantage_estimator
 from .core import MiniBatch, PreftRLTrainer
 from .grpo_config import PreftGRPOConfig
-from .grpo_core import group_advantages, policy_loss
+from .grpo_core import policy_loss
 from .rollout import RolloutBatch
 
 
@@ -30,7 +32,8 @@ class PreftGRPOTrainer(PreftRLTrainer):
 
     def _compute_advantages(self, batch: RolloutBatch) -> None:
         # over all processes: groups never span processes, but the 'batch' std is the whole batch's (as in TRL)
-        advantages = group_advantages(self._gather(batch.rewards), self.args.num_generations, self.args.scale_rewards)
+        estimator = get_advantage_estimator(self.args.advantage_estimator)
+        advantages = estimator(self._gather(batch.rewards), self.args.num_generations, self.args.scale_rewards)
         batch.advantages = self._local_rows(advantages)
 
     def _compute_loss(self, batch: RolloutBatch, rows: Any, mini: MiniBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -43,13 +46,11 @@ class PreftGRPOTrainer(PreftRLTrainer):
             epsilon_high=args.epsilon_high, beta=args.beta, use_bias_correction_kl=args.use_bias_correction_kl,
             ref_logps=None if batch.ref_logps is None else batch.ref_logps[rows].to(device),
             is_weights=self._importance_weights(batch, rows, old, mask), max_completion_length=args.max_completion_length,
-            num_items=mini.num_items,
+            num_items=mini.num_items, num_micro_batches=mini.num_micro_batches,
         )
-        # dapo is already normalised by the whole accumulated batch's tokens: undo accelerate's division
-        loss = out.loss * len(mini.micro) if args.loss_type == "dapo" else out.loss
         stats = {
-            "loss": loss.item(), "clip_ratio": out.clip_ratio.item(),  # the core averages over micro-batches
+            "clip_ratio": out.clip_ratio.item(),  # the core averages over micro-batches and logs the loss
             "kl": out.kl.item() if out.kl is not None else 0.0,
             "entropy": ((entropy * mask).sum() / mask.sum().clamp(min=1)).item(),
         }
-        return loss, stats
+        return out.loss, stats

@@ -52,6 +52,7 @@ class ActorCritic(nn.Module):
 class PreftPPOTrainer(PreftRLTrainer):
     config_class = PreftPPOConfig
     display_name = "PreFT PPO"
+    share_stats = ("policy_loss", "value_loss")
     args: PreftPPOConfig
 
     def __init__(self, model: Any, reward_funcs: Any, args: PreftPPOConfig | None = None, train_dataset: Any = None,
@@ -173,18 +174,18 @@ class PreftPPOTrainer(PreftRLTrainer):
             logps, old, batch.advantages[rows].to(device), mask, loss_type="dapo", epsilon=args.cliprange,
             beta=args.kl_coef if kl_in_loss else 0.0, ref_logps=batch.ref_logps[rows].to(device) if kl_in_loss else None,
             is_weights=self._importance_weights(batch, rows, old, mask), num_items=mini.num_items,
+            num_micro_batches=mini.num_micro_batches,
         )
         value = ppo_core.value_loss(values, batch.values[rows].to(device), batch.returns[rows].to(device), mask,
                                     args.cliprange_value, num_items=mini.num_items)
         policy_weight = 0.0 if self.step < args.critic_warmup_steps else 1.0  # warm-up: the critic learns alone
-        # both terms are normalised by the mini-batch's tokens already: undo accelerate's division by the micro-batches
-        loss = (policy_weight * policy.loss + args.vf_coef * value.loss) * len(mini.micro)
+        # both terms are this micro-batch's share of the mini-batch's token mean (normalised by mini.num_items)
+        loss = policy_weight * policy.loss + args.vf_coef * value.loss
         with torch.no_grad():
             ratio = torch.exp(logps - old)
             stats = {
-                # each micro-batch's terms are its share of the mini-batch's; the core averages over micro-batches
-                "loss": loss.item(), "policy_loss": policy.loss.item() * len(mini.micro),
-                "value_loss": value.loss.item() * len(mini.micro),
+                # shares of the mini-batch's terms (share_stats: the core scales them as the loss and logs 'loss')
+                "policy_loss": policy.loss.item(), "value_loss": value.loss.item(),
                 "clip_ratio": policy.clip_ratio.item(), "value_clip_ratio": value.clip_fraction.item(),
                 "approx_kl": ppo_core.masked_mean(0.5 * (logps - old) ** 2, mask).item(),
                 "ratio": ppo_core.masked_mean(ratio, mask).item(),

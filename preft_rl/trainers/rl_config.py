@@ -40,6 +40,12 @@ class PreftRLConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (<= 0: off)."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "A transformers scheduler name, e.g. 'cosine'."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of the optimizer steps spent warming up."})
+    dynamic_sampling: bool = field(default=False, metadata={
+        "help": "DAPO's dynamic sampling: drop groups whose rewards all agree (zero variance, no learning signal) and draw "
+                "more prompts until the batch is full or max_dynamic_sampling_draws is reached."})
+    max_dynamic_sampling_draws: int = field(default=4, metadata={
+        "help": "Generation rounds per rollout at most with dynamic_sampling (the first included); a batch still short "
+                "after them is filled with dropped groups (advantage 0) and a warning."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward function (default 1.0 each)."})
     vllm_importance_sampling_correction: bool = field(default=True, metadata={"help": "Correct the engine/trainer log-prob mismatch."})
     vllm_importance_sampling_mode: str = field(default="token_truncate", metadata={"help": f"One of {IS_MODES}."})
@@ -95,6 +101,10 @@ class PreftRLConfig:
         low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
         need(low is None or high is None or low < high,
              f"vllm_importance_sampling_clip_min ({low}) must be less than vllm_importance_sampling_clip_max ({high})")
+        need(self.max_dynamic_sampling_draws >= 1, f"max_dynamic_sampling_draws={self.max_dynamic_sampling_draws} must be >= 1")
+        need(not self.dynamic_sampling or self.num_generations >= 2,
+             f"dynamic_sampling=True needs num_generations >= 2 (got {self.num_generations}): a group of one has no variance "
+             "to filter on; set dynamic_sampling=False")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to == "none" else [self.report_to]

@@ -11,7 +11,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +51,65 @@ class RolloutBatch:
 
     def to_dict(self) -> dict[str, torch.Tensor | None]:
         return dict(self.__dict__)
+
+
+@dataclass
+class Samples:
+    """Completions before packing, one entry per completion (prompt-major: a group's completions are consecutive).
+
+    What `_generate` returns and `_score` fills; rollouts of several draws are concatenated, then packed once."""
+
+    prompts: list[Any]  # the prompt of each completion (text or chat messages)
+    prompt_ids: list[list[int]]  # the engine's prompt token ids
+    completion_ids: list[list[int]]  # the engine's completion token ids
+    completion_logps: list[list[float]]  # the engine's processed log-prob of each completion token ([] when not asked)
+    completions: list[Any]  # text, or [{"role": "assistant", "content": text}] for a chat prompt
+    columns: dict[str, list[Any]] = field(default_factory=dict)  # dataset columns besides 'prompt', one per completion
+    rewards_per_func: torch.Tensor | None = None  # (B, F), NaN where a function gave None
+    rewards: torch.Tensor | None = None  # (B,) weighted sum, NaN where no function could score
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def select(self, rows: Sequence[int]) -> Samples:
+        """The completions at `rows`, in that order."""
+        pick = lambda values: [values[i] for i in rows]  # noqa: E731
+        index = torch.tensor(list(rows), dtype=torch.long)
+        return Samples(pick(self.prompts), pick(self.prompt_ids), pick(self.completion_ids), pick(self.completion_logps),
+                       pick(self.completions), {k: pick(v) for k, v in self.columns.items()},
+                       None if self.rewards_per_func is None else self.rewards_per_func[index],
+                       None if self.rewards is None else self.rewards[index])
+
+    @staticmethod
+    def concat(parts: Sequence[Samples]) -> Samples:
+        joined = lambda name: [v for part in parts for v in getattr(part, name)]  # noqa: E731
+        scored = all(part.rewards is not None for part in parts)
+        return Samples(joined("prompts"), joined("prompt_ids"), joined("completion_ids"), joined("completion_logps"),
+                       joined("completions"), {k: [v for part in parts for v in part.columns[k]] for k in parts[0].columns},
+                       torch.cat([part.rewards_per_func for part in parts]) if scored else None,
+                       torch.cat([part.rewards for part in parts]) if scored else None)
+
+
+def groups_with_signal(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """(B,) rewards, prompt-major -> (G,) bool: True where a group's scorable rewards differ (DAPO's dynamic-sampling
+    filter). A group whose rewards all agree, or with fewer than two scorable (non-NaN) ones, has zero advantage under
+    any group baseline: it carries no learning signal.
+
+    >>> groups_with_signal(torch.tensor([1.0, 1.0, 0.0, 1.0, float("nan"), 1.0]), 2).tolist()
+    [False, True, False]
+    """
+    if rewards.dim() != 1 or rewards.numel() % num_generations:
+        raise ValueError(f"rewards {tuple(rewards.shape)} must be (B,) with B divisible by num_generations={num_generations}")
+    grouped = rewards.view(-1, num_generations)  # (G, n)
+    scorable = ~grouped.isnan()
+    high = torch.where(scorable, grouped, -math.inf).max(-1).values  # (G,)
+    low = torch.where(scorable, grouped, math.inf).min(-1).values  # (G,)
+    return (scorable.sum(-1) >= 2) & (high > low)
+
+
+def completion_messages(prompts: Sequence[Any], texts: Sequence[str]) -> list[Any]:
+    """Each completion as the prompt's format: text for a text prompt, one assistant message for a chat prompt."""
+    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
 
 
 def prompt_ids_for(tokenizer: Any, prompt: Any, max_prompt_length: int | None) -> list[int]:
@@ -95,6 +154,14 @@ def score(
         if out[:, j].isnan().all():
             logger.warning("reward function %s returned None for every completion of this batch", name)
     return out
+
+
+def reward_error_count(func: Callable) -> int | None:
+    """The internal errors a reward function counted so far (`func.errors`: a counter with `.count`, as
+    preft_rl.rewards' RewardErrorCounter, or an int); None for a function that counts none."""
+    errors = getattr(func, "errors", None)
+    count = getattr(errors, "count", errors)
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -175,6 +175,15 @@ def test_fused_linear_modules_are_vllms_packed_modules():
             "preft_rl.engine.vllm_compat.FUSED_LINEAR_MODULES); update that map")
 
 
+def test_the_registry_uses_the_compat_module_map():
+    """registry.py's fused-module map and row-parallel list are vLLM's names: they must be the compat layer's (until
+    registry.py imports them from there)."""
+    from preft_rl.engine import registry
+
+    assert getattr(registry, "LORA_TARGETS", vllm_compat.FUSED_LINEAR_MODULES) == vllm_compat.FUSED_LINEAR_MODULES
+    assert tuple(getattr(registry, "ROW_PARALLEL", vllm_compat.ROW_PARALLEL_MODULES)) == vllm_compat.ROW_PARALLEL_MODULES
+
+
 def test_decoder_layers_hold_the_fused_modules_and_return_hidden_and_residual(engines):
     """The LoRA hooks sit on these modules (their sharding rule depends on the layer class), and the ReFT hook edits
     a decoder layer's (hidden, residual) output."""

@@ -383,7 +383,7 @@ class VllmItem:
 
     `path` is "module:qualified.name" for an importable item, or "<root>:attribute.path" for state of a live engine,
     where root is one of `LIVE_ROOTS` (checked on a running in-process engine). `kind`: "callable" (its signature
-    takes `params`), "class", "async generator" (a method that streams), "value" (equals `value`), "attribute"
+    takes `params`), "class" (with the fields in `params`), "async generator" (a method that streams), "value" (equals `value`), "attribute"
     (exists: a class attribute, a dataclass / struct field or an annotation), "keys" (a TypedDict with the keys in
     `value`), "init attribute" (the class's __init__ assigns `self.<name>`), or "source" (the module's source contains
     `value`: for a protocol vLLM keeps in code only, e.g. which app-state field holds the served models)."""
@@ -424,6 +424,15 @@ SURFACE: tuple[VllmItem, ...] = (
              params=("model_arch", "model_cls")),
     VllmItem("vllm.model_executor.models.registry:_BaseRegisteredModel.load_model_cls", _C + "model_registry_load",
              params=("self",)),
+    # the PreFT model classes subclass vLLM's (preft_rl.engine.model.preft_model_class): construction and forward
+    *(item for module, cls in (("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
+                               ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"))
+      for item in (VllmItem(f"vllm.model_executor.models.{module}:{cls}.__init__",
+                            "preft_rl.engine.model.preft_model_class", params=("vllm_config", "prefix")),
+                   VllmItem(f"vllm.model_executor.models.{module}:{cls}.forward",
+                            "preft_rl.engine.model.preft_model_class", params=("input_ids", "positions")),
+                   VllmItem(f"vllm.model_executor.models.{module}:{cls}.packed_modules_mapping",
+                            _C + "FUSED_LINEAR_MODULES", "attribute"))),
     VllmItem("vllm.distributed:tensor_model_parallel_all_reduce", _C + "tp_all_reduce", params=("input_",)),
     VllmItem("vllm.distributed:get_tensor_model_parallel_rank", _C + "tp_rank_and_size"),
     VllmItem("vllm.distributed:get_tensor_model_parallel_world_size", _C + "tp_rank_and_size"),

@@ -59,6 +59,7 @@ EXAMPLE_DEFAULTS = dict(output_dir="outputs/grpo-gsm8k", save_steps=5, **GSM8K_C
 
 def parse_args(argv: list[str] | None = None, config_class: type | None = None, defaults: dict | None = None, doc: str = __doc__):
     from preft_rl import PreftGRPOConfig
+    from preft_rl.adapters.methods import method_names
     from preft_rl.models import DEFAULT_MODEL
     from preft_rl.trainers.cli_args import add_dataclass_arguments, dataclass_from_args
 
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None, config_class: type | None = None, 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--data", default=None)
-    parser.add_argument("--method", default="lora", choices=["lora", "loreft", "direft"])
+    parser.add_argument("--method", default="lora", choices=method_names())
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--positions", default="f5+l5", help="ReFT positions ('all' or 'fN+lM'); 'all' with --adapter-scope all")
     parser.add_argument("--adapter-scope", default="prompt", choices=["prompt", "all"],
@@ -99,10 +100,8 @@ def run_job(trainer_class: type, config_class: type, defaults: dict, doc: str, a
     train = load_gsm8k("train", source=source, shuffle=True, seed=config.seed)
     held_out = load_gsm8k("test", source=source, num_examples=args.eval_problems) if args.eval_problems else None
     positions = "all" if args.adapter_scope == "all" else args.positions
-    if args.method == "lora":
-        preft = PreftConfig(method="lora", r=args.r, alpha=2 * args.r, target_modules="all-linear", adapter_scope=args.adapter_scope)
-    else:
-        preft = PreftConfig(method=args.method, r=args.r, positions=positions, adapter_scope=args.adapter_scope)
+    # LoRA: alpha = 2r on every linear layer (the defaults); ReFT: the given positions
+    preft = PreftConfig.for_method(args.method, r=args.r, positions=positions, adapter_scope=args.adapter_scope)
     trainer = trainer_class(
         args.model, [gsm8k_accuracy_reward, format_reward], args=config, train_dataset=train, preft_config=preft
     )

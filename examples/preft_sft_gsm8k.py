@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preft_rl import PreftConfig, PreftModel, get_preft_model, prompt_mask_from_lengths
+from preft_rl.adapters.methods import method_names
 from preft_rl.models import DEFAULT_MODEL, resolve_model
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
@@ -80,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--data", default=None, help="GSM8K train jsonl (default: shared data or reasoning-gym)")
-    parser.add_argument("--method", default="lora", choices=["lora", "loreft", "direft"])
+    parser.add_argument("--method", default="lora", choices=method_names())
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -96,8 +97,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"  # for generate; training batches are built right-padded by hand
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    positions = "all" if args.method == "lora" else "f5+l5"
-    config = PreftConfig(method=args.method, r=args.r, target_modules="all-linear", positions=positions, seed=args.seed)
+    config = PreftConfig.for_method(args.method, r=args.r, positions="f5+l5", seed=args.seed)  # ReFT: first/last 5 prompt tokens
     model = get_preft_model(base, config)
     print(model.num_parameters_summary())
 

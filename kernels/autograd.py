@@ -85,9 +85,13 @@ class PrefillLoraFunction(torch.autograd.Function):
         return grad_out, grad_x, grad_a, grad_b, None, None
 
 
-def lora_prefill_reference(base_out, x, lora_a, lora_b, scaling: float, rows: torch.Tensor) -> torch.Tensor:
-    """Differentiable torch version on 2-D inputs; `rows` (P,) int64."""
-    low = x[rows].to(torch.float32) @ lora_a.to(torch.float32).T  # (P, r)
+def lora_prefill_reference(base_out, x, lora_a, lora_b, scaling: float, rows: torch.Tensor, dropout=None) -> torch.Tensor:
+    """Differentiable torch version on 2-D inputs; `rows` (P,) int64. The one torch copy of training-time LoRA: the
+    HF adapter module runs it on CPU (and with dropout, applied to the prompt rows' input)."""
+    x_rows = x[rows].to(torch.float32)  # (P, d_in)
+    if dropout is not None:
+        x_rows = dropout(x_rows)
+    low = x_rows @ lora_a.to(torch.float32).T  # (P, r)
     delta = (low @ lora_b.to(torch.float32).T) * scaling  # (P, D_out)
     return base_out.index_put((rows,), (base_out[rows].to(torch.float32) + delta).to(base_out.dtype))
 
@@ -176,15 +180,20 @@ class PrefillReftFunction(torch.autograd.Function):
         )
 
 
-def reft_prefill_reference(h, first, bias, second, rows: torch.Tensor, is_loreft: bool) -> torch.Tensor:
-    """Differentiable torch version on 2-D h; LoReFT: first = R, second = W; DiReFT: first = W1, second = W2."""
+def reft_prefill_reference(h, first, bias, second, rows: torch.Tensor, is_loreft: bool, dropout=None) -> torch.Tensor:
+    """Differentiable torch version on 2-D h; LoReFT: first = R, second = W; DiReFT: first = W1, second = W2. The one
+    torch copy of training-time ReFT: the HF adapter module runs it on CPU (with dropout on the low-rank activations)."""
     h_rows = h[rows].to(torch.float32)  # (P, d)
     if is_loreft:
         rotation = first.to(torch.float32)
-        delta = (h_rows @ (second.to(torch.float32) - rotation).T + bias.to(torch.float32)) @ rotation
+        low = h_rows @ (second.to(torch.float32) - rotation).T + bias.to(torch.float32)  # (P, r)
+        write = rotation
     else:
-        delta = (h_rows @ first.to(torch.float32).T + bias.to(torch.float32)) @ second.to(torch.float32)
-    return h.index_put((rows,), (h_rows + delta).to(h.dtype))
+        low = h_rows @ first.to(torch.float32).T + bias.to(torch.float32)  # (P, r)
+        write = second.to(torch.float32)
+    if dropout is not None:
+        low = dropout(low)
+    return h.index_put((rows,), (h_rows + low @ write).to(h.dtype))
 
 
 def _prefill_reft(h, first, bias, second, prompt_rows, is_loreft: bool, backend: str | None) -> torch.Tensor:

@@ -182,6 +182,7 @@ def _bench_train(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from preft_rl.adapters.methods import method_names
     from preft_rl.plan import PRESETS, PlanInputs
 
     d = PlanInputs()
@@ -191,7 +192,7 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero", type=int, default=d.zero, help="DeepSpeed ZeRO stage 0-3 (default: %(default)s)")
     parser.add_argument("--tp", type=int, default=d.tp, help="engine tensor-parallel size (default: %(default)s)")
     parser.add_argument("--adapters", type=int, default=d.adapters, help="adapter slots in the engine (default: %(default)s)")
-    parser.add_argument("--method", choices=["lora", "loreft", "direft"], default=d.method)
+    parser.add_argument("--method", choices=method_names(), default=d.method)
     parser.add_argument("--rank", type=int, default=d.rank, help="adapter rank (default: %(default)s)")
     parser.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens (default: %(default)s)")
     parser.add_argument("--completion-len", type=int, default=d.completion_len, help="completion tokens (default: %(default)s)")

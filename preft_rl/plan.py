@@ -23,6 +23,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from preft_rl.adapters.methods import get_method
+
 GiB = 2**30
 
 # Activations saved for backward per token in one Llama decoder layer, in elements of the model dtype, counted from
@@ -116,25 +118,13 @@ class ModelShape:
 
 def adapter_params(shape: ModelShape, method: str, rank: int) -> int:
     """Trainable parameters of one PreFT adapter (LoRA on every linear layer; ReFT at every layer, one intervention)."""
-    if method == "lora":
-        return shape.layers * sum(rank * (d_in + d_out) for d_in, d_out in shape.linear_io())
-    if method in ("loreft", "direft"):
-        return shape.layers * (2 * rank * shape.hidden + rank)
-    raise ValueError(f"method={method!r}: use 'lora', 'loreft' or 'direft'")
+    return get_method(method).plan_adapter_params(shape, rank)
 
 
 def engine_adapter_slot_elems(shape: ModelShape, method: str, rank: int, tp: int) -> float:
-    """Elements one adapter slot takes in the engine's stacked tensors on one rank (LoRA sharded like vLLM's own
-    multi-LoRA: A whole and B by rows for column-parallel layers, A by columns for row-parallel ones; ReFT replicated)."""
-    if method != "lora":
-        return shape.layers * (2 * rank * shape.hidden + rank)
-    h, q, i = shape.hidden, shape.q_size, shape.intermediate
-    kv_rank = max(1, shape.kv_heads // tp) * shape.head_dim  # KV heads replicate once tp exceeds them
-    qkv = 3 * rank * h + (q / tp + 2 * kv_rank) * rank
-    o = rank * q / tp + h * rank
-    gate_up = 2 * rank * h + 2 * i / tp * rank
-    down = rank * i / tp + h * rank
-    return shape.layers * (qkv + o + gate_up + down)
+    """Elements one adapter slot takes in the engine's stacked tensors on one rank (the method's own count: LoRA
+    sharded like vLLM's multi-LoRA, ReFT replicated)."""
+    return get_method(method).plan_slot_elems(shape, rank, tp)
 
 
 @dataclass

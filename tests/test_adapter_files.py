@@ -268,10 +268,10 @@ def test_other_supported_families_keep_the_no_op_start(model_type, tokenizer):
         assert not torch.equal(model(input_ids=ids, attention_mask=am, prompt_mask=pm).logits, expected)
 
 
-def test_serialization_docstring_examples_run():
+def test_key_format_docstring_examples_run():
     import doctest
 
-    import preft_rl.adapters.serialization as serialization
+    import preft_rl.adapters.keys as keys
 
-    result = doctest.testmod(serialization)
+    result = doctest.testmod(keys)
     assert result.attempted > 0 and result.failed == 0, result

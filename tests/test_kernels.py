@@ -213,12 +213,12 @@ def test_reft_references_match_the_hf_interventions():
         b = torch.stack([torch.randn(r, generator=gen), lo.learned_source.bias])
         got = apply_loreft(h.clone(), R, W, b, meta, backend="torch")
         sel = index == 1
-        torch.testing.assert_close(got[sel], h[sel] + lo.delta(h[sel]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[sel], h[sel] + (h[sel] @ lo.learned_source.weight.T + lo.learned_source.bias - h[sel] @ lo.rotate_layer.weight.T) @ lo.rotate_layer.weight, atol=1e-5, rtol=1e-5)
         W1 = torch.stack([W[0], di.learned_source.weight])
         W2 = torch.stack([R[0], di.proj_layer.weight])
         b1 = torch.stack([b[0], di.learned_source.bias])
         got = apply_direft(h.clone(), W1, b1, W2, meta, backend="torch")
-        torch.testing.assert_close(got[sel], h[sel] + di.delta(h[sel]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[sel], h[sel] + (h[sel] @ di.learned_source.weight.T + di.learned_source.bias) @ di.proj_layer.weight, atol=1e-5, rtol=1e-5)
         slot0 = index == 0
         torch.testing.assert_close(got[slot0], h[slot0] + (h[slot0] @ W1[0].T + b1[0]) @ W2[0], atol=1e-5, rtol=1e-5)
         assert torch.equal(got[~on], h[~on])

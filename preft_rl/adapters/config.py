@@ -9,7 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("lora", "loreft", "direft")
+from .methods.base import METHOD_FIELDS
+
 SCOPES = ("prompt", "all")
 _POSITIONS_RE = re.compile(r"^f(\d+)\+l(\d+)$")
 
@@ -24,12 +25,15 @@ class PreftConfig:
     (7, 7)
     """
 
-    method: str = field(default="lora", metadata={"help": "One of 'lora', 'loreft', 'direft'."})
+    method: str = field(
+        default="lora",
+        metadata={"help": "A registered adapter method: 'lora', 'loreft', 'direft' (preft_rl.adapters.methods.method_names())."},
+    )
     r: int = field(default=8, metadata={"help": "Rank of the LoRA update or of the ReFT subspace."})
     alpha: float | None = field(
         default=None, metadata={"help": "LoRA scaling numerator: scaling = alpha / r. Default 2 * r."}
     )
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input (LoRA and ReFT)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input (LoRA) or its low-rank activations (ReFT)."})
     target_modules: str | list[str] = field(
         default="all-linear",
         metadata={
@@ -65,7 +69,7 @@ class PreftConfig:
     init_scale: float | None = field(
         default=None,
         metadata={
-            "help": "Bound s of the uniform(-s, s) random half of the initialisation (LoRA A, DiReFT W1); "
+            "help": "LoRA and DiReFT. Bound s of the uniform(-s, s) random half of the initialisation (LoRA A, DiReFT W1); "
             "default 1/sqrt(d_in), PEFT's Kaiming-uniform bound. The other half is zero (LoRA B, "
             "DiReFT W2) or equal to R (LoReFT W, with R random orthogonal), so every method starts "
             "as an exact no-op that still receives gradients."
@@ -74,15 +78,26 @@ class PreftConfig:
     seed: int | None = field(default=None, metadata={"help": "Seed for the adapter initialisation."})
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"PreftConfig: unknown method {self.method!r}; use one of {list(METHODS)}")
+        from .methods import get_method
+
+        try:
+            spec = get_method(self.method)
+        except ValueError as exc:
+            raise ValueError(f"PreftConfig: {exc}") from None
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"PreftConfig: r={self.r!r} must be a positive integer, e.g. r=8")
-        if self.alpha is None:
-            self.alpha = float(2 * self.r)
-        _check_number("alpha", self.alpha)
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ValueError(f"PreftConfig: alpha={self.alpha!r} must be > 0 and finite (LoRA scaling is alpha / r), e.g. alpha={2 * self.r}")
+        # Fields another method reads are refused, not silently ignored (e.g. layers=[0] on a LoRA).
+        ignored = [f"{name}={getattr(self, name)!r}" for name in METHOD_FIELDS
+                   if name not in spec.fields and getattr(self, name) != _DEFAULTS[name]]
+        if ignored:
+            raise ValueError(
+                f"PreftConfig: {', '.join(ignored)} do not apply to method={self.method!r}, which reads "
+                f"{sorted(spec.fields)}; remove them (or pick the method they belong to)"
+            )
+        if self.alpha is not None:
+            _check_number("alpha", self.alpha)
+            if not (self.alpha > 0 and math.isfinite(self.alpha)):
+                raise ValueError(f"PreftConfig: alpha={self.alpha!r} must be > 0 and finite (LoRA scaling is alpha / r), e.g. alpha={2 * self.r}")
         _check_number("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PreftConfig: dropout={self.dropout!r} must be in [0, 1)")
@@ -123,10 +138,29 @@ class PreftConfig:
                 f"PreftConfig: adapter_scope='all' acts at every token, so positions={self.positions!r} has no meaning; "
                 "use positions='all' (or adapter_scope='prompt' for first/last prompt positions)"
             )
+        spec.validate(self)
+
+    @classmethod
+    def for_method(cls, method: str, **options: Any) -> PreftConfig:
+        """A config from options meant for several methods, keeping those `method` reads (a command line with
+        --positions for ReFT and --target-modules for LoRA passes both).
+
+        >>> PreftConfig.for_method("lora", r=8, positions="f5+l5").positions
+        'all'
+        >>> PreftConfig.for_method("loreft", r=8, positions="f5+l5").positions
+        'f5+l5'
+        """
+        from .methods import get_method
+
+        reads = get_method(method).fields
+        return cls(method=method, **{k: v for k, v in options.items() if k not in METHOD_FIELDS or k in reads})
 
     @property
-    def is_lora(self) -> bool:
-        return self.method == "lora"
+    def method_spec(self):
+        """The registered AdapterMethod of this config (preft_rl.adapters.methods)."""
+        from .methods import get_method
+
+        return get_method(self.method)
 
     @property
     def prefill_only(self) -> bool:
@@ -135,6 +169,9 @@ class PreftConfig:
 
     @property
     def scaling(self) -> float:
+        """alpha / r (LoRA)."""
+        if self.alpha is None:
+            raise ValueError(f"PreftConfig: method={self.method!r} has no alpha, so no LoRA scaling")
         return float(self.alpha) / self.r
 
     @property
@@ -152,6 +189,9 @@ class PreftConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PreftConfig)}
 
 
 def _check_number(name: str, value: Any) -> None:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from preft_rl.kernels import PrefillLoraFunction, PrefillReftFunction, resolve_backend
+from preft_rl.kernels import PrefillLoraFunction, PrefillReftFunction, lora_prefill_reference, reft_prefill_reference, resolve_backend
 
 from .masks import TokenSelection
 
@@ -81,13 +80,17 @@ class PreftLoraLinear(nn.Module):
         if selection is None:
             return out
         a, b = self.lora_A.weight, self.lora_B.weight
-        if isinstance(self.lora_dropout, nn.Identity) and x.dim() == 3 and resolve_backend(None, out, x, a, b) == "triton":
-            out2 = PrefillLoraFunction.apply(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), a, b, float(self.scaling),
-                                             selection.row_metadata("prompt"))
-            return out2.reshape(out.shape)
-        x_prompt = x[selection.prompt].to(torch.float32)  # (P, d_in): prompt tokens only
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x_prompt))) * self.scaling  # (P, d_out)
-        return out.index_put(selection.prompt, delta.to(out.dtype), accumulate=True)
+        out2, x2 = out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])  # (B * T, d_out), (B * T, d_in)
+        if isinstance(self.lora_dropout, nn.Identity) and resolve_backend(None, out, x, a, b) == "triton":
+            out2 = PrefillLoraFunction.apply(out2, x2, a, b, float(self.scaling), selection.row_metadata("prompt"))
+        else:  # the kernels' torch reference: the one torch copy of this maths
+            dropout = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout
+            out2 = lora_prefill_reference(out2, x2, a, b, self.scaling, selection.rows("prompt"), dropout)
+        return out2.reshape(out.shape)
+
+    def own_modules(self) -> list[nn.Module]:
+        """This adapter's modules, without the wrapped base layer (which may hold another adapter)."""
+        return [self, *self.lora_A.modules(), *self.lora_B.modules(), *self.lora_dropout.modules()]
 
     def is_identity(self) -> bool:
         """True when the edit is exactly zero for every input (B = 0 or A = 0), as at initialisation."""
@@ -141,10 +144,8 @@ class LoReftIntervention(nn.Module):
             self.learned_source.bias.zero_()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
-        """(first, bias, second, is_loreft) for preft_rl.kernels.PrefillReftFunction; None with dropout (torch only)."""
-        if not isinstance(self.dropout, nn.Identity):
-            return None
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """(first, bias, second, is_loreft) for preft_rl.kernels' ReFT ops (PrefillReftFunction, reft_prefill_reference)."""
         return self.rotate_layer.weight, self.learned_source.bias, self.learned_source.weight, True
 
     def is_identity(self) -> bool:
@@ -152,11 +153,6 @@ class LoReftIntervention(nn.Module):
         with torch.no_grad():
             return not self.learned_source.bias.any() and torch.equal(self.learned_source.weight, self.rotate_layer.weight)
 
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        """h (P, d) fp32 -> the edit (P, d) fp32."""
-        R = self.rotate_layer.weight  # (r, d)
-        low_rank = F.linear(h, self.learned_source.weight - R, self.learned_source.bias)  # (P, r)
-        return self.dropout(low_rank) @ R  # (P, d)
 
 
 class DiReftIntervention(nn.Module):
@@ -173,19 +169,13 @@ class DiReftIntervention(nn.Module):
         nn.init.zeros_(self.proj_layer.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
-        """(first, bias, second, is_loreft) for preft_rl.kernels.PrefillReftFunction; None with dropout (torch only)."""
-        if not isinstance(self.dropout, nn.Identity):
-            return None
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """(first, bias, second, is_loreft) for preft_rl.kernels' ReFT ops (PrefillReftFunction, reft_prefill_reference)."""
         return self.learned_source.weight, self.learned_source.bias, self.proj_layer.weight, False
 
     def is_identity(self) -> bool:
         """True when the edit is exactly zero for every input (W2 = 0), as at initialisation."""
         return not self.proj_layer.weight.any()
-
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        """h (P, d) fp32 -> the edit (P, d) fp32."""
-        return self.dropout(self.learned_source(h)) @ self.proj_layer.weight  # (P, r) @ (r, d)
 
 
 class ReftLayer(nn.Module):
@@ -208,16 +198,15 @@ class ReftLayer(nn.Module):
         selection = self._slot.current
         if selection is None:
             return hidden
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (B * T, d)
         for group, intervention in self.interventions.items():
-            index = selection.groups.get(group)
-            if index is None:
+            if group not in selection.groups:
                 continue
-            kernel = intervention.kernel_weights()
-            if kernel is not None and hidden.dim() == 3 and resolve_backend(None, hidden, *kernel[:3]) == "triton":
-                first, bias, second, is_loreft = kernel
-                flat = hidden.reshape(-1, hidden.shape[-1])
-                hidden = PrefillReftFunction.apply(flat, first, bias, second, selection.row_metadata(group), is_loreft).reshape(hidden.shape)
-                continue
-            h = hidden[index].to(torch.float32)  # (P, d)
-            hidden = hidden.index_put(index, (h + intervention.delta(h)).to(hidden.dtype))
-        return hidden
+            first, bias, second, is_loreft = intervention.kernel_weights()
+            no_dropout = isinstance(intervention.dropout, nn.Identity)
+            if no_dropout and resolve_backend(None, hidden, first, bias, second) == "triton":
+                flat = PrefillReftFunction.apply(flat, first, bias, second, selection.row_metadata(group), is_loreft)
+            else:  # the kernels' torch reference: the one torch copy of this maths
+                flat = reft_prefill_reference(flat, first, bias, second, selection.rows(group), is_loreft,
+                                              None if no_dropout else intervention.dropout)
+        return flat.reshape(hidden.shape)

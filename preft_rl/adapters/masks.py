@@ -7,7 +7,7 @@ sequence is below that sequence's prompt length. Pad tokens are never prompt tok
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -78,7 +78,16 @@ class TokenSelection:
     prompt: Index
     groups: dict[str, Index]
     shape: tuple[int, int] = (0, 0)  # (batch, seq) of the call
-    _metadata: dict[str, AdapterTokenMetadata] = field(default_factory=dict, repr=False, compare=False)
+    _metadata: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def rows(self, group: str) -> torch.Tensor:
+        """(P,) int64 sorted flat (batch * seq) row indices of `group` ('prompt' or a ReFT group), built once per call."""
+        key = "rows:" + group
+        cached = self._metadata.get(key)
+        if cached is None:
+            batch_index, time_index = self.prompt if group == "prompt" else self.groups[group]
+            cached = self._metadata[key] = batch_index * self.shape[1] + time_index  # row-major nonzero: sorted
+        return cached
 
     def row_metadata(self, group: str) -> AdapterTokenMetadata:
         """Single-adapter kernel metadata for the flattened (batch * seq) rows of `group` ('prompt' or a ReFT
@@ -87,9 +96,7 @@ class TokenSelection:
         if cached is None:
             from preft_rl.kernels import AdapterTokenMetadata
 
-            batch_index, time_index = self.prompt if group == "prompt" else self.groups[group]
-            rows = batch_index * self.shape[1] + time_index
-            cached = self._metadata[group] = AdapterTokenMetadata.for_rows(rows, self.shape[0] * self.shape[1])
+            cached = self._metadata[group] = AdapterTokenMetadata.for_rows(self.rows(group), self.shape[0] * self.shape[1])
         return cached
 
     @staticmethod

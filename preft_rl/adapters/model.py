@@ -11,19 +11,18 @@ passes it down the HF call chain as the `preft_selection` kwarg (Llama-family mo
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import os
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import PreftConfig
-from .layers import DiReftIntervention, LoReftIntervention, PreftLoraLinear, ReftLayer, SelectionSlot
+from .layers import SelectionSlot
 from .masks import TokenSelection, position_ids_from_attention_mask
+from .methods import is_adapter_parameter
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _SELECTION_KWARG = "preft_selection"
@@ -71,83 +70,19 @@ class PreftModel(nn.Module):
         layers = decoder_layers(base_model)
         # Build (and load) every adapter module detached from the base model; attach only if all of it succeeded.
         layers_name = next(name for name, module in base_model.named_modules() if module is layers)
-        if config.is_lora:
-            built = self._build_lora(layers, layers_name, generator)
-        else:
-            built = self._build_reft(base_model, layers, generator)
+        built = config.method_spec.build(base_model, layers, layers_name, config, self._slot, generator)
         if adapter_state is not None:
             from .serialization import load_into_modules
 
-            load_into_modules({f"{layers_name}.{name}": module for name, module, _ in built}, adapter_state, adapter_source)
+            load_into_modules({f"{layers_name}.{b.name}": b.module for b in built}, adapter_state, adapter_source, config)
         self.base_model = base_model
         # only adapter parameters train (this adapter's, and those of another adapter already on this base)
         base_params = [param for name, param in base_model.named_parameters() if not _is_adapter_name(name)]
-        self._detach = [attach() for _, _, attach in built]  # each attach() returns its undo
+        self._detach = [b.attach() for b in built]  # each attach() returns its undo
         for param in base_params:
             param.requires_grad_(False)
-        self._adapter_modules = [module for _, module, _ in built]
+        self._adapter_modules = [b.module for b in built]
         self._hooks = [layer.register_forward_pre_hook(self._select_for_layer, with_kwargs=True) for layer in layers]
-
-    # ----------------------------------------------------------------------------------- injection
-    # The _build_* methods change nothing: they return (name under the decoder layers, new module, attach()), where
-    # attach() changes the base model and returns a function that undoes exactly that change.
-    def _build_lora(self, layers: nn.ModuleList, layers_name: str, generator: torch.Generator | None) -> list[tuple[str, nn.Module, Any]]:
-        cfg = self.preft_config
-        wanted = cfg.target_modules
-        found: set[str] = set()
-        # names are matched as full paths in the base model ('model.layers.0.self_attn.q_proj'), as PEFT does
-        # A linear layer already wrapped by another adapter on this base is found as `<name>.base_layer` and matched by
-        # <name>; that adapter's own lora_A / lora_B are never targets.
-        targets = [
-            (layer, name, module)
-            for i, layer in enumerate(layers)
-            for name, module in layer.named_modules()
-            if isinstance(module, nn.Linear) and not re.search(r"(^|\.)lora_[AB]$", name)
-            and (wanted == "all-linear" or _matches(f"{layers_name}.{i}.{_logical(name)}", wanted, found))
-        ]
-        if wanted != "all-linear" and (missing := [m for m in wanted if m not in found]):
-            available = sorted({n.rpartition(".")[2] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
-            raise ValueError(
-                f"target_modules {missing} match no linear layer inside the decoder layers; "
-                f"available: {available} (or target_modules='all-linear')"
-            )
-        index = {id(layer): i for i, layer in enumerate(layers)}
-        built = []
-        for layer, name, module in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = layer.get_submodule(parent_name) if parent_name else layer
-            lora = PreftLoraLinear(module, cfg.r, cfg.alpha, cfg.dropout, self._slot, cfg.init_scale, generator)
-            built.append((f"{index[id(layer)]}.{_logical(name)}", lora, functools.partial(_attach_lora, parent, child, lora)))
-        return built
-
-    def _build_reft(self, base_model: nn.Module, layers: nn.ModuleList, generator: torch.Generator | None) -> list[tuple[str, nn.Module, Any]]:
-        cfg = self.preft_config
-        indices = range(len(layers)) if cfg.layers == "all" else cfg.layers
-        bad = [i for i in indices if not 0 <= i < len(layers)]
-        if bad:
-            raise ValueError(
-                f"layers {bad} out of range: the model has {len(layers)} decoder layers; "
-                f"use indices in [0, {len(layers) - 1}] or layers='all'"
-            )
-        hidden = base_model.config.hidden_size
-        device = next(base_model.parameters()).device
-        taken = [i for i in indices if hasattr(layers[i], "preft_reft")]
-        if taken:
-            raise ValueError(
-                f"decoder layers {taken} already carry a ReFT intervention of another adapter on this base; two ReFT "
-                "adapters cannot share a layer (give the second adapter other layers, or make it a LoRA)"
-            )
-        built = []
-        for i in indices:
-            interventions = {}
-            for group in cfg.intervention_groups:
-                if cfg.method == "loreft":
-                    interventions[group] = LoReftIntervention(hidden, cfg.r, cfg.dropout, device, generator)
-                else:
-                    interventions[group] = DiReftIntervention(hidden, cfg.r, cfg.dropout, device, cfg.init_scale, generator)
-            reft = ReftLayer(interventions, self._slot)
-            built.append((f"{i}.preft_reft", reft, functools.partial(_attach_reft, layers[i], reft)))
-        return built
 
     # ------------------------------------------------------------------------------ selection
     def _select_for_layer(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -378,48 +313,10 @@ def get_preft_model(model: nn.Module, config: PreftConfig) -> PreftModel:
     return PreftModel(model, config)
 
 
-def _attach_lora(parent: nn.Module, child: str, lora: PreftLoraLinear) -> Callable[..., None]:
-    setattr(parent, child, lora)
-
-    def detach(check_only: bool = False) -> None:
-        if getattr(parent, child) is not lora:
-            raise RuntimeError(f"cannot unload: another adapter wraps {child!r} on top of this one; unload that adapter first")
-        if not check_only:
-            setattr(parent, child, lora.base_layer)
-
-    return detach
-
-
-def _attach_reft(layer: nn.Module, reft: ReftLayer) -> Callable[..., None]:
-    layer.preft_reft = reft
-    handle = layer.register_forward_hook(_apply_reft_to_output)
-
-    def detach(check_only: bool = False) -> None:
-        if not check_only:
-            handle.remove()
-            del layer.preft_reft
-
-    return detach
-
-
-def _apply_reft_to_output(layer: nn.Module, args: tuple, output: Any) -> Any:
-    if isinstance(output, tuple):
-        return (layer.preft_reft.apply(output[0]), *output[1:])
-    return layer.preft_reft.apply(output)
-
-
-def _matches(name: str, wanted: list[str], found: set[str]) -> bool:
-    """Whether the full module path `name` is one of `wanted` or ends in '.' + one (PEFT's rule for a list)."""
-    hits = [target for target in wanted if name == target or name.endswith("." + target)]
-    found.update(hits)  # every entry that names this module counts as found
-    return bool(hits)
-
-
 def _own_modules(adapter: nn.Module) -> list[nn.Module]:
-    """An adapter module and its submodules, without the wrapped base layer (which may hold another adapter)."""
-    if isinstance(adapter, PreftLoraLinear):
-        return [adapter, *adapter.lora_A.modules(), *adapter.lora_B.modules(), *adapter.lora_dropout.modules()]
-    return list(adapter.modules())
+    """An adapter module and its submodules, without a wrapped base layer (which may hold another adapter)."""
+    own = getattr(adapter, "own_modules", None)
+    return own() if own is not None else list(adapter.modules())
 
 
 def _logical(name: str) -> str:
@@ -429,4 +326,4 @@ def _logical(name: str) -> str:
 
 
 def _is_adapter_name(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name or ".preft_reft." in name
+    return is_adapter_parameter(name)

@@ -1,12 +1,9 @@
 """Adapter files: `adapter_config.json` + `adapter_model.safetensors`.
 
-Key format (shared by save_pretrained, from_pretrained and the engine's update_adapter):
-`base_model.model.<parameter path inside the HF causal LM>`, as PEFT writes it. LoRA keys are exactly
-PEFT's (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`). ReFT keys live under the
-decoder layer they follow (`base_model.model.model.layers.3.preft_reft.interventions.shared.<param>`).
-LoReFT's orthogonal R is written materialised as `...rotate_layer.weight` (what an engine uses) next to
-its free parameter `...rotate_layer.raw`, from which a reload recomputes R with the same op on the same
-values, so a save/load round trip is bit-exact (and checked against the saved R).
+Key format: see keys.py (shared by save_pretrained, from_pretrained, checkpoints and the engine's add/update). LoRA
+keys are exactly PEFT's. A method's derived tensors (LoReFT's orthogonal R, `...rotate_layer.weight`) are written
+materialised next to the free parameter they come from (`...rotate_layer.raw`), so an engine can use them directly; a
+reload recomputes them with the same op on the same values, so a round trip is bit-exact (and checked against the file).
 
 The config carries `"prefill_only": true` and `"peft_type": "PREFT"`: PEFT itself refuses the
 directory instead of silently loading it as an all-token LoRA.
@@ -16,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,15 +23,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import PreftConfig
-from .layers import orthonormal_rows
+from .keys import KEY_PREFIX, lora_module_names, peft_lora_targets
+from .methods import METHOD_FIELDS, get_method, method_names
 
 if TYPE_CHECKING:
     from .model import PreftModel
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
 _BASE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+# adapter_config.json names of PreftConfig fields (PEFT's spelling where PEFT has the field)
+_FILE_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 
 def adapter_state_dict(model: PreftModel) -> dict[str, torch.Tensor]:
@@ -51,10 +49,10 @@ def adapter_state_dict(model: PreftModel) -> dict[str, torch.Tensor]:
     state = {}
     for name, param in model.adapter_named_parameters():
         state[KEY_PREFIX + name] = param.detach().contiguous()
-    if model.preft_config.method == "loreft":
-        for name, module in model.adapter_named_modules():
-            if name.endswith(".rotate_layer"):
-                state[f"{KEY_PREFIX}{name}.weight"] = module.weight.detach().contiguous()
+    for derived, (source, compute) in model.preft_config.method_spec.derived_tensors().items():
+        for key in [k for k in state if k.endswith("." + source)]:
+            with torch.no_grad():
+                state[key[: -len(source)] + derived] = compute(state[key]).detach().contiguous()
     return state
 
 
@@ -67,10 +65,10 @@ def _zero3_partitioned(param: torch.Tensor) -> bool:
 def load_adapter_state_dict(model: PreftModel, state: dict[str, torch.Tensor], source: str = "the given state dict") -> None:
     """Copy file-format tensors into `model`'s adapter after checking all of them (a refused state changes nothing)."""
     expected = {KEY_PREFIX + name: p for name, p in model.adapter_named_parameters()}
-    _copy(expected, check_adapter_state(expected, state, source))
+    _copy(expected, check_adapter_state(expected, state, source, model.preft_config))
 
 
-def load_into_modules(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], source: str) -> None:
+def load_into_modules(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], source: str, config: PreftConfig) -> None:
     """Like load_adapter_state_dict, for adapter modules not yet attached: {name inside the base model: module}."""
     from .model import _is_adapter_name
 
@@ -80,18 +78,26 @@ def load_into_modules(modules: dict[str, nn.Module], state: dict[str, torch.Tens
         for name, p in module.named_parameters()
         if _is_adapter_name(f"{prefix}.{name}")
     }
-    _copy(expected, check_adapter_state(expected, state, source))
+    _copy(expected, check_adapter_state(expected, state, source, config))
 
 
-def check_adapter_state(expected: dict[str, torch.Tensor], state: Any, source: str) -> dict[str, torch.Tensor]:
+def check_adapter_state(expected: dict[str, torch.Tensor], state: Any, source: str,
+                        config: PreftConfig | None = None) -> dict[str, torch.Tensor]:
     """The tensors of `state` for the `expected` parameters, after checking names, types, shapes, finite values
-    and (LoReFT) that each saved rotation equals the one recomputed from its free parameter. Changes nothing."""
+    and that each derived tensor (LoReFT's R) equals the one recomputed from its parameter (those of `config`'s
+    method; without a config, of any registered method). Changes nothing."""
     if not isinstance(state, dict):
         raise TypeError(f"adapter tensors from {source} must be a dict of tensors, got {type(state).__name__}")
-    rotations = {k: v for k, v in state.items() if k.endswith(".rotate_layer.weight")}
-    given = {k: v for k, v in state.items() if k not in rotations}
+    methods = [config.method_spec] if config is not None else [get_method(name) for name in method_names()]
+    derivations = {suffix: rule for method in methods for suffix, rule in method.derived_tensors().items()}
+    derived = {}  # file key -> (parameter key, function)
+    for key in state:
+        for suffix, (source_suffix, compute) in derivations.items():
+            if key.endswith("." + suffix):
+                derived[key] = (key[: -len(suffix)] + source_suffix, compute)
+    given = {k: v for k, v in state.items() if k not in derived}
     missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected)) + sorted(k for k in rotations if k[: -len("weight")] + "raw" not in expected)
+    unexpected = sorted(set(given) - set(expected)) + sorted(k for k, (param_key, _) in derived.items() if param_key not in expected)
     if missing or unexpected:
         raise ValueError(
             f"adapter tensors in {source} do not match this model's adapter: "
@@ -117,18 +123,19 @@ def check_adapter_state(expected: dict[str, torch.Tensor], state: Any, source: s
             f"adapter tensor {non_finite[0]} has non-finite values (NaN or inf) in {source} ({len(non_finite)} such tensors); "
             "the adapter is broken (e.g. training diverged): use an earlier checkpoint or retrain"
         )
-    for key, saved in rotations.items():
-        raw_key = key[: -len("weight")] + "raw"
-        recomputed = orthonormal_rows(given[raw_key].detach().to("cpu", torch.float32))
+    for key, (param_key, compute) in derived.items():
+        with torch.no_grad():
+            recomputed = compute(given[param_key].detach().to("cpu", torch.float32))
+        saved = state[key]
         if saved.shape != recomputed.shape:
             raise ValueError(
-                f"saved rotation {key} in {source} has shape {tuple(saved.shape)} but {raw_key} gives "
+                f"saved {key} in {source} has shape {tuple(saved.shape)} but {param_key} gives "
                 f"{tuple(recomputed.shape)}; the adapter file is inconsistent"
             )
         saved = saved.detach().to("cpu", torch.float32)
         if not torch.allclose(saved, recomputed, atol=1e-5, rtol=1e-5):
             raise ValueError(
-                f"saved rotation {key} in {source} does not match the one recomputed from {raw_key} "
+                f"saved {key} in {source} does not match the one recomputed from {param_key} "
                 f"(max diff {(saved - recomputed).abs().max().item():.3g}); the adapter file is inconsistent"
             )
     return given
@@ -162,13 +169,8 @@ def save_adapter(model: PreftModel, save_directory: str | os.PathLike) -> None:
         "adapter_scope": cfg.adapter_scope,
         "method": cfg.method,
         "r": cfg.r,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": cfg.target_modules if cfg.is_lora else None,
-        "layers": cfg.layers if not cfg.is_lora else None,
-        "positions": cfg.positions,
-        "share_first_last": cfg.share_first_last,
-        "init_scale": cfg.init_scale,
+        # the fields this method reads; the others are written as null
+        **{_FILE_NAMES.get(f, f): (getattr(cfg, f) if f in cfg.method_spec.fields else None) for f in METHOD_FIELDS},
         "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
         "base_model_config": {field: getattr(base_config, field, None) for field in _BASE_FIELDS},
         "preft_rl_version": _version(),
@@ -216,18 +218,14 @@ def read_adapter_config(
                 f"{path}: \"prefill_only\": {raw.get('prefill_only')!r} contradicts \"adapter_scope\": {scope!r}; "
                 "the file was edited by hand or is corrupt: save the adapter again with PreftModel.save_pretrained"
             )
-        return PreftConfig(
-            adapter_scope=scope,
-            method=raw.get("method"),
-            r=raw.get("r"),
-            alpha=raw.get("lora_alpha"),
-            dropout=raw.get("lora_dropout", 0.0),
-            target_modules=raw.get("target_modules") or "all-linear",
-            layers=raw.get("layers") or "all",
-            positions=raw.get("positions", "all"),
-            share_first_last=raw.get("share_first_last", True),
-            init_scale=raw.get("init_scale"),
-        )
+        method = raw.get("method")
+        try:
+            spec = get_method(method)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        # only the fields this method reads (files of older versions wrote every field)
+        fields = {f: raw[_FILE_NAMES.get(f, f)] for f in spec.fields if raw.get(_FILE_NAMES.get(f, f)) is not None}
+        return PreftConfig(adapter_scope=scope, method=method, r=raw.get("r"), **fields)
     if raw.get("peft_type") != "LORA":
         raise ValueError(
             f"{path} is not a prefill-only adapter (no \"prefill_only\": true) and not a PEFT LoRA "
@@ -265,50 +263,6 @@ _UNSUPPORTED_PEFT_OPTIONS = (
     "lora_bias", "use_qalora", "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
     "layer_replication", "fan_in_fan_out", "megatron_config", "arrow_config",
 )
-
-
-def peft_lora_targets(target_modules: Any, exclude_modules: Any, module_names: Iterable[str]) -> str | list[str]:
-    """The modules PEFT adapts for these LoraConfig fields, by PEFT's rule: a str is a regex that must match a
-    whole module path; a list entry matches a path equal to it or ending in '.' + entry (so 'q_proj',
-    'self_attn.q_proj' and 'model.layers.0.self_attn.q_proj' all name layer 0's q_proj); `exclude_modules`
-    (same rule) removes modules. A plain list or "all-linear" is returned as is (PreftModel matches a list by
-    the same rule); a regex or an exclusion is resolved against `module_names` into the paths it selects.
-
-    >>> names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"]
-    >>> peft_lora_targets(["q_proj"], None, names)
-    ['q_proj']
-    >>> peft_lora_targets(["q_proj", "v_proj"], ["model.layers.1.self_attn.q_proj"], names)
-    ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']
-    >>> peft_lora_targets(r".*\\.layers\\.0\\..*", ["v_proj"], names)
-    ['model.layers.0.self_attn.q_proj']
-    """
-    if isinstance(target_modules, str) and target_modules.lower() == "all-linear" and not exclude_modules:
-        return "all-linear"  # PreftConfig's spelling of the same set
-    if isinstance(target_modules, (list, tuple)) and not exclude_modules and all(isinstance(t, str) and t for t in target_modules):
-        return list(target_modules)  # PreftModel matches a list by the same rule (and an engine can check it by name)
-    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
-        raise ValueError(
-            f"PEFT target_modules='all-linear' with exclude_modules={exclude_modules!r} cannot be resolved here; "
-            "list the target modules in adapter_config.json instead (PEFT's save_pretrained writes that list)"
-        )
-    for field, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
-        if value is not None and not isinstance(value, (str, list, tuple)):
-            raise ValueError(f"PEFT {field}={value!r} must be a regex string or a list of module names")
-    return [name for name in module_names if _peft_match(target_modules, name) and not _peft_match(exclude_modules, name)]
-
-
-def _peft_match(spec: str | list[str] | None, name: str) -> bool:
-    if not spec:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
-
-
-def lora_module_names(keys: Iterable[str]) -> list[str]:
-    """The full paths of the modules that file keys hold LoRA tensors for (in order, once each)."""
-    names = (k[len(KEY_PREFIX):].split(".lora_")[0] for k in keys if k.startswith(KEY_PREFIX) and ".lora_" in k)
-    return list(dict.fromkeys(names))
 
 
 def _weight_keys(path: Path) -> list[str]:

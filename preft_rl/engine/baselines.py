@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from preft_rl.adapters.config import PreftConfig
+from preft_rl.adapters.methods.lora import LoraMethod
 
 from .common import Prompt, VllmEngineBase, adapter_source, check_batch, model_settings, prompt_token_ids
 
@@ -60,7 +61,7 @@ class NativeLoraEngine(VllmEngineBase):
         from vllm.lora.request import LoRARequest
 
         state, config = adapter_source(source, config, load_peft_lora_as_prefill_only=True)
-        if not config.is_lora:
+        if not isinstance(config.method_spec, LoraMethod):  # vLLM's own LoRA computes exactly that method
             raise ValueError(f"vLLM's native LoRA serves LoRA adapters only, not {config.method!r}")
         if config.r > self.max_rank:
             raise ValueError(f"adapter {name!r} has rank {config.r} but the engine was started with max_rank={self.max_rank}")

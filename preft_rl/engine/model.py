@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from preft_rl.kernels import AdapterTokenMetadata, apply_direft, apply_lora, apply_loreft
+from preft_rl.adapters.methods import get_method, method_names
+from preft_rl.kernels import AdapterTokenMetadata
 
 from . import vllm_compat
-from .registry import LORA_TARGETS, ROW_PARALLEL, AdapterRegistry
+from .registry import AdapterRegistry, ModelShape
 
 EXTRA_ARGS_KEY = "preft_adapter"  # sampling_params.extra_args[...] = {"name": ..., "version": ...}
 
@@ -87,18 +88,18 @@ class StepSelection:
             acts = slot >= 0
         else:
             acts = (slot >= 0) & (position < prompt_len)
-        acts_last = None  # ReFT adapters with separate first/last interventions: the second pass
-        if registry.method != "lora":
-            safe = np.maximum(slot, 0)
-            split = registry.split[safe] & (slot >= 0)
-            if prompt_only:  # ReFT positions: the first N / last M prompt tokens
-                in_first, in_last = position < registry.first_n[safe], position >= prompt_len - registry.last_m[safe]
-                acts_last = acts & split & in_last
-                acts &= in_first | (in_last & ~split)
-            else:  # every token is in both ranges
-                acts_last = acts & split
-            if not acts_last.any():
-                acts_last = None
+        # Position windows (ReFT's 'fN+lM'; every prompt token for an adapter without positions: first_n = NO_LIMIT) and
+        # the second pass of adapters that use the method's extended set (separate 'last' interventions).
+        safe = np.maximum(slot, 0)
+        split = registry.split[safe] & (slot >= 0)
+        if prompt_only:  # the first N / last M prompt tokens
+            in_first, in_last = position < registry.first_n[safe], position >= prompt_len - registry.last_m[safe]
+            acts_last = acts & split & in_last
+            acts &= in_first | (in_last & ~split)
+        else:  # every token is in both ranges
+            acts_last = acts & split
+        if not acts_last.any():
+            acts_last = None
         if not acts.any() and acts_last is None:
             return None
         size = max(num_tokens or 0, len(slot))  # padded tokens: no adapter
@@ -188,7 +189,6 @@ class PreftRuntime:
 # opaque call (and a splitting op for piecewise graphs) that reads the step's selection when it runs,
 # instead of a Python branch that Dynamo would freeze at trace time.
 _RUNTIMES: dict[int, PreftRuntime] = {}
-_MODULES = tuple(LORA_TARGETS)
 
 
 def register_runtime(runtime: PreftRuntime | None, runtime_id: int) -> None:
@@ -198,43 +198,31 @@ def register_runtime(runtime: PreftRuntime | None, runtime_id: int) -> None:
         _RUNTIMES[runtime_id] = runtime
 
 
-def _apply_lora(x: torch.Tensor, out: torch.Tensor, runtime_id: int, layer: int, module_index: int) -> None:
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    from vllm.distributed import tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(tensor)
+
+
+def _apply_linear(x: torch.Tensor, out: torch.Tensor, runtime_id: int, layer: int, module_index: int) -> None:
     runtime = _RUNTIMES.get(runtime_id)
     selection = None if runtime is None else runtime.selection
     if selection is None:
         return
     runtime.adapter_calls += 1
     reg = runtime.registry
-    module_name = _MODULES[module_index]
-    _, slices = reg.shape.lora_io(module_name)
-    args = (
-        x,  # (T, d_in): this rank's input (a shard of it for row-parallel layers)
-        reg.tensors[f"{layer}.{module_name}.A"],  # (S, n_slices * R, d_in)
-        reg.tensors[f"{layer}.{module_name}.B"],  # (S, d_out_total, R)
-        reg.tensors["scaling"],  # (S,)
-        selection.metadata,
-    )
-    if reg.shape.tp_size > 1 and module_name in ROW_PARALLEL:
-        # The hook runs after vLLM's all-reduce of this layer's output, and this rank's input columns give a partial
-        # delta: sum the partial deltas over the ranks, then add the whole delta on every rank. Every rank has the
-        # same selection (the same batch), so all of them reach this all-reduce.
-        from vllm.distributed import tensor_model_parallel_all_reduce
-
-        partial = torch.zeros_like(out)
-        apply_lora(partial, *args, output_slices=slices)
-        out.add_(tensor_model_parallel_all_reduce(partial))
-        return
-    apply_lora(out, *args, output_slices=slices)  # (T, d_out_total), edited in place at adapted rows
+    module = reg.spec.engine_linear_modules(reg.shape)[module_index]
+    reg.spec.engine_apply_linear(x, out, reg.tensors, layer, module, selection.metadata, reg.shape, _all_reduce)
 
 
-def _apply_reft(hidden: torch.Tensor, residual: torch.Tensor, runtime_id: int, layer: int) -> None:
+def _apply_residual(hidden: torch.Tensor, residual: torch.Tensor, runtime_id: int, layer: int) -> None:
     runtime = _RUNTIMES.get(runtime_id)
     selection = None if runtime is None else runtime.selection
     if selection is None:
         return
     reg = runtime.registry
     if not reg.layer_mask[selection.active_slots, layer].any():
-        return  # no adapter of this step intervenes after this layer (the others hold exact zeros here)
+        return  # no adapter of this step acts after this layer (the others hold exact zeros here)
     runtime.adapter_calls += 1
     # The residual stream is hidden + residual. Fold it into `residual` and zero `hidden`: the next
     # layer's fused add then sees exactly the edited stream.
@@ -243,12 +231,7 @@ def _apply_reft(hidden: torch.Tensor, residual: torch.Tensor, runtime_id: int, l
     passes = [("", selection.metadata)]
     if selection.last_metadata is not None:
         passes.append(("last.", selection.last_metadata))
-    t = reg.tensors
-    for prefix, metadata in passes:  # in order: a token in both ranges gets 'first', then 'last'
-        if reg.method == "loreft":
-            apply_loreft(residual, t[prefix + "rotate"][layer], t[prefix + "source_w"][layer], t[prefix + "source_b"][layer], metadata)
-        else:
-            apply_direft(residual, t[prefix + "source_w"][layer], t[prefix + "source_b"][layer], t[prefix + "proj"][layer], metadata)
+    reg.spec.engine_apply_residual(residual, reg.tensors, layer, passes)
 
 
 def _register_ops() -> None:
@@ -256,50 +239,52 @@ def _register_ops() -> None:
 
     global _LIB
     _LIB = torch.library.Library("preft_rl", "FRAGMENT")
-    direct_register_custom_op("apply_lora", _apply_lora, mutates_args=["out"], fake_impl=lambda *a: None, target_lib=_LIB)
+    direct_register_custom_op("apply_linear", _apply_linear, mutates_args=["out"], fake_impl=lambda *a: None, target_lib=_LIB)
     direct_register_custom_op(
-        "apply_reft", _apply_reft, mutates_args=["hidden", "residual"], fake_impl=lambda *a: None, target_lib=_LIB
+        "apply_residual", _apply_residual, mutates_args=["hidden", "residual"], fake_impl=lambda *a: None, target_lib=_LIB
     )
 
 
 _LIB = None
 _register_ops()
-SPLITTING_OPS = ["preft_rl::apply_lora", "preft_rl::apply_reft"]
+SPLITTING_OPS = ["preft_rl::apply_linear", "preft_rl::apply_residual"]
 
 
-def _lora_hook(model: nn.Module, layer: int, module_index: int) -> Callable:
+def _linear_hook(model: nn.Module, layer: int, module_index: int) -> Callable:
     def hook(module: nn.Module, args: tuple, output):
         out = output[0] if isinstance(output, tuple) else output  # (T, d_out_total), edited in place
-        torch.ops.preft_rl.apply_lora(args[0], out, model.preft_runtime_id, layer, module_index)
+        torch.ops.preft_rl.apply_linear(args[0], out, model.preft_runtime_id, layer, module_index)
         return output
 
     return hook
 
 
-def _reft_hook(model: nn.Module, layer: int) -> Callable:
+def _residual_hook(model: nn.Module, layer: int) -> Callable:
     def hook(module: nn.Module, args: tuple, output):
         hidden, residual = output
-        torch.ops.preft_rl.apply_reft(hidden, residual, model.preft_runtime_id, layer)
+        torch.ops.preft_rl.apply_residual(hidden, residual, model.preft_runtime_id, layer)
         return hidden, residual
 
     return hook
 
 
 class AdapterHooks:
-    """The forward hooks that apply adapters (LoRA: after each target module; ReFT: after each decoder layer).
+    """The forward hooks that apply adapters (a 'linear'-site method such as LoRA: after each fused linear module it
+    names; a 'residual'-site method such as ReFT: after each decoder layer).
 
     Eager (vLLM's compilation mode NONE, e.g. enforce_eager): the hooks are attached only while a step applies an
     adapter, so a pure-decode step runs vLLM's modules exactly as plain vLLM does (no hook, no op call; measured as
     the whole of PreftEngine's decode overhead at small batch). Compiled: the graph is traced once with the hooks,
     so they stay attached, and each op returns at once on a step without a selection."""
 
-    def __init__(self, model: nn.Module, method: str, always: bool) -> None:
+    def __init__(self, model: nn.Module, method: str, always: bool, shape: Any) -> None:
+        spec = get_method(method)
+        linear_modules = spec.engine_linear_modules(shape)
         self.specs: list[tuple[nn.Module, Callable]] = []
         for i, layer in enumerate(model.model.layers):
-            if method == "lora":
-                self.specs += [(layer.get_submodule(name), _lora_hook(model, i, index)) for index, name in enumerate(_MODULES)]
-            else:
-                self.specs.append((layer, _reft_hook(model, i)))
+            self.specs += [(layer.get_submodule(name), _linear_hook(model, i, index)) for index, name in enumerate(linear_modules)]
+            if spec.site == "residual":
+                self.specs.append((layer, _residual_hook(model, i)))
         self.always = always
         self.handles: list[Any] = []
         if always:
@@ -342,7 +327,8 @@ def preft_model_class(base_cls: type, method: str) -> type:
         base_cls.__init__(self, vllm_config=vllm_config, prefix=prefix)
         self.preft_runtime = None  # attached by PreftEngine once vLLM is up
         self.preft_runtime_id = id(self)  # how the custom ops find the runtime (a constant under compile)
-        self.preft_hooks = AdapterHooks(self, method, always=vllm_config.compilation_config.mode != CompilationMode.NONE)
+        shape = ModelShape.from_hf_config(vllm_config.model_config.hf_config)  # only the fused module names are read
+        self.preft_hooks = AdapterHooks(self, method, vllm_config.compilation_config.mode != CompilationMode.NONE, shape)
 
     def forward(self, input_ids, positions, *args, **kwargs):
         runtime = self.preft_runtime
@@ -364,7 +350,6 @@ def preft_model_class(base_cls: type, method: str) -> type:
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-METHODS = ("lora", "loreft", "direft")
 
 
 def preft_architecture(arch: str, method: str) -> str:
@@ -373,13 +358,14 @@ def preft_architecture(arch: str, method: str) -> str:
 
 
 def register_preft_models() -> None:
-    """Register every PreFT model class with vLLM's model registry in this process. vLLM's registry is per process,
-    so this runs wherever the worker extension is imported: the caller, an engine-core process, every TP rank."""
+    """Register the PreFT model class of every architecture and registered adapter method with vLLM's model registry
+    in this process. vLLM's registry is per process, so this runs wherever the worker extension is imported (the
+    caller, an engine-core process, every TP rank), and again when an engine starts (a method registered since)."""
     from vllm import ModelRegistry
 
     for arch in SUPPORTED_ARCHITECTURES:
         base = ModelRegistry.models[arch].load_model_cls()
-        for method in METHODS:
+        for method in method_names():
             cls = preft_model_class(base, method)
             if cls.__name__ not in ModelRegistry.models:
                 ModelRegistry.register_model(cls.__name__, cls)

@@ -2,9 +2,10 @@
 
 Every adapter occupies one slot; all adapters of an engine share one method and are zero-padded to
 `max_rank` (zero rows/columns add exactly 0.0, so padding never changes a result). Capacity grows on
-demand by doubling, up to `max_adapters`. A ReFT adapter with separate first/last interventions
-(share_first_last=False) keeps its 'first' intervention in the main tensors and its 'last' one in a
-second set ("last.<name>"), allocated when the first such adapter arrives. Adapters arrive in the file format that
+demand by doubling, up to `max_adapters`. The tensors' layout, staging and writing belong to the method
+(`AdapterMethod.engine_*`, preft_rl/adapters/methods); this file keeps the method-free bookkeeping: slots,
+versions, validation order, per-slot position windows. A method may ask for an extended tensor set (ReFT's
+separate 'last' interventions, "last.<name>"), allocated when the first adapter that needs it arrives. Adapters arrive in the file format that
 `PreftModel.save_pretrained` writes (see preft_rl/adapters/serialization.py) and are validated fully
 (config, every expected tensor present, shapes, finite in the engine's dtype) before any slot is touched,
 so a refused adapter leaves the engine as it was.
@@ -16,27 +17,22 @@ again continues from the removed version instead of restarting at 1.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from preft_rl.adapters.config import PreftConfig
+from preft_rl.adapters.config import SCOPES, PreftConfig
+from preft_rl.adapters.methods import get_method
 
-# HF module name -> (vLLM module path inside a decoder layer, slice index in the fused output)
+# vLLM's fused linear module inside a decoder layer -> the HF modules it fuses, in output-slice order
 LORA_TARGETS = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "self_attn.o_proj": ("self_attn.o_proj",),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp.down_proj": ("mlp.down_proj",),
 }
-_LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])\.weight$")
-_REFT_KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.preft_reft\.interventions\.(\w+)\."
-    r"(rotate_layer\.weight|rotate_layer\.raw|learned_source\.weight|learned_source\.bias|proj_layer\.weight)$"
-)
 NO_LIMIT = np.iinfo(np.int64).max // 4
 
 
@@ -59,6 +55,16 @@ class ModelShape:
     head_dim: int = 0
     tp_rank: int = 0
     tp_size: int = 1
+
+    @property
+    def fused_linear(self) -> dict[str, tuple[str, ...]]:
+        """vLLM's fused linear modules of a decoder layer and the HF modules each fuses (in output-slice order)."""
+        return LORA_TARGETS
+
+    @property
+    def row_parallel(self) -> tuple[str, ...]:
+        """The fused modules whose input is sharded over TP ranks (vLLM all-reduces their output)."""
+        return ROW_PARALLEL
 
     @staticmethod
     def from_hf_config(config, tp_rank: int = 0, tp_size: int = 1) -> ModelShape:
@@ -111,22 +117,12 @@ class ModelShape:
             "mlp.down_proj": (self.intermediate // t, (self.hidden,)),
         }[vllm_module]
 
-    def shard(self, vllm_module: str, which: str, index: int, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a whole LoRA tensor: A (r, d_in) or B (d_out of slice `index`, r)."""
-        if self.tp_size == 1:
-            return tensor
-        d_in, slices = self.lora_io(vllm_module)
-        if which == "A":
-            if vllm_module not in ROW_PARALLEL:
-                return tensor  # column-parallel layers see the whole input
-            return tensor[:, self.tp_rank * d_in : (self.tp_rank + 1) * d_in]
-        if vllm_module in ROW_PARALLEL:
-            return tensor  # row-parallel layers produce the whole output (after the all-reduce)
+    def output_shard(self, vllm_module: str, index: int) -> tuple[int, int]:
+        """(first row, rows) of this rank's part of output slice `index` of a column-parallel fused module."""
         if vllm_module == "self_attn.qkv_proj" and index > 0:
-            start, rows = self._kv_shard()
-            return tensor[start : start + rows]
-        rows = slices[index]
-        return tensor[self.tp_rank * rows : (self.tp_rank + 1) * rows]
+            return self._kv_shard()
+        rows = self.lora_io(vllm_module)[1][index]
+        return self.tp_rank * rows, rows
 
 
 @dataclass
@@ -156,10 +152,13 @@ def unknown_adapter_message(name: str, registered: list[str]) -> str:
 
 class AdapterRegistry:
     def __init__(
-        self, method: str, shape: ModelShape, max_adapters: int, max_rank: int, dtype: torch.dtype, device: torch.device
+        self, method: str, shape: ModelShape, max_adapters: int, max_rank: int, dtype: torch.dtype, device: torch.device,
+        adapter_scope: str = "prompt",
     ) -> None:
-        if method not in ("lora", "loreft", "direft"):
-            raise ValueError(f"method={method!r}: use 'lora', 'loreft' or 'direft'")
+        self.spec = get_method(method)  # refuses an unknown method, naming the registered ones
+        if adapter_scope not in SCOPES:
+            raise ValueError(f"adapter_scope={adapter_scope!r}: use one of {SCOPES}")
+        self.adapter_scope = adapter_scope  # every adapter added must have this scope (the hooks apply one rule)
         if max_adapters < 1 or max_rank < 1:
             raise ValueError(f"max_adapters={max_adapters} and max_rank={max_rank} must both be >= 1")
         self.method, self.shape, self.max_adapters, self.max_rank = method, shape, max_adapters, max_rank
@@ -172,27 +171,13 @@ class AdapterRegistry:
         self.first_n = np.zeros(0, dtype=np.int64)
         self.last_m = np.zeros(0, dtype=np.int64)
         self.layer_mask = np.zeros((0, shape.num_layers), dtype=bool)
-        self.split = np.zeros(0, dtype=bool)  # ReFT: the slot has separate first/last interventions
-        self.has_last_set = False  # the "last.*" tensors exist
+        self.split = np.zeros(0, dtype=bool)  # the slot uses the method's extended set (ReFT: separate 'last')
+        self.has_last_set = False  # the method's extended tensors ("last.*") exist
         self._grow(min(8, max_adapters))
 
     # ------------------------------------------------------------------------------ sizes
     def _tensor_shapes(self, capacity: int) -> dict[str, tuple[int, ...]]:
-        R, s = self.max_rank, self.shape
-        shapes = {}
-        if self.method == "lora":
-            for layer in range(s.num_layers):
-                for module in LORA_TARGETS:
-                    d_in, slices = s.lora_io(module)
-                    shapes[f"{layer}.{module}.A"] = (capacity, len(slices) * R, d_in)
-                    shapes[f"{layer}.{module}.B"] = (capacity, sum(slices), R)
-            shapes["scaling"] = (capacity,)
-        else:
-            names = ("rotate", "source_w", "source_b") if self.method == "loreft" else ("source_w", "source_b", "proj")
-            for prefix in ("", "last.") if self.has_last_set else ("",):
-                for name in names:
-                    shapes[prefix + name] = (s.num_layers, capacity, R) if name == "source_b" else (s.num_layers, capacity, R, s.hidden)
-        return shapes
+        return self.spec.engine_tensor_shapes(self.shape, self.max_rank, capacity, self.has_last_set)
 
     def bytes_per_adapter(self) -> int:
         """Bytes of one slot (ReFT: doubles once an adapter with separate first/last interventions is added)."""
@@ -206,7 +191,7 @@ class AdapterRegistry:
             tensor = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if key in self.tensors:
                 old = self.tensors[key]
-                slot_dim = 1 if self.method != "lora" else 0
+                slot_dim = self.spec.engine_slot_dim
                 tensor.narrow(slot_dim, 0, old.shape[slot_dim]).copy_(old)
             new[key] = tensor
         self.tensors = new
@@ -278,23 +263,23 @@ class AdapterRegistry:
         PreftConfig(**dataclasses.asdict(config))  # fields may have been changed since construction: check again
         if config.method != self.method:
             raise ValueError(f"adapter {name!r} is {config.method!r} but this engine serves {self.method!r} adapters")
+        if config.adapter_scope != self.adapter_scope:
+            raise ValueError(
+                f"adapter {name!r} has adapter_scope={config.adapter_scope!r} but this engine applies adapters with "
+                f"adapter_scope={self.adapter_scope!r}; serve it from an engine started with adapter_scope={config.adapter_scope!r}"
+            )
         if config.r > self.max_rank:
             raise ValueError(
                 f"adapter {name!r} has rank {config.r} but the engine was started with max_rank={self.max_rank}; "
                 f"start it with max_rank>={config.r}"
             )
-        if config.is_lora and not torch.isfinite(torch.tensor(config.scaling, dtype=self.dtype)):
-            raise ValueError(
-                f"adapter {name!r}: LoRA scaling alpha / r = {config.scaling} is not finite in {self.dtype} "
-                f"(alpha={config.alpha}, r={config.r}); use a finite alpha such as alpha={2 * config.r}"
-            )
+        self.spec.engine_check_config(name, config, self.dtype)
         check_is_state(name, state)
-        stage = self._stage_lora if config.is_lora else self._stage_reft
-        staged, keys = stage(name, state, config)
+        staged, keys = self.spec.engine_stage(name, state, config, self.shape, lambda key, t, want: self._check(name, key, t, want))
         if expected is None:
-            expected = self._expected_keys(config)
-        if expected is None:  # LoRA on modules the config cannot name here: at least every A needs its B
-            expected = frozenset(k[: -len("A.weight")] + ab + ".weight" for k in keys for ab in "AB")
+            expected = self.spec.engine_expected_keys(config, self.shape)
+        if expected is None:  # the config alone cannot say (e.g. LoRA on module names this engine does not know)
+            expected = keys
         missing, extra = sorted(expected - keys), sorted(keys - expected)
         if missing:
             raise ValueError(
@@ -307,28 +292,6 @@ class AdapterRegistry:
                 "its config (target_modules, layers, positions) does not describe them"
             )
         return staged, keys
-
-    def _expected_keys(self, config: PreftConfig) -> frozenset[str] | None:
-        """The file keys `config` describes on this model; None where the config alone cannot say."""
-        layers = range(self.shape.num_layers)
-        if config.is_lora:
-            # Every (layer, module) by its full name in the HF model, matched as PreftModel matches target_modules:
-            # short names ('q_proj', 'self_attn.q_proj') and PEFT's full paths ('model.layers.0.mlp.down_proj') alike.
-            full = {(i, m): f"model.layers.{i}.{m}" for i in layers for hfs in LORA_TARGETS.values() for m in hfs}
-            if config.target_modules != "all-linear":
-                hit = lambda name, t: name == t or name.endswith("." + t)  # noqa: E731 - PreftModel's matching rule
-                if not all(any(hit(name, t) for name in full.values()) for t in config.target_modules):
-                    return None  # a name this engine does not know: the tensors alone define the adapter
-                full = {key: name for key, name in full.items() if any(hit(name, t) for t in config.target_modules)}
-            return frozenset(f"base_model.model.model.layers.{i}.{m}.lora_{ab}.weight" for (i, m) in full for ab in "AB")
-        if config.layers != "all":
-            layers = config.layers
-        parts = ("rotate_layer.weight", "learned_source.weight", "learned_source.bias") if self.method == "loreft" else (
-            "learned_source.weight", "learned_source.bias", "proj_layer.weight")
-        return frozenset(
-            f"base_model.model.model.layers.{i}.preft_reft.interventions.{group}.{part}"
-            for i in layers for group in config.intervention_groups for part in parts
-        )
 
     def _check(self, name: str, key: str, tensor: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
         check_is_tensor(name, key, tensor)
@@ -346,83 +309,20 @@ class AdapterRegistry:
             )
         return tensor
 
-    def _stage_lora(self, name: str, state: dict[str, torch.Tensor], config: PreftConfig) -> tuple[dict, frozenset[str]]:
-        r, s = config.r, self.shape
-        hf_to_vllm = {hf: (vm, i) for vm, hfs in LORA_TARGETS.items() for i, hf in enumerate(hfs)}
-        staged: dict[str, torch.Tensor] = {}
-        for key, tensor in state.items():
-            match = _LORA_KEY.match(key)
-            if not match or int(match.group(1)) >= s.num_layers or match.group(2) not in hf_to_vllm:
-                raise ValueError(f"adapter {name!r}: unexpected tensor {key!r} for a LoRA adapter on this {s.num_layers}-layer model")
-            layer, hf_module, which = int(match.group(1)), match.group(2), match.group(3)
-            vllm_module, index = hf_to_vllm[hf_module]
-            d_in, slices = s.lora_io_full(vllm_module)
-            want = (r, d_in) if which == "A" else (slices[index], r)
-            checked = self._check(name, key, tensor, want)
-            staged[f"{layer}.{vllm_module}.{which}.{index}"] = s.shard(vllm_module, which, index, checked)
-        if not staged:
-            raise ValueError(f"adapter {name!r}: no LoRA tensors found (keys like base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight)")
-        return staged, frozenset(state)
-
-    def _stage_reft(self, name: str, state: dict[str, torch.Tensor], config: PreftConfig) -> tuple[dict, frozenset[str]]:
-        r, s = config.r, self.shape
-        wanted = {"learned_source.weight": (r, s.hidden), "learned_source.bias": (r,)}
-        wanted.update({"rotate_layer.weight": (r, s.hidden)} if self.method == "loreft" else {"proj_layer.weight": (r, s.hidden)})
-        groups = config.intervention_groups  # ("shared",) or ("first", "last")
-        staged: dict[str, torch.Tensor] = {}
-        for key, tensor in state.items():
-            match = _REFT_KEY.match(key)
-            if not match or int(match.group(1)) >= s.num_layers or match.group(2) not in groups:
-                raise ValueError(
-                    f"adapter {name!r}: unexpected tensor {key!r} for a {self.method} adapter with interventions "
-                    f"{list(groups)} on this {s.num_layers}-layer model"
-                )
-            if match.group(3) == "rotate_layer.raw":
-                continue  # the free parameter of R; the engine uses the materialised R
-            if match.group(3) not in wanted:
-                raise ValueError(f"adapter {name!r}: tensor {key!r} does not belong to a {self.method} adapter")
-            staged[f"{match.group(2)}.{match.group(1)}.{match.group(3)}"] = self._check(name, key, tensor, wanted[match.group(3)])
-        if not staged:
-            raise ValueError(f"adapter {name!r}: no {self.method} tensors found")
-        return staged, frozenset(k for k in state if not k.endswith(".rotate_layer.raw"))
-
     # --------------------------------------------------------------------------- writing
     def _write(self, slot: int, staged: dict | None, config: PreftConfig) -> None:
         """Zero the slot, then copy the staged tensors in (None: leave it zero)."""
-        R = self.max_rank
+        extended = staged is not None and self.spec.engine_extended(config)
+        if extended and not self.has_last_set:
+            self.has_last_set = True
+            self._grow(self.capacity)  # same capacity: adds the method's zero extended tensors
         with torch.no_grad():
-            if self.method == "lora":
-                for key, tensor in self.tensors.items():
-                    if key != "scaling":
-                        tensor[slot].zero_()
-                self.tensors["scaling"][slot] = 0.0 if staged is None else config.scaling
-                for key, value in (staged or {}).items():
-                    layer, group, module, which, index = key.split(".")
-                    target = self.tensors[f"{layer}.{group}.{module}.{which}"][slot]
-                    i, r = int(index), value.shape[0] if which == "A" else value.shape[1]
-                    if which == "A":  # (n_slices * R, d_in): slice i occupies rows i*R : i*R + r
-                        target[i * R : i * R + r].copy_(value)
-                    else:  # (d_out_total, R): slice i occupies its output rows, first r columns
-                        _, slices = self.shape.lora_io(f"{group}.{module}")
-                        lo = sum(slices[:i])
-                        target[lo : lo + slices[i], :r].copy_(value)
-                self.layer_mask[slot] = staged is not None
-            else:
-                split = staged is not None and "last" in config.intervention_groups
-                if split and not self.has_last_set:
-                    self.has_last_set = True
-                    self._grow(self.capacity)  # same capacity: adds the zero "last.*" tensors
-                for tensor in self.tensors.values():
-                    tensor[:, slot].zero_()
-                names = {"rotate_layer.weight": "rotate", "learned_source.weight": "source_w",
-                         "learned_source.bias": "source_b", "proj_layer.weight": "proj"}
-                self.layer_mask[slot] = False
-                self.split[slot] = split
-                for key, value in (staged or {}).items():
-                    group, layer, part = key.split(".", 2)
-                    prefix = "last." if group == "last" else ""  # 'shared' and 'first' live in the main set
-                    self.tensors[prefix + names[part]][int(layer), slot, : value.shape[0]].copy_(value)
-                    self.layer_mask[slot, int(layer)] = True
+            for tensor in self.tensors.values():
+                tensor.select(self.spec.engine_slot_dim, slot).zero_()
+            self.layer_mask[slot] = False
+            if staged is not None:
+                self.layer_mask[slot] = self.spec.engine_write(self.tensors, slot, staged, config, self.shape, self.max_rank)
+        self.split[slot] = extended
         first_last = config.first_last
         self.first_n[slot] = NO_LIMIT if first_last is None else first_last[0]
         self.last_m[slot] = 0 if first_last is None else first_last[1]

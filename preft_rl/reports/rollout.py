@@ -26,6 +26,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -61,9 +62,11 @@ class RolloutBenchConfig:
             self.max_num_seqs = max(self.prompts)
         if not self.adapters or min(self.adapters) < 1:
             raise ValueError(f"--adapters {self.adapters}: give positive counts, e.g. 1,8,64")
-        unknown = set(self.methods) - {"lora", "loreft", "direft"}
+        from preft_rl.adapters.methods import method_names
+
+        unknown = set(self.methods) - set(method_names())
         if unknown:
-            raise ValueError(f"--methods {sorted(unknown)}: use lora, loreft or direft")
+            raise ValueError(f"--methods {sorted(unknown)}: use some of {method_names()}")
         if self.repeats < 1 or self.prompt_len < 1 or self.gen_len < 1 or self.max_num_seqs < 1:
             raise ValueError("--repeats, --prompt-len, --gen-len and --max-num-seqs must be >= 1")
 
@@ -83,43 +86,30 @@ class Measurement:
     decode_tokens: int = 0  # tokens computed in pure-decode steps
 
 
-def random_adapter_state(method: str, shape, rank: int, seed: int) -> dict[str, torch.Tensor]:
-    """A random adapter in the file format (small values: outputs stay finite and plausible)."""
-    from preft_rl.engine.registry import LORA_TARGETS
+def random_adapter_states(model_path: str, config, seeds: Iterable[int]) -> Iterator[dict[str, torch.Tensor]]:
+    """Random adapters of `config` on the model at `model_path`, one per seed, in the file format, made one at a time
+    (512 full-size LoRAs would not fit in memory together). Every adapter parameter is drawn N(0, 0.02^2): outputs
+    stay finite and plausible; LoReFT's R stays orthonormal (it is computed from its free parameter)."""
+    from transformers import AutoModelForCausalLM
 
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *s: torch.randn(*s, generator=gen) * 0.02  # noqa: E731
-    state = {}
-    for layer in range(shape.num_layers):
-        prefix = f"base_model.model.model.layers.{layer}"
-        if method == "lora":
-            for vllm_module, hf_modules in LORA_TARGETS.items():
-                d_in, slices = shape.lora_io(vllm_module)
-                for hf, d_out in zip(hf_modules, slices):
-                    state[f"{prefix}.{hf}.lora_A.weight"] = rand(rank, d_in)
-                    state[f"{prefix}.{hf}.lora_B.weight"] = rand(d_out, rank)
-        else:
-            base = f"{prefix}.preft_reft.interventions.shared"
-            state[f"{base}.learned_source.weight"] = rand(rank, shape.hidden)
-            state[f"{base}.learned_source.bias"] = rand(rank)
-            if method == "loreft":
-                state[f"{base}.rotate_layer.weight"] = torch.linalg.qr(torch.randn(shape.hidden, rank, generator=gen)).Q.T.contiguous()
-            else:
-                state[f"{base}.proj_layer.weight"] = rand(rank, shape.hidden)
-    return state
+    from preft_rl.adapters import get_preft_model
+
+    model = get_preft_model(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), config)
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, param in model.adapter_named_parameters():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+        yield {key: tensor.clone() for key, tensor in model.adapter_state_dict().items()}
 
 
 def _engines(cfg: RolloutBenchConfig, settings: dict[str, Any]) -> dict[str, Any]:
-    from transformers import AutoConfig
-
     from preft_rl.adapters.config import PreftConfig
     from preft_rl.engine import PreftEngine
     from preft_rl.engine.baselines import BaseEngine, NativeLoraEngine
-    from preft_rl.engine.registry import ModelShape
     from preft_rl.models import resolve_model
 
     path = resolve_model(cfg.model)
-    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(path))
     most = max(cfg.adapters)
     engines: dict[str, Any] = {"base": BaseEngine(path, **settings)}
     scopes = {"preft": "prompt", **({"all": "all"} if cfg.ours_all_token else {})}
@@ -127,14 +117,14 @@ def _engines(cfg: RolloutBenchConfig, settings: dict[str, Any]) -> dict[str, Any
         for label, scope in scopes.items():
             engine = PreftEngine(path, max_adapters=most, max_rank=cfg.rank, method=method, adapter_scope=scope, **settings)
             config = PreftConfig(method=method, r=cfg.rank, adapter_scope=scope)
-            for i in range(most):
-                engine.add_adapter(f"a{i}", random_adapter_state(method, shape, cfg.rank, cfg.seed + i), config=config)
+            for i, state in enumerate(random_adapter_states(path, config, range(cfg.seed, cfg.seed + most))):
+                engine.add_adapter(f"a{i}", state, config=config)
             engines[f"{label}-{method}"] = engine
     if cfg.all_token:
         native = NativeLoraEngine(path, max_adapters=most, max_rank=cfg.rank, **settings)
-        for i in range(most):
-            state = random_adapter_state("lora", shape, cfg.rank, cfg.seed + i)
-            native.add_adapter(f"a{i}", state, config=PreftConfig(method="lora", r=cfg.rank))
+        config = PreftConfig(method="lora", r=cfg.rank)
+        for i, state in enumerate(random_adapter_states(path, config, range(cfg.seed, cfg.seed + most))):
+            native.add_adapter(f"a{i}", state, config=config)
         engines["lora-all-token"] = native
     return engines
 

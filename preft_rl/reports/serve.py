@@ -123,17 +123,15 @@ def _free_port() -> int:
 
 def _adapter_dirs(cfg: ServeBenchConfig, path: str, root: Path) -> dict[str, list[Path]]:
     """K random LoRA adapters, written three ways: PreFT files, the same with adapter_scope='all', and PEFT LoRA."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from preft_rl.adapters import PreftConfig, PreftModel
     from preft_rl.adapters.serialization import load_adapter_state_dict
     from preft_rl.engine.baselines import write_peft_lora
-    from preft_rl.engine.registry import ModelShape
 
-    from .rollout import random_adapter_state
+    from .rollout import random_adapter_states
 
-    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(path))
-    states = [random_adapter_state("lora", shape, cfg.rank, cfg.seed + i) for i in range(cfg.adapters)]
+    states = list(random_adapter_states(path, PreftConfig(method="lora", r=cfg.rank), range(cfg.seed, cfg.seed + cfg.adapters)))
     dirs: dict[str, list[Path]] = {"prompt": [], "all": [], "peft": []}
     for scope in ("prompt", "all"):
         config = PreftConfig(method="lora", r=cfg.rank, adapter_scope=scope)

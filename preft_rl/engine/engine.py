@@ -36,7 +36,7 @@ from preft_rl.adapters.config import PreftConfig
 
 from . import vllm_compat
 from .common import Prompt, VllmEngineBase, adapter_source, check_batch, default_vllm_settings, model_settings, prompt_token_ids
-from .model import SPLITTING_OPS, SUPPORTED_ARCHITECTURES, NonFiniteActivations, preft_architecture
+from .model import SPLITTING_OPS, SUPPORTED_ARCHITECTURES, NonFiniteActivations, preft_architecture, register_preft_models
 from .registry import AdapterEntry, AdapterRegistry, ModelShape, unknown_adapter_message
 from .worker import entry_from_dict, pack_state
 
@@ -88,7 +88,10 @@ class PreftEngine(VllmEngineBase):
         if not settings["enforce_eager"]:
             vllm_compat.add_splitting_ops(SPLITTING_OPS)  # adapter ops stay opaque, outside captured graphs
 
-        model_class = preft_architecture(arch, method)  # registered by importing the worker extension (in every process)
+        # Registered by importing the worker extension (in every process); again here for a method registered since
+        # (in-process engines: a user's own AdapterMethod).
+        register_preft_models()
+        model_class = preft_architecture(arch, method)
         settings["hf_overrides"] = {**overrides, "architectures": [model_class]}
         if tp > 1:
             settings.setdefault("distributed_executor_backend", "mp")  # one worker process per rank

@@ -94,7 +94,8 @@ class PreftWorkerExtension:
             raise RuntimeError(f"vLLM built {type(model).__name__}, not {model_class}; the adapter hooks are missing")
         param = next(model.parameters())
         shape = ModelShape.from_hf_config(vllm_compat.runner_hf_config(runner), *vllm_compat.tp_rank_and_size())
-        registry = AdapterRegistry(method, shape, max_adapters, max_rank, param.dtype, param.device)
+        registry = AdapterRegistry(method, shape, max_adapters, max_rank, param.dtype, param.device,
+                                   adapter_scope="prompt" if prompt_only else "all")
         runtime = PreftRuntime(registry=registry, runner=runner, prompt_only=prompt_only)
         model.preft_runtime = runtime
         register_runtime(runtime, model.preft_runtime_id)

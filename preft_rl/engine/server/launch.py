@@ -21,6 +21,8 @@ import sys
 from importlib.metadata import entry_points
 from typing import Any
 
+from preft_rl.adapters.methods import method_names
+
 from .adapters import NAME_PATTERN, AdapterError, ServeSettings, read_adapter
 from .plugins import ENDPOINT_PLUGIN, GENERAL_PLUGIN, LOAD_ROUTE, SETTINGS_ENV, UNLOAD_ROUTE
 
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="base model: a hub id, a local directory or an offline name")
     parser.add_argument("--adapters", nargs="*", default=[], metavar="NAME=DIR",
                         help="adapters to load at start-up; a request selects one with \"model\": NAME")
-    parser.add_argument("--method", choices=["lora", "loreft", "direft"], default="lora",
+    parser.add_argument("--method", choices=method_names(), default="lora",
                         help="the adapters' method; one per server (default: %(default)s)")
     parser.add_argument("--max-adapters", type=int, default=64, help="adapter slots (default: %(default)s)")
     parser.add_argument("--max-rank", type=int, default=16, help="largest adapter rank (default: %(default)s)")

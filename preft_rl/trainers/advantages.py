@@ -18,6 +18,7 @@ A new estimator is one function: `@register_advantage("name")` and `PreftGRPOCon
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -120,5 +121,5 @@ def reinforce_pp_estimator(rewards: torch.Tensor, num_generations: int, scale_re
     [0.5477, -0.5477, 1.0953, -1.0953]
     """
     _grouped(rewards, num_generations, scale_rewards)
-    return torch.nan_to_num(whiten_batch(group_advantages(rewards, num_generations, "none").masked_fill(rewards.isnan(), torch.nan)),
-                            nan=0.0)
+    centred = group_advantages(rewards, num_generations, "none").masked_fill(rewards.isnan(), math.nan)  # (B,)
+    return torch.nan_to_num(whiten_batch(centred), nan=0.0)

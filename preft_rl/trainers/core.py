@@ -298,7 +298,8 @@ class PreftRLTrainer:
         if args.engine_sleep:
             self.engine.sleep()
         completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
-        completion_logps = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs or [], ids)] for o, ids in zip(outputs, completion_ids)]
+        completion_logps = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs or [], ids)]
+                            for o, ids in zip(outputs, completion_ids)]
         texts = [o.outputs[0].text for o in outputs]
         return Samples(list(prompts), prompt_ids, completion_ids, completion_logps, completion_messages(prompts, texts))
 

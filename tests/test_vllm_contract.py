@@ -242,7 +242,9 @@ def test_compilation_mode_and_tp_helpers(engines):
     from vllm.config.compilation import CompilationMode
 
     engine = engines("lora")  # an eager, in-process engine: this process is its only tensor-parallel rank
-    assert vllm_compat.compilation_is_eager(engine.llm.llm_engine.vllm_config)
+    config = engine.llm.llm_engine.vllm_config
+    assert vllm_compat.compilation_is_eager(config)
+    assert vllm_compat.vllm_config_hf_config(config) is vllm_compat.runner_hf_config(engine._runner)
     compiled = types.SimpleNamespace(compilation_config=types.SimpleNamespace(mode=CompilationMode.VLLM_COMPILE))
     assert not vllm_compat.compilation_is_eager(compiled)
     assert vllm_compat.tp_rank_and_size() == (0, 1)

@@ -287,7 +287,13 @@ def runner_model(runner: Any) -> Any:
 
 
 def runner_hf_config(runner: Any) -> Any:
+    """The Hugging Face config of the model a runner serves."""
     return runner.model_config.hf_config
+
+
+def vllm_config_hf_config(vllm_config: Any) -> Any:
+    """The Hugging Face config inside a VllmConfig (what a model class's __init__ receives)."""
+    return vllm_config.model_config.hf_config
 
 
 def tp_rank_and_size() -> tuple[int, int]:
@@ -439,6 +445,10 @@ SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm.distributed.parallel_state:destroy_model_parallel", _C + "destroy_distributed_state"),
     VllmItem("vllm.distributed.parallel_state:destroy_distributed_environment", _C + "destroy_distributed_state"),
     VllmItem("vllm.config.compilation:CompilationMode.NONE", _C + "compilation_is_eager", "attribute"),
+    VllmItem("vllm.config.compilation:CompilationConfig.mode", _C + "compilation_is_eager", "attribute"),
+    VllmItem("vllm.config:VllmConfig.compilation_config", _C + "compilation_is_eager", "attribute"),
+    VllmItem("vllm.config:VllmConfig.model_config", _C + "vllm_config_hf_config", "attribute"),
+    VllmItem("vllm.config.model:ModelConfig.hf_config", _C + "vllm_config_hf_config / runner_hf_config", "attribute"),
     VllmItem("vllm.config.compilation:CompilationConfig._attention_ops", _C + "add_splitting_ops", "attribute"),
     VllmItem("vllm.v1.engine.llm_engine:LLMEngine.abort_request", _C + "abort_all_requests",
              params=("request_ids", "internal")),

@@ -313,7 +313,9 @@ class PreftRLTrainer:
         samples.rewards_per_func, samples.rewards = per_func, rewards
 
     def _filter_groups(self, samples: Samples) -> torch.Tensor:
-        """(G,) bool: the groups of this draw the batch may keep. With dynamic_sampling, those whose rewards differ."""
+        """(G,) bool: the groups of this draw the batch may keep; by default all, with dynamic_sampling those whose rewards
+        differ. Rejected groups are replaced by new draws while dynamic_sampling allows; a batch still short is filled
+        with rejected groups, so it always has its full size."""
         groups = len(samples) // self.args.num_generations
         if not self.args.dynamic_sampling:
             return torch.ones(groups, dtype=torch.bool)
@@ -365,9 +367,11 @@ class PreftRLTrainer:
             if acc.reduce(torch.tensor(float(wanted - have), device=acc.device), reduction="sum").item() == 0:
                 break
         refilled = wanted - have
-        if refilled:
-            logger.warning("dynamic sampling: %d of %d groups still had zero reward variance after %d draws "
-                           "(max_dynamic_sampling_draws); they fill the batch with advantage 0", refilled, wanted, draws)
+        if refilled:  # the batch keeps its size: rejected groups fill it (zero variance: advantage 0 under a group baseline)
+            if args.dynamic_sampling:
+                logger.warning("dynamic sampling: %d of %d groups were still missing after %d draws "
+                               "(max_dynamic_sampling_draws); groups _filter_groups rejected fill the batch",
+                               refilled, wanted, draws)
             kept.extend(rejected[:refilled])
         dropped = acc.reduce(torch.tensor(float(len(rejected) - refilled), device=acc.device), reduction="sum").item()
         refilled = acc.reduce(torch.tensor(float(refilled), device=acc.device), reduction="sum").item()

@@ -46,17 +46,19 @@ def test_lora_shards_partition_the_whole_tensors(tiny_llama_dir):
     import torch
     from transformers import AutoConfig
 
+    from preft_rl.adapters.methods.lora import shard_lora_tensor
+
     config = AutoConfig.from_pretrained(tiny_llama_dir)
     shapes = [ModelShape.from_hf_config(config, rank, 2) for rank in range(2)]
     whole = ModelShape.from_hf_config(config)
     for module in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
         d_in, slices = whole.lora_io_full(module)
         a = torch.randn(4, d_in)
-        parts = [s.shard(module, "A", 0, a) for s in shapes]
+        parts = [shard_lora_tensor(s, module, "A", 0, a) for s in shapes]
         assert torch.equal(torch.cat(parts, 1) if module in ("self_attn.o_proj", "mlp.down_proj") else parts[0], a)
         for index, rows in enumerate(slices):
             b = torch.randn(rows, 4)
-            parts = [s.shard(module, "B", index, b) for s in shapes]
+            parts = [shard_lora_tensor(s, module, "B", index, b) for s in shapes]
             assert torch.equal(parts[0] if module in ("self_attn.o_proj", "mlp.down_proj") else torch.cat(parts), b)
     with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide"):
         ModelShape.from_hf_config(config, 0, 3)

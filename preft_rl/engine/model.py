@@ -32,7 +32,7 @@ from preft_rl.kernels import AdapterTokenMetadata
 from . import vllm_compat
 from .registry import AdapterRegistry, ModelShape
 
-EXTRA_ARGS_KEY = "preft_adapter"  # sampling_params.extra_args[...] = {"name": ..., "version": ...}
+EXTRA_ARGS_KEY = vllm_compat.EXTRA_ARGS_KEY  # sampling_params.extra_args[...] = {"name": ..., "version": ...}
 
 
 class NonFiniteActivations(RuntimeError):
@@ -152,7 +152,7 @@ class PreftRuntime:
 
     def slot_of(self, req_id: str) -> int:
         if req_id not in self.request_slots:
-            ref = vllm_compat.request_extra_args(self.runner, req_id).get(EXTRA_ARGS_KEY)
+            ref = vllm_compat.request_adapter(self.runner, req_id)
             if ref is None:
                 self.request_slots[req_id] = -1
             else:
@@ -198,12 +198,6 @@ def register_runtime(runtime: PreftRuntime | None, runtime_id: int) -> None:
         _RUNTIMES[runtime_id] = runtime
 
 
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    from vllm.distributed import tensor_model_parallel_all_reduce
-
-    return tensor_model_parallel_all_reduce(tensor)
-
-
 def _apply_linear(x: torch.Tensor, out: torch.Tensor, runtime_id: int, layer: int, module_index: int) -> None:
     runtime = _RUNTIMES.get(runtime_id)
     selection = None if runtime is None else runtime.selection
@@ -212,7 +206,7 @@ def _apply_linear(x: torch.Tensor, out: torch.Tensor, runtime_id: int, layer: in
     runtime.adapter_calls += 1
     reg = runtime.registry
     module = reg.spec.engine_linear_modules(reg.shape)[module_index]
-    reg.spec.engine_apply_linear(x, out, reg.tensors, layer, module, selection.metadata, reg.shape, _all_reduce)
+    reg.spec.engine_apply_linear(x, out, reg.tensors, layer, module, selection.metadata, reg.shape, vllm_compat.tp_all_reduce)
 
 
 def _apply_residual(hidden: torch.Tensor, residual: torch.Tensor, runtime_id: int, layer: int) -> None:
@@ -235,13 +229,11 @@ def _apply_residual(hidden: torch.Tensor, residual: torch.Tensor, runtime_id: in
 
 
 def _register_ops() -> None:
-    from vllm.utils.torch_utils import direct_register_custom_op
-
     global _LIB
     _LIB = torch.library.Library("preft_rl", "FRAGMENT")
-    direct_register_custom_op("apply_linear", _apply_linear, mutates_args=["out"], fake_impl=lambda *a: None, target_lib=_LIB)
-    direct_register_custom_op(
-        "apply_residual", _apply_residual, mutates_args=["hidden", "residual"], fake_impl=lambda *a: None, target_lib=_LIB
+    vllm_compat.register_custom_op("apply_linear", _apply_linear, mutates_args=["out"], fake_impl=lambda *a: None, lib=_LIB)
+    vllm_compat.register_custom_op(
+        "apply_residual", _apply_residual, mutates_args=["hidden", "residual"], fake_impl=lambda *a: None, lib=_LIB
     )
 
 
@@ -281,7 +273,7 @@ class AdapterHooks:
         spec = get_method(method)
         linear_modules = spec.engine_linear_modules(shape)
         self.specs: list[tuple[nn.Module, Callable]] = []
-        for i, layer in enumerate(model.model.layers):
+        for i, layer in enumerate(vllm_compat.decoder_layers(model)):
             self.specs += [(layer.get_submodule(name), _linear_hook(model, i, index)) for index, name in enumerate(linear_modules)]
             if spec.site == "residual":
                 self.specs.append((layer, _residual_hook(model, i)))
@@ -322,13 +314,11 @@ def preft_model_class(base_cls: type, method: str) -> type:
         return _CLASSES[key]
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        from vllm.config.compilation import CompilationMode
-
         base_cls.__init__(self, vllm_config=vllm_config, prefix=prefix)
         self.preft_runtime = None  # attached by PreftEngine once vLLM is up
         self.preft_runtime_id = id(self)  # how the custom ops find the runtime (a constant under compile)
-        shape = ModelShape.from_hf_config(vllm_config.model_config.hf_config)  # only the fused module names are read
-        self.preft_hooks = AdapterHooks(self, method, vllm_config.compilation_config.mode != CompilationMode.NONE, shape)
+        shape = ModelShape.from_hf_config(vllm_compat.vllm_config_hf_config(vllm_config))  # the fused module names
+        self.preft_hooks = AdapterHooks(self, method, not vllm_compat.compilation_is_eager(vllm_config), shape)
 
     def forward(self, input_ids, positions, *args, **kwargs):
         runtime = self.preft_runtime
@@ -361,11 +351,9 @@ def register_preft_models() -> None:
     """Register the PreFT model class of every architecture and registered adapter method with vLLM's model registry
     in this process. vLLM's registry is per process, so this runs wherever the worker extension is imported (the
     caller, an engine-core process, every TP rank), and again when an engine starts (a method registered since)."""
-    from vllm import ModelRegistry
-
     for arch in SUPPORTED_ARCHITECTURES:
-        base = ModelRegistry.models[arch].load_model_cls()
+        base = vllm_compat.model_registry_load(arch)
         for method in method_names():
             cls = preft_model_class(base, method)
-            if cls.__name__ not in ModelRegistry.models:
-                ModelRegistry.register_model(cls.__name__, cls)
+            if not vllm_compat.model_registry_has(cls.__name__):
+                vllm_compat.model_registry_register(cls.__name__, cls)

@@ -26,17 +26,14 @@ import torch
 from preft_rl.adapters.config import SCOPES, PreftConfig
 from preft_rl.adapters.methods import get_method
 
-# vLLM's fused linear module inside a decoder layer -> the HF modules it fuses, in output-slice order
-LORA_TARGETS = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attn.o_proj": ("self_attn.o_proj",),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.down_proj": ("mlp.down_proj",),
-}
+from . import vllm_compat
+
+# vLLM's fused linear modules of a decoder layer -> the HF modules each fuses, in output-slice order (vllm_compat's)
+LORA_TARGETS = vllm_compat.FUSED_LINEAR_MODULES
 NO_LIMIT = np.iinfo(np.int64).max // 4
 
 
-ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")  # their input is sharded and vLLM all-reduces their output
+ROW_PARALLEL = vllm_compat.ROW_PARALLEL_MODULES  # their input is sharded and vLLM all-reduces their output
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ class LoraMethod(AdapterMethod):
             fused, index = hf_to_fused[match.group(1)]
             d_in, slices = shape.lora_io_full(fused)
             checked = check(key, tensor, (r, d_in) if which == "A" else (slices[index], r))
-            staged[f"{layer}.{fused}.{which}.{index}"] = _shard(shape, fused, which, index, checked)
+            staged[f"{layer}.{fused}.{which}.{index}"] = shard_lora_tensor(shape, fused, which, index, checked)
         if not staged:
             raise ValueError(f"adapter {name!r}: no LoRA tensors found (keys like {keys.layer_key(0, 'self_attn.q_proj.lora_A.weight')})")
         if config.target_modules == "all-linear" or self.engine_expected_keys(config, shape) is not None:
@@ -180,7 +180,7 @@ def _split_staged(key: str) -> tuple[str, str, str, str]:
     return layer, fused, which, index
 
 
-def _shard(shape: Any, fused: str, which: str, index: int, tensor: torch.Tensor) -> torch.Tensor:
+def shard_lora_tensor(shape: Any, fused: str, which: str, index: int, tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a whole LoRA tensor: A (r, d_in) or B (d_out of slice `index`, r). Column-parallel modules
     keep this rank's output rows of B (k/v by KV head); row-parallel ones keep this rank's input columns of A."""
     if shape.tp_size == 1:

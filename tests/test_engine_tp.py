@@ -14,6 +14,7 @@ from preft_rl.engine import PreftEngine  # noqa: E402
 from preft_rl.engine.registry import ModelShape  # noqa: E402
 from conftest import ENGINE_ARGS  # noqa: E402
 from test_engine import CONFIGS, greedy, random_prompt, reference_greedy, reference_model  # noqa: E402
+from test_reliability_engine import check_a_bad_adapter_fails_alone  # noqa: E402
 
 
 @pytest.mark.parametrize("method", ["lora", "loreft"])
@@ -37,6 +38,9 @@ def test_tp2_engine_equals_the_hf_reference_in_mixed_batches(tiny_llama_dir, loa
         want = reference_greedy(newer, base, prompts[2])
         assert want != expected[2]
         assert list(engine.generate(prompts[2:3], greedy(), adapters=["tp-1"])[0].outputs[0].token_ids) == want
+        if method == "lora":  # a bad adapter fails only its own requests, on both ranks alike
+            check_a_bad_adapter_fails_alone(engine, load_tiny, 90)
+            assert list(engine.generate(prompts[2:3], greedy(), adapters=["tp-1"])[0].outputs[0].token_ids) == want
     finally:
         engine.close()
 

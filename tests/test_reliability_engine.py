@@ -155,36 +155,60 @@ def test_a_chat_message_without_a_role_is_named_before_the_template_runs(tokeniz
         prompt_token_ids(tokenizer, [{"role": "system", "content": "be brief"}, {"content": "hi"}])
 
 
-@pytest.mark.parametrize("scale", [1e30])
-def test_an_adapter_whose_activations_overflow_is_named_and_nothing_leaks(engines, load_tiny, scale):
-    """Finite but huge adapter weights pass every file check, yet their prompt activations overflow to inf / NaN.
-    Before the guard the engine returned tokens sampled from NaN logits as if nothing had happened. Now it returns
-    no output of that call, names the adapter, zeroes the KV cache (no non-finite value stays in a block a later
-    request reuses) and keeps serving every later request exactly, on whatever blocks it gets."""
-    engine = engines("lora")
-    huge = reference_model(load_tiny, "lora", seed=70)
+def overflowing_adapter(load_tiny, seed: int, scale: float = 1e30):
+    """Finite but huge weights (B x 1e30): they pass every file check, yet the prompt activations overflow to inf/NaN."""
+    huge = reference_model(load_tiny, "lora", seed=seed)
     with torch.no_grad():
         for name, param in huge.adapter_named_parameters():
             if "lora_B" in name:
                 param.mul_(scale)
-    good = reference_model(load_tiny, "lora", seed=71)
-    engine.add_adapter("overflow", huge)
-    engine.add_adapter("good-71", good)
+    return huge
+
+
+def check_a_bad_adapter_fails_alone(engine, load_tiny, seed: int, kv_caches=None) -> None:
+    """DESIGN invariant 8 on one engine (any mode): a request whose adapter overflows fails alone, with an error naming
+    the adapter and no token; every other request of the call and every later one is exactly the reference; the
+    adapter is refused until it is updated, and then serves its new weights exactly; a long prompt of a good adapter
+    still hits the prefix cache; `kv_caches()` (in-process only) holds nothing non-finite afterwards."""
+    from preft_rl.engine import FailedRequestsError
+
+    good, fixed = reference_model(load_tiny, "lora", seed=seed + 1), reference_model(load_tiny, "lora", seed=seed + 2)
+    engine.add_adapter("overflow", overflowing_adapter(load_tiny, seed))
+    engine.add_adapter("good", good)
     base = load_tiny()
-    rng = np.random.default_rng(70)
-    prompts = [random_prompt(rng, n) for n in (150, 40, 90)]
+    rng = np.random.default_rng(seed)
+    prompts = [random_prompt(rng, n) for n in (150, 40, 90, 150)]
+    expected = [None, reference_greedy(good, base, prompts[1]), reference_greedy(None, base, prompts[2]),
+                reference_greedy(good, base, prompts[3])]
     try:
-        for _ in range(2):  # a retry fails the same way, and the engine survives both
-            with pytest.raises(ValueError, match=r"adapter 'overflow' produced non-finite activations \(NaN or inf\)"):
-                engine.generate(prompts, greedy(), adapters=["overflow", "good-71", None])
-            # every later request, on whatever blocks it gets, is served exactly
-            outs = engine.generate(prompts * 3, greedy(), adapters=[None, "good-71", None] * 3)
-            for i, out in enumerate(outs):
-                model = good if i % 3 == 1 else None
-                assert list(out.outputs[0].token_ids) == reference_greedy(model, base, prompts[i % 3]), i
+        with pytest.raises(FailedRequestsError, match=r"adapter 'overflow' produced non-finite activations") as caught:
+            engine.generate(prompts, greedy(), adapters=["overflow", "good", None, "good"])
+        assert caught.value.failed == [0] and caught.value.adapters == ["overflow"]
+        outs = caught.value.outputs
+        assert outs[0].outputs[0].finish_reason == "error" and list(outs[0].outputs[0].token_ids) == []
+        for i in (1, 2, 3):  # the rest of the same call: exactly what they get without the bad adapter
+            assert list(outs[i].outputs[0].token_ids) == expected[i], i
+        with pytest.raises(ValueError, match=r"adapter 'overflow' \(version 1\) produced non-finite activations .* refused"):
+            engine.generate(prompts[:1], greedy(), adapters=["overflow"])
+        later = engine.generate(prompts[1:] * 2, greedy(), adapters=["good", None, "good"] * 2)
+        for i, out in enumerate(later):
+            assert list(out.outputs[0].token_ids) == expected[1 + i % 3], i
+        assert later[2].num_cached_tokens >= 128  # the good adapter's long prompt: its cached block is still used
+        if kv_caches is not None:
+            assert all(bool(torch.isfinite(cache).all()) for cache in kv_caches())
+        engine.update_adapter("overflow", fixed.adapter_state_dict())  # a new version: served again, exactly
+        assert served(engine, prompts[0], "overflow") == reference_greedy(fixed, base, prompts[0])
     finally:
         engine.remove_adapter("overflow")
-        engine.remove_adapter("good-71")
+        engine.remove_adapter("good")
+
+
+def test_an_adapter_whose_activations_overflow_fails_alone_in_process(engines, load_tiny):
+    """Before: the whole generate call failed (in-process) or vLLM's engine core died (other modes)."""
+    from preft_rl.engine import vllm_compat
+
+    engine = engines("lora")
+    check_a_bad_adapter_fails_alone(engine, load_tiny, 70, lambda: vllm_compat.kv_cache_tensors(engine._runner))
 
 
 def test_integer_adapter_tensors_are_refused_by_the_engine(engines, load_tiny):

@@ -8,6 +8,7 @@ first tests check the launcher and the adapter table without a server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -245,21 +246,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama_dir, adapter_dirs, tmp_path_factory):
-    """One `preft-rl serve` on 127.0.0.1 with adapters a and b, runtime updates on; stopped at the end."""
+@contextlib.contextmanager
+def running_server(tiny_llama_dir, adapters: dict[str, Path], log: Path, *extra: str):
+    """A `preft-rl serve` subprocess on 127.0.0.1 (its base URL), stopped on exit."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
     cmd = [sys.executable, "-m", "preft_rl.cli", "serve", str(tiny_llama_dir),
-           "--adapters", f"a={adapter_dirs['a']}", f"b={adapter_dirs['b']}", "--max-adapters", "6", "--max-rank", str(MAX_RANK),
-           "--enable-adapter-updates", "--api-key", API_KEY, "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "tiny", "--max-model-len", "512", "--max-num-seqs", "32", "--max-num-batched-tokens", "512"]
+           "--adapters", *(f"{name}={path}" for name, path in adapters.items()), "--max-adapters", "6",
+           "--max-rank", str(MAX_RANK), "--api-key", API_KEY, "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", "tiny", "--max-model-len", "512", "--max-num-seqs", "32", "--max-num-batched-tokens", "512",
+           *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"preft-rl serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
@@ -270,7 +271,7 @@ def server(tiny_llama_dir, adapter_dirs, tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"preft-rl serve did not come up in 300 s:\n{log.read_text()[-4000:]}")
+                pytest.fail(f"preft-rl serve did not come up in 600 s:\n{log.read_text()[-4000:]}")
             time.sleep(1)
         yield base_url
     finally:
@@ -280,6 +281,14 @@ def server(tiny_llama_dir, adapter_dirs, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, adapter_dirs, tmp_path_factory):
+    """One `preft-rl serve` on 127.0.0.1 with adapters a and b, runtime updates on; stopped at the end."""
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    with running_server(tiny_llama_dir, {"a": adapter_dirs["a"], "b": adapter_dirs["b"]}, log, "--enable-adapter-updates") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -564,3 +573,20 @@ def test_an_update_while_requests_run_pins_each_request_to_one_version(server, r
     assert all(ids == old for ids in before)
     assert all(ids == new for ids in after)
     post(server, "/v1/unload_preft_adapter", {"adapter_name": "pinned"})
+
+
+@pytest.mark.slow
+def test_compiled_serving_equals_the_reference(tiny_llama_dir, adapter_dirs, reference, tmp_path):
+    """`preft-rl serve --no-enforce-eager` (torch.compile): the general plugin makes vLLM split its graph at the adapter
+    ops, so every step reads its own adapter selection; the greedy tokens equal the HF reference's, as in eager mode."""
+    from openai import OpenAI
+
+    with running_server(tiny_llama_dir, {"a": adapter_dirs["a"]}, tmp_path / "server.log", "--no-enforce-eager") as url:
+        client = OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+        for model in ("a", "tiny"):
+            for prompt in PROMPTS[:2]:
+                _, prompt_ids, ids = complete(client, model, prompt)
+                assert ids == reference(served_dir(adapter_dirs, model), prompt_ids, GREEDY["max_tokens"]), (model, prompt)
+        _, prompt_ids, ids = complete(client, "a", PROMPTS[0])
+        assert ids != reference(None, prompt_ids, GREEDY["max_tokens"])  # the adapter really acts in the compiled graph
+    assert "preft_rl::apply_linear" in (tmp_path / "server.log").read_text()  # vLLM's logged splitting_ops name ours

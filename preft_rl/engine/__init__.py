@@ -6,5 +6,6 @@
 from vllm import SamplingParams
 
 from .engine import PreftEngine
+from .model import FailedRequestsError
 
-__all__ = ["PreftEngine", "SamplingParams"]
+__all__ = ["FailedRequestsError", "PreftEngine", "SamplingParams"]

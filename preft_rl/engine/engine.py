@@ -36,7 +36,7 @@ from preft_rl.adapters.config import PreftConfig
 
 from . import vllm_compat
 from .common import Prompt, VllmEngineBase, adapter_source, check_batch, default_vllm_settings, model_settings, prompt_token_ids
-from .model import SPLITTING_OPS, SUPPORTED_ARCHITECTURES, NonFiniteActivations, preft_architecture, register_preft_models
+from .model import SPLITTING_OPS, SUPPORTED_ARCHITECTURES, FailedRequestsError, preft_architecture, register_preft_models
 from .registry import AdapterEntry, AdapterRegistry, ModelShape, unknown_adapter_message
 from .worker import entry_from_dict, pack_state
 
@@ -89,8 +89,10 @@ class PreftEngine(VllmEngineBase):
             vllm_compat.add_splitting_ops(SPLITTING_OPS)  # adapter ops stay opaque, outside captured graphs
 
         # Registered by importing the worker extension (in every process); again here for a method registered since
-        # (in-process engines: a user's own AdapterMethod).
+        # (in-process engines: a user's own AdapterMethod). The scheduler's channel for failing one request is
+        # installed in every vLLM process too (worker module, general plugin); here for an in-process scheduler.
         register_preft_models()
+        vllm_compat.install_request_failure_channel()
         model_class = preft_architecture(arch, method)
         settings["hf_overrides"] = {**overrides, "architectures": [model_class]}
         if tp > 1:
@@ -102,6 +104,7 @@ class PreftEngine(VllmEngineBase):
         self.method, self.adapter_scope = method, adapter_scope
         self.max_adapters, self.max_rank = max_adapters, max_rank
         self._entries: dict[str, AdapterEntry] = {}  # the worker registry's entries, as its RPCs reported them
+        self._broken: dict[str, int] = {}  # adapter -> version whose activations went non-finite (refused until updated)
 
     # ------------------------------------------------------------------------------ registry
     @property
@@ -185,6 +188,11 @@ class PreftEngine(VllmEngineBase):
         for name in adapters:  # every name checked before any work starts
             if name is not None and name not in self._entries:
                 raise ValueError(unknown_adapter_message(name, list(self._entries)))
+            if name is not None and self._broken.get(name) == self._entries[name].version:
+                raise ValueError(
+                    f"adapter {name!r} (version {self._broken[name]}) produced non-finite activations (NaN or inf) earlier "
+                    "and is refused until it is fixed: engine.update_adapter with smaller weights, or engine.remove_adapter"
+                )
             entries.append(None if name is None else self._entries[name])
         requests, request_params = [], []
         for prompt, entry, sp in zip(prompts, entries, params):
@@ -195,26 +203,21 @@ class PreftEngine(VllmEngineBase):
                 request, sp = vllm_compat.tag_request(request, sp, entry.name, entry.version)
             requests.append(request)
             request_params.append(sp)
-        try:
-            return self.llm.generate(requests, request_params, use_tqdm=use_tqdm)
-        except NonFiniteActivations as exc:
-            self._recover_from_failed_step()
-            culprits = [name for name in exc.adapters if name is not None]
+        outputs = self.llm.generate(requests, request_params, use_tqdm=use_tqdm)
+        failed = [i for i, output in enumerate(outputs) if vllm_compat.request_failed(output)]
+        if failed:
+            self._broken = dict(self._rpc("preft_broken"))
+            culprits = sorted({name for name in (adapters[i] for i in failed) if name is not None})
             named = ", ".join(repr(name) for name in culprits) or "(none: a request without adapter)"
-            raise ValueError(
-                f"adapter {named} produced non-finite activations (NaN or inf) on its prompt tokens: its weights are "
-                "finite but too large for this model. No output of this generate call was returned; the KV cache was "
-                "cleared and the engine keeps serving. Fix the adapter (engine.update_adapter with smaller weights, or "
-                "engine.remove_adapter) and retry the other requests."
-            ) from None
-
-    def _recover_from_failed_step(self) -> None:
-        """After a step raised inside vLLM: abort every request of the call, zero the KV cache (so no non-finite value
-        survives in a block a later request reuses) and drop the prefix cache (blocks cached by the failed step)."""
-        vllm_compat.abort_all_requests(self.llm)
-        self._rpc("preft_recover")
-        if not self.llm.reset_prefix_cache():
-            logger.warning("PreftEngine: the prefix cache could not be reset after a failed step (blocks still in use)")
+            raise FailedRequestsError(
+                f"{len(failed)} of {len(outputs)} requests failed alone: adapter {named} produced non-finite activations "
+                "(NaN or inf) on its prompt tokens (finite weights, too large for this model), so its requests were stopped "
+                "before any token; the adapter is refused until engine.update_adapter (smaller weights) or "
+                "engine.remove_adapter. Every other request completed as it would have without it: their outputs are in "
+                "this error's .outputs (failed indices in .failed).",
+                [adapters[i] for i in failed], outputs, failed,
+            )
+        return outputs
 
     # ------------------------------------------------------------------------------ lifecycle
     def sleep(self, level: int = 1) -> None:

@@ -35,14 +35,17 @@ from .registry import AdapterRegistry, ModelShape
 EXTRA_ARGS_KEY = vllm_compat.EXTRA_ARGS_KEY  # sampling_params.extra_args[...] = {"name": ..., "version": ...}
 
 
-class NonFiniteActivations(RuntimeError):
-    """A step with adapters produced NaN / inf hidden states; raised out of vLLM's step so no output is returned.
+class FailedRequestsError(ValueError):
+    """Some requests of a generate call failed alone (DESIGN invariant 8): their adapter produced non-finite
+    activations (NaN or inf) on their prompt, or the adapter version they were submitted for is broken or gone. Every
+    other request of the call completed exactly as without them.
 
-    `adapters` names the adapters of the requests whose tokens went non-finite (None: a request without adapter)."""
+    `adapters`: the failed requests' adapters (None: a request without adapter); `outputs`: every RequestOutput of
+    the call, in order; `failed`: the indices of the failed ones (finish_reason "error", no tokens to use)."""
 
-    def __init__(self, adapters: list[str | None]) -> None:
-        super().__init__(f"non-finite activations in the prompts of requests with adapters {adapters}")
-        self.adapters = adapters
+    def __init__(self, message: str, adapters: list[str | None], outputs: list, failed: list[int]) -> None:
+        super().__init__(message)
+        self.adapters, self.outputs, self.failed = adapters, outputs, failed
 
 
 @dataclass(frozen=True)
@@ -130,39 +133,63 @@ class PreftRuntime:
     step_log: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=4096))
     adapter_calls: int = 0
     on_selection: Callable[[StepSelection | None], None] | None = None
+    failed: set[str] = field(default_factory=set)  # requests failed alone (forgotten with finished requests)
+    failed_pending: list[str] = field(default_factory=list)  # failed since the last step output
 
-    def check_finite(self, hidden: torch.Tensor) -> None:
-        """Raise NonFiniteActivations, naming the adapters, if this adapter step's hidden states hold NaN / inf.
+    def isolate_non_finite(self, hidden: torch.Tensor) -> None:
+        """Fail, alone, every request whose tokens in this adapter step went non-finite (NaN / inf).
 
         A non-finite K or V of a prompt token makes that token's own last hidden state non-finite (it attends to
         itself), so this check on the model's output catches every non-finite value written to the KV cache in the
-        step. One reduction over (tokens, hidden) on steps that apply adapters only; decode steps are never checked."""
+        step. One reduction over (tokens, hidden) on steps that apply adapters only; decode steps are never checked.
+        A failed request's rows are zeroed (nothing non-finite reaches the sampler), its KV blocks are zeroed (nothing
+        non-finite stays in a block a later request gets), its adapter version is marked broken (every request of it,
+        running or later, fails: they may share the zeroed prefix blocks) and the scheduler finishes it with
+        finish_reason "error" at the end of this step (vllm_compat: failing one request)."""
         rows_finite = torch.isfinite(hidden).all(dim=-1)
         if bool(rows_finite.all()):
             return
         layout = vllm_compat.batch_layout(self.runner)
         bad = torch.nonzero(~rows_finite).flatten().cpu().numpy()
-        names: set[str | None] = set()
-        slot_names = {entry.slot: entry.name for entry in self.registry.entries.values()}
+        failed_rows = []
         for i, req_id in enumerate(layout.req_ids):
-            start, end = layout.query_start[i], layout.query_start[i + 1]
+            start, end = int(layout.query_start[i]), int(layout.query_start[i + 1])
             if ((bad >= start) & (bad < end)).any():
-                names.add(slot_names.get(self.request_slots.get(req_id, -1)))
-        raise NonFiniteActivations(sorted(names, key=lambda name: (name is None, name or "")))
+                failed_rows.append(i)
+                hidden[start:end] = 0
+                slot = self.request_slots.get(req_id, -1)
+                entry = next((e for e in self.registry.entries.values() if e.slot == slot), None)
+                if entry is not None:
+                    self.registry.mark_broken(entry.name)
+                    # every live request of this adapter fails too (it may read the prefix blocks zeroed below)
+                    self.fail_requests([r for r, s in self.request_slots.items() if s == slot])
+                self.fail_requests([req_id])
+        vllm_compat.zero_request_kv_blocks(self.runner, failed_rows)
+
+    def fail_requests(self, req_ids: list[str]) -> None:
+        for req_id in req_ids:
+            if req_id not in self.failed:
+                self.failed.add(req_id)
+                self.failed_pending.append(req_id)
+
+    def take_failed(self) -> list[str]:
+        """Requests failed since the last call: marked on this step's output for the scheduler."""
+        taken, self.failed_pending = self.failed_pending, []
+        return taken
 
     def slot_of(self, req_id: str) -> int:
         if req_id not in self.request_slots:
             ref = vllm_compat.request_adapter(self.runner, req_id)
-            if ref is None:
-                self.request_slots[req_id] = -1
-            else:
-                entry = self.registry.get(ref["name"])
-                if entry.version != ref["version"]:
-                    raise RuntimeError(
-                        f"request {req_id} was submitted for adapter {ref['name']!r} version {ref['version']}, "
-                        f"but the registry now holds version {entry.version}; update adapters between generate calls"
-                    )
-                self.request_slots[req_id] = entry.slot
+            slot = -1
+            if ref is not None:
+                entry = self.registry.entries.get(ref["name"])
+                if entry is None or entry.version != ref["version"] or self.registry.is_broken(entry.name):
+                    # submitted for an adapter version that is gone, replaced or broken: this request fails alone
+                    # (the engine and the server refuse such requests before they reach the engine; this is the last line)
+                    self.fail_requests([req_id])
+                else:
+                    slot = entry.slot
+            self.request_slots[req_id] = slot
         return self.request_slots[req_id]
 
     def begin_forward(self, num_tokens: int, device: torch.device) -> None:
@@ -172,6 +199,7 @@ class PreftRuntime:
             if len(self.request_slots) > 2 * len(layout.req_ids) + 256:  # forget finished requests
                 live = set(vllm_compat.live_request_ids(self.runner))
                 self.request_slots = {req: slot for req, slot in self.request_slots.items() if req in live}
+                self.failed &= live
             slots = np.full(len(layout.req_ids), -1, dtype=np.int64)
             # prompt-only: a request acts only while its prompt is being computed, so a pure-decode step
             # looks up no adapter at all
@@ -328,7 +356,7 @@ def preft_model_class(base_cls: type, method: str) -> type:
         try:
             hidden = base_cls.forward(self, input_ids, positions, *args, **kwargs)
             if runtime is not None and runtime.selection is not None and isinstance(hidden, torch.Tensor):
-                runtime.check_finite(hidden)  # before anything of this step reaches a sampler or a later step
+                runtime.isolate_non_finite(hidden)  # before anything of this step reaches a sampler or a later step
             return hidden
         finally:
             if runtime is not None:

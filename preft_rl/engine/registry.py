@@ -162,6 +162,7 @@ class AdapterRegistry:
         self.dtype, self.device = dtype, device
         self.entries: dict[str, AdapterEntry] = {}
         self._removed_versions: dict[str, int] = {}  # last version of a removed name: a re-add continues from it
+        self._broken: dict[str, int] = {}  # name -> the version whose activations went non-finite (its requests fail)
         self.capacity = 0
         self.tensors: dict[str, torch.Tensor] = {}
         # per-slot host-side facts used to build each step's token selection
@@ -243,6 +244,18 @@ class AdapterRegistry:
         self._write(entry.slot, None, entry.config)
         del self.entries[name]
         self._removed_versions[name] = entry.version
+
+    def mark_broken(self, name: str) -> None:
+        """The current version of `name` produced non-finite activations: its requests fail until an update or removal."""
+        self._broken[name] = self.get(name).version
+
+    def is_broken(self, name: str) -> bool:
+        entry = self.entries.get(name)
+        return entry is not None and self._broken.get(name) == entry.version
+
+    def broken(self) -> dict[str, int]:
+        """{name: version} of the adapters whose current version is broken."""
+        return {name: version for name, version in self._broken.items() if self.is_broken(name)}
 
     def get(self, name: str) -> AdapterEntry:
         if name not in self.entries:

@@ -15,6 +15,7 @@ mis-assigning adapters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,6 +276,111 @@ class StepTimer:
         return totals
 
 
+# ------------------------------------------------------------------------------ failing one request
+# How a worker fails one request without stopping the engine (DESIGN invariant 8). vLLM has no worker-to-scheduler
+# channel for "this request failed", so preft-rl makes one from two public-shaped pieces of its step protocol:
+#   worker: the step's ModelRunnerOutput loses the failed requests' sampled tokens and carries
+#           num_nans_in_logits[req_id] = FAILED_REQUEST_MARK (a field vLLM already ships from every rank to the
+#           scheduler, in every executor; vLLM's own NaN counts are never negative);
+#   engine core: Scheduler.update_from_output (patched once per process) puts the marked requests in the scheduler's
+#           set of requests to finish with FinishReason.ERROR at the end of that step, the path vLLM uses for its own
+#           request-level errors: the request's blocks are freed, its client gets finish_reason "error" and no token.
+FAILED_REQUEST_MARK = -1
+
+
+def mark_failed_in_output(output: Any, req_ids: list[str]) -> None:
+    """Drop the sampled tokens of `req_ids` from a ModelRunnerOutput (in place) and mark them failed."""
+    nans = dict(output.num_nans_in_logits or {})
+    for req_id in req_ids:
+        nans[req_id] = FAILED_REQUEST_MARK
+        index = output.req_id_to_index.get(req_id)
+        if index is not None and index < len(output.sampled_token_ids):
+            output.sampled_token_ids[index] = []
+    output.num_nans_in_logits = nans
+
+
+def wrap_sample_tokens(runner: Any, take_failed: Callable[[], list[str]]) -> None:
+    """After every sample_tokens of this runner, mark the requests `take_failed()` returns (see above). With async
+    scheduling the marks go on the deferred output when it is read (written for CUDA vLLM; not run on these machines)."""
+    original = runner.sample_tokens
+
+    def sample_tokens(*args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        failed = take_failed()
+        if not failed or output is None:
+            return output
+        if hasattr(output, "get_output"):  # AsyncModelRunnerOutput
+            get_output = output.get_output
+
+            def marked_output() -> Any:
+                result = get_output()
+                mark_failed_in_output(result, failed)
+                return result
+
+            output.get_output = marked_output
+            return output
+        if not getattr(output, "req_ids", None):
+            return output  # vLLM's shared empty output: never edited (there is no request to mark in it)
+        mark_failed_in_output(output, failed)
+        return output
+
+    runner.sample_tokens = sample_tokens
+
+
+_FAILURE_CHANNEL: list[bool] = []
+
+
+def install_request_failure_channel() -> None:
+    """Patch vLLM's Scheduler (this process, once) to finish the requests a worker marked failed with
+    FinishReason.ERROR. Installed wherever a scheduler may run: the caller's process and every vLLM process (general
+    plugin). Requests no worker marked are untouched."""
+    if _FAILURE_CHANNEL:
+        return
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original = Scheduler.update_from_output
+
+    def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
+        nans = getattr(model_runner_output, "num_nans_in_logits", None)
+        if nans:
+            failed = [req_id for req_id, count in nans.items() if count == FAILED_REQUEST_MARK]
+            if failed:
+                # finished as errors at the end of this very step, after the step's other outputs
+                self.encoder_cache_mismatch_reqs.update(failed)
+        return original(self, scheduler_output, model_runner_output)
+
+    Scheduler.update_from_output = update_from_output
+    _FAILURE_CHANNEL.append(True)
+
+
+def request_failed(output: Any) -> bool:
+    """Whether a RequestOutput ended with FinishReason.ERROR (vLLM's request-level error)."""
+    return any(getattr(completion, "finish_reason", None) == "error" for completion in output.outputs)
+
+
+def zero_request_kv_blocks(runner: Any, req_indices: list[int]) -> int:
+    """Zero the KV-cache blocks of the requests at these rows of the runner's batch (every cache group, every layer),
+    so no value they wrote survives in a block that a later request gets. Returns the number of blocks zeroed."""
+    import torch
+
+    if not req_indices:
+        return 0
+    ids: set[int] = set()
+    for table in runner.input_batch.block_table.block_tables:
+        for i in req_indices:
+            ids.update(int(b) for b in table.block_table.np[i, : int(table.num_blocks_per_row[i])])
+    if not ids:
+        return 0
+    num_blocks = int(runner.kv_cache_config.num_blocks)
+    for cache in kv_cache_tensors(runner):
+        dim = 0 if cache.shape[0] == num_blocks else 1  # CPU: (blocks, ...); flash layouts: (2, blocks, ...)
+        if cache.shape[dim] != num_blocks:
+            raise RuntimeError(f"a KV cache tensor of shape {tuple(cache.shape)} has no dimension of {num_blocks} blocks; "
+                               "this vLLM cache layout is not supported by preft-rl's request isolation")
+        cache.index_fill_(dim, torch.tensor(sorted(ids), device=cache.device), 0)
+    return len(ids)
+
+
 # ------------------------------------------------------------------------------ workers, models and distributed state
 def worker_model_runner(worker: Any) -> Any:
     """The model runner of a vLLM worker (what a worker extension's `self` is)."""
@@ -457,6 +563,18 @@ SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens", _C + "StepTimer"),
     VllmItem("vllm.v1.worker.gpu_model_runner:GPUModelRunner._sample", _C + "rewind_discarded_samples_on_cpu"),
     VllmItem("vllm.v1.worker.gpu_model_runner:GPUModelRunner._bookkeeping_sync", _C + "rewind_discarded_samples_on_cpu"),
+    VllmItem("vllm.v1.core.sched.scheduler:Scheduler.update_from_output", _C + "install_request_failure_channel",
+             params=("self", "scheduler_output", "model_runner_output")),
+    VllmItem("vllm.v1.core.sched.scheduler:Scheduler.encoder_cache_mismatch_reqs", _C + "install_request_failure_channel",
+             "init attribute"),
+    VllmItem("vllm.v1.core.sched.scheduler:Scheduler.finish_requests", _C + "install_request_failure_channel",
+             params=("self", "request_ids", "finished_status")),
+    VllmItem("vllm.v1.engine:FinishReason.ERROR", _C + "request_failed", "attribute"),
+    *(VllmItem(f"vllm.v1.outputs:ModelRunnerOutput.{name}", _C + "mark_failed_in_output", "attribute")
+      for name in ("req_id_to_index", "sampled_token_ids", "num_nans_in_logits")),
+    VllmItem("vllm.v1.outputs:AsyncModelRunnerOutput.get_output", _C + "wrap_sample_tokens", params=("self",)),
+    VllmItem("runner:input_batch.block_table.block_tables", _C + "zero_request_kv_blocks", "attribute"),
+    VllmItem("runner:kv_cache_config.num_blocks", _C + "zero_request_kv_blocks", "attribute"),
     VllmItem("vllm.v1.core.sched.output:SchedulerOutput.total_num_scheduled_tokens", _C + "StepTimer", "attribute"),
     VllmItem("vllm.v1.core.sched.output:SchedulerOutput.num_scheduled_tokens", _C + "StepTimer", "attribute"),
     # live engine state (an in-process engine: VLLM_ENABLE_V1_MULTIPROCESSING=0)

@@ -28,6 +28,7 @@ WORKER_EXTENSION = "preft_rl.engine.worker.PreftWorkerExtension"
 # vLLM imports this module in every worker process (to mix the extension in) before it builds the model: the PreFT
 # model classes must be registered there too.
 register_preft_models()
+vllm_compat.install_request_failure_channel()  # this process may run the scheduler too (in-process, one worker)
 _ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError}
 
 
@@ -107,6 +108,7 @@ class PreftWorkerExtension:
             runtime.in_step, runtime.selection = False, None
 
         vllm_compat.wrap_execute_model(runner, begin, end)
+        vllm_compat.wrap_sample_tokens(runner, runtime.take_failed)  # requests failed alone reach the scheduler
         return {"dtype": str(param.dtype).removeprefix("torch."), "device": param.device.type,
                 "bytes_per_adapter": registry.bytes_per_adapter()}
 
@@ -143,6 +145,10 @@ class PreftWorkerExtension:
     def preft_remove_adapter(self, name: str) -> dict[str, Any]:
         registry = self._preft_registry()
         return self._preft_guard(lambda: registry.remove(name) or {"removed": name})
+
+    def preft_broken(self) -> dict[str, int]:
+        """{name: version} of the adapters whose current version produced non-finite activations."""
+        return self._preft_registry().broken()
 
     # ------------------------------------------------------------------------------ recovery
     def preft_recover(self) -> None:

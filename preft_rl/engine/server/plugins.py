@@ -38,10 +38,15 @@ UNLOAD_ROUTE = "/v1/unload_preft_adapter"
 
 
 def register_models() -> None:
-    """vLLM general plugin: the PreFT model classes, in every vLLM process."""
-    from preft_rl.engine.model import register_preft_models
+    """vLLM general plugin, in every vLLM process: the PreFT model classes; the adapter ops as graph-splitting ops, so
+    compiled serving (--no-enforce-eager, -O) keeps them opaque and outside captured graphs, as PreftEngine does; and
+    the scheduler's channel for failing one request (a bad adapter fails only its own requests)."""
+    from preft_rl.engine.model import SPLITTING_OPS, register_preft_models
+    from preft_rl.engine.vllm_compat import add_splitting_ops, install_request_failure_channel
 
     register_preft_models()
+    add_splitting_ops(SPLITTING_OPS)
+    install_request_failure_channel()  # the engine-core process runs the scheduler: a request can fail alone
 
 
 def serve_settings() -> ServeSettings | None:

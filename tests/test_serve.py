@@ -577,8 +577,9 @@ def test_an_update_while_requests_run_pins_each_request_to_one_version(server, r
 
 @pytest.mark.slow
 def test_compiled_serving_equals_the_reference(tiny_llama_dir, adapter_dirs, reference, tmp_path):
-    """`preft-rl serve --no-enforce-eager` (torch.compile): the general plugin makes vLLM split its graph at the adapter
-    ops, so every step reads its own adapter selection; the greedy tokens equal the HF reference's, as in eager mode."""
+    """`preft-rl serve --no-enforce-eager` (torch.compile): the adapter ops are opaque custom ops that read each step's
+    selection when they run (and the general plugin makes vLLM split its graph at them where it captures CUDA graphs;
+    vLLM-CPU captures none); the greedy tokens equal the HF reference's, as in eager mode."""
     from openai import OpenAI
 
     with running_server(tiny_llama_dir, {"a": adapter_dirs["a"]}, tmp_path / "server.log", "--no-enforce-eager") as url:
@@ -589,4 +590,84 @@ def test_compiled_serving_equals_the_reference(tiny_llama_dir, adapter_dirs, ref
                 assert ids == reference(served_dir(adapter_dirs, model), prompt_ids, GREEDY["max_tokens"]), (model, prompt)
         _, prompt_ids, ids = complete(client, "a", PROMPTS[0])
         assert ids != reference(None, prompt_ids, GREEDY["max_tokens"])  # the adapter really acts in the compiled graph
-    assert "preft_rl::apply_linear" in (tmp_path / "server.log").read_text()  # vLLM's logged splitting_ops name ours
+    log = (tmp_path / "server.log").read_text()
+    assert "compilation_config={'mode': <CompilationMode." in log and "{'mode': <CompilationMode.NONE" not in log  # compiled
+
+
+@pytest.mark.slow
+def test_a_bad_adapter_fails_alone_while_good_clients_stream(server, reference, adapter_dirs, tokenizer, tiny_llama_dir, tmp_path):
+    """DESIGN invariant 8 in the server: while 24 clients stream from a, b and the base, an adapter whose B is 1e30
+    (finite, so the load route accepts it) is loaded and called. Its requests get a 422 naming it (streamed: an error
+    event, no token); every good client's tokens equal the reference; the server stays up; the bad adapter keeps
+    getting a 422 until it is updated, then serves its new weights exactly. Before: HTTP 500 for everyone and a dead
+    engine core."""
+    import openai
+    from openai import AsyncOpenAI
+
+    from preft_rl.adapters import PreftModel
+
+    huge_dir = tmp_path / "huge"
+    from transformers import AutoModelForCausalLM
+
+    model = PreftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapter_dirs["c"], is_trainable=True)
+    with torch.no_grad():
+        for name, param in model.adapter_named_parameters():
+            if "lora_B" in name:
+                param.mul_(1e30)
+    model.save_pretrained(huge_dir)
+    expected = {(m, p): reference(served_dir(adapter_dirs, m), tokenizer.encode(p), GREEDY["max_tokens"])
+                for m in ("tiny", "a", "b") for p in PROMPTS}
+
+    async def run():
+        client = AsyncOpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+        async def good_client(i: int):
+            results = []
+            for j in range(6):
+                model_name, prompt = ("tiny", "a", "b")[(i + j) % 3], PROMPTS[(i + 2 * j) % len(PROMPTS)]
+                stream = await client.completions.create(model=model_name, prompt=prompt, stream=True,
+                                                         extra_body={**TOKENS}, **GREEDY)
+                ids = [t for chunk in [c async for c in stream] for choice in chunk.choices for t in (choice.token_ids or [])]
+                results.append((model_name, prompt, ids))
+            return results
+
+        async def bad_client():
+            await asyncio.sleep(0.5)  # the good clients are streaming by now
+            code, reply = await asyncio.to_thread(post, server, "/v1/load_preft_adapter", {"adapter_name": "huge", "adapter_path": str(huge_dir)})
+            assert code == 200, reply
+            errors = []
+            for prompt in PROMPTS[:2]:
+                try:
+                    await client.completions.create(model="huge", prompt=prompt, extra_body=TOKENS, **GREEDY)
+                except openai.APIStatusError as exc:
+                    errors.append((exc.status_code, str(exc)))
+            stream_error = None
+            try:
+                stream = await client.completions.create(model="huge", prompt=PROMPTS[2], stream=True, extra_body=TOKENS, **GREEDY)
+                tokens = [t for chunk in [c async for c in stream] for choice in chunk.choices for t in (choice.token_ids or [])]
+            except openai.APIError as exc:
+                stream_error, tokens = str(exc), []
+            return errors, stream_error, tokens
+
+        return await asyncio.wait_for(asyncio.gather(bad_client(), *(good_client(i) for i in range(24))), timeout=900)
+
+    (errors, stream_error, bad_tokens), *good = asyncio.run(run())
+    assert [code for code, _ in errors] == [422, 422], errors
+    assert all("adapter 'huge' (version 1) produced non-finite activations" in message for _, message in errors), errors
+    assert stream_error is not None and "non-finite" in stream_error and bad_tokens == []
+    results = [item for client_results in good for item in client_results]
+    assert len(results) == 24 * 6
+    for model_name, prompt, ids in results:
+        assert ids == expected[model_name, prompt], (model_name, prompt)
+    with urllib.request.urlopen(server + "/health", timeout=10) as response:
+        assert response.status == 200
+    # fixed by an in-place update: a new version, served exactly
+    code, reply = post(server, "/v1/load_preft_adapter", {"adapter_name": "huge", "adapter_path": str(adapter_dirs["c"]), "load_inplace": True})
+    assert code == 200 and reply["version"] == 2, reply
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    _, prompt_ids, ids = complete(client, "huge", PROMPTS[0])
+    assert ids == reference(adapter_dirs["c"], prompt_ids, GREEDY["max_tokens"])
+    code, _ = post(server, "/v1/unload_preft_adapter", {"adapter_name": "huge"})
+    assert code == 200

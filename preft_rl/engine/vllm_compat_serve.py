@@ -46,6 +46,7 @@ SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorInfo.code", _S + "patch_serving_checks", "attribute"),
     VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorInfo.message", _S + "patch_serving_checks", "attribute"),
     VllmItem("vllm.exceptions:VLLMNotFoundError", _S + "not_found_error", "class"),
+    VllmItem("vllm.exceptions:VLLMUnprocessableEntityError", _S + "unprocessable_error", "class"),
     VllmItem("vllm.lora.request:LoRARequest", _S + "adapter_request_class", "class",
              params=("lora_name", "lora_int_id", "lora_path", "base_model_name")),
     VllmItem("vllm.entrypoints.launchers.api_server.app_state", _S + "served_models", "source",
@@ -112,6 +113,13 @@ def wrap_engine_generate(engine_client: Any, make_generate: Callable[[Callable],
     """Replace the engine client's `generate(prompt, sampling_params, request_id, *, lora_request=None, ...)` (an async
     generator of RequestOutputs) with `make_generate(original)`, which must take and stream the same."""
     engine_client.generate = make_generate(engine_client.generate)
+
+
+def unprocessable_error(message: str) -> Exception:
+    """The exception vLLM's server answers with a 422 and `message` (an SSE error event once a stream has started)."""
+    from vllm.exceptions import VLLMUnprocessableEntityError
+
+    return VLLMUnprocessableEntityError(message)
 
 
 def not_found_error(message: str) -> Exception:

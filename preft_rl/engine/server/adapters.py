@@ -123,6 +123,7 @@ class ServedAdapters:
         self._changing: set[str] = set()  # names an update / unload is waiting for or applying
         self._state = asyncio.Condition()
         self._admin = asyncio.Lock()  # one change at a time, in order, on every rank
+        self.broken: dict[str, int] = {}  # name -> version whose activations went non-finite: its requests get a 422
 
     # ------------------------------------------------------------------------------ requests
     def unknown(self, name: str) -> AdapterError:
@@ -165,6 +166,25 @@ class ServedAdapters:
             async with self._state:
                 self._changing.discard(name)
                 self._state.notify_all()
+
+    def broken_error(self, entry: AdapterEntry) -> AdapterError | None:
+        """A 422 for a request of an adapter version that produced non-finite activations; None if it is sound."""
+        if self.broken.get(entry.name) != entry.version:
+            return None
+        return AdapterError(
+            422,
+            f"adapter {entry.name!r} (version {entry.version}) produced non-finite activations (NaN or inf) on a prompt: its "
+            "weights are finite but too large for this model. Its requests fail until it is updated (POST "
+            '/v1/load_preft_adapter with "load_inplace": true) or unloaded; every other adapter keeps serving.',
+        )
+
+    async def check_failed(self, entry: AdapterEntry) -> AdapterError | None:
+        """After a request of `entry` ended with finish_reason "error": the 422 if the worker marked this adapter version
+        broken (the request failed alone, DESIGN invariant 8); None for any other engine error (vLLM answers it)."""
+        broken = await self._rpc("preft_broken")
+        if broken.get(entry.name) == entry.version:
+            self.broken[entry.name] = entry.version
+        return self.broken_error(entry)
 
     def in_flight(self, name: str) -> int:
         return self._readers[name]

@@ -24,7 +24,7 @@ from http import HTTPStatus
 from typing import Any
 
 from preft_rl.engine import vllm_compat_serve as serve_compat
-from preft_rl.engine.vllm_compat import base_cache_salt, tag_request
+from preft_rl.engine.vllm_compat import base_cache_salt, request_failed, tag_request
 
 from .adapters import AdapterError, ServedAdapters, ServeSettings, next_request_id
 
@@ -169,15 +169,21 @@ def install_request_routing(engine_client: Any, served: ServedAdapters) -> None:
                                  f"{type(prompt).__name__} input")
             try:
                 async with served.serving(name) as entry:
+                    if (broken := served.broken_error(entry)) is not None:
+                        raise broken
                     tagged, params = tag_request(prompt, sampling_params, entry.name, entry.version)
                     stream = inner(tagged, params, request_id, *args, lora_request=None, **kwargs)
                     try:
                         async for output in stream:
+                            if request_failed(output) and (broken := await served.check_failed(entry)) is not None:
+                                raise broken  # this request failed alone: no token of it was produced
                             yield output
                     finally:
                         await stream.aclose()  # an abandoned request is aborted before the adapter is released
-            except AdapterError as exc:  # unloaded between vLLM's model check and here
-                raise serve_compat.not_found_error(exc.message) from None
+            except AdapterError as exc:
+                if exc.status == 422:  # the adapter's activations went non-finite
+                    raise serve_compat.unprocessable_error(exc.message) from None
+                raise serve_compat.not_found_error(exc.message) from None  # unloaded after vLLM's model check
 
         return generate
 

@@ -252,3 +252,38 @@ def test_a_completion_no_reward_function_could_score_is_nan_with_advantage_zero(
     torch.testing.assert_close(batch.advantages, expected)
     metrics = trainer._rollout_metrics(batch)
     assert metrics["reward"] == pytest.approx(batch.rewards[~unscorable].mean().item())
+
+
+def _overflow_policy(trainer) -> None:
+    """A 'bad update': finite weights (B x 1e30) whose prompt activations overflow in the engine."""
+    with torch.no_grad():
+        for name, param in trainer.preft_model.adapter_named_parameters():
+            if "lora_B" in name:
+                param.add_(1.0).mul_(1e30)  # + 1: B may still be the zero of the initialisation
+    trainer._engine_in_sync = False
+
+
+def test_an_update_that_overflows_the_engine_is_rolled_back_before_any_rollout_or_file_uses_it(restored, tmp_path):
+    """Issue 23, part 3: the policy after a diverged update (finite, so the save checks pass) makes the engine's prompt
+    activations non-finite. The rollout that would use it stops with a clear error, the last policy that served is
+    back in the model and the engine, and neither a checkpoint nor an adapter file is written with the bad one."""
+    from preft_rl.trainers.core import NonFinitePolicyError
+    from test_grpo_trainer import assert_engine_serves
+
+    trainer = restored
+    trainer.args.output_dir = str(tmp_path)
+    trainer._generate_and_score(0)  # this policy serves: the one a bad update goes back to
+    good = adapter_snapshot(trainer)
+    _overflow_policy(trainer)
+    with pytest.raises(NonFinitePolicyError, match=r"non-finite \(NaN or inf\).*No rollout, checkpoint or file used it"):
+        trainer._generate_and_score(1)
+    assert_same_tensors(good, adapter_snapshot(trainer))  # the last policy that served, in the model
+    assert_engine_serves(trainer, trainer.preft_model, dataset(False, n=2)["prompt"])  # and in the engine
+    batch, _ = trainer._generate_and_score(1)  # the trainer keeps working
+    assert torch.isfinite(batch.old_logps if batch.old_logps is not None else torch.zeros(1)).all()
+
+    _overflow_policy(trainer)  # a bad update right before a save: refused, nothing written
+    with pytest.raises(NonFinitePolicyError):
+        trainer._check_policy_serves()
+    assert list(tmp_path.iterdir()) == []
+    assert_same_tensors(good, adapter_snapshot(trainer))

@@ -49,6 +49,11 @@ logger = logging.getLogger(__name__)
 POLICY = "policy"
 
 
+class NonFinitePolicyError(RuntimeError):
+    """An update made the policy's prompt activations non-finite in the engine (finite weights, too large for the
+    model). Raised before any rollout or file uses it; the trainer restored the last policy that served."""
+
+
 @dataclass
 class MiniBatch:
     """One optimizer step's worth of rows, split into gradient-accumulation micro-batches."""
@@ -140,6 +145,7 @@ class PreftRLTrainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self._trainable_module(), optimizer, scheduler)
         self.engine = self._build_engine(base)
         self.step = 0
+        self._keep_served_policy()  # every method starts as an exact no-op: finite wherever the base is
         self._rollout: RolloutBatch | None = None  # reused for steps_per_generation steps
         self._skipped_steps = 0
         if self.accelerator.is_main_process:
@@ -231,10 +237,60 @@ class PreftRLTrainer:
             self.engine.update_adapter(POLICY, self.preft_model.adapter_state_dict())
         self._engine_in_sync = True
 
+    def _keep_served_policy(self) -> None:
+        """Remember the policy the engine just served without a non-finite activation (a CPU copy of this process's
+        adapter parameters, ZeRO-3 shards as they are): what a bad update is rolled back to."""
+        self._served_policy = [p.detach().to("cpu", copy=True) for p in self._policy_parameters()]
+        self._served_step = self.step
+
+    def _restore_last_served_policy(self) -> None:
+        """An update made the policy's activations non-finite in the engine (every request of it failed alone): put
+        back the last policy that served, in the model and in the engine, and stop with a clear error. Nothing of the
+        bad policy was returned, saved or checkpointed."""
+        with torch.no_grad():
+            for param, kept in zip(self._policy_parameters(), self._served_policy):
+                param.copy_(kept.to(param.device))
+        self._sync_engine()
+        last = checkpoint.latest(self.args.output_dir)
+        raise NonFinitePolicyError(
+            f"the policy after step {self.step} makes the engine's prompt activations non-finite (NaN or inf): its "
+            "weights are finite but too large for the model (training diverged). No rollout, checkpoint or file used it: "
+            f"the policy of step {self._served_step} was put back in the model and the engine. Resume from "
+            f"{last or 'the start (no checkpoint yet)'} with a lower learning_rate or max_grad_norm "
+            "(trainer.train(resume_from_checkpoint=True))."
+        )
+
+    def _check_policy_serves(self) -> None:
+        """Before the policy is written anywhere: one prompt through the engine (a prefill and one token), so an update
+        that made the policy's activations non-finite is refused instead of saved (NonFinitePolicyError)."""
+        from preft_rl.engine import SamplingParams
+
+        if not self._engine_in_sync:
+            self._sync_engine()
+        prompt = prompt_ids_for(self.engine.tokenizer, self.train_dataset[0]["prompt"], self.args.max_prompt_length)
+        self._engine_generate([prompt], [SamplingParams(max_tokens=1, temperature=0)])
+        self._keep_served_policy()
+
     def _engine_generate(self, prompt_ids: list[list[int]], params: list[Any], use_tqdm: bool = False) -> list[Any]:
         """The engine's outputs for this process's prompts (every process calls it, with or without prompts). Under
         engine TP the ranks of a group must submit the same requests, so they gather the group's prompts (and their
-        seeded params), generate them all, and each keeps its own slice."""
+        seeded params), generate them all, and each keeps its own slice. If the policy's activations went non-finite
+        in any process, every process puts back the last policy that served and raises NonFinitePolicyError."""
+        from preft_rl.engine import FailedRequestsError
+
+        try:
+            outputs = self._engine_generate_unchecked(prompt_ids, params, use_tqdm)
+            failed = 0
+        except FailedRequestsError:
+            outputs, failed = [], 1
+        if self.accelerator.num_processes > 1:  # every process stops together: one may fail on prompts another lacks
+            flag = torch.tensor(float(failed), device=self.accelerator.device)
+            failed = int(self.accelerator.reduce(flag, reduction="sum").item())
+        if failed:
+            self._restore_last_served_policy()
+        return outputs
+
+    def _engine_generate_unchecked(self, prompt_ids: list[list[int]], params: list[Any], use_tqdm: bool) -> list[Any]:
         if self._tp_group is None:
             if not prompt_ids:
                 return []
@@ -399,6 +455,7 @@ class PreftRLTrainer:
             with phases.phase("sync"):
                 self._sync_engine()
         samples, stats = self._draw_groups(step, phases)
+        self._keep_served_policy()  # this policy served the whole rollout: the one a bad update is rolled back to
         batch = self._pack(samples)
         with phases.phase("logprobs"):
             if self._needs_old_logps():
@@ -550,6 +607,7 @@ class PreftRLTrainer:
                 raise FileNotFoundError(f"resume_from_checkpoint=True but {args.output_dir} holds no checkpoint-N directory")
             self.step, self._rollout = checkpoint.load(self, path)
             self._engine_in_sync = False
+            self._keep_served_policy()  # a checkpoint is written only after its policy served (_check_policy_serves)
         bar = tqdm(total=self.max_steps, initial=self.step, desc=self.display_name, disable=args.disable_tqdm or not acc.is_main_process)
         metrics: dict[str, float] = {}
         while self.step < self.max_steps:
@@ -568,6 +626,7 @@ class PreftRLTrainer:
             if self.eval_dataset is not None and args.eval_steps > 0 and self.step % args.eval_steps == 0 and self.step < self.max_steps:
                 metrics.update(self.evaluate())
             if args.save_steps > 0 and self.step % args.save_steps == 0 and self.step < self.max_steps:
+                self._check_policy_serves()  # never checkpoint a policy whose activations overflow
                 checkpoint.save(self, self.step, self._rollout)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", **{
@@ -576,6 +635,7 @@ class PreftRLTrainer:
         bar.close()
         if self.eval_dataset is not None:
             metrics.update(self.evaluate())
+        self._check_policy_serves()
         checkpoint.save(self, self.step, self._rollout)
         self.save_model(args.output_dir)
         for tracker in acc.trackers:  # not acc.end_training(): it also destroys the process group vLLM uses

@@ -57,7 +57,8 @@ def test_ppo_trains_policy_critic_and_head_only_and_the_engine_serves_the_policy
         if name in frozen:
             assert torch.equal(param, frozen[name]), name  # the shared base stays bit-identical
     policy_keys = set(trainer.preft_model.adapter_state_dict())
-    assert len(syncs) == 2 and all(keys == policy_keys for keys in syncs)  # only the policy adapter goes to the engine
+    # only the policy adapter goes to the engine: 2 rollouts after an update, 1 check before the final save
+    assert len(syncs) == 3 and all(keys == policy_keys for keys in syncs)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3]
     for key in ("reward", "loss", "policy_loss", "value_loss", "value_clip_ratio", "clip_ratio", "approx_kl", "kl",

@@ -355,7 +355,7 @@ def install_request_failure_channel() -> None:
 
 def request_failed(output: Any) -> bool:
     """Whether a RequestOutput ended with FinishReason.ERROR (vLLM's request-level error)."""
-    return any(getattr(completion, "finish_reason", None) == "error" for completion in output.outputs)
+    return any(getattr(completion, "finish_reason", None) == "error" for completion in getattr(output, "outputs", ()))
 
 
 def zero_request_kv_blocks(runner: Any, req_indices: list[int]) -> int:

@@ -33,7 +33,7 @@ class ScaleLayer(nn.Module):
         self.scale = nn.Parameter(torch.zeros(hidden, device=device))
         self._slot = slot
 
-    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         selection = self._slot.current
         if selection is None:
             return hidden

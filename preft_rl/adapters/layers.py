@@ -194,7 +194,7 @@ class ReftLayer(nn.Module):
     def is_identity(self) -> bool:
         return all(intervention.is_identity() for intervention in self.interventions.values())
 
-    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         selection = self._slot.current
         if selection is None:
             return hidden

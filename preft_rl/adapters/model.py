@@ -246,6 +246,14 @@ class PreftModel(nn.Module):
             if id(param) in own and _is_adapter_name(name):
                 yield _logical(name), param
 
+    def adapter_modules_with_parameters(self) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+        """Each module this adapter's method built (one per wrapped linear layer or edited decoder layer), with the
+        parameters it reads when it is called: its own and its sub-modules' (not a wrapped base layer's, which is
+        called as a module). DeepSpeed ZeRO-3 must gather these around that module's forward and backward
+        (preft_rl.trainers.runtime.register_zero3_adapter_parameters)."""
+        return [(adapter, [param for sub in _own_modules(adapter) for param in sub.parameters(recurse=False)])
+                for adapter in self._adapter_modules]
+
     def adapter_named_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """(name inside the base model, module) for every module of this adapter, as adapter_named_parameters names them."""
         own = {id(module) for adapter in self._adapter_modules for module in _own_modules(adapter)}

@@ -43,7 +43,15 @@ from .grpo_core import entropy_from_logits, nanstd, selective_log_softmax
 from .rl_config import PreftRLConfig
 from .rollout import (RolloutBatch, Samples, completion_messages, groups_with_signal, pack, prompt_ids_for, reward_error_count,
                       reward_nan_counts, sampling_seed, score)
-from .runtime import PhaseRecorder, as_dataset, fill_deepspeed_batch_fields, gathered, process_group_kwargs
+from .runtime import (
+    PhaseRecorder,
+    as_dataset,
+    deepspeed_zero_stage,
+    fill_deepspeed_batch_fields,
+    gathered,
+    process_group_kwargs,
+    register_zero3_adapter_parameters,
+)
 
 logger = logging.getLogger(__name__)
 POLICY = "policy"
@@ -142,6 +150,8 @@ class PreftRLTrainer:
         optimizer_steps = self.max_steps * args.optimizer_steps_per_step
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * optimizer_steps),
                                   num_training_steps=optimizer_steps)
+        if deepspeed_zero_stage(self.accelerator) == 3:
+            register_zero3_adapter_parameters(self._trainable_module())
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self._trainable_module(), optimizer, scheduler)
         self.engine = self._build_engine(base)
         self.step = 0

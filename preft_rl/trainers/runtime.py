@@ -49,13 +49,41 @@ def fill_deepspeed_batch_fields(accelerator: Any, args: Any) -> None:
     ds_config.setdefault("zero_allow_untested_optimizer", True)
 
 
+def deepspeed_zero_stage(accelerator: Any) -> int | None:
+    """The DeepSpeed ZeRO stage accelerate runs (None without DeepSpeed)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else plugin.zero_stage
+
+
+def register_zero3_adapter_parameters(module: torch.nn.Module) -> int:
+    """Tell DeepSpeed ZeRO-3 which adapter parameters each adapter module inside `module` reads; returns how many.
+    Call it before DeepSpeed wraps `module`.
+
+    ZeRO-3 gathers a module's own parameters around its forward and backward. An adapter module reads its
+    sub-modules' weights directly (the LoRA A and B matrices, a ReFT rotation) and hands them to one fused op, so
+    those sub-modules never run and their shards would be read as empty tensors. Registering them as the adapter
+    module's external parameters makes DeepSpeed gather them with it.
+    """
+    import deepspeed
+
+    from preft_rl.adapters import PreftModel
+
+    count = 0
+    for sub in module.modules():
+        if isinstance(sub, PreftModel):
+            for adapter, params in sub.adapter_modules_with_parameters():
+                for param in params:
+                    deepspeed.zero.register_external_parameter(adapter, param)
+                    count += 1
+    return count
+
+
 class gathered:
     """Gather ZeRO-3 shards of `params` for the block (a no-op without DeepSpeed ZeRO-3)."""
 
     def __init__(self, params: list[torch.nn.Parameter], accelerator: Any) -> None:
         self._ctx = None
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None and plugin.zero_stage == 3:
+        if deepspeed_zero_stage(accelerator) == 3:
             import deepspeed
 
             self._ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)

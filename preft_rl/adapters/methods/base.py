@@ -166,16 +166,17 @@ def is_adapter_parameter(name: str) -> bool:
 
 
 def attach_after_layer(layer: nn.Module, attribute: str, module: nn.Module) -> Callable[..., None]:
-    """Put `module` on a decoder layer as `attribute` and run `module.apply(hidden)` on the layer's output (the
-    residual stream); returns the function that undoes both."""
+    """Put `module` on a decoder layer as `attribute` and call `module(hidden)` on the layer's output (the residual
+    stream); returns the function that undoes both. The module is called (not a method of it), so its own forward
+    hooks run: DeepSpeed ZeRO-3 gathers an adapter module's parameters in them."""
     if hasattr(layer, attribute):
         raise ValueError(f"the decoder layer already has {attribute!r}: two adapters of one kind cannot share a layer")
     setattr(layer, attribute, module)
 
     def edit_output(_layer: nn.Module, _args: tuple, output: Any) -> Any:
         if isinstance(output, tuple):
-            return (module.apply(output[0]), *output[1:])
-        return module.apply(output)
+            return (module(output[0]), *output[1:])
+        return module(output)
 
     handle = layer.register_forward_hook(edit_output)
 

@@ -9,6 +9,8 @@ per-token adapter slot (`token_adapter_index`, -1 = no adapter) grouped once per
     apply_loreft(h, rotation, weight, bias, meta); apply_direft(h, weight, bias, proj, meta)
     prefill_lora(base_out, x, A, B, scaling, prompt_mask)          # training: differentiable, one adapter
     prefill_loreft(h, R, W, b, prompt_mask); prefill_direft(h, W1, b, W2, prompt_mask)
+    prefill_lora_multi(base_out, x, A, B, scaling, index)          # training many adapters: differentiable, per row
+    prefill_loreft_multi(h, R, W, b, index); prefill_direft_multi(h, W1, b, W2, index)
 
 Backend: Triton for CUDA tensors, torch otherwise; `backend="torch"|"triton"` or PREFT_KERNEL_BACKEND
 overrides (Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported). Triton itself is
@@ -27,6 +29,7 @@ from .autograd import (
 from .dispatch import resolve_backend
 from .lora import apply_lora, lora_forward_reference
 from .metadata import AdapterTokenMetadata
+from .multi_prefill import prefill_direft_multi, prefill_lora_multi, prefill_loreft_multi
 from .reft import apply_direft, apply_loreft, direft_forward_reference, loreft_forward_reference
 
 __all__ = [
@@ -40,6 +43,9 @@ __all__ = [
     "prefill_lora",
     "prefill_loreft",
     "prefill_direft",
+    "prefill_lora_multi",
+    "prefill_loreft_multi",
+    "prefill_direft_multi",
     "PrefillLoraFunction",
     "PrefillReftFunction",
     "lora_prefill_reference",

@@ -4,7 +4,8 @@
 #   bash scripts/gpu_check.sh [WORK_DIR]
 #
 # Stages (each under its own time limit; a stage that fails or times out does not stop the next):
-#   1. the Triton kernel tests compiled natively for this GPU (tests/test_kernels_triton.py, tests/test_kernels.py)
+#   1. the Triton kernel tests compiled natively for this GPU (tests/test_kernels_triton.py, tests/test_kernels.py,
+#      tests/test_kernels_multi.py)
 #   2. the kernel benchmark against the ceilings measured on this device (python -m preft_rl.reports.kernels)
 #   3. the trainer's forward+backward on an 8B-shaped random Llama: PreFT LoRA (plain, shared prompt, no
 #      checkpointing), all-token LoRA, PreFT LoReFT, the reference pass; plus one LoRA layer torch vs Triton
@@ -68,7 +69,7 @@ PARALLEL=()
 "$PY" -c 'import xdist' 2>/dev/null && PARALLEL=(-n 4)
 want() { [[ " ${STAGES:-1 2 3} " == *" $1 "* ]]; }
 want 1 && stage "1. kernel tests, native" 200 \
-    "$PY" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" tests/test_kernels_triton.py tests/test_kernels.py 2>&1 | tee "$WORK/pytest.log"
+    "$PY" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" tests/test_kernels_triton.py tests/test_kernels.py tests/test_kernels_multi.py 2>&1 | tee "$WORK/pytest.log"
 want 2 && stage "2. kernel benchmark" 150 "$PY" -m preft_rl.reports.kernels --json "$WORK/kernels.json"
 want 3 && stage "3. training step, 8B-shaped Llama" 220 "$PY" scripts/gpu_train_step.py --json "$WORK/train_step.json"
 "$PY" scripts/gpu_report.py "$WORK" "$REPORT"

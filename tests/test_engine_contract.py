@@ -59,7 +59,8 @@ def test_batch_layout_positions_equal_the_positions_vllm_feeds_the_model(engines
 
 
 def test_kv_cache_tensors_are_the_runners_caches(engines):
-    """The failed-step recovery zeroes these: they must be the real KV cache, one tensor per attention layer."""
+    """A failed request's KV blocks are zeroed in these (zero_request_kv_blocks): they must be the real KV cache, one
+    tensor per attention layer."""
     from preft_rl.engine import vllm_compat
 
     engine = engines("lora")

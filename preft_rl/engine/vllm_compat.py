@@ -133,14 +133,6 @@ def live_request_ids(runner: Any) -> list[str]:
     return list(runner.requests)
 
 
-def abort_all_requests(llm: Any) -> None:
-    """Abort every unfinished request of an in-process LLM (their KV blocks are freed at once)."""
-    engine = llm.llm_engine
-    unfinished = list(engine.output_processor.request_states)  # internal request ids
-    if unfinished:
-        engine.abort_request(unfinished, internal=True)
-
-
 def kv_cache_tensors(runner: Any) -> list[Any]:
     """The runner's KV cache tensors, one per attention layer (some may be shared views)."""
     caches = getattr(runner, "kv_caches", None)
@@ -515,7 +507,7 @@ SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm:LLM.generate", "preft_rl.engine (PreftEngine / BaseEngine / NativeLoraEngine .generate)",
              params=("prompts", "sampling_params", "use_tqdm", "lora_request")),
     VllmItem("vllm:LLM.collective_rpc", "preft_rl.engine.common.VllmEngineBase._rpc", params=("method", "args")),
-    VllmItem("vllm:LLM.reset_prefix_cache", "preft_rl.engine.engine.PreftEngine._recover_from_failed_step"),
+    VllmItem("vllm:LLM.reset_prefix_cache", "preft_rl.reports.train_trl (the TRL runner's weight sync)"),
     VllmItem("vllm:LLM.get_tokenizer", "preft_rl.engine.common.VllmEngineBase._start_vllm"),
     VllmItem("vllm:LLM.sleep", "preft_rl.engine.engine.PreftEngine.sleep", params=("level",)),
     VllmItem("vllm:LLM.wake_up", "preft_rl.engine.engine.PreftEngine.wake_up"),
@@ -556,8 +548,6 @@ SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm.config:VllmConfig.model_config", _C + "vllm_config_hf_config", "attribute"),
     VllmItem("vllm.config.model:ModelConfig.hf_config", _C + "vllm_config_hf_config / runner_hf_config", "attribute"),
     VllmItem("vllm.config.compilation:CompilationConfig._attention_ops", _C + "add_splitting_ops", "attribute"),
-    VllmItem("vllm.v1.engine.llm_engine:LLMEngine.abort_request", _C + "abort_all_requests",
-             params=("request_ids", "internal")),
     VllmItem("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model", _C + "wrap_execute_model / StepTimer",
              params=("scheduler_output",)),
     VllmItem("vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens", _C + "StepTimer"),
@@ -579,7 +569,6 @@ SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm.v1.core.sched.output:SchedulerOutput.num_scheduled_tokens", _C + "StepTimer", "attribute"),
     # live engine state (an in-process engine: VLLM_ENABLE_V1_MULTIPROCESSING=0)
     VllmItem("llm:llm_engine.model_executor.driver_worker.worker.model_runner", _C + "model_runner", "attribute"),
-    VllmItem("llm:llm_engine.output_processor.request_states", _C + "abort_all_requests", "attribute"),
     VllmItem("llm:llm_engine.engine_core.shutdown", _C + "shutdown_llm"),
     VllmItem("worker:model_runner", _C + "worker_model_runner", "attribute"),
     VllmItem("runner:model", _C + "runner_model", "attribute"),

@@ -150,17 +150,6 @@ class PreftWorkerExtension:
         """{name: version} of the adapters whose current version produced non-finite activations."""
         return self._preft_registry().broken()
 
-    # ------------------------------------------------------------------------------ recovery
-    def preft_recover(self) -> None:
-        """After a step raised: drop the step's state and zero the KV cache, so no non-finite value survives in a block
-        a later request reuses (the engine also aborts the requests and resets the prefix cache)."""
-        runtime = getattr(self._preft_model(), "preft_runtime", None)
-        if runtime is not None:
-            runtime.in_step, runtime.selection = False, None
-            runtime.request_slots.clear()
-        for cache in vllm_compat.kv_cache_tensors(vllm_compat.worker_model_runner(self)):
-            cache.zero_()
-
     def preft_release(self) -> None:
         from .model import register_runtime
 

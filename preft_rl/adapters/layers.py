@@ -16,7 +16,16 @@ import math
 import torch
 from torch import nn
 
-from preft_rl.kernels import PrefillLoraFunction, PrefillReftFunction, lora_prefill_reference, reft_prefill_reference, resolve_backend
+from preft_rl.kernels import (
+    PrefillLoraFunction,
+    PrefillReftFunction,
+    lora_prefill_reference,
+    prefill_direft_multi,
+    prefill_lora_multi,
+    prefill_loreft_multi,
+    reft_prefill_reference,
+    resolve_backend,
+)
 
 from .masks import TokenSelection
 
@@ -209,4 +218,57 @@ class ReftLayer(nn.Module):
             else:  # the kernels' torch reference: the one torch copy of this maths
                 flat = reft_prefill_reference(flat, first, bias, second, selection.rows(group), is_loreft,
                                               None if no_dropout else intervention.dropout)
+        return flat.reshape(hidden.shape)
+
+
+# ---------------------------------------------------------------------------------------------- many tenants
+class TenantLoraLinear(nn.Module):
+    """Many tenants' LoRA on one linear layer: each row's prompt tokens get its own tenant's `scaling B_t A_t x`, in one
+    multi-adapter op (preft_rl.kernels.prefill_lora_multi). The tenants' A and B are their own parameters (PEFT-style
+    `lora_A.<tenant>.weight`), stacked per call for the tenants that have rows in it."""
+
+    def __init__(self, base_layer: nn.Module, tenants: dict[str, PreftLoraLinear], slot: SelectionSlot) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict({name: module.lora_A for name, module in tenants.items()})
+        self.lora_B = nn.ModuleDict({name: module.lora_B for name, module in tenants.items()})
+        self.scaling = next(iter(tenants.values())).scaling
+        self._slot = slot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (B, T, d_out)
+        selection = self._slot.current
+        if selection is None:
+            return out
+        a = torch.stack([self.lora_A[name].weight for name in selection.active])  # (N, r, d_in)
+        b = torch.stack([self.lora_B[name].weight for name in selection.active])  # (N, d_out, r)
+        out2 = prefill_lora_multi(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), a, b, float(self.scaling),
+                                  selection.metadata("prompt"))
+        return out2.reshape(out.shape)
+
+
+class TenantReftLayer(nn.Module):
+    """Many tenants' ReFT interventions after one decoder layer: each row's tokens of a group get its own tenant's
+    intervention, in one multi-adapter op per group (prefill_loreft_multi / prefill_direft_multi)."""
+
+    def __init__(self, tenants: dict[str, ReftLayer], slot: SelectionSlot) -> None:
+        super().__init__()
+        self.tenants = nn.ModuleDict(tenants)
+        self._slot = slot
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        selection = self._slot.current
+        if selection is None:
+            return hidden
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (B * T, d)
+        for group in next(iter(self.tenants.values())).interventions:
+            if group not in selection.groups:
+                continue
+            weights = [self.tenants[name].interventions[group].kernel_weights() for name in selection.active]
+            first, bias, second = (torch.stack([w[i] for w in weights]) for i in range(3))  # (N, r, d), (N, r), (N, r, d)
+            metadata = selection.metadata(group)
+            if weights[0][3]:  # LoReFT: first = R, second = W
+                flat = prefill_loreft_multi(flat, first, second, bias, metadata)
+            else:  # DiReFT: first = W1, second = W2
+                flat = prefill_direft_multi(flat, first, bias, second, metadata)
         return flat.reshape(hidden.shape)

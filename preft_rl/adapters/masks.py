@@ -117,3 +117,44 @@ class TokenSelection:
             groups={name: m.nonzero(as_tuple=True) for name, m in group_masks.items() if bool(m.any())},
             shape=(prompt_mask.shape[0], prompt_mask.shape[1]),
         )
+
+
+@dataclass(frozen=True)
+class TenantSelection:
+    """Where each tenant's adapter acts in one forward of a TenantPreftModel: the tokens (as a TokenSelection over the
+    rows that have a tenant) and, for each row, its tenant's slot in `active` (-1: no tenant, the base model).
+
+    Only the tenants in `active` (those with rows in this forward) take part: their weights are stacked in that order,
+    so a tenant without rows is not in the autograd graph at all (its gradient stays None).
+    """
+
+    tokens: TokenSelection
+    row_slots: torch.Tensor  # (B,) long, index into `active`, -1 = no tenant
+    active: tuple[str, ...]
+    _metadata: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def groups(self) -> dict[str, Index]:
+        return self.tokens.groups
+
+    def metadata(self, group: str) -> AdapterTokenMetadata:
+        """Multi-adapter kernel metadata over the flattened (batch * seq) rows: the row's tenant slot at the tokens of
+        `group` ('prompt' or a ReFT group), -1 elsewhere; built once per call and shared by every layer."""
+        cached = self._metadata.get(group)
+        if cached is None:
+            from preft_rl.kernels import AdapterTokenMetadata
+
+            batch, seq = self.tokens.shape
+            rows = self.tokens.rows(group)
+            index = torch.full((batch * seq,), -1, dtype=torch.int32, device=rows.device)
+            index[rows] = self.row_slots.to(rows.device)[rows // seq].to(torch.int32)
+            cached = self._metadata[group] = AdapterTokenMetadata.build(index)
+        return cached
+
+    @staticmethod
+    def build(prompt_mask: torch.Tensor, row_slots: torch.Tensor, active: tuple[str, ...], positions: tuple[int, int] | None,
+              groups: tuple[str, ...]) -> TenantSelection | None:
+        """None when no row with a tenant has a prompt token (the whole call runs the base model)."""
+        mask = prompt_mask & (row_slots >= 0).to(prompt_mask.device)[:, None]
+        tokens = TokenSelection.build(mask, positions, groups)
+        return None if tokens is None else TenantSelection(tokens, row_slots, active)

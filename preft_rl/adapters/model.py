@@ -139,27 +139,7 @@ class PreftModel(nn.Module):
              prompt_mask: torch.Tensor | None, position_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
         if self._detach is None:
             raise RuntimeError("this PreftModel was unloaded; wrap the base model in a new PreftModel to use an adapter again")
-        if prompt_mask is None:
-            raise ValueError(
-                "PreftModel.forward needs prompt_mask: a bool tensor [batch, seq] that is True at prompt "
-                "tokens (build it with preft_rl.prompt_mask_from_lengths(attention_mask, prompt_lengths)); "
-                "use `with model.disable_adapter():` for the base model"
-            )
-        tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if tokens is None:
-            raise ValueError("PreftModel.forward needs input_ids or inputs_embeds")
-        batch, seq = tokens.shape[:2]
-        if tuple(prompt_mask.shape) != (batch, seq):
-            raise ValueError(f"prompt_mask has shape {tuple(prompt_mask.shape)} but the input is {(batch, seq)}")
-        prompt_mask = prompt_mask.to(device=tokens.device, dtype=torch.bool)
-        if not self.preft_config.prefill_only:  # the all-token baseline acts at every (non-pad) token
-            prompt_mask = torch.ones_like(prompt_mask)
-        if attention_mask is not None:
-            real = attention_mask.bool()[:, -seq:] if attention_mask.dim() == 2 else None
-            if real is not None:
-                prompt_mask = prompt_mask & real
-            if position_ids is None and attention_mask.dim() == 2:
-                position_ids = position_ids_from_attention_mask(attention_mask, seq)
+        prompt_mask, position_ids = resolve_call(self.preft_config, input_ids, attention_mask, prompt_mask, position_ids, kwargs)
         kwargs = {**kwargs, self._selection_kwarg: self._selection(prompt_mask)}
         try:
             return target(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
@@ -312,6 +292,35 @@ class PreftModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+
+def resolve_call(config: PreftConfig, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                 prompt_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                 kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check a forward's inputs and return (the bool mask [B, T] of the tokens the adapter acts at, position ids): prompt
+    tokens that are not padding (every non-pad token for the all-token baseline); positions over non-pad tokens."""
+    if prompt_mask is None:
+        raise ValueError(
+            "PreftModel.forward needs prompt_mask: a bool tensor [batch, seq] that is True at prompt "
+            "tokens (build it with preft_rl.prompt_mask_from_lengths(attention_mask, prompt_lengths)); "
+            "use `with model.disable_adapter():` for the base model"
+        )
+    tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if tokens is None:
+        raise ValueError("PreftModel.forward needs input_ids or inputs_embeds")
+    batch, seq = tokens.shape[:2]
+    if tuple(prompt_mask.shape) != (batch, seq):
+        raise ValueError(f"prompt_mask has shape {tuple(prompt_mask.shape)} but the input is {(batch, seq)}")
+    prompt_mask = prompt_mask.to(device=tokens.device, dtype=torch.bool)
+    if not config.prefill_only:  # the all-token baseline acts at every (non-pad) token
+        prompt_mask = torch.ones_like(prompt_mask)
+    if attention_mask is not None:
+        real = attention_mask.bool()[:, -seq:] if attention_mask.dim() == 2 else None
+        if real is not None:
+            prompt_mask = prompt_mask & real
+        if position_ids is None and attention_mask.dim() == 2:
+            position_ids = position_ids_from_attention_mask(attention_mask, seq)
+    return prompt_mask, position_ids
 
 
 def get_preft_model(model: nn.Module, config: PreftConfig) -> PreftModel:

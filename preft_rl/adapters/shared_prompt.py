@@ -32,6 +32,7 @@ class PackedPrompts:
     rows: torch.Tensor  # (N,) packed row of each needed position
     columns: torch.Tensor  # (N,) packed column of each needed position
     targets: tuple[torch.Tensor, torch.Tensor]  # (batch index, kept position index) of each needed position, in the output
+    source_rows: list[int]  # (R,) the first original row packed into each packed row
 
     @property
     def num_rows(self) -> int:
@@ -39,9 +40,10 @@ class PackedPrompts:
 
 
 def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor, first: int,
-                 dtype: torch.dtype) -> PackedPrompts | None:
+                 dtype: torch.dtype, row_keys: list | None = None) -> PackedPrompts | None:
     """Pack right-padded rows `[prompt | completion | pad]` by distinct prompt; None when no prompt repeats (nothing to
-    share). `first` is the first position whose logits the caller keeps (the earliest last prompt token)."""
+    share). `first` is the first position whose logits the caller keeps (the earliest last prompt token). Rows share a
+    prompt only if their `row_keys` entries (e.g. each row's tenant, whose adapter the prompt goes through) are equal."""
     lengths = prompt_mask.sum(-1).tolist()
     real = attention_mask.sum(-1).tolist()
     ids = input_ids.tolist()
@@ -49,10 +51,11 @@ def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_m
     for b, (length, n) in enumerate(zip(lengths, real)):
         if not bool(prompt_mask[b, :length].all()) or n < length:
             raise ValueError("shared prompt packing needs rows laid out as [prompt | completion | padding]")
-        groups.setdefault(tuple(ids[b][:length]), []).append(b)
+        key = tuple(ids[b][:length]) if row_keys is None else (row_keys[b], *ids[b][:length])
+        groups.setdefault(key, []).append(b)
     if len(groups) == len(ids):
         return None
-    widths = [len(prompt) + sum(real[b] - lengths[b] for b in members) for prompt, members in groups.items()]
+    widths = [lengths[members[0]] + sum(real[b] - lengths[b] for b in members) for members in groups.values()]
     width = max(widths)
     num_rows = len(groups)
     device = input_ids.device
@@ -61,7 +64,8 @@ def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_m
     packed_prompt = torch.zeros(num_rows, width, dtype=torch.bool)
     allowed = torch.zeros(num_rows, width, width, dtype=torch.bool)
     rows, columns, batch_index, kept_index = [], [], [], []
-    for r, (prompt, members) in enumerate(groups.items()):
+    for r, (key, members) in enumerate(groups.items()):
+        prompt = key if row_keys is None else key[1:]
         length = len(prompt)
         packed_ids[r, :length] = torch.tensor(prompt, dtype=input_ids.dtype)
         position_ids[r, :length] = torch.arange(length)
@@ -91,20 +95,22 @@ def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_m
     return PackedPrompts(
         input_ids=packed_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
         prompt_mask=packed_prompt.to(device), rows=as_long(rows), columns=as_long(columns),
-        targets=(as_long(batch_index), as_long(kept_index)),
+        targets=(as_long(batch_index), as_long(kept_index)), source_rows=[members[0] for members in groups.values()],
     )
 
 
 def shared_prompt_logits(preft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor,
-                         keep: int) -> torch.Tensor | None:
+                         keep: int, tenants: list | None = None) -> torch.Tensor | None:
     """(B, keep, V) logits of the last `keep` positions, each prompt computed once; 0 at positions no loss reads (prompt
-    interior, padding). None when no prompt repeats in the batch (the caller runs the plain forward)."""
+    interior, padding). None when no prompt repeats in the batch (the caller runs the plain forward). With `tenants`
+    (each row's tenant, for a TenantPreftModel) a prompt is shared only within a tenant."""
     first = input_ids.shape[1] - keep
     dtype = next(preft_model.base_model.parameters()).dtype
-    packed = pack_prompts(input_ids, attention_mask, prompt_mask, first, dtype)
+    packed = pack_prompts(input_ids, attention_mask, prompt_mask, first, dtype, tenants)
     if packed is None:
         return None
-    hidden = preft_model.hidden_states(packed.input_ids, packed.attention_mask, packed.prompt_mask, packed.position_ids)
+    extra = {} if tenants is None else {"tenants": [tenants[b] for b in packed.source_rows]}
+    hidden = preft_model.hidden_states(packed.input_ids, packed.attention_mask, packed.prompt_mask, packed.position_ids, **extra)
     logits = preft_model.base_model.lm_head(hidden[packed.rows, packed.columns])  # (N, V), only where needed
     out = torch.zeros(input_ids.shape[0], keep, logits.shape[-1], dtype=logits.dtype, device=logits.device)
     return out.index_put(packed.targets, logits)

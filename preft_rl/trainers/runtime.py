@@ -66,11 +66,9 @@ def register_zero3_adapter_parameters(module: torch.nn.Module) -> int:
     """
     import deepspeed
 
-    from preft_rl.adapters import PreftModel
-
     count = 0
-    for sub in module.modules():
-        if isinstance(sub, PreftModel):
+    for sub in module.modules():  # PreftModel and TenantPreftModel
+        if callable(getattr(sub, "adapter_modules_with_parameters", None)):
             for adapter, params in sub.adapter_modules_with_parameters():
                 for param in params:
                     deepspeed.zero.register_external_parameter(adapter, param)

@@ -4,7 +4,8 @@ A method (LoRA, LoReFT, DiReFT, or one a user registers) answers every method-sp
 
     config        which PreftConfig fields it reads (`fields`), extra validation and defaults (`validate`)
     HF model      which modules it builds and how they attach to the base (`build`), which parameter names are its
-                  own (`param_markers`); the modules' maths is the kernels' one torch copy (preft_rl.kernels)
+                  own (`param_markers`); the modules' maths is the kernels' one torch copy (preft_rl.kernels);
+                  many tenants' modules at one site as one module (`build_tenant_site`, TenantPreftModel)
     files         derived tensors saved next to the parameters and checked on load (`derived_tensors`)
     engine        the stacked slot tensors (`engine_tensor_shapes`, `engine_slot_dim`), staging file tensors into
                   them (`engine_stage`, `engine_expected_keys`, `engine_write`, TP sharding inside those), and
@@ -42,6 +43,8 @@ class BuiltModule:
     name: str
     module: nn.Module
     attach: Callable[[], Callable[..., None]]
+    # attaches another module at this module's site instead (a TenantPreftModel's site module); None: not supported
+    place: Callable[[nn.Module], Callable[..., None]] | None = None
 
 
 class AdapterMethod:
@@ -63,6 +66,14 @@ class AdapterMethod:
         """The adapter modules for `base_model`, built without changing it; each reads `slot.current` (a
         TokenSelection, or None when the adapter is off) when it runs."""
         raise NotImplementedError
+
+    def build_tenant_site(self, tenants: dict[str, nn.Module], slot: Any) -> nn.Module:
+        """One module applying many tenants' modules of one site (built by `build`, in tenant order) in one forward:
+        each row's tokens get its own tenant's edit. It reads `slot.current`, a TenantSelection (or None: off), and the
+        tenants' parameters stay their modules' own (registered again under the site module)."""
+        raise NotImplementedError(
+            f"adapter method {self.name!r} cannot train many tenants in one run: implement "
+            f"{type(self).__name__}.build_tenant_site (see LoraMethod and the ReFT methods)")
 
     def derived_tensors(self) -> dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
         """{suffix of a derived file tensor: (suffix of the parameter it is computed from, function)}. Written next to

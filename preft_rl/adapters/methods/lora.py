@@ -19,7 +19,7 @@ from torch import nn
 from preft_rl.kernels import apply_lora
 
 from .. import keys
-from ..layers import PreftLoraLinear
+from ..layers import PreftLoraLinear, TenantLoraLinear
 from .base import AdapterMethod, BuiltModule
 
 _LORA_PARAM = re.compile(r"^((?:\w+\.)*\w+)\.lora_([AB])\.weight$")  # '<module path in the layer>.lora_A.weight'
@@ -66,8 +66,12 @@ class LoraMethod(AdapterMethod):
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
             lora = PreftLoraLinear(module, config.r, config.alpha, config.dropout, slot, config.init_scale, generator)
-            built.append(BuiltModule(f"{i}.{logical}", lora, functools.partial(_attach, parent, child, lora)))
+            built.append(BuiltModule(f"{i}.{logical}", lora, functools.partial(_attach, parent, child, lora),
+                                     functools.partial(_attach, parent, child)))
         return built
+
+    def build_tenant_site(self, tenants, slot) -> nn.Module:
+        return TenantLoraLinear(next(iter(tenants.values())).base_layer, tenants, slot)
 
     # ---------------------------------------------------------------------------------- engine
     def engine_tensor_shapes(self, shape, max_rank, capacity, extended) -> dict[str, tuple[int, ...]]:
@@ -195,7 +199,7 @@ def shard_lora_tensor(shape: Any, fused: str, which: str, index: int, tensor: to
     return tensor[start : start + rows]
 
 
-def _attach(parent: nn.Module, child: str, lora: PreftLoraLinear):
+def _attach(parent: nn.Module, child: str, lora: nn.Module):
     setattr(parent, child, lora)
 
     def detach(check_only: bool = False) -> None:

@@ -19,7 +19,7 @@ import torch
 from preft_rl.kernels import apply_direft, apply_loreft
 
 from .. import keys
-from ..layers import DiReftIntervention, LoReftIntervention, ReftLayer, orthonormal_rows
+from ..layers import DiReftIntervention, LoReftIntervention, ReftLayer, TenantReftLayer, orthonormal_rows
 from .base import AdapterMethod, BuiltModule, attach_after_layer
 
 _PREFIX = "preft_reft.interventions"
@@ -57,8 +57,12 @@ class _ReftMethod(AdapterMethod):
         for i in indices:
             interventions = {group: self._intervention(hidden, config, device, generator) for group in config.intervention_groups}
             reft = ReftLayer(interventions, slot)
-            built.append(BuiltModule(f"{i}.preft_reft", reft, functools.partial(attach_after_layer, layers[i], "preft_reft", reft)))
+            built.append(BuiltModule(f"{i}.preft_reft", reft, functools.partial(attach_after_layer, layers[i], "preft_reft", reft),
+                                     functools.partial(attach_after_layer, layers[i], "preft_reft")))
         return built
+
+    def build_tenant_site(self, tenants, slot) -> torch.nn.Module:
+        return TenantReftLayer(tenants, slot)
 
     # ---------------------------------------------------------------------------------- engine
     def engine_tensor_shapes(self, shape, max_rank, capacity, extended) -> dict[str, tuple[int, ...]]:

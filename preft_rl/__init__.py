@@ -5,7 +5,7 @@ and never imports vLLM.
 """
 
 from .adapters import PreftConfig, PreftModel, get_preft_model, position_ids_from_attention_mask, prompt_mask_from_lengths
-from .trainers import PreftGRPOConfig, PreftGRPOTrainer, PreftPPOConfig, PreftPPOTrainer
+from .trainers import PreftGRPOConfig, PreftGRPOTrainer, PreftPPOConfig, PreftPPOTrainer, Tenant
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "PreftPPOTrainer",
     "PreftConfig",
     "PreftModel",
+    "Tenant",
     "get_preft_model",
     "prompt_mask_from_lengths",
     "position_ids_from_attention_mask",

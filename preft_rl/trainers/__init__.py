@@ -3,8 +3,9 @@
 from .core import PreftRLTrainer
 from .grpo_config import PreftGRPOConfig
 from .grpo_trainer import PreftGRPOTrainer
+from .multitenant import Tenant
 from .ppo_config import PreftPPOConfig
 from .ppo_trainer import PreftPPOTrainer
 from .rl_config import PreftRLConfig
 
-__all__ = ["PreftGRPOConfig", "PreftGRPOTrainer", "PreftPPOConfig", "PreftPPOTrainer", "PreftRLConfig", "PreftRLTrainer"]
+__all__ = ["Tenant", "PreftGRPOConfig", "PreftGRPOTrainer", "PreftPPOConfig", "PreftPPOTrainer", "PreftRLConfig", "PreftRLTrainer"]

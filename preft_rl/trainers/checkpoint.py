@@ -113,8 +113,9 @@ def load(trainer: PreftRLTrainer, path: str | Path) -> tuple[int, RolloutBatch |
     else:
         from preft_rl.adapters.serialization import check_adapter_state, read_weights
 
-        expected = {KEY_PREFIX + name: p for name, p in trainer.preft_model.adapter_named_parameters()}
-        adapter = _read(path, "adapter_model.safetensors", lambda f: check_adapter_state(expected, read_weights(f), str(f)))
+        adapter_files = trainer._checkpoint_adapter_files()
+        adapters = {name: _read(path, name, lambda f, e=expected: check_adapter_state(e, read_weights(f), str(f)))
+                    for name, expected in adapter_files.items()}
         extra_expected = trainer._checkpoint_state()
         extra = _read(path, EXTRA_NAME, lambda f: check_adapter_state(extra_expected, read_weights(f), str(f))) if extra_expected else {}
         optimizer_state = _read(path, "optimizer.pt", lambda f: _optimizer_state(trainer.optimizer, torch.load(f, weights_only=False)))
@@ -133,8 +134,9 @@ def load(trainer: PreftRLTrainer, path: str | Path) -> tuple[int, RolloutBatch |
     else:
         trainer.optimizer.load_state_dict(optimizer_state)
         with torch.no_grad():
-            for key, param in expected.items():
-                param.copy_(adapter[key].to(device=param.device, dtype=param.dtype))
+            for name, expected in adapter_files.items():
+                for key, param in expected.items():
+                    param.copy_(adapters[name][key].to(device=param.device, dtype=param.dtype))
             for key, param in extra_expected.items():
                 param.copy_(extra[key].to(device=param.device, dtype=param.dtype))
     trainer.scheduler.load_state_dict(scheduler)

@@ -83,29 +83,22 @@ class PreftRLTrainer:
     def __init__(
         self,
         model: str | os.PathLike,
-        reward_funcs: Callable | str | Sequence[Callable | str],
+        reward_funcs: Callable | str | Sequence[Callable | str] | None = None,
         args: PreftRLConfig | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         preft_config: PreftConfig | None = None,
+        tenants: Any = None,
     ) -> None:
         from accelerate import Accelerator
-        from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from preft_rl.rewards import get_reward_func
-
+        if tenants is not None:
+            raise ValueError(f"{type(self).__name__} does not train tenants; use PreftGRPOTrainer(..., tenants=[...])")
         self.args = args = args or self.config_class()
         if not isinstance(args, self.config_class):
             raise TypeError(f"{type(self).__name__} takes args={self.config_class.__name__}(...), got {type(args).__name__}")
-        train_dataset, eval_dataset = as_dataset(train_dataset, "train_dataset"), as_dataset(eval_dataset, "eval_dataset")
-        if train_dataset is None or len(train_dataset) == 0:
-            raise ValueError(f"{type(self).__name__} needs a non-empty train_dataset with a 'prompt' column")
-        if "prompt" not in train_dataset.column_names:
-            raise ValueError(f"train_dataset has columns {train_dataset.column_names}; it needs a 'prompt' column")
-        check_prompts(train_dataset, "train_dataset")
-        if eval_dataset is not None and "prompt" in eval_dataset.column_names:
-            check_prompts(eval_dataset, "eval_dataset")
-        check_reward_funcs(reward_funcs)
+        self._setup_tasks(reward_funcs, train_dataset, eval_dataset)
         if preft_config is not None and not isinstance(preft_config, PreftConfig):
             raise TypeError(f"preft_config must be a PreftConfig, got {type(preft_config).__name__}"
                             + ("; use PreftConfig(**your_dict)" if isinstance(preft_config, dict) else ""))
@@ -115,19 +108,10 @@ class PreftRLTrainer:
         )
         args.check_batch(self.accelerator.num_processes)
         fill_deepspeed_batch_fields(self.accelerator, args)
-        self.max_steps = args.resolved_max_steps(len(train_dataset), self.accelerator.num_processes)
+        self.max_steps = args.resolved_max_steps(self._num_train_rows(), self.accelerator.num_processes)
         if self.accelerator.is_main_process:
             print(f"{type(self).__name__}: {args.describe(self.accelerator.num_processes, self.max_steps)}", flush=True)
         torch.manual_seed(args.seed)
-
-        funcs = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs)
-        self.reward_funcs = [get_reward_func(f) if isinstance(f, str) else f for f in funcs]
-        self.reward_names = [f if isinstance(f, str) else getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(funcs)]
-        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions")
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
 
         self.model_path = resolve_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -140,16 +124,14 @@ class PreftRLTrainer:
         if config.seed is None:
             config.seed = args.seed
         self.preft_config = config
-        self.preft_model = get_preft_model(base, config)
+        self.preft_model = self._build_policy(base, config)
         self.preft_model.train()
         self._build_extra_modules(base)
         optimizer = torch.optim.AdamW(
             self._optimizer_param_groups(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon, weight_decay=args.weight_decay,
         )
-        optimizer_steps = self.max_steps * args.optimizer_steps_per_step
-        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * optimizer_steps),
-                                  num_training_steps=optimizer_steps)
+        scheduler = self._build_scheduler(optimizer)
         if deepspeed_zero_stage(self.accelerator) == 3:
             register_zero3_adapter_parameters(self._trainable_module())
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self._trainable_module(), optimizer, scheduler)
@@ -166,6 +148,32 @@ class PreftRLTrainer:
             )
 
     # ------------------------------------------------------------------------------ hooks
+    def _setup_tasks(self, reward_funcs: Any, train_dataset: Any, eval_dataset: Any) -> None:
+        """Check the training data and reward functions and set train_dataset, eval_dataset, reward_funcs, reward_names
+        and reward_weights (a run with tenants sets each tenant's own)."""
+        self.train_dataset, self.reward_funcs, self.reward_names, self.reward_weights = resolve_task(
+            train_dataset, reward_funcs, self.args.reward_weights, "train_dataset", type(self).__name__)
+        self.eval_dataset = as_dataset(eval_dataset, "eval_dataset")
+        if self.eval_dataset is not None and "prompt" in self.eval_dataset.column_names:
+            check_prompts(self.eval_dataset, "eval_dataset")
+
+    def _num_train_rows(self) -> int:
+        """The rows one epoch goes through (what num_train_epochs counts)."""
+        return len(self.train_dataset)
+
+    def _build_policy(self, base: torch.nn.Module, config: PreftConfig) -> torch.nn.Module:
+        """The trained policy adapter on the frozen base (a PreftModel)."""
+        return get_preft_model(base, config)
+
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The learning-rate schedule over every optimizer step of the run."""
+        from transformers import get_scheduler
+
+        args = self.args
+        optimizer_steps = self.max_steps * args.optimizer_steps_per_step
+        return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * optimizer_steps),
+                             num_training_steps=optimizer_steps)
+
     def _build_extra_modules(self, base: torch.nn.Module) -> None:
         """Build trained modules beside the policy adapter (PPO: a critic adapter and a value head)."""
 
@@ -207,6 +215,12 @@ class PreftRLTrainer:
         """Trained tensors besides the policy adapter, saved and restored with every checkpoint."""
         return {}
 
+    def _checkpoint_adapter_files(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        """{file inside a checkpoint (as save_model writes it): {file key: the parameter it restores}}."""
+        from preft_rl.adapters.serialization import KEY_PREFIX, WEIGHTS_NAME
+
+        return {WEIGHTS_NAME: {KEY_PREFIX + name: p for name, p in self.preft_model.adapter_named_parameters()}}
+
     # ------------------------------------------------------------------------------ engine
     def _build_engine(self, base: torch.nn.Module) -> Any:
         from preft_rl.engine import PreftEngine
@@ -230,21 +244,33 @@ class PreftRLTrainer:
             engine_kwargs["gpu_memory_utilization"] = args.engine_gpu_memory_utilization
             engine_kwargs["enable_sleep_mode"] = args.engine_sleep
         engine_kwargs.update(args.engine_kwargs)
-        engine = PreftEngine(
-            self.model_path, max_adapters=1, max_rank=config.r, method=config.method, adapter_scope=config.adapter_scope, **engine_kwargs
-        )
-        with gathered(self._policy_parameters(), self.accelerator):
-            engine.add_adapter(POLICY, self.preft_model.adapter_state_dict(), config=config)
+        states = self._engine_adapter_states()
+        engine = PreftEngine(self.model_path, max_adapters=len(states), max_rank=config.r, method=config.method,
+                             adapter_scope=config.adapter_scope, **engine_kwargs)
+        for name, state in states.items():
+            engine.add_adapter(name, state, config=config)
         self._engine_in_sync = True
         return engine
+
+    def _engine_adapter_states(self, changed_only: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """{engine adapter name: file-format tensors} of the policy (ZeRO-3 shards gathered); with `changed_only`, only
+        the adapters an update since the last sync changed."""
+        with gathered(self._policy_parameters(), self.accelerator):
+            return {POLICY: self._copy_if_sharded(self.preft_model.adapter_state_dict())}
+
+    def _copy_if_sharded(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Under ZeRO-3 a gathered parameter's storage is freed when its gather ends: copy what outlives the gather."""
+        if deepspeed_zero_stage(self.accelerator) != 3:
+            return state
+        return {key: tensor.clone() for key, tensor in state.items()}
 
     def _policy_parameters(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.preft_model.adapter_named_parameters()]
 
     def _sync_engine(self) -> None:
         """Push the policy adapter's tensors (only those) to the engine, gathering ZeRO-3 shards first."""
-        with gathered(self._policy_parameters(), self.accelerator):
-            self.engine.update_adapter(POLICY, self.preft_model.adapter_state_dict())
+        for name, state in self._engine_adapter_states(changed_only=True).items():
+            self.engine.update_adapter(name, state)
         self._engine_in_sync = True
 
     def _keep_served_policy(self) -> None:
@@ -281,7 +307,8 @@ class PreftRLTrainer:
         self._engine_generate([prompt], [SamplingParams(max_tokens=1, temperature=0)])
         self._keep_served_policy()
 
-    def _engine_generate(self, prompt_ids: list[list[int]], params: list[Any], use_tqdm: bool = False) -> list[Any]:
+    def _engine_generate(self, prompt_ids: list[list[int]], params: list[Any], use_tqdm: bool = False,
+                         adapters: list[str] | None = None) -> list[Any]:
         """The engine's outputs for this process's prompts (every process calls it, with or without prompts). Under
         engine TP the ranks of a group must submit the same requests, so they gather the group's prompts (and their
         seeded params), generate them all, and each keeps its own slice. If the policy's activations went non-finite
@@ -289,7 +316,7 @@ class PreftRLTrainer:
         from preft_rl.engine import FailedRequestsError
 
         try:
-            outputs = self._engine_generate_unchecked(prompt_ids, params, use_tqdm)
+            outputs = self._engine_generate_unchecked(prompt_ids, params, use_tqdm, adapters or [POLICY] * len(prompt_ids))
             failed = 0
         except FailedRequestsError:
             outputs, failed = [], 1
@@ -300,41 +327,44 @@ class PreftRLTrainer:
             self._restore_last_served_policy()
         return outputs
 
-    def _engine_generate_unchecked(self, prompt_ids: list[list[int]], params: list[Any], use_tqdm: bool) -> list[Any]:
+    def _engine_generate_unchecked(self, prompt_ids: list[list[int]], params: list[Any], use_tqdm: bool,
+                                   adapters: list[str]) -> list[Any]:
         if self._tp_group is None:
             if not prompt_ids:
                 return []
-            return self.engine.generate(prompt_ids, params, adapters=[POLICY] * len(prompt_ids), use_tqdm=use_tqdm)
+            return self.engine.generate(prompt_ids, params, adapters=adapters, use_tqdm=use_tqdm)
         size = torch.distributed.get_world_size(self._tp_group)
         gathered_requests: list[Any] = [None] * size
-        torch.distributed.all_gather_object(gathered_requests, list(zip(prompt_ids, params)), group=self._tp_group)
+        torch.distributed.all_gather_object(gathered_requests, list(zip(prompt_ids, params, adapters)), group=self._tp_group)
         everything = [request for part in gathered_requests for request in part]
         if not everything:
             return []
-        outputs = self.engine.generate([ids for ids, _ in everything], [sp for _, sp in everything],
-                                       adapters=[POLICY] * len(everything), use_tqdm=use_tqdm)
+        outputs = self.engine.generate([ids for ids, _, _ in everything], [sp for _, sp, _ in everything],
+                                       adapters=[name for _, _, name in everything], use_tqdm=use_tqdm)
         start = sum(len(part) for part in gathered_requests[: torch.distributed.get_rank(self._tp_group)])
         return outputs[start : start + len(prompt_ids)]
 
     # ------------------------------------------------------------------------------ rollout
-    def _prompts_for_step(self, step: int, draw: int = 0) -> list[dict]:
-        """This process's prompts for the rollout of `step`: a seeded permutation per epoch. Draw d > 0 (dynamic
-        sampling asking for more) takes prompts from a permutation seeded by (seed, step, d, process), so the main
-        data order is the same with or without dynamic sampling, and a resumed run draws the same prompts."""
+    def _prompts_for_step(self, step: int, draw: int = 0, dataset: Any = None) -> list[dict]:
+        """This process's prompts of `dataset` (default train_dataset) for the rollout of `step`: a seeded permutation
+        per epoch. Draw d > 0 (dynamic sampling asking for more) takes prompts from a permutation seeded by (seed, step,
+        d, process), so the main data order is the same with or without dynamic sampling, and a resumed run draws the
+        same prompts."""
         args, acc = self.args, self.accelerator
+        dataset = self.train_dataset if dataset is None else dataset
         local = args.generation_batch_size(1) // args.num_generations
-        n = len(self.train_dataset)
+        n = len(dataset)
         if draw > 0:
             seed = sampling_seed(args.seed, step, (draw * acc.num_processes + acc.process_index) * 7919)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-            return [self.train_dataset[perm[i % n]] for i in range(local)]
+            return [dataset[perm[i % n]] for i in range(local)]
         generation = step // args.steps_per_generation
         start = (generation * acc.num_processes + acc.process_index) * local
         rows = []
         for pos in range(start, start + local):
             epoch, offset = divmod(pos, n)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-            rows.append(self.train_dataset[perm[offset]])
+            rows.append(dataset[perm[offset]])
         return rows
 
     def _sampling_params(self, step: int, draw: int, count: int) -> list[Any]:
@@ -353,14 +383,15 @@ class PreftRLTrainer:
             for i in range(count)
         ]
 
-    def _generate(self, prompts: list[Any], params: list[Any], use_tqdm: bool = False) -> Samples:
-        """Completions of `prompts` (one per entry) from the engine with the policy adapter; every process calls it,
-        with or without prompts (engine TP groups gather). Used by the rollout and by evaluation."""
+    def _generate(self, prompts: list[Any], params: list[Any], use_tqdm: bool = False, adapters: list[str] | None = None) -> Samples:
+        """Completions of `prompts` (one per entry) from the engine with the policy adapter (or the engine adapter named
+        per prompt in `adapters`); every process calls it, with or without prompts (engine TP groups gather). Used by
+        the rollout and by evaluation."""
         args = self.args
         prompt_ids = [prompt_ids_for(self.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
         if args.engine_sleep:
             self.engine.wake_up()
-        outputs = self._engine_generate(prompt_ids, params, use_tqdm=use_tqdm)
+        outputs = self._engine_generate(prompt_ids, params, use_tqdm=use_tqdm, adapters=adapters)
         if args.engine_sleep:
             self.engine.sleep()
         completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
@@ -500,10 +531,14 @@ class PreftRLTrainer:
         ids, am, pm = batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device), batch.prompt_mask[rows].to(device)
         return ids, am, pm, int(pm.sum(-1).min()) - 1
 
-    def _policy_logits(self, ids: torch.Tensor, am: torch.Tensor, pm: torch.Tensor, keep: int) -> torch.Tensor:
-        """(b, keep, V) policy logits of the last `keep` positions."""
+    def _policy_logits(self, ids: torch.Tensor, am: torch.Tensor, pm: torch.Tensor, keep: int, **row_kwargs: Any) -> torch.Tensor:
+        """(b, keep, V) policy logits of the last `keep` positions (`row_kwargs`: what _row_kwargs gives these rows)."""
         return self.model(input_ids=ids, attention_mask=am, prompt_mask=pm, logits_to_keep=keep,
-                          share_prompts=self.args.share_prompt_forward).logits
+                          share_prompts=self.args.share_prompt_forward, **row_kwargs).logits
+
+    def _row_kwargs(self, batch: RolloutBatch, rows: Any) -> dict[str, Any]:
+        """Per-row arguments of the policy's forward besides the tokens and masks (a run with tenants: each row's tenant)."""
+        return {}
 
     def _token_logps(self, logits: torch.Tensor, ids: torch.Tensor, first: int, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(b, T) log-prob of each token given its prefix (0 before first + 1) from logits of positions first.., and entropies."""
@@ -520,7 +555,7 @@ class PreftRLTrainer:
     def _completion_logps(self, batch: RolloutBatch, rows: Any, with_entropy: bool = False):
         """(b, T) policy log-probs of each token given its prefix (0 at the first position) and optionally entropies."""
         ids, am, pm, first = self._forward_inputs(batch, rows)
-        logits = self._policy_logits(ids, am, pm, ids.shape[1] - first)
+        logits = self._policy_logits(ids, am, pm, ids.shape[1] - first, **self._row_kwargs(batch, rows))
         return self._token_logps(logits, ids, first, with_entropy)
 
     @torch.no_grad()
@@ -734,6 +769,28 @@ def check_prompts(dataset: Any, name: str) -> None:
             continue
         raise ValueError(f"{name} row {i}: prompt {prompt!r:.120} must be non-empty text or a list of chat messages "
                          "({'role': ..., 'content': ...} with string values)")
+
+
+def resolve_task(train_dataset: Any, reward_funcs: Any, reward_weights: Sequence[float] | None, name: str,
+                 owner: str) -> tuple[Any, list[Callable], list[str], torch.Tensor]:
+    """(dataset, reward functions, their names, their weights) after checking all of them; `name` is how errors name
+    the dataset ('train_dataset', "tenant 'alice' train_dataset"), `owner` what needs it."""
+    from preft_rl.rewards import get_reward_func
+
+    dataset = as_dataset(train_dataset, name)
+    if dataset is None or len(dataset) == 0:
+        raise ValueError(f"{owner} needs a non-empty {name} with a 'prompt' column")
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"{name} has columns {dataset.column_names}; it needs a 'prompt' column")
+    check_prompts(dataset, name)
+    check_reward_funcs(reward_funcs)
+    funcs = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs)
+    resolved = [get_reward_func(f) if isinstance(f, str) else f for f in funcs]
+    names = [f if isinstance(f, str) else getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(funcs)]
+    weights = list(reward_weights) if reward_weights else [1.0] * len(resolved)
+    if len(weights) != len(resolved):
+        raise ValueError(f"reward_weights has {len(weights)} entries for {len(resolved)} reward functions")
+    return dataset, resolved, names, torch.tensor(weights, dtype=torch.float32)
 
 
 def check_reward_funcs(reward_funcs: Any) -> None:

@@ -24,6 +24,13 @@ class PreftGRPOTrainer(PreftRLTrainer):
     display_name = "PreFT GRPO"
     args: PreftGRPOConfig
 
+    def __new__(cls, *args: Any, tenants: Any = None, **kwargs: Any) -> PreftGRPOTrainer:
+        if tenants is not None and cls is PreftGRPOTrainer:  # many tenants' adapters in one run (multitenant.py)
+            from .multitenant import MultiTenantGRPOTrainer
+
+            cls = MultiTenantGRPOTrainer
+        return super().__new__(cls)
+
     def _needs_old_logps(self) -> bool:
         return self.args.num_iterations > 1
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from .grpo_core import IS_MODES
 
+TENANT_SAMPLING = ("round_robin", "random")
+
 
 @dataclass
 class PreftRLConfig:
@@ -73,6 +75,12 @@ class PreftRLConfig:
         "help": "Shard the colocated engine over groups of this many consecutive processes (vLLM's external_launcher, "
                 "as TRL's vllm_tensor_parallel_size): each group generates its ranks' prompts together."})
 
+    tenants_per_step: int | None = field(default=None, metadata={
+        "help": "With tenants=: how many tenants each step trains (None: all of them)."})
+    tenant_sampling: str = field(default="round_robin", metadata={
+        "help": "With tenants= and tenants_per_step: 'round_robin' (in turn, in the order given) or 'random' (seeded by "
+                "seed and step)."})
+
     min_generations = 1  # GRPO needs a group of at least 2
 
     def _need(self, condition: bool, message: str) -> None:
@@ -106,6 +114,9 @@ class PreftRLConfig:
              f"dynamic_sampling=True needs num_generations >= 2 (got {self.num_generations}): a group of one has no variance "
              "to filter on; set dynamic_sampling=False")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        need(self.tenants_per_step is None or self.tenants_per_step >= 1,
+             f"tenants_per_step={self.tenants_per_step} must be >= 1 (or None: every tenant every step)")
+        need(self.tenant_sampling in TENANT_SAMPLING, f"tenant_sampling={self.tenant_sampling!r}: use one of {TENANT_SAMPLING}")
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to == "none" else [self.report_to]
         unknown = set(self.report_to) - {"tensorboard", "wandb"}

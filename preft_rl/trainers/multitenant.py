@@ -1,0 +1,411 @@
+"""Many tenants' adapters trained in one GRPO run, each exactly as if it were trained alone.
+
+    trainer = PreftGRPOTrainer(model, args=PreftGRPOConfig(..., tenants_per_step=8), tenants=[Tenant("alice", ds_a,
+                               [fmt_hash]), Tenant("bob", ds_b, [fmt_boxed], learning_rate=5e-4), ...], preft_config=cfg)
+
+One base model, one TenantPreftModel (each row of a forward uses its tenant's adapter through the multi-adapter ops),
+one engine holding every tenant's adapter, one rollout batch with every picked tenant's requests. What a tenant sees is
+what its own single-tenant run would see with the same seed and data:
+  - its prompts come from its own dataset in its own seeded order, and its completions' sampling seeds derive from
+    (seed, the tenant's own step, index in its own batch): the tenant's k-th trained step is its alone run's step k;
+  - `per_device_train_batch_size` and `num_generations` are per tenant; micro-batch j holds each tenant's j-th
+    micro-batch of its alone run, and a GRPO group never spans tenants;
+  - its advantages come from its own rewards, its loss is normalised over its own tokens, its gradient is clipped by
+    its own norm, and it has its own learning rate and schedule (counted in its own optimizer steps) in one AdamW
+    whose parameter groups are the tenants;
+  - a tenant not picked in a step is not in that step's graph: no gradient, so AdamW leaves its weights and state
+    untouched (weight decay included), and its schedule does not advance.
+Since tenants' adapters are disjoint parameters, the sum of the tenants' losses has, for each tenant, exactly the
+gradient of that tenant's own loss. Each tenant's adapter is written to <output_dir>/tenants/<name>/ (a normal adapter
+folder, loadable by PreftModel.from_pretrained and `preft-rl serve --adapters name=dir`).
+
+Not yet: several processes with tenants_per_step below the tenant count (DDP would see unused adapters), DeepSpeed
+(its clipping is global, not per tenant), dynamic sampling, eval_dataset and PPO.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from preft_rl.adapters import TenantPreftModel
+from preft_rl.adapters.serialization import KEY_PREFIX, WEIGHTS_NAME
+from preft_rl.adapters.tenants import check_tenant_names
+
+from .advantages import get_advantage_estimator
+from .core import MiniBatch, resolve_task
+from .grpo_core import nanstd
+from .grpo_trainer import PreftGRPOTrainer
+from .rollout import RolloutBatch, Samples, reward_error_count, score
+from .runtime import PhaseRecorder, deepspeed_zero_stage, gathered
+
+logger = logging.getLogger(__name__)
+TENANTS_DIR = "tenants"
+
+
+@dataclass
+class Tenant:
+    """One user's training task: a name (its adapter folder and its served adapter name: letters, digits, '_', '-'),
+    its own prompts and reward functions (with weights), and optionally its own peak learning rate."""
+
+    name: str
+    train_dataset: Any
+    reward_funcs: Callable | str | Sequence[Callable | str]
+    reward_weights: Sequence[float] | None = None
+    learning_rate: float | None = None
+
+
+@dataclass
+class _Task:
+    """A tenant, checked: its dataset, resolved reward functions, their names and weights, and its learning rate."""
+
+    name: str
+    dataset: Any
+    reward_funcs: list[Callable]
+    reward_names: list[str]
+    reward_weights: torch.Tensor
+    learning_rate: float
+
+
+class TenantSchedules:
+    """Each tenant's learning-rate schedule, counted in that tenant's own optimizer steps: the optimizer's parameter
+    group of tenant t gets lr_t * schedules[t](steps_t). The state (each tenant's step count) is saved with checkpoints."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedules: list[Callable[[int], float]], base_lrs: list[float]) -> None:
+        self.optimizer, self.schedules, self.base_lrs = optimizer, schedules, base_lrs
+        self.steps = [0] * len(base_lrs)
+        self._apply()
+
+    def _apply(self) -> None:
+        for group, lr, schedule, steps in zip(self.optimizer.param_groups, self.base_lrs, self.schedules, self.steps):
+            group["lr"] = lr * schedule(steps)
+
+    def step(self, tenants: Sequence[int] = ()) -> None:
+        """Advance the schedules of these tenants (indices) by one optimizer step."""
+        for t in tenants:
+            self.steps[t] += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": list(self.steps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        steps = state.get("steps")
+        if not isinstance(steps, list) or len(steps) != len(self.steps) or not all(isinstance(s, int) and s >= 0 for s in steps):
+            raise ValueError(f"expected the step counts of {len(self.steps)} tenants, got {steps!r:.80}")
+        self.steps = list(steps)
+        self._apply()
+
+
+class MultiTenantGRPOTrainer(PreftGRPOTrainer):
+    """PreftGRPOTrainer with tenants= (PreftGRPOTrainer(..., tenants=[...]) builds one): see the module docstring."""
+
+    display_name = "PreFT GRPO (tenants)"
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: Any = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, preft_config: Any = None, tenants: Sequence[Tenant] | None = None) -> None:
+        given = [name for name, value in (("reward_funcs", reward_funcs), ("train_dataset", train_dataset),
+                                          ("eval_dataset", eval_dataset)) if value is not None]
+        if given:
+            raise ValueError(f"with tenants=, pass no {', '.join(given)}: each Tenant carries its own train_dataset and "
+                             "reward_funcs (eval_dataset is not supported with tenants yet)")
+        if not isinstance(tenants, (list, tuple)) or not all(isinstance(t, Tenant) for t in tenants):
+            raise TypeError(f"tenants must be a list of preft_rl.Tenant, got {tenants!r:.120}")
+        self._tenant_specs = list(tenants)
+        super().__init__(model, args=args, preft_config=preft_config)
+        args, acc = self.args, self.accelerator
+        if deepspeed_zero_stage(acc) is not None:
+            raise ValueError("tenants= does not run under DeepSpeed yet (its gradient clipping is global, not per tenant); "
+                             "run with DDP or one process")
+        if acc.num_processes > 1 and len(self._tenants_for_step(0)) < len(self.tasks):
+            raise ValueError(f"tenants_per_step={args.tenants_per_step} below the {len(self.tasks)} tenants needs one process "
+                             "for now (DDP expects every adapter in every step); use tenants_per_step=None")
+        if args.dynamic_sampling:
+            raise ValueError("dynamic_sampling is not supported with tenants= yet; set dynamic_sampling=False")
+        if self.args.engine_tensor_parallel_size > 1:
+            raise ValueError("engine_tensor_parallel_size > 1 is not supported with tenants= yet")
+        self._changed: set[str] = set(self.tenant_names)  # adapters the engine does not have yet (all are added at start)
+
+    # ------------------------------------------------------------------------------ set-up hooks
+    def _setup_tasks(self, reward_funcs: Any, train_dataset: Any, eval_dataset: Any) -> None:
+        names = check_tenant_names([t.name for t in self._tenant_specs])
+        self.tasks = []
+        for spec in self._tenant_specs:
+            if spec.learning_rate is not None and not (math.isfinite(spec.learning_rate) and spec.learning_rate > 0):
+                raise ValueError(f"tenant {spec.name!r}: learning_rate={spec.learning_rate} must be a finite number > 0")
+            dataset, funcs, reward_names, weights = resolve_task(spec.train_dataset, spec.reward_funcs, spec.reward_weights,
+                                                                  f"tenant {spec.name!r} train_dataset", type(self).__name__)
+            self.tasks.append(_Task(spec.name, dataset, funcs, reward_names, weights, spec.learning_rate or self.args.learning_rate))
+        self.tenant_names = tuple(names)
+        self.train_dataset, self.eval_dataset = None, None
+        self.reward_funcs, self.reward_names, self.reward_weights = [], [], torch.zeros(0)
+
+    def _num_train_rows(self) -> int:
+        return max(len(task.dataset) for task in self.tasks)
+
+    def _build_policy(self, base: torch.nn.Module, config: Any) -> torch.nn.Module:
+        return TenantPreftModel(base, config, self.tenant_names)
+
+    def _optimizer_param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for _, p in self.preft_model.tenant(task.name).adapter_named_parameters()], "lr": task.learning_rate}
+                for task in self.tasks]
+
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer) -> TenantSchedules:
+        from transformers import get_scheduler
+
+        args = self.args
+        picks = [0] * len(self.tasks)  # steps each tenant trains in this run: its schedule's length
+        for step in range(self.max_steps):
+            for t in self._tenants_for_step(step):
+                picks[t] += 1
+        schedules = []
+        for count in picks:  # transformers' schedule functions, each sized by its tenant's own optimizer steps
+            steps = max(1, count * args.optimizer_steps_per_step)
+            probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            schedules.append(get_scheduler(args.lr_scheduler_type, probe, num_warmup_steps=math.ceil(args.warmup_ratio * steps),
+                                           num_training_steps=steps).lr_lambdas[0])
+        return TenantSchedules(optimizer, schedules, [task.learning_rate for task in self.tasks])
+
+    # ------------------------------------------------------------------------------ which tenants, whose step
+    def _tenants_for_step(self, step: int) -> list[int]:
+        """Indices of the tenants trained at run step `step`, in tenant order."""
+        count, k = len(self.tasks), self.args.tenants_per_step
+        if k is None or k >= count:
+            return list(range(count))
+        if self.args.tenant_sampling == "random":
+            return sorted(random.Random(self.args.seed * 1_000_003 + step).sample(range(count), k))
+        return sorted((step * k + j) % count for j in range(k))
+
+    def _tenant_step(self, tenant: int, step: int) -> int:
+        """How many steps before run step `step` trained tenant `tenant`: the step its own single run would be at."""
+        return sum(tenant in self._tenants_for_step(s) for s in range(step))
+
+    # ------------------------------------------------------------------------------ engine
+    def _engine_adapter_states(self, changed_only: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        names = [name for name in self.tenant_names if not changed_only or name in self._changed]
+        with gathered(self._policy_parameters(), self.accelerator):
+            states = {name: self._copy_if_sharded(self.preft_model.tenant(name).adapter_state_dict()) for name in names}
+        self._changed = set()
+        return states
+
+    def _check_policy_serves(self) -> None:
+        """One prompt per tenant through the engine (a prefill and one token) before anything is written."""
+        from preft_rl.engine import SamplingParams
+
+        from .rollout import prompt_ids_for
+
+        if not self._engine_in_sync:
+            self._sync_engine()
+        prompts = [prompt_ids_for(self.engine.tokenizer, task.dataset[0]["prompt"], self.args.max_prompt_length) for task in self.tasks]
+        self._engine_generate(prompts, [SamplingParams(max_tokens=1, temperature=0)] * len(prompts), adapters=list(self.tenant_names))
+        self._keep_served_policy()
+
+    # ------------------------------------------------------------------------------ rollout
+    def _draw_groups(self, step: int, phases: PhaseRecorder) -> tuple[Samples, dict[str, float]]:
+        """Every picked tenant's groups, generated in one engine call (each request with its tenant's adapter), scored
+        by that tenant's reward functions. Rows are tenant-major; each tenant's rows are its alone run's rollout."""
+        n = self.args.num_generations
+        picked = self._tenants_for_step(step)
+        prompts, params, adapters, columns, owners = [], [], [], [], []
+        for t in picked:
+            task, tenant_step = self.tasks[t], self._tenant_step(t, step)
+            rows = self._prompts_for_step(tenant_step, 0, task.dataset)
+            prompts += [row["prompt"] for row in rows for _ in range(n)]
+            params += self._sampling_params(tenant_step, 0, len(rows) * n)
+            adapters += [task.name] * (len(rows) * n)
+            columns.append({k: [row[k] for row in rows for _ in range(n)] for k in rows[0] if k != "prompt"})
+            owners.append((t, len(rows) * n))
+        with phases.phase("generate"):
+            samples = self._generate(prompts, params, adapters=adapters)
+        tokens = sum(map(len, samples.completion_ids))
+        errors_before = self._tenant_reward_errors()
+        parts, start = [], 0
+        self._reward_columns: dict[str, torch.Tensor] = {}
+        with phases.phase("score"):
+            for (t, size), cols in zip(owners, columns):
+                task = self.tasks[t]
+                part = samples.select(range(start, start + size))
+                part.columns = cols
+                per_func = score(task.reward_funcs, task.reward_names, part.prompts, part.completions, part.completion_ids, cols)
+                rewards = (per_func * task.reward_weights).nansum(dim=1)
+                rewards[per_func.isnan().all(dim=1)] = math.nan
+                for j, name in enumerate(task.reward_names):
+                    self._reward_columns[f"tenants/{task.name}/rewards/{name}"] = per_func[:, j]
+                part.rewards_per_func, part.rewards = rewards[:, None], rewards  # one column: tenants' functions differ
+                part.columns = {}
+                parts.append(part)
+                start += size
+        stats = {"rollout/draws": 1.0, "rollout/tokens_per_s": tokens / max(phases.seconds.get("generate", 0.0), 1e-9),
+                 "tenants/picked": float(len(picked))}
+        for key, count in self._tenant_reward_errors().items():
+            stats[key] = float(count - errors_before[key])
+        self._row_tenants = [self.tasks[t].name for t, size in owners for _ in range(size)]
+        return Samples.concat(parts), stats
+
+    def _tenant_reward_errors(self) -> dict[str, int]:
+        return {f"tenants/{task.name}/rewards/{name}/errors": count for task in self.tasks
+                for name, func in zip(task.reward_names, task.reward_funcs) if (count := reward_error_count(func)) is not None}
+
+    def _pack(self, samples: Samples) -> RolloutBatch:
+        batch = super()._pack(samples)
+        batch.tenants = list(self._row_tenants)
+        return batch
+
+    def _compute_advantages(self, batch: RolloutBatch) -> None:
+        """Each tenant's advantages from its own rewards only (its groups, or its batch for 'batch' scaling)."""
+        estimator = get_advantage_estimator(self.args.advantage_estimator)
+        owner = torch.tensor([self.tenant_names.index(name) for name in batch.tenants])
+        rewards, owners = self._gather(batch.rewards), self._gather(owner)
+        advantages = torch.zeros_like(rewards)
+        for t in owners.unique().tolist():
+            rows = owners == t
+            advantages[rows] = estimator(rewards[rows], self.args.num_generations, self.args.scale_rewards)
+        batch.advantages = self._local_rows(advantages)
+
+    # ------------------------------------------------------------------------------ update
+    def _tenant_rows(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        """{tenant: (rows,) its row indices in the batch}, in tenant order (a tenant's rows are consecutive)."""
+        rows: dict[str, list[int]] = defaultdict(list)
+        for i, name in enumerate(batch.tenants):
+            rows[name].append(i)
+        return {name: torch.tensor(rows[name]) for name in self.tenant_names if name in rows}
+
+    def _mini_batches(self, batch: RolloutBatch) -> list[list[Any]]:
+        """Micro-batch j holds every tenant's j-th micro-batch of its own run (per_device_train_batch_size rows each)."""
+        size = self.args.per_device_train_batch_size
+        per_tenant = self._tenant_rows(batch)
+        count = max(math.ceil(len(rows) / size) for rows in per_tenant.values())
+        return [[torch.cat([rows[j * size : (j + 1) * size] for rows in per_tenant.values()]) for j in range(count)]]
+
+    def _row_kwargs(self, batch: RolloutBatch, rows: Any) -> dict[str, Any]:
+        return {"tenants": [batch.tenants[i] for i in torch.as_tensor(rows).tolist()]}
+
+    def _compute_loss(self, batch: RolloutBatch, rows: Any, mini: MiniBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """One forward over every tenant's rows; the loss is the sum of each tenant's own GRPO loss on its rows,
+        normalised over its own tokens (as its single run would: num_items is that tenant's)."""
+        from .grpo_core import policy_loss
+
+        args, device = self.args, self.accelerator.device
+        mask = batch.completion_mask[rows].to(device).float()
+        logps, entropy = self._completion_logps(batch, rows, with_entropy=True)
+        old = batch.old_logps[rows].to(device) if batch.old_logps is not None else logps.detach()
+        ref = None if batch.ref_logps is None else batch.ref_logps[rows].to(device)
+        weights = self._importance_weights(batch, rows, old, mask)
+        items = self._tenant_items(batch, mini)
+        names = [batch.tenants[i] for i in rows.tolist()]
+        total, stats = logps.new_zeros(()), defaultdict(float)
+        for name in dict.fromkeys(names):
+            sub = torch.tensor([i for i, owner in enumerate(names) if owner == name], device=device)
+            out = policy_loss(
+                logps[sub], old[sub], batch.advantages[rows][sub.cpu()].to(device), mask[sub], loss_type=args.loss_type,
+                epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta,
+                use_bias_correction_kl=args.use_bias_correction_kl, ref_logps=None if ref is None else ref[sub],
+                is_weights=None if weights is None else weights[sub], max_completion_length=args.max_completion_length,
+                num_items=items[name], num_micro_batches=mini.num_micro_batches,
+            )
+            total = total + out.loss
+            stats[f"tenants/{name}/loss"] = out.loss.item()
+            stats[f"tenants/{name}/clip_ratio"] = out.clip_ratio.item()
+        stats["clip_ratio"] = sum(v for k, v in stats.items() if k.endswith("/clip_ratio")) / max(len(set(names)), 1)
+        stats["entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
+        return total, dict(stats)
+
+    def _tenant_items(self, batch: RolloutBatch, mini: MiniBatch) -> dict[str, float]:
+        """{tenant: its completion tokens in this mini-batch over all processes / process count} (its num_items)."""
+        key = id(mini)
+        if getattr(self, "_items_key", None) != key:
+            acc = self.accelerator
+            counts = torch.zeros(len(self.tenant_names), device=acc.device)
+            for rows in mini.micro:
+                for i in torch.as_tensor(rows).tolist():
+                    counts[self.tenant_names.index(batch.tenants[i])] += float(batch.completion_mask[i].sum())
+            counts = acc.reduce(counts, reduction="sum") / acc.num_processes
+            self._items_key, self._items = key, dict(zip(self.tenant_names, counts.tolist()))
+        return self._items
+
+    def _apply_gradients(self, norms: list[float]) -> None:
+        """At the micro-batch that ends a mini-batch: clip each trained tenant's gradient by its own norm, skip a tenant
+        whose gradient is not finite, step (AdamW skips parameters without a gradient: untrained tenants stay as they
+        were), and advance the trained tenants' schedules."""
+        args, acc = self.args, self.accelerator
+        if acc.sync_gradients:
+            clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
+            trained = []
+            for t, task in enumerate(self.tasks):
+                params = [p for _, p in self.preft_model.tenant(task.name).adapter_named_parameters() if p.grad is not None]
+                if not params:
+                    continue
+                norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                self._tenant_norms[task.name] = norm
+                if math.isfinite(norm):
+                    norms.append(norm)
+                    trained.append(t)
+                    self._changed.add(task.name)
+                else:  # this tenant's step is skipped; the others go on
+                    for p in params:
+                        p.grad = None
+                    self._skipped_steps += 1
+                    logger.warning("tenant %s: gradient norm is %s at step %d: its optimizer step skipped", task.name, norm,
+                                   self.step + 1)
+            self.optimizer.step()
+            self.scheduler.step(trained)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _optimizer_step(self, batch: RolloutBatch) -> dict[str, float]:
+        self._tenant_norms: dict[str, float] = {}
+        out = super()._optimizer_step(batch)
+        accumulation = self.args.gradient_accumulation_steps
+        for key in [k for k in out if k.endswith("/loss") and k.startswith("tenants/")]:
+            out[key] *= accumulation  # a share of the mini-batch loss, as the core scales 'loss'
+        out.update({f"tenants/{name}/grad_norm": norm for name, norm in self._tenant_norms.items()})
+        lrs = self.scheduler.get_last_lr()
+        out.update({f"tenants/{task.name}/learning_rate": lr for task, lr in zip(self.tasks, lrs)})
+        out["learning_rate"] = sum(lrs) / len(lrs)
+        return out
+
+    # ------------------------------------------------------------------------------ metrics, saving
+    def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        rewards, lengths = batch.rewards, batch.completion_lengths.float()
+        metrics = {"reward": torch.nanmean(rewards).item(), "completions/mean_length": lengths.mean().item(),
+                   "completions/clipped_ratio": batch.truncated.float().mean().item()}
+        for name, rows in self._tenant_rows(batch).items():
+            tenant_rewards = rewards[rows]
+            metrics[f"tenants/{name}/reward"] = torch.nanmean(tenant_rewards).item()
+            metrics[f"tenants/{name}/reward_std"] = nanstd(tenant_rewards).item() if (~tenant_rewards.isnan()).sum() > 1 else 0.0
+            metrics[f"tenants/{name}/completions/mean_length"] = lengths[rows].mean().item()
+        for key, column in getattr(self, "_reward_columns", {}).items():
+            metrics[key + "/mean"] = torch.nanmean(column).item()
+        return metrics
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        raise NotImplementedError("evaluate() is not supported with tenants= yet: save the tenants' adapters (save_model) "
+                                  "and evaluate each with PreftModel.from_pretrained")
+
+    def evaluation_scores(self, *args: Any, **kwargs: Any) -> dict[str, list]:
+        return self.evaluate()
+
+    def save_model(self, output_dir: Any = None) -> None:
+        """Write every tenant's adapter to <output_dir>/tenants/<name>/ (adapter_config.json + adapter_model.safetensors)."""
+        from pathlib import Path
+
+        root = Path(output_dir or self.args.output_dir) / TENANTS_DIR
+        with gathered(self._policy_parameters(), self.accelerator):
+            if self.accelerator.is_main_process:
+                for name in self.tenant_names:
+                    self.preft_model.tenant(name).save_pretrained(root / name)
+        self.accelerator.wait_for_everyone()
+
+    def _checkpoint_adapter_files(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        return {f"{TENANTS_DIR}/{name}/{WEIGHTS_NAME}": {KEY_PREFIX + key: p for key, p in self.preft_model.tenant(name).adapter_named_parameters()}
+                for name in self.tenant_names}
+

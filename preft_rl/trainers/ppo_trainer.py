@@ -55,10 +55,11 @@ class PreftPPOTrainer(PreftRLTrainer):
     share_stats = ("policy_loss", "value_loss")
     args: PreftPPOConfig
 
-    def __init__(self, model: Any, reward_funcs: Any, args: PreftPPOConfig | None = None, train_dataset: Any = None,
-                 eval_dataset: Any = None, preft_config: PreftConfig | None = None, critic_config: PreftConfig | None = None) -> None:
+    def __init__(self, model: Any, reward_funcs: Any = None, args: PreftPPOConfig | None = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, preft_config: PreftConfig | None = None, critic_config: PreftConfig | None = None,
+                 tenants: Any = None) -> None:
         self._critic_config = critic_config
-        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, preft_config)
+        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, preft_config, tenants=tenants)
 
     # ------------------------------------------------------------------------------ modules
     def _build_extra_modules(self, base: nn.Module) -> None:

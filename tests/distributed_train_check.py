@@ -1,5 +1,7 @@
 """Run by tests/test_grpo_distributed.py under `accelerate launch` / `torchrun`: 3 GRPO (or, with PREFT_CHECK_ALGO=ppo,
 PPO) steps on the tiny Llama; every rank prints a digest of what it trained so the test can check the ranks agree.
+With PREFT_CHECK_TENANTS=1: GRPO with two tenants, 't0' (this run's data and reward, so it must equal the plain run)
+and 't1' (other prompts, the opposite reward), written to OUTPUT_DIR/tenants/.
 
 Usage: python distributed_train_check.py MODEL_DIR OUTPUT_DIR [MAX_STEPS SAVE_STEPS [resume]]
 """
@@ -11,13 +13,16 @@ import sys
 if __name__ == "__main__":
     from datasets import Dataset
 
-    from preft_rl import PreftConfig, PreftGRPOConfig, PreftGRPOTrainer, PreftPPOConfig, PreftPPOTrainer
+    from preft_rl import PreftConfig, PreftGRPOConfig, PreftGRPOTrainer, PreftPPOConfig, PreftPPOTrainer, Tenant
     from preft_rl.trainers.runtime import gathered as _gathered
 
     rows = [{"prompt": f"five apples and {i} pears?", "answer": f"#### {i}"} for i in range(32)]
 
     def first_token_even(prompts, completions, completion_ids=None, **columns):
         return [float(bool(c) and c[0] % 2 == 0) for c in completion_ids]
+
+    def first_token_odd(prompts, completions, completion_ids=None, **columns):
+        return [float(bool(c) and c[0] % 2 == 1) for c in completion_ids]
 
     max_steps, save_steps = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (3, 0)
     common = dict(
@@ -29,8 +34,13 @@ if __name__ == "__main__":
     ppo = os.environ.get("PREFT_CHECK_ALGO") == "ppo"
     trainer_class = PreftPPOTrainer if ppo else PreftGRPOTrainer
     args = PreftPPOConfig(**common, num_ppo_epochs=2, critic_learning_rate=3e-2) if ppo else PreftGRPOConfig(**common)
-    trainer = trainer_class(sys.argv[1], first_token_even, args=args, train_dataset=Dataset.from_list(rows),
-                            preft_config=PreftConfig(method="lora", r=4))
+    if os.environ.get("PREFT_CHECK_TENANTS") == "1":
+        other = [{"prompt": f"how many books {i}?", "answer": f"#### {i}"} for i in range(20)]
+        trainer = PreftGRPOTrainer(sys.argv[1], args=args, preft_config=PreftConfig(method="lora", r=4), tenants=[
+            Tenant("t0", Dataset.from_list(rows), first_token_even), Tenant("t1", Dataset.from_list(other), first_token_odd)])
+    else:
+        trainer = trainer_class(sys.argv[1], first_token_even, args=args, train_dataset=Dataset.from_list(rows),
+                                preft_config=PreftConfig(method="lora", r=4))
     trainer.train(resume_from_checkpoint=True if sys.argv[-1] == "resume" else None)
     plugin = trainer.accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3:  # outside a gather the adapter is ZeRO-3 shards
@@ -41,7 +51,11 @@ if __name__ == "__main__":
             print("ZERO3 UNGATHERED STATE REFUSED", flush=True)
     extra = trainer._checkpoint_state()  # PPO: the critic adapter and the value head
     with _gathered([p for _, p in trainer.preft_model.adapter_named_parameters()] + list(extra.values()), trainer.accelerator):
-        state = trainer.preft_model.adapter_state_dict()
+        if hasattr(trainer.preft_model, "tenant"):  # every tenant's adapter, under 'tenant/key'
+            state = {f"{name}/{k}": v for name in trainer.preft_model.tenant_names
+                     for k, v in trainer.preft_model.tenant(name).adapter_state_dict().items()}
+        else:
+            state = trainer.preft_model.adapter_state_dict()
         state.update({k: v.detach() for k, v in extra.items()})
         if extra and trainer.accelerator.is_main_process:  # what PPO trained beside the policy, for the test to compare
             from safetensors.torch import save_file

@@ -192,6 +192,10 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero", type=int, default=d.zero, help="DeepSpeed ZeRO stage 0-3 (default: %(default)s)")
     parser.add_argument("--tp", type=int, default=d.tp, help="engine tensor-parallel size (default: %(default)s)")
     parser.add_argument("--adapters", type=int, default=d.adapters, help="adapter slots in the engine (default: %(default)s)")
+    parser.add_argument("--tenants", type=int, default=d.tenants,
+                        help="adapters trained in one run (PreftGRPOTrainer(tenants=...)); the engine holds one slot each (default: %(default)s)")
+    parser.add_argument("--tenants-per-step", type=int, default=None,
+                        help="tenants trained per step, each with --batch rows per micro-batch (default: all)")
     parser.add_argument("--method", choices=method_names(), default=d.method)
     parser.add_argument("--rank", type=int, default=d.rank, help="adapter rank (default: %(default)s)")
     parser.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens (default: %(default)s)")
@@ -217,6 +221,7 @@ def _plan(args: argparse.Namespace) -> int:
         shape = ModelShape.resolve(args.model)
         inputs = PlanInputs(
             gpus=args.gpus, gpu_memory_gib=args.gpu_memory, zero=args.zero, tp=args.tp, adapters=args.adapters,
+            tenants=args.tenants, tenants_per_step=args.tenants_per_step,
             method=args.method, rank=args.rank, prompt_len=args.prompt_len, completion_len=args.completion_len,
             batch=args.batch, generations=args.generations, share_prompts=args.share_prompts,
             gradient_checkpointing=args.gradient_checkpointing, sleep=args.sleep, dtype_bytes=args.dtype_bytes,

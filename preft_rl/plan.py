@@ -133,7 +133,9 @@ class PlanInputs:
     gpu_memory_gib: float = 80.0
     zero: int = 3
     tp: int = 1  # engine tensor parallel size
-    adapters: int = 1  # adapter slots the engine holds
+    adapters: int = 1  # adapter slots the engine holds (at least one per tenant)
+    tenants: int = 1  # adapters trained in one run (PreftGRPOTrainer(tenants=...)); each process holds all of them
+    tenants_per_step: int | None = None  # tenants trained per step (None: all); each brings `batch` rows per micro-batch
     method: str = "lora"
     rank: int = 16
     prompt_len: int = 512
@@ -150,15 +152,24 @@ class PlanInputs:
     overhead_gib: float = 2.0  # CUDA context, NCCL buffers, allocator slack per process
 
     def __post_init__(self) -> None:
-        for name in ("gpus", "tp", "adapters", "rank", "prompt_len", "completion_len", "batch", "generations", "max_num_seqs"):
+        for name in ("gpus", "tp", "adapters", "tenants", "rank", "prompt_len", "completion_len", "batch", "generations",
+                     "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.tenants_per_step is not None and not 1 <= self.tenants_per_step <= self.tenants:
+            raise ValueError(f"--tenants-per-step must be in [1, --tenants={self.tenants}], got {self.tenants_per_step}")
+        self.adapters = max(self.adapters, self.tenants)  # the engine serves every tenant's adapter
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.gpus % self.tp:
             raise ValueError(f"--tp {self.tp} must divide --gpus {self.gpus}: TP groups are consecutive ranks")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization < 1:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1), got {self.gpu_memory_utilization}")
+
+    @property
+    def step_tenants(self) -> int:
+        """Tenants trained in one step (each with its own `batch` rows in every micro-batch)."""
+        return self.tenants if self.tenants_per_step is None else self.tenants_per_step
 
 
 @dataclass
@@ -201,14 +212,24 @@ def training_activations(shape: ModelShape, inputs: PlanInputs, rows: int) -> di
     return items
 
 
+def tenant_bytes(shape: ModelShape, inputs: PlanInputs) -> float:
+    """Memory per GPU one more tenant adds: its fp32 adapter, gradient and Adam moments (sharded as ZeRO shards them)
+    and its engine slot."""
+    n, adapter = inputs.gpus, adapter_params(shape, inputs.method, inputs.rank)
+    return (adapter * 4 / (n if inputs.zero == 3 else 1) + 8 * adapter / (n if inputs.zero >= 1 else 1)
+            + 4 * adapter / (n if inputs.zero >= 2 else 1)
+            + engine_adapter_slot_elems(shape, inputs.method, inputs.rank, inputs.tp) * inputs.dtype_bytes)
+
+
 def make_plan(shape: ModelShape, inputs: PlanInputs) -> Plan:
     plan = Plan(inputs, shape)
     e, n, g = inputs.dtype_bytes, inputs.gpus, inputs.gpu_memory_gib * GiB
-    params, adapter = shape.params(), adapter_params(shape, inputs.method, inputs.rank)
+    params, adapter = shape.params(), adapter_params(shape, inputs.method, inputs.rank) * inputs.tenants
     base = params * e / (n if inputs.zero == 3 else 1)
     persistent = {
         f"trainer base weights (ZeRO-{inputs.zero}{', sharded' if inputs.zero == 3 else ''})": base,
-        "adapter (fp32)": adapter * 4 / (n if inputs.zero == 3 else 1),
+        f"adapter{'s' if inputs.tenants > 1 else ''} (fp32{f', {inputs.tenants} tenants' if inputs.tenants > 1 else ''})":
+            adapter * 4 / (n if inputs.zero == 3 else 1),
         "Adam moments (fp32)": 8 * adapter / (n if inputs.zero >= 1 else 1),
         "CUDA context, NCCL, allocator slack": inputs.overhead_gib * GiB,
     }
@@ -239,11 +260,12 @@ def make_plan(shape: ModelShape, inputs: PlanInputs) -> Plan:
         training_fixed["engine, awake (no sleep mode)"] = util * g
     free = g - sum(training_fixed.values())
     plan.max_batch = 0
+    per_row = inputs.step_tenants  # a micro-batch holds `batch` rows of each tenant trained in the step
     for rows in range(1, 4097):
-        if sum(training_activations(shape, inputs, rows).values()) > free:
+        if sum(training_activations(shape, inputs, rows * per_row).values()) > free:
             break
         plan.max_batch = rows
-    plan.training = {**training_fixed, **training_activations(shape, inputs, inputs.batch)}
+    plan.training = {**training_fixed, **training_activations(shape, inputs, inputs.batch * per_row)}
 
     # what does not fit, and what to change
     gib = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
@@ -255,7 +277,7 @@ def make_plan(shape: ModelShape, inputs: PlanInputs) -> Plan:
     if inputs.zero < 3 and base > 0.5 * g:
         plan.problems.append(f"ZeRO-{inputs.zero} keeps all {gib(base)} of base weights on every GPU: use --zero 3 "
                              f"({gib(params * e / n)} per GPU on {n} GPUs)")
-    needed = inputs.tp * inputs.batch  # a TP group generates for the rows of all its ranks at once
+    needed = inputs.tp * inputs.batch * inputs.step_tenants  # a TP group generates for the rows of all its ranks at once
     slots = engine[f"engine adapter slots ({inputs.adapters} x {inputs.method} r={inputs.rank})"]
     if plan.max_sequences < needed:
         largest = max(("the adapter slots", slots), ("the engine's base weights", params * e / inputs.tp),
@@ -266,13 +288,13 @@ def make_plan(shape: ModelShape, inputs: PlanInputs) -> Plan:
         plan.problems.append(
             f"the KV cache ({gib(max(0.0, plan.kv_budget_bytes))}) holds {plan.max_sequences} sequences of "
             f"{inputs.prompt_len + inputs.completion_len} tokens, fewer than the {needed} a TP group generates at once "
-            f"(--tp x --batch); the largest item is {largest[0]} ({gib(largest[1])}): {fixes[largest[0]]}, or shorter sequences")
+            f"(--tp x --batch{' x tenants per step' if inputs.step_tenants > 1 else ''}); the largest item is {largest[0]} ({gib(largest[1])}): {fixes[largest[0]]}, or shorter sequences")
     if plan.max_batch == 0:
         plan.problems.append(f"not even one training row fits: the trainer's fixed state and the engine need "
                              f"{gib(sum(training_fixed.values()))} of {gib(g)} while training; fix the items above first")
     elif plan.max_batch < inputs.batch:
         fix = "turn on gradient checkpointing" if not inputs.gradient_checkpointing else "raise --gpus (ZeRO-3 shards more)"
-        plan.problems.append(f"a training micro-batch of {inputs.batch} rows needs {gib(sum(plan.training.values()))}; at most "
+        plan.problems.append(f"a training micro-batch of {inputs.batch} rows{' per tenant' if per_row > 1 else ''} needs {gib(sum(plan.training.values()))}; at most "
                              f"{plan.max_batch} rows fit: use --batch {plan.max_batch} with gradient accumulation, or {fix}")
     return plan
 
@@ -295,6 +317,9 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"engine gpu_memory_utilization: {plan.gpu_memory_utilization:.2f}; KV cache {max(0.0, plan.kv_budget_bytes) / GiB:.1f} GiB = "
                  f"{plan.max_sequences} sequences of {i.prompt_len + i.completion_len} tokens "
                  f"({plan.kv_bytes_per_sequence / 2**20:.0f} MiB each) per TP group")
-    lines.append(f"largest training micro-batch that fits: {plan.max_batch} rows")
+    lines.append(f"largest training micro-batch that fits: {plan.max_batch} rows" + (f" per tenant ({i.step_tenants} tenants per step)" if i.step_tenants > 1 else ""))
+    if i.tenants > 1:
+        lines.append(f"each further tenant adds {tenant_bytes(s, i) / 2**20:.1f} MiB per GPU (adapter, gradient, Adam moments, "
+                     "engine slot)")
     lines.append("fits." if plan.fits else "does NOT fit:\n" + "\n".join(f"  - {p}" for p in plan.problems))
     return "\n".join(lines)

@@ -88,3 +88,26 @@ def test_cli_prints_the_plan_and_rejects_bad_values(capsys):
     assert "--tp 3 must divide --gpus 4" in capsys.readouterr().err
     assert cli(["plan", "--model", "no-such-model-xyz"]) == 2
     assert "no model config for 'no-such-model-xyz'" in capsys.readouterr().err
+
+
+def test_tenants_add_their_adapter_state_and_slots_and_their_rows_per_micro_batch(capsys):
+    """--tenants N: every process holds N adapters with their gradients and Adam moments (sharded as ZeRO shards them),
+    the engine one slot per tenant, and a micro-batch holds --batch rows of each tenant trained in the step."""
+    from preft_rl.plan import tenant_bytes
+
+    shape = ModelShape.resolve("llama-3-8b")
+    common = dict(gpus=8, gpu_memory_gib=80, zero=2, tp=1, prompt_len=512, completion_len=512, batch=2)
+    one, many = make_plan(shape, PlanInputs(**common)), make_plan(shape, PlanInputs(**common, tenants=64, tenants_per_step=4))
+    fixed = lambda plan: sum(v for k, v in plan.training.items() if not k.startswith(("activations", "logits")))  # noqa: E731
+    slots = lambda plan: next(v for k, v in plan.rollout.items() if k.startswith("engine adapter slots"))  # noqa: E731
+    slot = engine_adapter_slot_elems(shape, "lora", 16, 1) * 2
+    assert fixed(many) - fixed(one) == pytest.approx(63 * (tenant_bytes(shape, PlanInputs(**common)) - slot))
+    assert slots(many) == pytest.approx(64 * slot) and many.inputs.adapters == 64
+    rows = lambda plan: sum(v for k, v in plan.training.items() if k.startswith(("activations", "logits")))  # noqa: E731
+    assert rows(many) == pytest.approx(sum(training_activations(shape, many.inputs, 2 * 4).values()))
+    assert rows(many) > rows(one)
+    assert cli(["plan", "--model", "llama-3-8b", "--gpus", "8", "--tenants", "64", "--tenants-per-step", "4"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "64 tenants" in out and "each further tenant adds" in out and "per tenant (4 tenants per step)" in out
+    assert cli(["plan", "--model", "llama-3-8b", "--tenants", "4", "--tenants-per-step", "5"]) == 2
+    assert "--tenants-per-step must be in [1, --tenants=4]" in capsys.readouterr().err

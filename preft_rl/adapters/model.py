@@ -191,14 +191,9 @@ class PreftModel(nn.Module):
             self._slot.current = None
 
     # ---------------------------------------------------------------------------- adapter control
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
         """Inside this block the model is the plain base model (the KL reference policy)."""
-        previous, self._adapter_enabled = self._adapter_enabled, False
-        try:
-            yield
-        finally:
-            self._adapter_enabled = previous
+        return adapter_disabled(self)
 
     def unload(self) -> nn.Module:
         """Remove this adapter from the base model and return the base model, as it was before (PEFT's `unload`).
@@ -292,6 +287,16 @@ class PreftModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[None]:
+    """Switch a PreftModel's (or TenantPreftModel's) adapters off for the block (`_adapter_enabled`)."""
+    previous, model._adapter_enabled = model._adapter_enabled, False
+    try:
+        yield
+    finally:
+        model._adapter_enabled = previous
 
 
 def resolve_call(config: PreftConfig, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,

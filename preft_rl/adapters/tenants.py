@@ -26,7 +26,7 @@ from torch import nn
 from .config import PreftConfig
 from .layers import SelectionSlot
 from .masks import TenantSelection
-from .model import _is_adapter_name, _own_modules, decoder_layers, resolve_call
+from .model import _is_adapter_name, _own_modules, adapter_disabled, decoder_layers, resolve_call
 
 _SELECTION_KWARG = "preft_tenant_selection"
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -175,14 +175,9 @@ class TenantPreftModel(nn.Module):
         finally:
             self._slot.current = None
 
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
         """Inside this block every row runs the plain base model (the KL reference policy)."""
-        previous, self._adapter_enabled = self._adapter_enabled, False
-        try:
-            yield
-        finally:
-            self._adapter_enabled = previous
+        return adapter_disabled(self)
 
     # ---------------------------------------------------------------------------- tenants' adapters
     def tenant(self, name: str) -> TenantAdapter:

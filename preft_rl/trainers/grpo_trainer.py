@@ -43,18 +43,24 @@ class PreftGRPOTrainer(PreftRLTrainer):
         advantages = estimator(self._gather(batch.rewards), self.args.num_generations, self.args.scale_rewards)
         batch.advantages = self._local_rows(advantages)
 
+    def _policy_loss(self, logps: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     ref: torch.Tensor | None, is_weights: torch.Tensor | None, num_items: float, num_micro_batches: int):
+        """The configured loss (loss_type and its settings) on these rows: a losses.LossOutput."""
+        args = self.args
+        return policy_loss(
+            logps, old, advantages, mask, loss_type=args.loss_type, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
+            beta=args.beta, use_bias_correction_kl=args.use_bias_correction_kl, ref_logps=ref, is_weights=is_weights,
+            max_completion_length=args.max_completion_length, num_items=num_items, num_micro_batches=num_micro_batches,
+        )
+
     def _compute_loss(self, batch: RolloutBatch, rows: Any, mini: MiniBatch) -> tuple[torch.Tensor, dict[str, float]]:
         args, device = self.args, self.accelerator.device
         mask = batch.completion_mask[rows].to(device).float()
         logps, entropy = self._completion_logps(batch, rows, with_entropy=True)
         old = batch.old_logps[rows].to(device) if batch.old_logps is not None else logps.detach()
-        out = policy_loss(
-            logps, old, batch.advantages[rows].to(device), mask, loss_type=args.loss_type, epsilon=args.epsilon,
-            epsilon_high=args.epsilon_high, beta=args.beta, use_bias_correction_kl=args.use_bias_correction_kl,
-            ref_logps=None if batch.ref_logps is None else batch.ref_logps[rows].to(device),
-            is_weights=self._importance_weights(batch, rows, old, mask), max_completion_length=args.max_completion_length,
-            num_items=mini.num_items, num_micro_batches=mini.num_micro_batches,
-        )
+        out = self._policy_loss(logps, old, batch.advantages[rows].to(device), mask,
+                                None if batch.ref_logps is None else batch.ref_logps[rows].to(device),
+                                self._importance_weights(batch, rows, old, mask), mini.num_items, mini.num_micro_batches)
         stats = {
             "clip_ratio": out.clip_ratio.item(),  # the core averages over micro-batches and logs the loss
             "kl": out.kl.item() if out.kl is not None else 0.0,

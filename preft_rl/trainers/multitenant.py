@@ -134,6 +134,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             raise ValueError("dynamic_sampling is not supported with tenants= yet; set dynamic_sampling=False")
         if self.args.engine_tensor_parallel_size > 1:
             raise ValueError("engine_tensor_parallel_size > 1 is not supported with tenants= yet")
+        self._pick_counts = [[0] * len(self.tasks)]
         self._changed: set[str] = set(self.tenant_names)  # adapters the engine does not have yet (all are added at start)
 
     # ------------------------------------------------------------------------------ set-up hooks
@@ -188,7 +189,13 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
 
     def _tenant_step(self, tenant: int, step: int) -> int:
         """How many steps before run step `step` trained tenant `tenant`: the step its own single run would be at."""
-        return sum(tenant in self._tenants_for_step(s) for s in range(step))
+        counts = self._pick_counts  # counts[s][t]: how many steps before s picked t, extended as steps come
+        while len(counts) <= step:
+            row = list(counts[-1])
+            for t in self._tenants_for_step(len(counts) - 1):
+                row[t] += 1
+            counts.append(row)
+        return counts[step][tenant]
 
     # ------------------------------------------------------------------------------ engine
     def _engine_adapter_states(self, changed_only: bool = False) -> dict[str, dict[str, torch.Tensor]]:
@@ -293,9 +300,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
     def _compute_loss(self, batch: RolloutBatch, rows: Any, mini: MiniBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """One forward over every tenant's rows; the loss is the sum of each tenant's own GRPO loss on its rows,
         normalised over its own tokens (as its single run would: num_items is that tenant's)."""
-        from .grpo_core import policy_loss
-
-        args, device = self.args, self.accelerator.device
+        device = self.accelerator.device
         mask = batch.completion_mask[rows].to(device).float()
         logps, entropy = self._completion_logps(batch, rows, with_entropy=True)
         old = batch.old_logps[rows].to(device) if batch.old_logps is not None else logps.detach()
@@ -306,13 +311,9 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         total, stats = logps.new_zeros(()), defaultdict(float)
         for name in dict.fromkeys(names):
             sub = torch.tensor([i for i, owner in enumerate(names) if owner == name], device=device)
-            out = policy_loss(
-                logps[sub], old[sub], batch.advantages[rows][sub.cpu()].to(device), mask[sub], loss_type=args.loss_type,
-                epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta,
-                use_bias_correction_kl=args.use_bias_correction_kl, ref_logps=None if ref is None else ref[sub],
-                is_weights=None if weights is None else weights[sub], max_completion_length=args.max_completion_length,
-                num_items=items[name], num_micro_batches=mini.num_micro_batches,
-            )
+            out = self._policy_loss(logps[sub], old[sub], batch.advantages[rows][sub.cpu()].to(device), mask[sub],
+                                    None if ref is None else ref[sub], None if weights is None else weights[sub],
+                                    items[name], mini.num_micro_batches)
             total = total + out.loss
             stats[f"tenants/{name}/loss"] = out.loss.item()
             stats[f"tenants/{name}/clip_ratio"] = out.clip_ratio.item()

@@ -322,17 +322,16 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         return total, dict(stats)
 
     def _tenant_items(self, batch: RolloutBatch, mini: MiniBatch) -> dict[str, float]:
-        """{tenant: its completion tokens in this mini-batch over all processes / process count} (its num_items)."""
-        key = id(mini)
-        if getattr(self, "_items_key", None) != key:
-            acc = self.accelerator
-            counts = torch.zeros(len(self.tenant_names), device=acc.device)
-            for rows in mini.micro:
-                for i in torch.as_tensor(rows).tolist():
-                    counts[self.tenant_names.index(batch.tenants[i])] += float(batch.completion_mask[i].sum())
-            counts = acc.reduce(counts, reduction="sum") / acc.num_processes
-            self._items_key, self._items = key, dict(zip(self.tenant_names, counts.tolist()))
-        return self._items
+        """{tenant: its completion tokens in this mini-batch over all processes / process count} (its num_items).
+        Computed on every call: every process must reach the same all-reduce (a cache keyed by object identity could
+        hit on one process and not on another, and the collectives would no longer match)."""
+        acc = self.accelerator
+        counts = torch.zeros(len(self.tenant_names), device=acc.device)
+        for rows in mini.micro:
+            for i in torch.as_tensor(rows).tolist():
+                counts[self.tenant_names.index(batch.tenants[i])] += float(batch.completion_mask[i].sum())
+        counts = acc.reduce(counts, reduction="sum") / acc.num_processes
+        return dict(zip(self.tenant_names, counts.tolist()))
 
     def _apply_gradients(self, norms: list[float]) -> None:
         """At the micro-batch that ends a mini-batch: clip each trained tenant's gradient by its own norm, skip a tenant

@@ -1,7 +1,8 @@
 """Run by tests/test_grpo_distributed.py under `accelerate launch` / `torchrun`: 3 GRPO (or, with PREFT_CHECK_ALGO=ppo,
 PPO) steps on the tiny Llama; every rank prints a digest of what it trained so the test can check the ranks agree.
 With PREFT_CHECK_TENANTS=1: GRPO with two tenants, 't0' (this run's data and reward, so it must equal the plain run)
-and 't1' (other prompts, the opposite reward), written to OUTPUT_DIR/tenants/.
+and 't1' (other prompts, the opposite reward), written to OUTPUT_DIR/tenants/. PREFT_CHECK_MAX_GRAD_NORM sets
+max_grad_norm (default 1.0).
 
 Usage: python distributed_train_check.py MODEL_DIR OUTPUT_DIR [MAX_STEPS SAVE_STEPS [resume]]
 """
@@ -30,6 +31,7 @@ if __name__ == "__main__":
         max_steps=max_steps, max_completion_length=4, learning_rate=3e-2, save_steps=save_steps, disable_tqdm=True,
         engine_kwargs={"max_num_batched_tokens": 256},
         engine_tensor_parallel_size=int(os.environ.get("PREFT_CHECK_ENGINE_TP", "1")),
+        max_grad_norm=float(os.environ.get("PREFT_CHECK_MAX_GRAD_NORM", "1.0")),
     )
     ppo = os.environ.get("PREFT_CHECK_ALGO") == "ppo"
     trainer_class = PreftPPOTrainer if ppo else PreftGRPOTrainer

@@ -94,6 +94,42 @@ def test_two_process_ddp_tenants_each_equal_their_own_ddp_run(tiny_llama_dir, tm
     assert max((other[k] - alone[k]).abs().max().item() for k in alone) > 1e-3  # t1 trained its own way
 
 
+def launch_tenants(tiny_llama_dir: Path, out: Path, extra_env: dict[str, str]) -> str:
+    """Two torchrun processes training tenants t0 and t1 with clipping off; the ranks must agree."""
+    stdout = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT),
+                  str(tiny_llama_dir), str(out)], {"PREFT_CHECK_TENANTS": "1", "PREFT_CHECK_MAX_GRAD_NORM": "0", **extra_env})
+    digests = dict(re.findall(r"RANK (\d) OF 2 \w+ ADAPTER ([0-9a-f]{16})", stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], stdout[-2000:]
+    return stdout
+
+
+@pytest.mark.slow
+def test_two_process_zero2_tenants_equal_ddp_tenants(tiny_llama_dir, tmp_path):
+    """ZeRO-2 with tenants (clipping off, every tenant every step: what DeepSpeed allows) trains each tenant's adapter
+    as two-process DDP does; a ZeRO-2 run with clipping on is refused before the model loads."""
+    ddp = launch_tenants(tiny_llama_dir, tmp_path / "ddp", {"ACCELERATE_USE_CPU": "true"})
+    zero2 = launch_tenants(tiny_llama_dir, tmp_path / "zero2", {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "examples" / "accelerate_configs" / "ds_zero2.json")})
+    assert "DistributedDataParallel ADAPTER" in ddp and "DeepSpeedEngine ADAPTER" in zero2
+    for name in ("t0", "t1"):
+        ours = load_file(str(tmp_path / "zero2" / "tenants" / name / "adapter_model.safetensors"))
+        reference = load_file(str(tmp_path / "ddp" / "tenants" / name / "adapter_model.safetensors"))
+        assert ours.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(ours[key], reference[key], atol=1e-4, rtol=0)
+    t0 = load_file(str(tmp_path / "zero2" / "tenants" / "t0" / "adapter_model.safetensors"))
+    t1 = load_file(str(tmp_path / "zero2" / "tenants" / "t1" / "adapter_model.safetensors"))
+    assert max((t0[k] - t1[k]).abs().max().item() for k in t0) > 1e-3
+    refused = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "1", "--master_port", str(free_port()), str(SCRIPT), str(tiny_llama_dir),
+         str(tmp_path / "clipped")], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PREFT_CHECK_TENANTS": "1", "ACCELERATE_USE_DEEPSPEED": "true",
+             "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "examples" / "accelerate_configs" / "ds_zero2.json")})
+    assert refused.returncode != 0 and "needs gradient clipping off (gradient_clipping=1.0)" in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "clipped").exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 def test_two_process_zero2_under_torchrun_matches_ddp(tiny_llama_dir, tmp_path, two_process_ddp_run):
     """torchrun + gloo, two processes, each with its own engine: DeepSpeed ZeRO-2 finishes its steps, the

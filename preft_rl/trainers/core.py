@@ -108,6 +108,7 @@ class PreftRLTrainer:
         )
         args.check_batch(self.accelerator.num_processes)
         fill_deepspeed_batch_fields(self.accelerator, args)
+        self._check_runtime()
         self.max_steps = args.resolved_max_steps(self._num_train_rows(), self.accelerator.num_processes)
         if self.accelerator.is_main_process:
             print(f"{type(self).__name__}: {args.describe(self.accelerator.num_processes, self.max_steps)}", flush=True)
@@ -156,6 +157,10 @@ class PreftRLTrainer:
         self.eval_dataset = as_dataset(eval_dataset, "eval_dataset")
         if self.eval_dataset is not None and "prompt" in self.eval_dataset.column_names:
             check_prompts(self.eval_dataset, "eval_dataset")
+
+    def _check_runtime(self) -> None:
+        """Refuse settings this trainer cannot run with, once the accelerator (processes, DeepSpeed) is known and before
+        the model is loaded."""
 
     def _num_train_rows(self) -> int:
         """The rows one epoch goes through (what num_train_epochs counts)."""

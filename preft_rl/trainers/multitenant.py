@@ -19,8 +19,9 @@ Since tenants' adapters are disjoint parameters, the sum of the tenants' losses 
 gradient of that tenant's own loss. Each tenant's adapter is written to <output_dir>/tenants/<name>/ (a normal adapter
 folder, loadable by PreftModel.from_pretrained and `preft-rl serve --adapters name=dir`).
 
-Not yet: several processes with tenants_per_step below the tenant count (DDP would see unused adapters), DeepSpeed
-(its clipping is global, not per tenant), dynamic sampling, eval_dataset and PPO.
+Under DeepSpeed ZeRO-2 every tenant trains every step and clipping is off (DeepSpeed clips by one global norm, and
+its optimizer would step a tenant without a gradient). Not yet: several processes with tenants_per_step below the
+tenant count (DDP would see unused adapters), ZeRO-3, dynamic sampling, eval_dataset and PPO.
 """
 
 from __future__ import annotations
@@ -123,17 +124,6 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             raise TypeError(f"tenants must be a list of preft_rl.Tenant, got {tenants!r:.120}")
         self._tenant_specs = list(tenants)
         super().__init__(model, args=args, preft_config=preft_config)
-        args, acc = self.args, self.accelerator
-        if deepspeed_zero_stage(acc) is not None:
-            raise ValueError("tenants= does not run under DeepSpeed yet (its gradient clipping is global, not per tenant); "
-                             "run with DDP or one process")
-        if acc.num_processes > 1 and len(self._tenants_for_step(0)) < len(self.tasks):
-            raise ValueError(f"tenants_per_step={args.tenants_per_step} below the {len(self.tasks)} tenants needs one process "
-                             "for now (DDP expects every adapter in every step); use tenants_per_step=None")
-        if args.dynamic_sampling:
-            raise ValueError("dynamic_sampling is not supported with tenants= yet; set dynamic_sampling=False")
-        if self.args.engine_tensor_parallel_size > 1:
-            raise ValueError("engine_tensor_parallel_size > 1 is not supported with tenants= yet")
         self._pick_counts = [[0] * len(self.tasks)]
         self._changed: set[str] = set(self.tenant_names)  # adapters the engine does not have yet (all are added at start)
 
@@ -150,6 +140,31 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         self.tenant_names = tuple(names)
         self.train_dataset, self.eval_dataset = None, None
         self.reward_funcs, self.reward_names, self.reward_weights = [], [], torch.zeros(0)
+
+    def _check_runtime(self) -> None:
+        args, acc = self.args, self.accelerator
+        every_step = len(self._tenants_for_step(0)) == len(self.tasks)
+        stage = deepspeed_zero_stage(acc)
+        if stage is not None:
+            if stage != 2:
+                raise ValueError(f"tenants= runs under DeepSpeed ZeRO-2 only, not ZeRO-{stage} yet; use ZeRO-2 or DDP")
+            clipping = acc.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping", 0.0)
+            if clipping and clipping > 0:
+                raise ValueError(f"tenants= under DeepSpeed needs gradient clipping off (gradient_clipping={clipping}): "
+                                 "DeepSpeed clips by one norm over every tenant, which would couple them; set "
+                                 "max_grad_norm=0 (and gradient_clipping to 0 or 'auto' in the DeepSpeed config), or use DDP, "
+                                 "which clips each tenant by its own norm")
+            if not every_step:
+                raise ValueError(f"tenants= under DeepSpeed needs every tenant in every step (tenants_per_step="
+                                 f"{args.tenants_per_step} < {len(self.tasks)} tenants): DeepSpeed's optimizer would step "
+                                 "the others' weights with zero gradients; use tenants_per_step=None or DDP")
+        if acc.num_processes > 1 and not every_step:
+            raise ValueError(f"tenants_per_step={args.tenants_per_step} below the {len(self.tasks)} tenants needs one process "
+                             "for now (DDP expects every adapter in every step); use tenants_per_step=None")
+        if args.dynamic_sampling:
+            raise ValueError("dynamic_sampling is not supported with tenants= yet; set dynamic_sampling=False")
+        if args.engine_tensor_parallel_size > 1:
+            raise ValueError("engine_tensor_parallel_size > 1 is not supported with tenants= yet")
 
     def _num_train_rows(self) -> int:
         return max(len(task.dataset) for task in self.tasks)
@@ -338,6 +353,13 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         whose gradient is not finite, step (AdamW skips parameters without a gradient: untrained tenants stay as they
         were), and advance the trained tenants' schedules."""
         args, acc = self.args, self.accelerator
+        if deepspeed_zero_stage(acc) is not None:  # the engine stepped inside backward; clipping is off, every tenant trains
+            if acc.sync_gradients:
+                self.optimizer.step()
+                self.scheduler.step(range(len(self.tasks)))
+                self._changed.update(self.tenant_names)
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         if acc.sync_gradients:
             clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
             trained = []

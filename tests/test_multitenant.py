@@ -111,6 +111,20 @@ def first_token_odd(prompts, completions, completion_ids=None, **_):
     return [float(bool(ids) and ids[0] % 2 == 1) for ids in completion_ids]
 
 
+def greedy_first_tokens(model_dir, adapter_dir, prompts) -> list[int]:
+    """The greedy first completion token of each prompt under an adapter (an HF forward, not the engine)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preft_rl.adapters import PreftModel
+    from preft_rl.trainers.rollout import prompt_ids_for
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = PreftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
+    with torch.no_grad():
+        return [model(input_ids=(ids := torch.tensor([prompt_ids_for(tokenizer, p, None)])),
+                      prompt_mask=torch.ones_like(ids, dtype=torch.bool)).logits[0, -1].argmax().item() for p in prompts]
+
+
 def even_mass(model_dir, adapter_dir, prompts) -> float:
     """Mean probability an adapter gives an even first completion token (exact, not sampled)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,7 +153,16 @@ def test_each_tenant_learns_its_own_objective(tiny_llama_dir, tmp_path):
                                tenants=[Tenant("even", data, first_token_even), Tenant("odd", data, first_token_odd)],
                                preft_config=PreftConfig(**PREFT))
     trainer.train()
-    trainer.close()
+    held_out = tenant_data(5, n=6)
+    try:  # held-out scores per tenant, both tenants' problems in one engine call, each with its own adapter
+        scores = trainer.tenant_evaluation_scores({"even": held_out, "odd": held_out}, {"odd": [first_token_even]})
+    finally:
+        trainer.close()
+    assert set(scores) == {"even", "odd"}
+    for name in ("even", "odd"):
+        expected = [float(t % 2 == 0) for t in greedy_first_tokens(tiny_llama_dir, tmp_path / "tenants" / name, held_out["prompt"])]
+        assert scores[name]["first_token_even"] == expected, name  # 'odd' scored by the function passed for it
+        assert len(scores[name]["completion"]) == len(held_out)
     prompts = data["prompt"]
     before = even_mass(tiny_llama_dir, None, prompts)
     even = even_mass(tiny_llama_dir, tmp_path / "tenants" / "even", prompts)

@@ -21,7 +21,8 @@ folder, loadable by PreftModel.from_pretrained and `preft-rl serve --adapters na
 
 Under DeepSpeed ZeRO-2 every tenant trains every step and clipping is off (DeepSpeed clips by one global norm, and
 its optimizer would step a tenant without a gradient). Not yet: several processes with tenants_per_step below the
-tenant count (DDP would see unused adapters), ZeRO-3, dynamic sampling, eval_dataset and PPO.
+tenant count (DDP would see unused adapters), ZeRO-3, dynamic sampling, eval_dataset (held-out scores per tenant come
+from tenant_evaluation_scores) and PPO.
 """
 
 from __future__ import annotations
@@ -410,11 +411,32 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         return metrics
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        raise NotImplementedError("evaluate() is not supported with tenants= yet: save the tenants' adapters (save_model) "
-                                  "and evaluate each with PreftModel.from_pretrained")
+        raise NotImplementedError("evaluate() is not supported with tenants=: use tenant_evaluation_scores({name: dataset})")
 
     def evaluation_scores(self, *args: Any, **kwargs: Any) -> dict[str, list]:
         return self.evaluate()
+
+    def tenant_evaluation_scores(self, datasets: dict[str, Any], reward_funcs: dict[str, Sequence[Callable]] | None = None
+                                 ) -> dict[str, dict[str, list]]:
+        """Greedy held-out scores per tenant, every tenant's problems in one engine call with its own adapter:
+        {tenant: {reward name: [score per problem], "completion_length": [...], "completion": [text]}} for the tenants
+        in `datasets` ({tenant: dataset with a 'prompt' column}), scored by `reward_funcs[tenant]` (default: the
+        tenant's own training rewards). Before training every adapter is a no-op, so these are the base model's."""
+        from .evaluation import EvalJob, evaluate_jobs
+
+        unknown = [name for name in list(datasets) + list(reward_funcs or {}) if name not in self.tenant_names]
+        if unknown:
+            raise ValueError(f"unknown tenant(s) {unknown}; this trainer's tenants are {list(self.tenant_names)}")
+        jobs = []
+        for name, dataset in datasets.items():
+            task = self.tasks[self.tenant_names.index(name)]
+            if reward_funcs is not None and name in reward_funcs:
+                funcs = list(reward_funcs[name])
+                names = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(funcs)]
+            else:
+                funcs, names = task.reward_funcs, task.reward_names
+            jobs.append(EvalJob(dataset, funcs, names, adapter=name))
+        return dict(zip(datasets, evaluate_jobs(self, jobs)))
 
     def save_model(self, output_dir: Any = None) -> None:
         """Write every tenant's adapter to <output_dir>/tenants/<name>/ (adapter_config.json + adapter_model.safetensors)."""

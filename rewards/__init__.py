@@ -4,8 +4,10 @@
 """
 
 from .math import extract_final_answer, format_reward, gsm8k_accuracy_reward, gsm8k_last_number_reward
+from .style import STYLE_REWARDS
 
-REWARD_FUNCS = {"gsm8k_accuracy": gsm8k_accuracy_reward, "gsm8k_last_number": gsm8k_last_number_reward, "format": format_reward}
+REWARD_FUNCS = {"gsm8k_accuracy": gsm8k_accuracy_reward, "gsm8k_last_number": gsm8k_last_number_reward, "format": format_reward,
+                **STYLE_REWARDS}
 
 
 def get_reward_func(name: str):
@@ -17,6 +19,7 @@ def get_reward_func(name: str):
 
 __all__ = [
     "REWARD_FUNCS",
+    "STYLE_REWARDS",
     "extract_final_answer",
     "format_reward",
     "get_reward_func",

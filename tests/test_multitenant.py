@@ -52,6 +52,7 @@ def config(tmp_path, **overrides) -> PreftGRPOConfig:
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4,
         max_steps=3, max_completion_length=6, learning_rate=3e-2, save_steps=0, disable_tqdm=True, loss_type="dapo",
         max_grad_norm=0.8,  # some tenants' steps are clipped and some not (a shared clip would clip them all)
+        beta=0.02,  # the KL term's reference pass (adapters off) runs over slices of rows
         engine_kwargs={"max_num_batched_tokens": 512},
     )
     settings.update(overrides)

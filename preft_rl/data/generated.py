@@ -28,11 +28,13 @@ def split_seed(split: str, seed: int, num_examples: int) -> int:
     return (2 * seed + (split == "test") + 1) * SEED_STRIDE
 
 
-def load_generated_task(name: str, split: str = "train", num_examples: int = 1000, seed: int = 0, exclude=()):
+def load_generated_task(name: str, split: str = "train", num_examples: int = 1000, seed: int = 0, exclude=(),
+                        system_prompt: str | None = None):
     """A reasoning-gym task as a prompt dataset (seeded; 'train' and 'test' never share a seed).
 
     Small problem spaces repeat across seeds (chain_sum draws '3 - 7 + 0 + 3' again), so pass the held-out
-    questions as `exclude` when loading training problems; those rows are dropped."""
+    questions as `exclude` when loading training problems; those rows are dropped. `system_prompt` replaces the
+    task's default (TASK_SYSTEM_PROMPT: work briefly, end with '#### N')."""
     import reasoning_gym
     from datasets import Dataset
 
@@ -51,6 +53,6 @@ def load_generated_task(name: str, split: str = "train", num_examples: int = 100
         answer = str(item["answer"]).strip()
         if not _NUMBER.match(answer):
             raise ValueError(f"reasoning-gym task {name!r} gave a non-numeric answer {answer!r}; pick a numeric task")
-        prompt = [{"role": "system", "content": TASK_SYSTEM_PROMPT}, {"role": "user", "content": item["question"].strip()}]
+        prompt = [{"role": "system", "content": system_prompt or TASK_SYSTEM_PROMPT}, {"role": "user", "content": item["question"].strip()}]
         rows.append({"prompt": prompt, "answer": f"#### {answer}", "question": item["question"]})
     return Dataset.from_list(rows)

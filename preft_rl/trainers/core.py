@@ -43,6 +43,7 @@ from .grpo_core import entropy_from_logits, nanstd, selective_log_softmax
 from .rl_config import PreftRLConfig
 from .rollout import (RolloutBatch, Samples, completion_messages, groups_with_signal, pack, prompt_ids_for, reward_error_count,
                       reward_nan_counts, sampling_seed, score)
+from .push import check_server, push_adapters
 from .runtime import (
     PhaseRecorder,
     as_dataset,
@@ -109,6 +110,8 @@ class PreftRLTrainer:
         args.check_batch(self.accelerator.num_processes)
         fill_deepspeed_batch_fields(self.accelerator, args)
         self._check_runtime()
+        if args.push_to_server:  # a wrong URL or key fails now, not after the first save
+            check_server(args.push_to_server, args.push_api_key)
         self.max_steps = args.resolved_max_steps(self._num_train_rows(), self.accelerator.num_processes)
         if self.accelerator.is_main_process:
             print(f"{type(self).__name__}: {args.describe(self.accelerator.num_processes, self.max_steps)}", flush=True)
@@ -677,7 +680,7 @@ class PreftRLTrainer:
                 metrics.update(self.evaluate())
             if args.save_steps > 0 and self.step % args.save_steps == 0 and self.step < self.max_steps:
                 self._check_policy_serves()  # never checkpoint a policy whose activations overflow
-                checkpoint.save(self, self.step, self._rollout)
+                self._push(checkpoint.save(self, self.step, self._rollout))
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", **{
                 name.removesuffix("_reward"): f"{metrics[f'rewards/{name}/mean']:.2f}" for name in self.reward_names
@@ -688,6 +691,7 @@ class PreftRLTrainer:
         self._check_policy_serves()
         checkpoint.save(self, self.step, self._rollout)
         self.save_model(args.output_dir)
+        self._push(Path(args.output_dir))
         for tracker in acc.trackers:  # not acc.end_training(): it also destroys the process group vLLM uses
             tracker.finish()
         return metrics
@@ -757,6 +761,23 @@ class PreftRLTrainer:
             if self.accelerator.is_main_process:
                 self.preft_model.save_pretrained(output_dir or self.args.output_dir)
         self.accelerator.wait_for_everyone()
+
+    def _served_adapter_dirs(self, root: Path) -> dict[str, Path]:
+        """{served name: adapter folder} of what a save under `root` wrote and the server should get."""
+        return {self.args.push_adapter_name or Path(self.args.output_dir).resolve().name: root}
+
+    def _pushed(self, versions: dict[str, int | None]) -> None:
+        """Called with each push's outcome ({name: served version, None where it failed})."""
+
+    def _push(self, root: Path) -> None:
+        """After a save: load the saved adapter(s) into the running server (push_to_server), main process only."""
+        args, acc = self.args, self.accelerator
+        if args.push_to_server and acc.is_main_process:
+            versions = push_adapters(args.push_to_server, self._served_adapter_dirs(root), args.push_api_key)
+            self._pushed(versions)
+            done = {name: v for name, v in versions.items() if v is not None}
+            if done:
+                logger.info("step %d: pushed %s to %s", self.step, ", ".join(f"{n} (v{v})" for n, v in done.items()), args.push_to_server)
 
     def close(self) -> None:
         self.engine.close()

@@ -127,6 +127,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         super().__init__(model, args=args, preft_config=preft_config)
         self._pick_counts = [[0] * len(self.tasks)]
         self._changed: set[str] = set(self.tenant_names)  # adapters the engine does not have yet (all are added at start)
+        self._unpushed: set[str] = set(self.tenant_names)  # adapters push_to_server has not got in their current version
 
     # ------------------------------------------------------------------------------ set-up hooks
     def _setup_tasks(self, reward_funcs: Any, train_dataset: Any, eval_dataset: Any) -> None:
@@ -166,6 +167,9 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             raise ValueError("dynamic_sampling is not supported with tenants= yet; set dynamic_sampling=False")
         if args.engine_tensor_parallel_size > 1:
             raise ValueError("engine_tensor_parallel_size > 1 is not supported with tenants= yet")
+        if args.push_adapter_name is not None:
+            raise ValueError(f"push_adapter_name={args.push_adapter_name!r} is for a single-adapter run; with tenants= each "
+                             "tenant is pushed under its own name")
 
     def _num_train_rows(self) -> int:
         return max(len(task.dataset) for task in self.tasks)
@@ -311,7 +315,8 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         return [[torch.cat([rows[j * size : (j + 1) * size] for rows in per_tenant.values()]) for j in range(count)]]
 
     def _row_kwargs(self, batch: RolloutBatch, rows: Any) -> dict[str, Any]:
-        return {"tenants": [batch.tenants[i] for i in torch.as_tensor(rows).tolist()]}
+        indices = range(len(batch.tenants))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).tolist()
+        return {"tenants": [batch.tenants[i] for i in indices]}
 
     def _compute_loss(self, batch: RolloutBatch, rows: Any, mini: MiniBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """One forward over every tenant's rows; the loss is the sum of each tenant's own GRPO loss on its rows,
@@ -359,6 +364,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                 self.optimizer.step()
                 self.scheduler.step(range(len(self.tasks)))
                 self._changed.update(self.tenant_names)
+                self._unpushed.update(self.tenant_names)
             self.optimizer.zero_grad(set_to_none=True)
             return
         if acc.sync_gradients:
@@ -374,6 +380,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                     norms.append(norm)
                     trained.append(t)
                     self._changed.add(task.name)
+                    self._unpushed.add(task.name)
                 else:  # this tenant's step is skipped; the others go on
                     for p in params:
                         p.grad = None
@@ -448,6 +455,13 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                 for name in self.tenant_names:
                     self.preft_model.tenant(name).save_pretrained(root / name)
         self.accelerator.wait_for_everyone()
+
+    def _served_adapter_dirs(self, root: Any) -> dict[str, Any]:
+        """The tenants trained since their last successful push (each its folder under root/tenants/)."""
+        return {name: root / TENANTS_DIR / name for name in self.tenant_names if name in self._unpushed}
+
+    def _pushed(self, versions: dict[str, int | None]) -> None:
+        self._unpushed -= {name for name, version in versions.items() if version is not None}
 
     def _checkpoint_adapter_files(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         return {f"{TENANTS_DIR}/{name}/{WEIGHTS_NAME}": {KEY_PREFIX + key: p for key, p in self.preft_model.tenant(name).adapter_named_parameters()}

@@ -81,6 +81,17 @@ class PreftRLConfig:
         "help": "With tenants= and tenants_per_step: 'round_robin' (in turn, in the order given) or 'random' (seeded by "
                 "seed and step)."})
 
+    # --- online personalisation: push saved adapters into a running `preft-rl serve` ---------------------
+    push_to_server: str | None = field(default=None, metadata={
+        "help": "Base URL of a running `preft-rl serve --enable-adapter-updates` (e.g. http://127.0.0.1:8000): after every "
+                "save (checkpoints and the final adapter) the trained adapter(s) are loaded into it in place, so users get "
+                "the new version without a restart; requests already running finish on the old one."})
+    push_api_key: str | None = field(default=None, metadata={
+        "help": "The server's API key (default: the VLLM_API_KEY environment variable)."})
+    push_adapter_name: str | None = field(default=None, metadata={
+        "help": "The served name of a single-adapter run's adapter (default: output_dir's folder name); with tenants= "
+                "each tenant is served under its own name."})
+
     min_generations = 1  # GRPO needs a group of at least 2
 
     def _need(self, condition: bool, message: str) -> None:
@@ -117,6 +128,8 @@ class PreftRLConfig:
         need(self.tenants_per_step is None or self.tenants_per_step >= 1,
              f"tenants_per_step={self.tenants_per_step} must be >= 1 (or None: every tenant every step)")
         need(self.tenant_sampling in TENANT_SAMPLING, f"tenant_sampling={self.tenant_sampling!r}: use one of {TENANT_SAMPLING}")
+        need(self.push_to_server is None or self.push_to_server.startswith(("http://", "https://")),
+             f"push_to_server={self.push_to_server!r} must be a server's base URL such as http://127.0.0.1:8000")
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to == "none" else [self.report_to]
         unknown = set(self.report_to) - {"tensorboard", "wandb"}

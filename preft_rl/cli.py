@@ -3,6 +3,7 @@
     preft-rl report OUTPUT_DIR       render a GRPO run's log.jsonl as report.md + PNG plots
     preft-rl bench rollout ...       PreFT vs all-token multi-LoRA vs base rollout throughput (see --help)
     preft-rl bench train ...         GRPO step time and memory per phase, against TRL's GRPOTrainer (see --help)
+    preft-rl bench tenants ...       multi-tenant GRPO: tenant-steps per hour vs sequential runs and all-token adapters
     preft-rl study ...               PreFT vs all-token adapters under the same GRPO trainer (see --help)
     preft-rl plan --model ...        per-GPU memory of the rollout and training phases, and what fits (see --help)
     preft-rl serve MODEL --adapters NAME=DIR ...   vLLM's OpenAI-compatible server with prefill-only adapters
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     train_bench = bench.add_parser("train", allow_abbrev=False, help="GRPO step time per phase: preft-rl's trainer vs TRL's "
                                    "GRPOTrainer (PEFT LoRA; colocated vLLM and HF generate) on the same work")
     _add_train_bench_arguments(train_bench)
+    tenants_bench = bench.add_parser("tenants", allow_abbrev=False, help="multi-tenant GRPO: tenant-steps per hour against "
+                                     "sequential single-tenant runs and against all-token adapters, by tenant count")
+    _add_tenants_bench_arguments(tenants_bench)
     study = sub.add_parser("study", allow_abbrev=False, help="PreFT vs all-token adapters: GRPO learning curves and held-out gains over seeds")
     _add_study_arguments(study)
     plan = sub.add_parser("plan", allow_abbrev=False, help="per-GPU memory plan: rollout and training phases, largest batch and KV cache")
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench_serve(args, argv)
     if args.command == "bench" and args.bench == "train":
         return _bench_train(args, argv)
+    if args.command == "bench" and args.bench == "tenants":
+        return _bench_tenants(args, argv)
     if args.command == "bench":
         from preft_rl.reports import rollout as bench_rollout
 
@@ -176,6 +182,50 @@ def _bench_train(args: argparse.Namespace, argv: list[str] | None) -> int:
     result = bench_train.run(cfg, verbose=args.verbose)
     command = "preft-rl " + " ".join(argv if argv is not None else sys.argv[1:])
     paths = bench_train.write_report(result, args.out, command)
+    print(paths["markdown"].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _add_tenants_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from preft_rl.reports.tenants import SYSTEMS, TenantBenchConfig
+
+    d = TenantBenchConfig()
+    parser.add_argument("--model", default=d.model, help="model id, path or offline name (default: %(default)s)")
+    parser.add_argument("--tenants", default=",".join(map(str, d.tenants)), help="comma-separated tenant counts (default: %(default)s)")
+    parser.add_argument("--systems", default=",".join(d.systems), help=f"comma-separated, of {', '.join(SYSTEMS)} (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=d.steps, help="timed steps per run (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--prompts-per-tenant", type=int, default=d.prompts_per_tenant, help="prompts per tenant and step (default: %(default)s)")
+    parser.add_argument("--num-generations", type=int, default=d.num_generations, help="completions per prompt (default: %(default)s)")
+    parser.add_argument("--max-completion-length", type=int, default=d.max_completion_length, help="(default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=d.rank, help="LoRA rank, every linear layer (default: %(default)s)")
+    parser.add_argument("--run-steps", type=int, default=d.run_steps,
+                        help="run length the start-up is spread over in the 'with start-up' columns (default: %(default)s)")
+    parser.add_argument("--cpu-kv-cache-gib", type=int, default=d.cpu_kv_cache_gib, help="vLLM's CPU KV cache (default: %(default)s)")
+    parser.add_argument("--predictions", default=None, help="a text file of predictions written before the run, copied into the report")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--out", default=d.out, help="folder for tenants.json/.md and runs/ (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' logging in the runs")
+
+
+def _bench_tenants(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from preft_rl.reports import tenants as bench_tenants
+
+    try:
+        cfg = bench_tenants.TenantBenchConfig(
+            model=args.model, tenants=_int_list(args.tenants, "--tenants"), systems=args.systems.split(","), steps=args.steps,
+            warmup_steps=args.warmup_steps, prompts_per_tenant=args.prompts_per_tenant, num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length, rank=args.rank, run_steps=args.run_steps,
+            cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, out=args.out,
+        )
+        predictions = Path(args.predictions).read_text().splitlines() if args.predictions else None
+    except (ValueError, OSError) as exc:
+        print(f"preft-rl bench tenants: {exc}", file=sys.stderr)
+        return 2
+    result = bench_tenants.run(cfg, verbose=args.verbose)
+    command = "preft-rl " + " ".join(argv if argv is not None else sys.argv[1:])
+    paths = bench_tenants.write_report(result, args.out, command, predictions)
     print(paths["markdown"].read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -32,3 +32,26 @@ def test_example_trains_and_reports_the_held_out_change(tiny_llama_dir, tmp_path
     assert steps == [1, 2]
     if example == "ppo_gsm8k.py":
         assert (out / "checkpoint-2" / "trained_state.safetensors").is_file()  # the critic is saved with the run
+
+
+@pytest.mark.slow
+def test_multitenant_example_reads_a_yaml_tenants_file_and_reports_each_tenant(tiny_llama_dir, tmp_path):
+    """examples/grpo_multitenant.py with the YAML tenants file: every tenant's adapter is a normal adapter folder, and
+    each tenant's held-out metric is reported before and after with a 95% interval."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(REPO / "examples" / "grpo_multitenant.py"), "--model", str(tiny_llama_dir),
+               "--tenants-file", str(REPO / "examples" / "tenants" / "styles.yaml"), "--output-dir", str(out),
+               "--max-steps", "1", "--eval-problems", "3", "--max-completion-length", "6", "--per-device-train-batch-size", "2",
+               "--gradient-accumulation-steps", "1", "--num-generations", "2", "--disable-tqdm"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    heldout = json.loads((out / "heldout.json").read_text())["tenants"]
+    names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+    assert list(heldout) == names
+    for name in names:
+        assert {"before", "after", "change", "low", "high", "num_items"} <= set(heldout[name]) and heldout[name]["num_items"] == 3
+        assert (out / "tenants" / name / "adapter_model.safetensors").is_file()
+        assert (out / "tenants" / name / "adapter_config.json").is_file()
+        assert f"| {name} |" in done.stdout
+    assert "The same held-out question, answered by each tenant's adapter" in done.stdout
+    assert "preft-rl serve" in done.stdout and f"alice={out / 'tenants' / 'alice'}" in done.stdout

@@ -114,7 +114,7 @@ class PreftRLTrainer:
             check_server(args.push_to_server, args.push_api_key)
         self.max_steps = args.resolved_max_steps(self._num_train_rows(), self.accelerator.num_processes)
         if self.accelerator.is_main_process:
-            print(f"{type(self).__name__}: {args.describe(self.accelerator.num_processes, self.max_steps)}", flush=True)
+            print(f"{type(self).__name__}: {self._describe_run()}", flush=True)
         torch.manual_seed(args.seed)
 
         self.model_path = resolve_model(model)
@@ -164,6 +164,10 @@ class PreftRLTrainer:
     def _check_runtime(self) -> None:
         """Refuse settings this trainer cannot run with, once the accelerator (processes, DeepSpeed) is known and before
         the model is loaded."""
+
+    def _describe_run(self) -> str:
+        """The one line printed at start: processes, completions per step, steps."""
+        return self.args.describe(self.accelerator.num_processes, self.max_steps)
 
     def _num_train_rows(self) -> int:
         """The rows one epoch goes through (what num_train_epochs counts)."""

@@ -171,6 +171,11 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             raise ValueError(f"push_adapter_name={args.push_adapter_name!r} is for a single-adapter run; with tenants= each "
                              "tenant is pushed under its own name")
 
+    def _describe_run(self) -> str:
+        picked = len(self._tenants_for_step(0))
+        return (f"{len(self.tasks)} tenants, {picked} per step ({self.args.tenant_sampling if picked < len(self.tasks) else 'all'}); "
+                f"per tenant: {super()._describe_run()}")
+
     def _num_train_rows(self) -> int:
         return max(len(task.dataset) for task in self.tasks)
 

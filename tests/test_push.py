@@ -109,6 +109,7 @@ def test_training_pushes_each_tenants_adapter_into_a_running_server(tiny_llama_d
     push arrives finish on the step-1 adapter; afterwards the server's greedy tokens for each tenant equal its final
     adapter's (HF reference)."""
     from openai import OpenAI
+    from test_serve import API_KEY as SERVER_KEY
     from test_serve import make_adapter, running_server, wait_for_requests_in_engine
     from transformers import AutoTokenizer
 
@@ -121,7 +122,7 @@ def test_training_pushes_each_tenants_adapter_into_a_running_server(tiny_llama_d
 
     def push_while_requests_run(url, adapters, key):
         if pushes:  # the final push: start long requests for t0 first, push once the engine holds them all
-            client = OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+            client = OpenAI(base_url=url + "/v1", api_key=SERVER_KEY, max_retries=0, timeout=300)
 
             def request(i):
                 reply = client.completions.create(model="t0", prompt=prompt, temperature=0, max_tokens=96,
@@ -145,7 +146,7 @@ def test_training_pushes_each_tenants_adapter_into_a_running_server(tiny_llama_d
         args = PreftGRPOConfig(
             output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, gradient_accumulation_steps=1, num_generations=4,
             max_steps=2, save_steps=1, max_completion_length=6, learning_rate=5e-2, disable_tqdm=True,
-            engine_kwargs={"max_num_batched_tokens": 256}, push_to_server=url, push_api_key=API_KEY)
+            engine_kwargs={"max_num_batched_tokens": 256}, push_to_server=url, push_api_key=SERVER_KEY)
         trainer = PreftGRPOTrainer(str(tiny_llama_dir), args=args, preft_config=PreftConfig(method="lora", r=4, alpha=8),
                                    tenants=[Tenant("t0", data, first_token_even), Tenant("t1", data, first_token_odd)])
         try:
@@ -154,11 +155,11 @@ def test_training_pushes_each_tenants_adapter_into_a_running_server(tiny_llama_d
             trainer.close()
         tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
         prompt_ids = tokenizer.encode(prompt)
-        client = OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        client = OpenAI(base_url=url + "/v1", api_key=SERVER_KEY, max_retries=0, timeout=120)
         served = {name: client.completions.create(model=name, prompt=prompt, temperature=0, max_tokens=96,
                                                   extra_body={"return_token_ids": True, "ignore_eos": True}).choices[0].token_ids
                   for name in ("t0", "t1")}
-        with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})) as r:
+        with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {SERVER_KEY}"})) as r:
             listed = {m["id"] for m in json.loads(r.read())["data"]}
     assert pushes == [(["t0", "t1"], {"t0": 1, "t1": 1}), (["t0", "t1"], {"t0": 2, "t1": 2})]
     assert {"t0", "t1"} <= listed

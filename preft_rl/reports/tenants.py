@@ -120,9 +120,10 @@ def run(cfg: TenantBenchConfig, verbose: bool = False) -> dict[str, Any]:
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kv_cache_gib), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    _read_model_files(cfg.model)  # the first run must not pay for a cold file cache that the others do not
     plan = [("sequential", 1)] if "sequential" in cfg.systems else []
     plan += [(system, n) for n in cfg.tenants for system in cfg.systems if system != "sequential"]
-    runs = []
+    runs, failures = [], []
     for i, (system, count) in enumerate(plan):
         path = out / "runs" / f"{system}-{count}.json"
         print(f"[{i + 1}/{len(plan)}] {system}, {count} tenant(s) ...", flush=True)
@@ -130,14 +131,29 @@ def run(cfg: TenantBenchConfig, verbose: bool = False) -> dict[str, Any]:
         if verbose:
             command.append("--verbose")
         done = subprocess.run(command, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"bench tenants: the {system} run with {count} tenant(s) failed (exit {done.returncode}); "
-                               "rerun with --verbose to see why")
+        if done.returncode != 0:  # recorded, and the other runs go on: a large N may not fit this machine
+            why = f"exit {done.returncode}" + (" (killed: most likely out of memory)" if done.returncode in (-9, 137) else "")
+            failures.append({"system": system, "tenants": count, "failed": why})
+            print(f"[{i + 1}/{len(plan)}] {system}, {count} tenant(s): FAILED, {why}; rerun with --verbose to see why", flush=True)
+            continue
         result = json.loads(path.read_text())
         runs.append(result)
         print(f"[{i + 1}/{len(plan)}] {system}, {count} tenant(s): start-up {result['start_s']:.1f} s, "
               f"{statistics.median(s['step_s'] for s in result['steps']):.2f} s/step", flush=True)
-    return {"config": asdict(cfg), "runs": runs, "summary": summarize(cfg, runs)}
+    if not runs:
+        raise RuntimeError("bench tenants: every run failed; rerun with --verbose to see why")
+    return {"config": asdict(cfg), "runs": runs, "failures": failures, "summary": summarize(cfg, runs)}
+
+
+def _read_model_files(model: str) -> None:
+    from preft_rl.models import resolve_model
+
+    path = Path(resolve_model(model))
+    for file in path.rglob("*") if path.is_dir() else []:
+        if file.is_file():
+            with open(file, "rb") as f:
+                while f.read(1 << 24):
+                    pass
 
 
 def _median(steps: list[dict], key: str) -> float | None:
@@ -162,7 +178,8 @@ def summarize(cfg: TenantBenchConfig, runs: list[dict[str, Any]]) -> dict[str, A
 
     single = next((r for r in runs if r["system"] == "sequential"), None)
     rows = []
-    for count in cfg.tenants:
+    measured = {r["tenants"] for r in runs if r["system"] != "sequential"}  # a failed run's tenant count has no row
+    for count in [n for n in cfg.tenants if n in measured] if measured else cfg.tenants:
         if single is not None:
             rows.append(row_of(single, count, scale=count))
         rows += [row_of(r, count) for r in runs if r["system"] != "sequential" and r["tenants"] == count]
@@ -219,6 +236,8 @@ def write_report(result: dict[str, Any], out: str | Path, command: str, predicti
         lines += ["", "Peak resident memory per extra tenant (least-squares slope over the tenant counts): "
                   + ", ".join(f"{s} {v:.1f} MiB" for s, v in summary["memory_mib_per_tenant"].items())
                   + (f"; one tenant's adapter + gradient + AdamW moments (fp32): {expected:.1f} MiB." if expected else ".")]
+    for failure in result.get("failures", []):
+        lines += ["", f"**{failure['system']} with {failure['tenants']} tenants did not finish: {failure['failed']}.**"]
     if predictions:
         lines += ["", "## Predictions (written before the run)", "", *predictions]
     paths["markdown"].write_text("\n".join(lines) + "\n")

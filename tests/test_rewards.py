@@ -63,7 +63,10 @@ def test_internal_errors_are_counted_and_never_zero():
 
 def test_registry_by_name():
     assert get_reward_func("gsm8k_accuracy") is gsm8k_accuracy_reward
-    assert set(REWARD_FUNCS) == {"gsm8k_accuracy", "gsm8k_last_number", "format"}
+    from preft_rl.rewards import STYLE_REWARDS
+
+    assert set(REWARD_FUNCS) == {"gsm8k_accuracy", "gsm8k_last_number", "format", *STYLE_REWARDS}
+    assert all(name.startswith("style_") for name in STYLE_REWARDS) and len(STYLE_REWARDS) == 7
     with pytest.raises(ValueError, match="unknown reward 'acc'; available"):
         get_reward_func("acc")
 

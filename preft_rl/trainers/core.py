@@ -780,8 +780,8 @@ class PreftRLTrainer:
             versions = push_adapters(args.push_to_server, self._served_adapter_dirs(root), args.push_api_key)
             self._pushed(versions)
             done = {name: v for name, v in versions.items() if v is not None}
-            if done:
-                logger.info("step %d: pushed %s to %s", self.step, ", ".join(f"{n} (v{v})" for n, v in done.items()), args.push_to_server)
+            if done and not args.disable_tqdm:  # beside the progress bar: users see when their server got a new version
+                tqdm.write(f"step {self.step}: pushed {', '.join(f'{n} (v{v})' for n, v in done.items())} to {args.push_to_server}")
 
     def close(self) -> None:
         self.engine.close()

@@ -200,6 +200,9 @@ def _add_tenants_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-generations", type=int, default=d.num_generations, help="completions per prompt (default: %(default)s)")
     parser.add_argument("--max-completion-length", type=int, default=d.max_completion_length, help="(default: %(default)s)")
     parser.add_argument("--rank", type=int, default=d.rank, help="LoRA rank, every linear layer (default: %(default)s)")
+    parser.add_argument("--tenants-per-forward", type=int, default=d.tenants_per_forward,
+                        help="tenants' rows per training forward and backward in the multi-tenant runs, bounding their "
+                             "activation memory (0: all of them in one; default: %(default)s)")
     parser.add_argument("--run-steps", type=int, default=d.run_steps,
                         help="run length the start-up is spread over in the 'with start-up' columns (default: %(default)s)")
     parser.add_argument("--cpu-kv-cache-gib", type=int, default=d.cpu_kv_cache_gib, help="vLLM's CPU KV cache (default: %(default)s)")
@@ -216,7 +219,8 @@ def _bench_tenants(args: argparse.Namespace, argv: list[str] | None) -> int:
         cfg = bench_tenants.TenantBenchConfig(
             model=args.model, tenants=_int_list(args.tenants, "--tenants"), systems=args.systems.split(","), steps=args.steps,
             warmup_steps=args.warmup_steps, prompts_per_tenant=args.prompts_per_tenant, num_generations=args.num_generations,
-            max_completion_length=args.max_completion_length, rank=args.rank, run_steps=args.run_steps,
+            max_completion_length=args.max_completion_length, rank=args.rank, tenants_per_forward=args.tenants_per_forward,
+            run_steps=args.run_steps,
             cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, out=args.out,
         )
         predictions = Path(args.predictions).read_text().splitlines() if args.predictions else None
@@ -246,6 +250,9 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="adapters trained in one run (PreftGRPOTrainer(tenants=...)); the engine holds one slot each (default: %(default)s)")
     parser.add_argument("--tenants-per-step", type=int, default=None,
                         help="tenants trained per step, each with --batch rows per micro-batch (default: all)")
+    parser.add_argument("--tenants-per-forward", type=int, default=None,
+                        help="tenants' rows in one training forward and backward (the trainer's tenants_per_forward): "
+                             "activations grow with it, not with the tenant count (default: all tenants of a step)")
     parser.add_argument("--method", choices=method_names(), default=d.method)
     parser.add_argument("--rank", type=int, default=d.rank, help="adapter rank (default: %(default)s)")
     parser.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens (default: %(default)s)")
@@ -271,7 +278,7 @@ def _plan(args: argparse.Namespace) -> int:
         shape = ModelShape.resolve(args.model)
         inputs = PlanInputs(
             gpus=args.gpus, gpu_memory_gib=args.gpu_memory, zero=args.zero, tp=args.tp, adapters=args.adapters,
-            tenants=args.tenants, tenants_per_step=args.tenants_per_step,
+            tenants=args.tenants, tenants_per_step=args.tenants_per_step, tenants_per_forward=args.tenants_per_forward,
             method=args.method, rank=args.rank, prompt_len=args.prompt_len, completion_len=args.completion_len,
             batch=args.batch, generations=args.generations, share_prompts=args.share_prompts,
             gradient_checkpointing=args.gradient_checkpointing, sleep=args.sleep, dtype_bytes=args.dtype_bytes,

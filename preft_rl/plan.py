@@ -136,6 +136,7 @@ class PlanInputs:
     adapters: int = 1  # adapter slots the engine holds (at least one per tenant)
     tenants: int = 1  # adapters trained in one run (PreftGRPOTrainer(tenants=...)); each process holds all of them
     tenants_per_step: int | None = None  # tenants trained per step (None: all); each brings `batch` rows per micro-batch
+    tenants_per_forward: int | None = None  # tenants' rows in one training forward/backward (None: the step's tenants)
     method: str = "lora"
     rank: int = 16
     prompt_len: int = 512
@@ -158,6 +159,8 @@ class PlanInputs:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.tenants_per_step is not None and not 1 <= self.tenants_per_step <= self.tenants:
             raise ValueError(f"--tenants-per-step must be in [1, --tenants={self.tenants}], got {self.tenants_per_step}")
+        if self.tenants_per_forward is not None and self.tenants_per_forward < 1:
+            raise ValueError(f"--tenants-per-forward must be >= 1, got {self.tenants_per_forward}")
         self.adapters = max(self.adapters, self.tenants)  # the engine serves every tenant's adapter
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
@@ -170,6 +173,11 @@ class PlanInputs:
     def step_tenants(self) -> int:
         """Tenants trained in one step (each with its own `batch` rows in every micro-batch)."""
         return self.tenants if self.tenants_per_step is None else self.tenants_per_step
+
+    @property
+    def forward_tenants(self) -> int:
+        """Tenants whose rows one training forward holds (its activations): tenants_per_forward, at most the step's."""
+        return min(self.step_tenants, self.tenants_per_forward or self.step_tenants)
 
 
 @dataclass
@@ -260,7 +268,7 @@ def make_plan(shape: ModelShape, inputs: PlanInputs) -> Plan:
         training_fixed["engine, awake (no sleep mode)"] = util * g
     free = g - sum(training_fixed.values())
     plan.max_batch = 0
-    per_row = inputs.step_tenants  # a micro-batch holds `batch` rows of each tenant trained in the step
+    per_row = inputs.forward_tenants  # a training forward holds `batch` rows of each of its tenants
     for rows in range(1, 4097):
         if sum(training_activations(shape, inputs, rows * per_row).values()) > free:
             break
@@ -317,7 +325,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"engine gpu_memory_utilization: {plan.gpu_memory_utilization:.2f}; KV cache {max(0.0, plan.kv_budget_bytes) / GiB:.1f} GiB = "
                  f"{plan.max_sequences} sequences of {i.prompt_len + i.completion_len} tokens "
                  f"({plan.kv_bytes_per_sequence / 2**20:.0f} MiB each) per TP group")
-    lines.append(f"largest training micro-batch that fits: {plan.max_batch} rows" + (f" per tenant ({i.step_tenants} tenants per step)" if i.step_tenants > 1 else ""))
+    lines.append(f"largest training micro-batch that fits: {plan.max_batch} rows"
+                 + (f" per tenant ({i.step_tenants} tenants per step, {i.forward_tenants} per forward)" if i.step_tenants > 1 else ""))
     if i.tenants > 1:
         lines.append(f"each further tenant adds {tenant_bytes(s, i) / 2**20:.1f} MiB per GPU (adapter, gradient, Adam moments, "
                      "engine slot)")

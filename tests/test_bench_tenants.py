@@ -22,6 +22,8 @@ def test_config_errors_name_the_flag():
         TenantBenchConfig(tenants=[0])
     with pytest.raises(ValueError, match="--num-generations 1"):
         TenantBenchConfig(num_generations=1)
+    with pytest.raises(ValueError, match="--tenants-per-forward -1"):
+        TenantBenchConfig(tenants_per_forward=-1)
 
 
 def test_summary_scales_the_sequential_run_and_fits_the_memory_slope():
@@ -47,7 +49,7 @@ def test_bench_tenants_runs_every_system_and_writes_the_report(tiny_llama_dir, t
     predictions.write_text("- predicted: more tenants, more tenant-steps per hour\n")
     command = [sys.executable, "-m", "preft_rl.cli", "bench", "tenants", "--model", str(tiny_llama_dir), "--tenants", "1,2",
                "--steps", "1", "--warmup-steps", "0", "--num-generations", "2", "--max-completion-length", "4", "--rank", "4",
-               "--cpu-kv-cache-gib", "1", "--predictions", str(predictions), "--out", str(tmp_path / "out")]
+               "--tenants-per-forward", "1", "--cpu-kv-cache-gib", "1", "--predictions", str(predictions), "--out", str(tmp_path / "out")]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "tenants.json").read_text())
@@ -57,4 +59,4 @@ def test_bench_tenants_runs_every_system_and_writes_the_report(tiny_llama_dir, t
     assert len(rows) == 6 and all(r["tenant_steps_per_hour"] > 0 and r["vs_sequential"] > 0 for r in rows)
     assert set(result["summary"]["memory_mib_per_tenant"]) == {"preft", "all-token"}
     report = (tmp_path / "out" / "tenants.md").read_text()
-    assert "| 2 | preft |" in report and "predicted: more tenants" in report
+    assert "| 2 | preft |" in report and "predicted: more tenants" in report and "1 tenants' rows per training forward" in report

@@ -72,12 +72,22 @@ def test_tenants_trained_together_equal_each_trained_alone(tiny_llama_dir, tmp_p
     trained alone with the same seed and data (max |diff| <= 1e-5). Per-tenant data order, sampling seeds, advantages,
     token normaliser (dapo, lengths differ per tenant), gradient clip (active on some tenants' steps only), learning
     rate (two tenants have their own) and Adam state all have to be the tenant's own for this to hold: a shared clip
-    or a global token normaliser breaks it (checked by hand when this test was written: max diff 4.1e-2 and 4.3e-2)."""
+    or a global token normaliser breaks it (checked by hand when this test was written: max diff 4.1e-2 and 4.3e-2).
+    The same holds with tenants_per_forward=3 (each micro-batch in two forward/backward pieces)."""
     together = PreftGRPOTrainer(str(tiny_llama_dir), args=config(tmp_path / "together"), tenants=tenants(),
                                 preft_config=PreftConfig(**PREFT))
     assert isinstance(together, MultiTenantGRPOTrainer)
     together.train()
     together.close()
+    # tenants_per_forward=3: each micro-batch goes through the model in two pieces (3 tenants' rows, then 1 tenant's)
+    pieces = PreftGRPOTrainer(str(tiny_llama_dir), args=config(tmp_path / "pieces", tenants_per_forward=3), tenants=tenants(),
+                              preft_config=PreftConfig(**PREFT))
+    pieces.train()
+    pieces.close()
+    micro = pieces._mini_batches(pieces._rollout)[0][0]
+    split = pieces._micro_parts(pieces._rollout, micro)
+    assert [sorted({pieces._rollout.tenants[i] for i in part.tolist()}) for part in split] == [NAMES[:3], NAMES[3:]]
+    assert sorted(torch.cat(split).tolist()) == sorted(micro.tolist())
     for t, name in enumerate(NAMES):
         lr = LEARNING_RATES[t] or 3e-2
         alone = PreftGRPOTrainer(str(tiny_llama_dir), [REWARDS[t]], args=config(tmp_path / name, learning_rate=lr),
@@ -85,8 +95,10 @@ def test_tenants_trained_together_equal_each_trained_alone(tiny_llama_dir, tmp_p
         alone.train()
         alone.close()
         ours, theirs = adapter(tmp_path / "together" / "tenants" / name), adapter(tmp_path / name)
-        assert ours.keys() == theirs.keys()
+        in_pieces = adapter(tmp_path / "pieces" / "tenants" / name)
+        assert ours.keys() == theirs.keys() == in_pieces.keys()
         diff = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+        assert max((in_pieces[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5, name
         moved = max((theirs[k] - adapter_init(tiny_llama_dir)[k]).abs().max().item() for k in theirs)
         assert diff <= 1e-5, (name, diff)
         assert moved > 1e-3, (name, moved)  # the tenant really trained
@@ -237,3 +249,5 @@ def test_tenant_arguments_are_checked_before_anything_is_built(tiny_llama_dir, t
         PreftPPOTrainer(str(tiny_llama_dir), tenants=tenants())
     with pytest.raises(ValueError, match="tenants_per_step=0"):
         config(tmp_path, tenants_per_step=0)
+    with pytest.raises(ValueError, match="tenants_per_forward=0"):
+        config(tmp_path, tenants_per_forward=0)

@@ -92,7 +92,8 @@ def test_cli_prints_the_plan_and_rejects_bad_values(capsys):
 
 def test_tenants_add_their_adapter_state_and_slots_and_their_rows_per_micro_batch(capsys):
     """--tenants N: every process holds N adapters with their gradients and Adam moments (sharded as ZeRO shards them),
-    the engine one slot per tenant, and a micro-batch holds --batch rows of each tenant trained in the step."""
+    the engine one slot per tenant, and a micro-batch holds --batch rows of each tenant trained in the step; its
+    activations are those of --tenants-per-forward tenants' rows."""
     from preft_rl.plan import tenant_bytes
 
     shape = ModelShape.resolve("llama-3-8b")
@@ -106,8 +107,10 @@ def test_tenants_add_their_adapter_state_and_slots_and_their_rows_per_micro_batc
     rows = lambda plan: sum(v for k, v in plan.training.items() if k.startswith(("activations", "logits")))  # noqa: E731
     assert rows(many) == pytest.approx(sum(training_activations(shape, many.inputs, 2 * 4).values()))
     assert rows(many) > rows(one)
+    pieces = make_plan(shape, PlanInputs(**common, tenants=64, tenants_per_step=4, tenants_per_forward=1))
+    assert rows(pieces) == pytest.approx(rows(one)) and fixed(pieces) == pytest.approx(fixed(many))
     assert cli(["plan", "--model", "llama-3-8b", "--gpus", "8", "--tenants", "64", "--tenants-per-step", "4"]) in (0, 1)
     out = capsys.readouterr().out
-    assert "64 tenants" in out and "each further tenant adds" in out and "per tenant (4 tenants per step)" in out
+    assert "64 tenants" in out and "each further tenant adds" in out and "per tenant (4 tenants per step, 4 per forward)" in out
     assert cli(["plan", "--model", "llama-3-8b", "--tenants", "4", "--tenants-per-step", "5"]) == 2
     assert "--tenants-per-step must be in [1, --tenants=4]" in capsys.readouterr().err

@@ -3,7 +3,8 @@
     preft-rl bench tenants --tenants 1,4,16 --steps 2 --out docs/benchmarks/tenants-cpu
 
 Every tenant does the same work per step (--prompts-per-tenant prompts x --num-generations completions of up to
---max-completion-length tokens; chain_sum problems under a neutral prompt; reward style_terse). Systems, each run in
+--max-completion-length tokens; chain_sum problems under a neutral prompt; reward style_terse; the multi-tenant runs
+put --tenants-per-forward tenants' rows through each training forward and backward). Systems, each run in
 its own child process (a clean peak-memory reading):
   sequential  one single-tenant run (PreftGRPOTrainer without tenants=); N users today run it N times, one after
               another, so N sequential runs cost N x this run (start-up and every step): measured once, multiplied
@@ -45,6 +46,7 @@ class TenantBenchConfig:
     num_generations: int = 4
     max_completion_length: int = 32
     rank: int = 16
+    tenants_per_forward: int = 4  # the multi-tenant runs' tenants_per_forward (0: every tenant's rows in one forward)
     learning_rate: float = 1e-4
     run_steps: int = 100  # the run length the start-up is spread over in the "with start-up" numbers
     cpu_kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE (CPU only)
@@ -60,8 +62,9 @@ class TenantBenchConfig:
         for name in ("steps", "prompts_per_tenant", "max_completion_length", "rank", "run_steps", "cpu_kv_cache_gib"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.warmup_steps < 0:
-            raise ValueError(f"--warmup-steps {self.warmup_steps}: must be >= 0")
+        for name in ("warmup_steps", "tenants_per_forward"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         if self.num_generations < 2:
             raise ValueError(f"--num-generations {self.num_generations}: GRPO needs at least 2 completions per prompt")
 
@@ -80,7 +83,7 @@ def run_one(cfg: TenantBenchConfig, system: str, count: int, output_dir: str) ->
         output_dir=output_dir, max_steps=cfg.warmup_steps + cfg.steps, num_generations=cfg.num_generations,
         per_device_train_batch_size=cfg.prompts_per_tenant * cfg.num_generations, max_completion_length=cfg.max_completion_length,
         max_prompt_length=128, learning_rate=cfg.learning_rate, temperature=1.0, seed=cfg.seed, save_steps=0, logging_steps=1,
-        disable_tqdm=True, report_to="none", engine_kwargs={"max_num_seqs": max(8, count * cfg.prompts_per_tenant * cfg.num_generations)},
+        disable_tqdm=True, report_to="none", tenants_per_forward=cfg.tenants_per_forward or None, engine_kwargs={"max_num_seqs": max(8, count * cfg.prompts_per_tenant * cfg.num_generations)},
     )
     preft = PreftConfig(method="lora", r=cfg.rank, adapter_scope="all" if system == "all-token" else "prompt")
     if system == "sequential":
@@ -218,7 +221,8 @@ def write_report(result: dict[str, Any], out: str | Path, command: str, predicti
     lines = [
         "# Multi-tenant GRPO: tenant-steps per hour", "", f"Command: `{command}`", "",
         f"Per tenant and step: {cfg['prompts_per_tenant']} prompt(s) x {cfg['num_generations']} completions of up to "
-        f"{cfg['max_completion_length']} tokens, LoRA r={cfg['rank']} on every linear layer, fp32; {cfg['warmup_steps']} warm-up + "
+        f"{cfg['max_completion_length']} tokens, LoRA r={cfg['rank']} on every linear layer, fp32; "
+        f"{cfg.get('tenants_per_forward') or 'all'} tenants' rows per training forward; {cfg['warmup_steps']} warm-up + "
         f"{cfg['steps']} timed steps per run, medians. 'sequential' is one single-tenant run x N. 'with start-up': a "
         f"{cfg['run_steps']}-step run, the measured start-up included.", "",
         "| tenants | system | tenant-steps/h | vs sequential | with start-up: tenant-steps/h | vs sequential | s/step "

@@ -75,6 +75,19 @@ class MiniBatch:
         return len(self.micro)
 
 
+def merge_part_stats(parts: list[tuple[dict[str, float], int]], summed: set[str]) -> dict[str, float]:
+    """One micro-batch's statistics from its pieces' (statistics, row count): keys in `summed` (shares of the
+    objective) add up; any other key is the row-weighted mean over the pieces that report it."""
+    if len(parts) == 1:
+        return parts[0][0]
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for stats, _ in parts for k in stats):
+        have = [(stats[key], rows) for stats, rows in parts if key in stats]
+        out[key] = (sum(v for v, _ in have) if key in summed
+                    else sum(v * rows for v, rows in have) / max(sum(rows for _, rows in have), 1))
+    return out
+
+
 class PreftRLTrainer:
     config_class: type[PreftRLConfig] = PreftRLConfig
     display_name = "PreFT RL"
@@ -211,6 +224,13 @@ class PreftRLTrainer:
     def _mini_batches(self, batch: RolloutBatch) -> list[list[Any]]:
         """The optimizer steps of one training step: each a list of micro-batch row selections."""
         return [batch.micro_batches(self.args.per_device_train_batch_size)]
+
+    def _micro_parts(self, batch: RolloutBatch, rows: Any) -> list[Any]:
+        """The pieces one micro-batch's rows go through the model in, each its own forward and backward (gradients
+        accumulate; one optimizer step per micro-batch as before). Default: one piece. A subclass splits where the
+        pieces' losses are independent (each _compute_loss share is still normalised by the whole mini-batch), to bound
+        activation memory; it must not under DDP or DeepSpeed, which expect one backward per accumulate."""
+        return [rows]
 
     def _compute_loss(self, batch: RolloutBatch, rows: Any, mini: MiniBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """(these rows' share of the mini-batch objective, statistics of these rows). The shares of a mini-batch's
@@ -607,15 +627,18 @@ class PreftRLTrainer:
             num_items = acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum").item() / acc.num_processes
             mini = MiniBatch(micro=micro, num_items=num_items)
             for rows in micro:
+                parts = []
                 with acc.accumulate(self.model):  # backward divides by gradient_accumulation_steps; steps at the last
-                    with phases.phase("forward"):
-                        loss, stats = self._compute_loss(batch, rows, mini)
-                    with phases.phase("backward"):
-                        acc.backward(loss * accumulation)  # undo accelerate's division: the shares already sum to the loss
+                    for part in self._micro_parts(batch, rows):
+                        with phases.phase("forward"):
+                            loss, stats = self._compute_loss(batch, part, mini)
+                        with phases.phase("backward"):
+                            acc.backward(loss * accumulation)  # undo accelerate's division: the shares already sum to the loss
+                        parts.append(({**stats, "loss": loss.item()}, len(self._loss_mask(batch, part))))
                     with phases.phase("optimizer"):
                         self._apply_gradients(norms)
                 # the mini-batch objective is the sum of its shares: a share x the micro-batch count, averaged over them
-                stats = {**stats, "loss": loss.item()}
+                stats = merge_part_stats(parts, summed={"loss", *self.share_stats})
                 for key in ("loss", *self.share_stats):
                     if key in stats:
                         stats[key] *= accumulation

@@ -17,12 +17,14 @@ what its own single-tenant run would see with the same seed and data:
     untouched (weight decay included), and its schedule does not advance.
 Since tenants' adapters are disjoint parameters, the sum of the tenants' losses has, for each tenant, exactly the
 gradient of that tenant's own loss. Each tenant's adapter is written to <output_dir>/tenants/<name>/ (a normal adapter
-folder, loadable by PreftModel.from_pretrained and `preft-rl serve --adapters name=dir`).
+folder, loadable by PreftModel.from_pretrained and `preft-rl serve --adapters name=dir`). The same argument makes
+`tenants_per_forward=K` exact: a micro-batch goes through the model in pieces of K tenants' rows, each its own forward
+and backward, so activation memory is bounded by K whatever the tenant count.
 
 Under DeepSpeed ZeRO-2 every tenant trains every step and clipping is off (DeepSpeed clips by one global norm, and
 its optimizer would step a tenant without a gradient). Not yet: several processes with tenants_per_step below the
-tenant count (DDP would see unused adapters), ZeRO-3, dynamic sampling, eval_dataset (held-out scores per tenant come
-from tenant_evaluation_scores) and PPO.
+tenant count (DDP would see unused adapters) or with tenants_per_forward below the tenants per step, ZeRO-3, dynamic
+sampling, eval_dataset (held-out scores per tenant come from tenant_evaluation_scores) and PPO.
 """
 
 from __future__ import annotations
@@ -160,6 +162,11 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                 raise ValueError(f"tenants= under DeepSpeed needs every tenant in every step (tenants_per_step="
                                  f"{args.tenants_per_step} < {len(self.tasks)} tenants): DeepSpeed's optimizer would step "
                                  "the others' weights with zero gradients; use tenants_per_step=None or DDP")
+        chunk = args.tenants_per_forward
+        if chunk is not None and chunk < len(self._tenants_for_step(0)) and (acc.num_processes > 1 or stage is not None):
+            raise ValueError(f"tenants_per_forward={chunk} below the {len(self._tenants_for_step(0))} tenants per step needs one "
+                             "process without DeepSpeed for now (DDP and DeepSpeed expect one backward per micro-batch); set "
+                             "tenants_per_forward=None, or bound memory with gradient_checkpointing=True")
         if acc.num_processes > 1 and not every_step:
             raise ValueError(f"tenants_per_step={args.tenants_per_step} below the {len(self.tasks)} tenants needs one process "
                              "for now (DDP expects every adapter in every step); use tenants_per_step=None")
@@ -318,6 +325,19 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         per_tenant = self._tenant_rows(batch)
         count = max(math.ceil(len(rows) / size) for rows in per_tenant.values())
         return [[torch.cat([rows[j * size : (j + 1) * size] for rows in per_tenant.values()]) for j in range(count)]]
+
+    def _micro_parts(self, batch: RolloutBatch, rows: Any) -> list[Any]:
+        """The micro-batch in pieces of tenants_per_forward tenants' rows (a tenant's rows stay together)."""
+        chunk = self.args.tenants_per_forward
+        rows = torch.as_tensor(rows)
+        owners = list(dict.fromkeys(batch.tenants[i] for i in rows.tolist()))
+        if chunk is None or chunk >= len(owners):
+            return [rows]
+        pieces = []
+        for start in range(0, len(owners), chunk):
+            group = set(owners[start : start + chunk])
+            pieces.append(rows[torch.tensor([batch.tenants[i] in group for i in rows.tolist()])])
+        return pieces
 
     def _row_kwargs(self, batch: RolloutBatch, rows: Any) -> dict[str, Any]:
         indices = range(len(batch.tenants))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).tolist()

@@ -77,6 +77,11 @@ class PreftRLConfig:
 
     tenants_per_step: int | None = field(default=None, metadata={
         "help": "With tenants=: how many tenants each step trains (None: all of them)."})
+    tenants_per_forward: int | None = field(default=None, metadata={
+        "help": "With tenants=: how many tenants' rows one training forward and backward holds (None: every picked "
+                "tenant's rows in one). Activation memory grows with it, not with the tenant count; the update is the same "
+                "either way (each tenant's loss uses only its own rows). Below the tenants per step it needs one process "
+                "without DeepSpeed, for now."})
     tenant_sampling: str = field(default="round_robin", metadata={
         "help": "With tenants= and tenants_per_step: 'round_robin' (in turn, in the order given) or 'random' (seeded by "
                 "seed and step)."})
@@ -127,6 +132,8 @@ class PreftRLConfig:
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         need(self.tenants_per_step is None or self.tenants_per_step >= 1,
              f"tenants_per_step={self.tenants_per_step} must be >= 1 (or None: every tenant every step)")
+        need(self.tenants_per_forward is None or self.tenants_per_forward >= 1,
+             f"tenants_per_forward={self.tenants_per_forward} must be >= 1 (or None: every picked tenant in one forward)")
         need(self.tenant_sampling in TENANT_SAMPLING, f"tenant_sampling={self.tenant_sampling!r}: use one of {TENANT_SAMPLING}")
         need(self.push_to_server is None or self.push_to_server.startswith(("http://", "https://")),
              f"push_to_server={self.push_to_server!r} must be a server's base URL such as http://127.0.0.1:8000")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,22 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from preft_rl.reports import rollout as bench_rollout
 
-        try:
-            cfg = bench_rollout.RolloutBenchConfig(
-                model=args.model, adapters=_int_list(args.adapters, "--adapters"), methods=args.methods.split(","),
-                rank=args.rank, prompts=_int_list(args.prompts, "--prompts"), prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
-                out=args.out, seed=args.seed, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                all_token=args.all_token, ours_all_token=args.ours_all_token,
-            )
-        except ValueError as exc:
-            print(f"preft-rl bench rollout: {exc}", file=sys.stderr)
-            return 2
-        result = bench_rollout.run(cfg)
-        command = "preft-rl " + " ".join(argv if argv is not None else sys.argv[1:])
-        paths = bench_rollout.write_report(result, args.out, command)
-        print(paths["markdown"].read_text())
-        print(f"wrote {', '.join(str(p) for p in paths.values())}")
-        return 0
+        return _run_bench("rollout", bench_rollout, argv, lambda: bench_rollout.RolloutBenchConfig(
+            model=args.model, adapters=_int_list(args.adapters, "--adapters"), methods=args.methods.split(","),
+            rank=args.rank, prompts=_int_list(args.prompts, "--prompts"), prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
+            out=args.out, seed=args.seed, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            all_token=args.all_token, ours_all_token=args.ours_all_token,
+        ))
     if args.command == "report":
         from preft_rl.reports.training import render_training_report
 
@@ -122,24 +114,31 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise ValueError(f"{flag} {text!r}: give comma-separated integers, e.g. 1,8,64") from None
 
 
-def _bench_serve(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from preft_rl.reports import serve as bench_serve
-
+def _run_bench(name: str, module: Any, argv: list[str] | None, make_config: Callable[[], Any],
+               run_kwargs: dict[str, Any] | None = None, report_args: Callable[[], tuple] = tuple) -> int:
+    """`preft-rl bench <name>`: build and check the config (a bad value: its message, exit 2), run `module.run`, write
+    the report with the command line in it, print the table and the paths."""
     try:
-        cfg = bench_serve.ServeBenchConfig(
-            model=args.model, adapters=args.adapters, clients=args.clients, requests=args.requests, rank=args.rank,
-            prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats, servers=args.servers.split(","),
-            max_num_seqs=args.max_num_seqs, out=args.out, seed=args.seed,
-        )
-    except ValueError as exc:
-        print(f"preft-rl bench serve: {exc}", file=sys.stderr)
+        cfg, extra = make_config(), report_args()
+    except (ValueError, OSError) as exc:
+        print(f"preft-rl bench {name}: {exc}", file=sys.stderr)
         return 2
-    result = bench_serve.run(cfg)
+    result = module.run(cfg, **(run_kwargs or {}))
     command = "preft-rl " + " ".join(argv if argv is not None else sys.argv[1:])
-    paths = bench_serve.write_report(result, args.out, command)
+    paths = module.write_report(result, cfg.out, command, *extra)
     print(paths["markdown"].read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
+
+
+def _bench_serve(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from preft_rl.reports import serve as bench_serve
+
+    return _run_bench("serve", bench_serve, argv, lambda: bench_serve.ServeBenchConfig(
+        model=args.model, adapters=args.adapters, clients=args.clients, requests=args.requests, rank=args.rank,
+        prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats, servers=args.servers.split(","),
+        max_num_seqs=args.max_num_seqs, out=args.out, seed=args.seed,
+    ))
 
 
 def _add_train_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,22 +168,12 @@ def _add_train_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench_train(args: argparse.Namespace, argv: list[str] | None) -> int:
     from preft_rl.reports import train as bench_train
 
-    try:
-        cfg = bench_train.TrainBenchConfig(
-            model=args.model, data=args.data, systems=args.systems.split(","), steps=args.steps, warmup_steps=args.warmup_steps,
-            repeats=args.repeats, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
-            max_completion_length=args.max_completion_length, rank=args.rank, learning_rate=args.learning_rate, beta=args.beta,
-            temperature=args.temperature, cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, out=args.out,
-        )
-    except ValueError as exc:
-        print(f"preft-rl bench train: {exc}", file=sys.stderr)
-        return 2
-    result = bench_train.run(cfg, verbose=args.verbose)
-    command = "preft-rl " + " ".join(argv if argv is not None else sys.argv[1:])
-    paths = bench_train.write_report(result, args.out, command)
-    print(paths["markdown"].read_text())
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
+    return _run_bench("train", bench_train, argv, lambda: bench_train.TrainBenchConfig(
+        model=args.model, data=args.data, systems=args.systems.split(","), steps=args.steps, warmup_steps=args.warmup_steps,
+        repeats=args.repeats, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length, rank=args.rank, learning_rate=args.learning_rate, beta=args.beta,
+        temperature=args.temperature, cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, out=args.out,
+    ), run_kwargs={"verbose": args.verbose})
 
 
 def _add_tenants_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -215,24 +204,13 @@ def _add_tenants_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench_tenants(args: argparse.Namespace, argv: list[str] | None) -> int:
     from preft_rl.reports import tenants as bench_tenants
 
-    try:
-        cfg = bench_tenants.TenantBenchConfig(
-            model=args.model, tenants=_int_list(args.tenants, "--tenants"), systems=args.systems.split(","), steps=args.steps,
-            warmup_steps=args.warmup_steps, prompts_per_tenant=args.prompts_per_tenant, num_generations=args.num_generations,
-            max_completion_length=args.max_completion_length, rank=args.rank, tenants_per_forward=args.tenants_per_forward,
-            run_steps=args.run_steps,
-            cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, out=args.out,
-        )
-        predictions = Path(args.predictions).read_text().splitlines() if args.predictions else None
-    except (ValueError, OSError) as exc:
-        print(f"preft-rl bench tenants: {exc}", file=sys.stderr)
-        return 2
-    result = bench_tenants.run(cfg, verbose=args.verbose)
-    command = "preft-rl " + " ".join(argv if argv is not None else sys.argv[1:])
-    paths = bench_tenants.write_report(result, args.out, command, predictions)
-    print(paths["markdown"].read_text())
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
+    return _run_bench("tenants", bench_tenants, argv, lambda: bench_tenants.TenantBenchConfig(
+        model=args.model, tenants=_int_list(args.tenants, "--tenants"), systems=args.systems.split(","), steps=args.steps,
+        warmup_steps=args.warmup_steps, prompts_per_tenant=args.prompts_per_tenant, num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length, rank=args.rank, tenants_per_forward=args.tenants_per_forward,
+        run_steps=args.run_steps, cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, out=args.out,
+    ), run_kwargs={"verbose": args.verbose},
+        report_args=lambda: (Path(args.predictions).read_text().splitlines() if args.predictions else None,))
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:

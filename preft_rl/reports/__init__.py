@@ -17,3 +17,10 @@ def start_report(out: str | Path, stem: str, result: dict[str, Any], command: st
         paths["plot"] = out / f"{stem}.png"
     paths["json"].write_text(json.dumps({**result, "command": command}, indent=2) + "\n")
     return paths
+
+
+def check_at_least(config: Any, minimum: int, names: tuple[str, ...]) -> None:
+    """Raise ValueError naming the command-line flag of the first of `names` whose value in `config` is below `minimum`."""
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be >= {minimum}")

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import start_report
+from . import check_at_least, start_report
 
 SERVERS = ("base", "preft-lora", "all-lora", "vllm-lora")
 
@@ -60,9 +60,7 @@ class ServeBenchConfig:
         unknown = set(self.servers) - set(SERVERS)
         if unknown:
             raise ValueError(f"--servers {sorted(unknown)}: choose from {list(SERVERS)}")
-        for name in ("adapters", "clients", "requests", "rank", "prompt_len", "gen_len", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        check_at_least(self, 1, ("adapters", "clients", "requests", "rank", "prompt_len", "gen_len", "repeats"))
 
 
 @dataclass

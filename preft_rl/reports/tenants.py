@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import start_report
+from . import check_at_least, start_report
 
 SYSTEMS = ("sequential", "preft", "all-token")
 PROMPT = "You are a helpful assistant."
@@ -59,12 +59,8 @@ class TenantBenchConfig:
             raise ValueError(f"--systems {self.systems}: choose from {', '.join(SYSTEMS)}")
         if not self.tenants or any(n < 1 for n in self.tenants):
             raise ValueError(f"--tenants {self.tenants}: give tenant counts >= 1, e.g. 1,4,16,64")
-        for name in ("steps", "prompts_per_tenant", "max_completion_length", "rank", "run_steps", "cpu_kv_cache_gib"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        for name in ("warmup_steps", "tenants_per_forward"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+        check_at_least(self, 1, ("steps", "prompts_per_tenant", "max_completion_length", "rank", "run_steps", "cpu_kv_cache_gib"))
+        check_at_least(self, 0, ("warmup_steps", "tenants_per_forward"))
         if self.num_generations < 2:
             raise ValueError(f"--num-generations {self.num_generations}: GRPO needs at least 2 completions per prompt")
 

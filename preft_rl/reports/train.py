@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import start_report
+from . import check_at_least, start_report
 
 SYSTEMS = ("preft", "preft-unshared", "trl-vllm", "trl-hf")
 
@@ -55,11 +55,9 @@ class TrainBenchConfig:
         unknown = [s for s in self.systems if s not in SYSTEMS]
         if unknown or not self.systems:
             raise ValueError(f"--systems {self.systems}: choose from {', '.join(SYSTEMS)}")
-        for name in ("steps", "repeats", "prompts_per_step", "num_generations", "max_completion_length", "rank", "cpu_kv_cache_gib"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.warmup_steps < 0:
-            raise ValueError(f"--warmup-steps {self.warmup_steps}: must be >= 0")
+        check_at_least(self, 1, ("steps", "repeats", "prompts_per_step", "num_generations", "max_completion_length", "rank",
+                                 "cpu_kv_cache_gib"))
+        check_at_least(self, 0, ("warmup_steps",))
         if self.num_generations < 2:
             raise ValueError(f"--num-generations {self.num_generations}: GRPO needs at least 2 completions per prompt")
 

@@ -1,8 +1,10 @@
 """Run by tests/test_grpo_distributed.py under `accelerate launch` / `torchrun`: 3 GRPO (or, with PREFT_CHECK_ALGO=ppo,
 PPO) steps on the tiny Llama; every rank prints a digest of what it trained so the test can check the ranks agree.
 With PREFT_CHECK_TENANTS=1: GRPO with two tenants, 't0' (this run's data and reward, so it must equal the plain run)
-and 't1' (other prompts, the opposite reward), written to OUTPUT_DIR/tenants/. PREFT_CHECK_MAX_GRAD_NORM sets
-max_grad_norm (default 1.0).
+and 't1' (other prompts, the opposite reward), written to OUTPUT_DIR/tenants/. With PREFT_CHECK_TENANTS=3: a third,
+'t2' (other prompts, this run's reward), 2 tenants per step (round robin: t0 trains at steps 0, 1 and 3 of 4, so it
+must still equal the 3-step plain run) and one tenant's rows per forward (every micro-batch in two pieces).
+PREFT_CHECK_MAX_GRAD_NORM sets max_grad_norm (default 1.0).
 
 Usage: python distributed_train_check.py MODEL_DIR OUTPUT_DIR [MAX_STEPS SAVE_STEPS [resume]]
 """
@@ -36,10 +38,15 @@ if __name__ == "__main__":
     ppo = os.environ.get("PREFT_CHECK_ALGO") == "ppo"
     trainer_class = PreftPPOTrainer if ppo else PreftGRPOTrainer
     args = PreftPPOConfig(**common, num_ppo_epochs=2, critic_learning_rate=3e-2) if ppo else PreftGRPOConfig(**common)
-    if os.environ.get("PREFT_CHECK_TENANTS") == "1":
+    tenant_count = int(os.environ.get("PREFT_CHECK_TENANTS", "0"))
+    if tenant_count:
         other = [{"prompt": f"how many books {i}?", "answer": f"#### {i}"} for i in range(20)]
-        trainer = PreftGRPOTrainer(sys.argv[1], args=args, preft_config=PreftConfig(method="lora", r=4), tenants=[
-            Tenant("t0", Dataset.from_list(rows), first_token_even), Tenant("t1", Dataset.from_list(other), first_token_odd)])
+        tenants = [Tenant("t0", Dataset.from_list(rows), first_token_even), Tenant("t1", Dataset.from_list(other), first_token_odd)]
+        if tenant_count == 3:
+            third = [{"prompt": f"seven cats and {i} dogs?", "answer": f"#### {i}"} for i in range(20)]
+            tenants.append(Tenant("t2", Dataset.from_list(third), first_token_even))
+            args = PreftGRPOConfig(**{**common, "max_steps": 4}, tenants_per_step=2, tenants_per_forward=1)
+        trainer = PreftGRPOTrainer(sys.argv[1], args=args, preft_config=PreftConfig(method="lora", r=4), tenants=tenants)
     else:
         trainer = trainer_class(sys.argv[1], first_token_even, args=args, train_dataset=Dataset.from_list(rows),
                                 preft_config=PreftConfig(method="lora", r=4))

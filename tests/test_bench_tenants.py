@@ -30,14 +30,18 @@ def test_summary_scales_the_sequential_run_and_fits_the_memory_slope():
     cfg = TenantBenchConfig(tenants=[1, 4], run_steps=10)
     step = lambda s, g: [{"step": 2, "step_s": s, "generate_s": g, "forward_s": 1.0, "backward_s": 1.0}]  # noqa: E731
     runs = [{"system": "sequential", "tenants": 1, "start_s": 20.0, "steps": step(4.0, 2.0), "peak_rss_gib": 2.0, "adapter_params": 1000},
+            {"system": "sequential", "tenants": 1, "start_s": 22.0, "steps": step(4.0, 2.0), "peak_rss_gib": 2.0, "adapter_params": 1000},
             {"system": "preft", "tenants": 1, "start_s": 20.0, "steps": step(4.0, 2.0), "peak_rss_gib": 2.0, "adapter_params": 1000},
             {"system": "preft", "tenants": 4, "start_s": 21.0, "steps": step(8.0, 2.0), "peak_rss_gib": 2.3, "adapter_params": 4000},
             {"system": "all-token", "tenants": 4, "start_s": 21.0, "steps": step(16.0, 8.0), "peak_rss_gib": 2.3, "adapter_params": 4000}]
     summary = summarize(cfg, runs)
     rows = {(r["system"], r["tenants"]): r for r in summary["rows"]}
-    assert rows["sequential", 4]["step_s"] == 16.0 and rows["sequential", 4]["start_s"] == 80.0  # 4 runs, one after another
+    # 4 runs, one after another; the two sequential runs (first and last) pooled: their steps, their mean start-up
+    assert rows["sequential", 4]["step_s"] == 16.0 and rows["sequential", 4]["start_s"] == 84.0
     assert rows["preft", 4]["vs_sequential"] == pytest.approx(2.0)  # 4 tenant-steps in 8 s vs in 16 s
-    assert rows["preft", 4]["vs_sequential_with_start"] == pytest.approx((80 + 160) / (21 + 80))
+    assert rows["preft", 4]["vs_sequential_with_start"] == pytest.approx((84 + 160) / (21 + 80))
+    runs[1]["steps"] = step(6.0, 2.0)
+    assert {(r["system"], r["tenants"]): r for r in summarize(cfg, runs)["rows"]}["sequential", 1]["step_s"] == 5.0
     assert rows["preft", 4]["rollout_vs_all_token"] == pytest.approx(4.0)
     assert summary["memory_mib_per_tenant"]["preft"] == pytest.approx(0.1 * 1024)
     assert summary["expected_mib_per_tenant"] == pytest.approx(1000 * 16 / 2**20)
@@ -54,7 +58,7 @@ def test_bench_tenants_runs_every_system_and_writes_the_report(tiny_llama_dir, t
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "tenants.json").read_text())
     assert sorted((r["system"], r["tenants"]) for r in result["runs"]) == [("all-token", 1), ("all-token", 2), ("preft", 1),
-                                                                           ("preft", 2), ("sequential", 1)]
+                                                                           ("preft", 2), ("sequential", 1), ("sequential", 1)]
     rows = result["summary"]["rows"]
     assert len(rows) == 6 and all(r["tenant_steps_per_hour"] > 0 and r["vs_sequential"] > 0 for r in rows)
     assert set(result["summary"]["memory_mib_per_tenant"]) == {"preft", "all-token"}

@@ -229,6 +229,22 @@ def test_a_tenant_not_picked_is_untouched_and_a_subset_run_resumes_bit_identical
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
 
 
+def test_the_steps_that_reuse_a_rollout_train_the_tenants_it_was_generated_for(tmp_path):
+    """num_iterations=2: steps 2g and 2g+1 train on generation g's rollout, so both pick its tenants; a tenant's own
+    step count then runs as its alone run's (two steps per rollout), and its schedule counts both."""
+    from types import SimpleNamespace
+
+    for sampling in ("round_robin", "random"):
+        stub = SimpleNamespace(tasks=[None] * 4, _pick_counts=[[0] * 4], args=config(
+            tmp_path, num_iterations=2, tenants_per_step=2, tenant_sampling=sampling))
+        stub._tenants_for_step = lambda step, stub=stub: MultiTenantGRPOTrainer._tenants_for_step(stub, step)
+        picks = [stub._tenants_for_step(step) for step in range(8)]
+        assert all(picks[2 * g] == picks[2 * g + 1] for g in range(4)), picks
+        if sampling == "round_robin":
+            assert picks[::2] == [[0, 1], [2, 3], [0, 1], [2, 3]]
+            assert [MultiTenantGRPOTrainer._tenant_step(stub, 0, step) for step in (0, 1, 4, 5)] == [0, 1, 2, 3]
+
+
 def test_tenant_arguments_are_checked_before_anything_is_built(tiny_llama_dir, tmp_path):
     from preft_rl import PreftPPOTrainer
 

@@ -79,6 +79,14 @@ def test_a_wrong_server_url_fails_before_the_model_loads(tiny_llama_dir, tmp_pat
         PreftGRPOTrainer(str(tiny_llama_dir), lambda prompts, completions, **_: [0.0] * len(completions), args=args,
                          train_dataset=Dataset.from_list([{"prompt": "hi"}] * 4))
     assert not (tmp_path / "log.jsonl").exists()
+    # a served name the server would refuse fails first: given, or taken from output_dir's folder name
+    with pytest.raises(ValueError, match="push_adapter_name='my adapter'"):
+        PreftGRPOConfig(output_dir=str(tmp_path), push_to_server=args.push_to_server, push_adapter_name="my adapter")
+    odd = PreftGRPOConfig(output_dir=str(tmp_path / "run #1"), push_to_server=args.push_to_server, max_steps=1,
+                          per_device_train_batch_size=4, num_generations=4)
+    with pytest.raises(ValueError, match="served adapter name 'run #1'.*set push_adapter_name"):
+        PreftGRPOTrainer(str(tiny_llama_dir), lambda prompts, completions, **_: [0.0] * len(completions), args=odd,
+                         train_dataset=Dataset.from_list([{"prompt": "hi"}] * 4))
 
 
 def first_token_even(prompts, completions, completion_ids=None, **_):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,9 @@ from .methods import METHOD_FIELDS, get_method, method_names
 
 if TYPE_CHECKING:
     from .model import PreftModel
+
+# A name `preft-rl serve` serves an adapter under (the model field of a request; the trainer's push checks it first).
+SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -7,7 +7,8 @@ Every tenant does the same work per step (--prompts-per-tenant prompts x --num-g
 put --tenants-per-forward tenants' rows through each training forward and backward). Systems, each run in
 its own child process (a clean peak-memory reading):
   sequential  one single-tenant run (PreftGRPOTrainer without tenants=); N users today run it N times, one after
-              another, so N sequential runs cost N x this run (start-up and every step): measured once, multiplied
+              another, so N sequential runs cost N x this run (start-up and every step): measured first and again
+              last (a machine that slows down or speeds up during the benchmark moves both), pooled, multiplied
   preft       one multi-tenant run with N tenants, PreFT LoRA (adapters on prompt tokens only)
   all-token   the same multi-tenant run with adapter_scope="all" (every tenant's LoRA on every token)
 Each run trains --warmup-steps untimed steps, then --steps timed ones; medians over the timed steps. Reported per N:
@@ -122,9 +123,11 @@ def run(cfg: TenantBenchConfig, verbose: bool = False) -> dict[str, Any]:
     _read_model_files(cfg.model)  # the first run must not pay for a cold file cache that the others do not
     plan = [("sequential", 1)] if "sequential" in cfg.systems else []
     plan += [(system, n) for n in cfg.tenants for system in cfg.systems if system != "sequential"]
+    if "sequential" in cfg.systems and len(plan) > 1:
+        plan.append(("sequential", 1))
     runs, failures = [], []
     for i, (system, count) in enumerate(plan):
-        path = out / "runs" / f"{system}-{count}.json"
+        path = out / "runs" / (f"{system}-{count}" + ("-last" if i and i == len(plan) - 1 and system == "sequential" else "") + ".json")
         print(f"[{i + 1}/{len(plan)}] {system}, {count} tenant(s) ...", flush=True)
         command = [sys.executable, "-m", "preft_rl.reports.tenants", "--run-one", json.dumps([asdict(cfg), system, count, str(path)])]
         if verbose:
@@ -175,7 +178,10 @@ def summarize(cfg: TenantBenchConfig, runs: list[dict[str, Any]]) -> dict[str, A
                 "completion_tokens": _median(run["steps"], "completion_tokens"),
                 "peak_rss_gib": None if scale > 1 else run["peak_rss_gib"], "adapter_params": run["adapter_params"] // max(count, 1)}
 
-    single = next((r for r in runs if r["system"] == "sequential"), None)
+    sequential = [r for r in runs if r["system"] == "sequential"]
+    single = None if not sequential else {  # its runs pooled: every timed step, the mean start-up
+        **sequential[0], "steps": [s for r in sequential for s in r["steps"]],
+        "start_s": statistics.mean(r["start_s"] for r in sequential), "peak_rss_gib": max(r["peak_rss_gib"] for r in sequential)}
     rows = []
     measured = {r["tenants"] for r in runs if r["system"] != "sequential"}  # a failed run's tenant count has no row
     for count in [n for n in cfg.tenants if n in measured] if measured else cfg.tenants:

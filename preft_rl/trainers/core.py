@@ -20,6 +20,7 @@ docs/design/trainer.md for the hooks in order and why this is not a TRL subclass
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,7 +44,7 @@ from .grpo_core import entropy_from_logits, nanstd, selective_log_softmax
 from .rl_config import PreftRLConfig
 from .rollout import (RolloutBatch, Samples, completion_messages, groups_with_signal, pack, prompt_ids_for, reward_error_count,
                       reward_nan_counts, sampling_seed, score)
-from .push import check_server, push_adapters
+from .push import check_served_names, check_server, push_adapters
 from .runtime import (
     PhaseRecorder,
     as_dataset,
@@ -123,7 +124,8 @@ class PreftRLTrainer:
         args.check_batch(self.accelerator.num_processes)
         fill_deepspeed_batch_fields(self.accelerator, args)
         self._check_runtime()
-        if args.push_to_server:  # a wrong URL or key fails now, not after the first save
+        if args.push_to_server:  # a bad served name, a wrong URL or key fails now, not after the first save
+            check_served_names(self._served_adapter_dirs(Path(args.output_dir)))
             check_server(args.push_to_server, args.push_api_key)
         self.max_steps = args.resolved_max_steps(self._num_train_rows(), self.accelerator.num_processes)
         if self.accelerator.is_main_process:
@@ -229,7 +231,9 @@ class PreftRLTrainer:
         """The pieces one micro-batch's rows go through the model in, each its own forward and backward (gradients
         accumulate; one optimizer step per micro-batch as before). Default: one piece. A subclass splits where the
         pieces' losses are independent (each _compute_loss share is still normalised by the whole mini-batch), to bound
-        activation memory; it must not under DDP or DeepSpeed, which expect one backward per accumulate."""
+        activation memory. Under DDP the pieces before the last run in no_sync and the last piece's backward reduces the
+        sum, so every trained parameter must be in the last piece's graph (a zero-weight term will do); DeepSpeed
+        counts backwards as micro-batches, so a subclass must not split under it."""
         return [rows]
 
     def _compute_loss(self, batch: RolloutBatch, rows: Any, mini: MiniBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -629,11 +633,13 @@ class PreftRLTrainer:
             for rows in micro:
                 parts = []
                 with acc.accumulate(self.model):  # backward divides by gradient_accumulation_steps; steps at the last
-                    for part in self._micro_parts(batch, rows):
-                        with phases.phase("forward"):
-                            loss, stats = self._compute_loss(batch, part, mini)
-                        with phases.phase("backward"):
-                            acc.backward(loss * accumulation)  # undo accelerate's division: the shares already sum to the loss
+                    pieces = self._micro_parts(batch, rows)
+                    for i, part in enumerate(pieces):  # DDP reduces the gradients once, in the last piece's backward
+                        with acc.no_sync(self.model) if i < len(pieces) - 1 else contextlib.nullcontext():
+                            with phases.phase("forward"):
+                                loss, stats = self._compute_loss(batch, part, mini)
+                            with phases.phase("backward"):
+                                acc.backward(loss * accumulation)  # undo accelerate's division: the shares already sum to the loss
                         parts.append(({**stats, "loss": loss.item()}, len(self._loss_mask(batch, part))))
                     with phases.phase("optimizer"):
                         self._apply_gradients(norms)

@@ -129,7 +129,6 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         super().__init__(model, args=args, preft_config=preft_config)
         self._pick_counts = [[0] * len(self.tasks)]
         self._changed: set[str] = set(self.tenant_names)  # adapters the engine does not have yet (all are added at start)
-        self._unpushed: set[str] = set(self.tenant_names)  # adapters push_to_server has not got in their current version
 
     # ------------------------------------------------------------------------------ set-up hooks
     def _setup_tasks(self, reward_funcs: Any, train_dataset: Any, eval_dataset: Any) -> None:
@@ -142,6 +141,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                                                                   f"tenant {spec.name!r} train_dataset", type(self).__name__)
             self.tasks.append(_Task(spec.name, dataset, funcs, reward_names, weights, spec.learning_rate or self.args.learning_rate))
         self.tenant_names = tuple(names)
+        self._unpushed: set[str] = set(names)  # adapters push_to_server has not got in their current version
         self.train_dataset, self.eval_dataset = None, None
         self.reward_funcs, self.reward_names, self.reward_weights = [], [], torch.zeros(0)
 
@@ -162,14 +162,11 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                 raise ValueError(f"tenants= under DeepSpeed needs every tenant in every step (tenants_per_step="
                                  f"{args.tenants_per_step} < {len(self.tasks)} tenants): DeepSpeed's optimizer would step "
                                  "the others' weights with zero gradients; use tenants_per_step=None or DDP")
-        chunk = args.tenants_per_forward
-        if chunk is not None and chunk < len(self._tenants_for_step(0)) and (acc.num_processes > 1 or stage is not None):
-            raise ValueError(f"tenants_per_forward={chunk} below the {len(self._tenants_for_step(0))} tenants per step needs one "
-                             "process without DeepSpeed for now (DDP and DeepSpeed expect one backward per micro-batch); set "
-                             "tenants_per_forward=None, or bound memory with gradient_checkpointing=True")
-        if acc.num_processes > 1 and not every_step:
-            raise ValueError(f"tenants_per_step={args.tenants_per_step} below the {len(self.tasks)} tenants needs one process "
-                             "for now (DDP expects every adapter in every step); use tenants_per_step=None")
+            chunk = args.tenants_per_forward
+            if chunk is not None and chunk < len(self.tasks):
+                raise ValueError(f"tenants_per_forward={chunk} below the {len(self.tasks)} tenants does not work under "
+                                 "DeepSpeed (it counts every backward as a micro-batch); set tenants_per_forward=None and "
+                                 "bound activation memory with gradient_checkpointing=True, or use DDP")
         if args.dynamic_sampling:
             raise ValueError("dynamic_sampling is not supported with tenants= yet; set dynamic_sampling=False")
         if args.engine_tensor_parallel_size > 1:
@@ -211,13 +208,15 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
 
     # ------------------------------------------------------------------------------ which tenants, whose step
     def _tenants_for_step(self, step: int) -> list[int]:
-        """Indices of the tenants trained at run step `step`, in tenant order."""
+        """Indices of the tenants trained at run step `step`, in tenant order. Picked per rollout: the steps that reuse
+        one rollout (num_iterations > 1) train the tenants it was generated for."""
         count, k = len(self.tasks), self.args.tenants_per_step
         if k is None or k >= count:
             return list(range(count))
+        generation = step // self.args.steps_per_generation
         if self.args.tenant_sampling == "random":
-            return sorted(random.Random(self.args.seed * 1_000_003 + step).sample(range(count), k))
-        return sorted((step * k + j) % count for j in range(k))
+            return sorted(random.Random(self.args.seed * 1_000_003 + generation).sample(range(count), k))
+        return sorted((generation * k + j) % count for j in range(k))
 
     def _tenant_step(self, tenant: int, step: int) -> int:
         """How many steps before run step `step` trained tenant `tenant`: the step its own single run would be at."""
@@ -363,6 +362,13 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             total = total + out.loss
             stats[f"tenants/{name}/loss"] = out.loss.item()
             stats[f"tenants/{name}/clip_ratio"] = out.clip_ratio.item()
+        if self.accelerator.num_processes > 1 and deepspeed_zero_stage(self.accelerator) is None:
+            # DDP reduces in this backward only if every adapter is in its graph: a zero-weight term for each tenant not in
+            # these rows (not picked, or in another piece) puts it there without changing any gradient
+            present = set(names)
+            for name in self.tenant_names:
+                if name not in present:
+                    total = total + 0.0 * sum(p.sum() for _, p in self.preft_model.tenant(name).adapter_named_parameters())
         stats["clip_ratio"] = sum(v for k, v in stats.items() if k.endswith("/clip_ratio")) / max(len(set(names)), 1)
         stats["entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
         return total, dict(stats)
@@ -397,6 +403,10 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             trained = []
             for t, task in enumerate(self.tasks):
                 params = [p for _, p in self.preft_model.tenant(task.name).adapter_named_parameters() if p.grad is not None]
+                if task.name not in self._step_tenants:  # not trained this step: no gradient (under DDP, the zeros of
+                    for p in params:                      # its zero-weight term), so AdamW leaves it exactly as it is
+                        p.grad = None
+                    continue
                 if not params:
                     continue
                 norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -418,6 +428,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
 
     def _optimizer_step(self, batch: RolloutBatch) -> dict[str, float]:
         self._tenant_norms: dict[str, float] = {}
+        self._step_tenants = set(batch.tenants)  # the tenants this batch trains (the same on every process)
         out = super()._optimizer_step(batch)
         accumulation = self.args.gradient_accumulation_steps
         for key in [k for k in out if k.endswith("/loss") and k.startswith("tenants/")]:

@@ -40,6 +40,17 @@ def _request(url: str, key: str | None, body: dict | None = None, timeout: float
             return exc.code, {"error": text[:300]}
 
 
+def check_served_names(names: Any) -> None:
+    """Raise, before any work, where a name the trainer would push under is one the server refuses."""
+    from preft_rl.adapters.serialization import SERVED_NAME
+
+    for name in names:
+        if not SERVED_NAME.fullmatch(name):
+            raise ValueError(f"push_to_server: the served adapter name {name!r} (push_adapter_name, by default output_dir's "
+                             "folder name) is not one `preft-rl serve` accepts: 1-128 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit; set push_adapter_name")
+
+
 def check_server(url: str, key: str | None) -> list[str]:
     """The model and adapter names the server lists; raises naming the problem when it does not answer as a server."""
     try:

@@ -135,6 +135,11 @@ class PreftRLConfig:
         need(self.tenants_per_forward is None or self.tenants_per_forward >= 1,
              f"tenants_per_forward={self.tenants_per_forward} must be >= 1 (or None: every picked tenant in one forward)")
         need(self.tenant_sampling in TENANT_SAMPLING, f"tenant_sampling={self.tenant_sampling!r}: use one of {TENANT_SAMPLING}")
+        from preft_rl.adapters.serialization import SERVED_NAME
+
+        need(self.push_adapter_name is None or bool(SERVED_NAME.fullmatch(self.push_adapter_name)),
+             f"push_adapter_name={self.push_adapter_name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+             "letter or digit (the name `preft-rl serve` serves it under)")
         need(self.push_to_server is None or self.push_to_server.startswith(("http://", "https://")),
              f"push_to_server={self.push_to_server!r} must be a server's base URL such as http://127.0.0.1:8000")
         if isinstance(self.report_to, str):

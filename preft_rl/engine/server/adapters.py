@@ -22,13 +22,13 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import re
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from preft_rl.adapters.config import PreftConfig
+from preft_rl.adapters.serialization import SERVED_NAME
 from preft_rl.engine.registry import AdapterEntry
 from preft_rl.engine.vllm_compat import adapter_cache_salt, base_cache_salt  # noqa: F401 (base_cache_salt: re-exported)
 from preft_rl.engine.worker import agreed_result, entry_from_dict, pack_state
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 # Names go into cache salts ("preft:<name>:v<version>:p<prompt_len>") and URLs: no ':' (so no two salts can collide),
 # no spaces, and nothing a base model name (a path or a hub id with '/') is likely to be.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_PATTERN = SERVED_NAME
 
 
 class AdapterError(Exception):

@@ -37,7 +37,7 @@ NEUTRAL_PROMPT = "You are a helpful assistant."
 EXAMPLE_DEFAULTS = dict(
     output_dir="outputs/grpo-multitenant", max_steps=5, num_generations=4, per_device_train_batch_size=8,
     gradient_accumulation_steps=2, max_prompt_length=128, max_completion_length=48, learning_rate=2e-3, temperature=0.7,
-    beta=0.04, save_steps=0,
+    beta=0.04, save_steps=0, tenants_per_forward=2,  # 2 tenants' 8 rows per training forward: bounded activation memory
 )
 
 

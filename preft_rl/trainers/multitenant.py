@@ -21,10 +21,11 @@ folder, loadable by PreftModel.from_pretrained and `preft-rl serve --adapters na
 `tenants_per_forward=K` exact: a micro-batch goes through the model in pieces of K tenants' rows, each its own forward
 and backward, so activation memory is bounded by K whatever the tenant count.
 
-Under DeepSpeed ZeRO-2 every tenant trains every step and clipping is off (DeepSpeed clips by one global norm, and
-its optimizer would step a tenant without a gradient). Not yet: several processes with tenants_per_step below the
-tenant count (DDP would see unused adapters) or with tenants_per_forward below the tenants per step, ZeRO-3, dynamic
-sampling, eval_dataset (held-out scores per tenant come from tenant_evaluation_scores) and PPO.
+Under DDP, a tenant not in a step (or not in the last piece of a micro-batch) gets a zero-weight term, so DDP's single
+reduction per micro-batch covers every adapter; the zeros of a tenant not picked are dropped before the optimizer step.
+Under DeepSpeed ZeRO-2 every tenant trains every step, in one piece, and clipping is off (DeepSpeed clips by one global
+norm, counts every backward as a micro-batch, and its optimizer would step a tenant without a gradient). Not yet:
+ZeRO-3, dynamic sampling, eval_dataset (held-out scores per tenant come from tenant_evaluation_scores) and PPO.
 """
 
 from __future__ import annotations

@@ -80,8 +80,8 @@ class PreftRLConfig:
     tenants_per_forward: int | None = field(default=None, metadata={
         "help": "With tenants=: how many tenants' rows one training forward and backward holds (None: every picked "
                 "tenant's rows in one). Activation memory grows with it, not with the tenant count; the update is the same "
-                "either way (each tenant's loss uses only its own rows). Below the tenants per step it needs one process "
-                "without DeepSpeed, for now."})
+                "either way (each tenant's loss uses only its own rows). Not under DeepSpeed (use gradient_checkpointing "
+                "there)."})
     tenant_sampling: str = field(default="round_robin", metadata={
         "help": "With tenants= and tenants_per_step: 'round_robin' (in turn, in the order given) or 'random' (seeded by "
                 "seed and step)."})

@@ -21,6 +21,11 @@ interval of the change. Also shown: one held-out question answered by every tena
 tenants/<name>/ (normal adapter folders), heldout.json, report.md, log.jsonl.
 
 Every PreftGRPOConfig field with a simple type is a flag (--learning-rate, --max-steps, --tenants-per-step, ...).
+--tenants-per-forward (default 2) bounds the training passes' memory: 2 tenants' rows per forward and backward.
+
+Measured (2 CPU cores, 2026-12-03, defaults): 11 min 5 s after set-up, peak memory 6.4 GiB; seven of the eight
+tenants' held-out metrics rise with 95% intervals above zero, the 'correct number' tenant stays at 0.125
+(docs/benchmarks/multitenant-example-cpu.md).
 """
 
 from __future__ import annotations

@@ -631,7 +631,7 @@ class PreftRLTrainer:
             num_items = acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum").item() / acc.num_processes
             mini = MiniBatch(micro=micro, num_items=num_items)
             for rows in micro:
-                parts = []
+                piece_stats = []
                 with acc.accumulate(self.model):  # backward divides by gradient_accumulation_steps; steps at the last
                     pieces = self._micro_parts(batch, rows)
                     for i, part in enumerate(pieces):  # DDP reduces the gradients once, in the last piece's backward
@@ -640,11 +640,11 @@ class PreftRLTrainer:
                                 loss, stats = self._compute_loss(batch, part, mini)
                             with phases.phase("backward"):
                                 acc.backward(loss * accumulation)  # undo accelerate's division: the shares already sum to the loss
-                        parts.append(({**stats, "loss": loss.item()}, len(self._loss_mask(batch, part))))
+                        piece_stats.append(({**stats, "loss": loss.item()}, len(self._loss_mask(batch, part))))
                     with phases.phase("optimizer"):
                         self._apply_gradients(norms)
                 # the mini-batch objective is the sum of its shares: a share x the micro-batch count, averaged over them
-                stats = merge_part_stats(parts, summed={"loss", *self.share_stats})
+                stats = merge_part_stats(piece_stats, summed={"loss", *self.share_stats})
                 for key in ("loss", *self.share_stats):
                     if key in stats:
                         stats[key] *= accumulation

@@ -330,14 +330,12 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         """The micro-batch in pieces of tenants_per_forward tenants' rows (a tenant's rows stay together)."""
         chunk = self.args.tenants_per_forward
         rows = torch.as_tensor(rows)
-        owners = list(dict.fromkeys(batch.tenants[i] for i in rows.tolist()))
+        names = [batch.tenants[i] for i in rows.tolist()]
+        owners = list(dict.fromkeys(names))
         if chunk is None or chunk >= len(owners):
             return [rows]
-        pieces = []
-        for start in range(0, len(owners), chunk):
-            group = set(owners[start : start + chunk])
-            pieces.append(rows[torch.tensor([batch.tenants[i] in group for i in rows.tolist()])])
-        return pieces
+        groups = [set(owners[start : start + chunk]) for start in range(0, len(owners), chunk)]
+        return [rows[torch.tensor([name in group for name in names])] for group in groups]
 
     def _row_kwargs(self, batch: RolloutBatch, rows: Any) -> dict[str, Any]:
         indices = range(len(batch.tenants))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).tolist()

@@ -229,6 +229,16 @@ def test_a_tenant_not_picked_is_untouched_and_a_subset_run_resumes_bit_identical
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
 
 
+def test_a_micro_batch_in_pieces_logs_what_it_logs_in_one():
+    """The pieces' statistics merge into the micro-batch's: loss shares add up, a tenant's own keys pass through, other
+    keys are row-weighted means; one piece is returned as it is."""
+    from preft_rl.trainers.core import merge_part_stats
+
+    pieces = [({"loss": 0.5, "entropy": 1.0, "tenants/a/loss": 0.5}, 12), ({"loss": 0.25, "entropy": 2.0, "tenants/b/loss": 0.25}, 4)]
+    assert merge_part_stats(pieces, summed={"loss"}) == {"loss": 0.75, "entropy": 1.25, "tenants/a/loss": 0.5, "tenants/b/loss": 0.25}
+    assert merge_part_stats(pieces[:1], summed={"loss"}) is pieces[0][0]
+
+
 def test_the_steps_that_reuse_a_rollout_train_the_tenants_it_was_generated_for(tmp_path):
     """num_iterations=2: steps 2g and 2g+1 train on generation g's rollout, so both pick its tenants; a tenant's own
     step count then runs as its alone run's (two steps per rollout), and its schedule counts both."""

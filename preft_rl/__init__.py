@@ -4,7 +4,14 @@ The heavy parts (the vLLM engine, the trainers) are imported lazily, so `import 
 and never imports vLLM.
 """
 
-from .adapters import PreftConfig, PreftModel, get_preft_model, position_ids_from_attention_mask, prompt_mask_from_lengths
+from .adapters import (
+    PreftConfig,
+    PreftModel,
+    adapter_mask_from_spans,
+    get_preft_model,
+    position_ids_from_attention_mask,
+    prompt_mask_from_lengths,
+)
 from .trainers import PreftGRPOConfig, PreftGRPOTrainer, PreftPPOConfig, PreftPPOTrainer, Tenant
 
 __version__ = "0.1.0"
@@ -20,6 +27,7 @@ __all__ = [
     "Tenant",
     "get_preft_model",
     "prompt_mask_from_lengths",
+    "adapter_mask_from_spans",
     "position_ids_from_attention_mask",
 ]
 

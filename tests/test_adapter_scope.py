@@ -98,7 +98,7 @@ def even_fraction(prompts, completions, completion_ids=None, **_):
 @pytest.mark.parametrize("method", ["lora"])
 def test_all_token_trainer_matches_peft_learns_and_serves_it(tiny_llama_dir, load_tiny, tmp_path, method):
     pytest.importorskip("vllm")
-    from test_grpo_trainer import assert_engine_serves, config, dataset, even_mass
+    from test_grpo_trainer import assert_engine_serves, config, dataset, even_mass, even_mass_gain, mean_gain
 
     from preft_rl import PreftGRPOTrainer
 
@@ -126,6 +126,9 @@ def test_all_token_trainer_matches_peft_learns_and_serves_it(tiny_llama_dir, loa
         assert_engine_serves(trainer, twin, train["prompt"][:3])
     finally:
         trainer.close()
-    assert after > before + 0.1, (before, after)  # the all-token baseline learns (measured 0.497 -> 0.653)
+    # the all-token baseline learns: mean gain of seeds 0-2 measured 0.265 (single seeds 0.10-0.50)
+    gain = mean_gain(after - before, lambda seed: even_mass_gain(PreftGRPOTrainer, tiny_llama_dir, even_fraction, train, preft, config(
+        tmp_path / f"seed{seed}", max_steps=16, gradient_accumulation_steps=2, num_generations=4, seed=seed)))
+    assert gain > 0.1, (before, after, gain)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["adapter_scope"] == "all" and saved["prefill_only"] is False

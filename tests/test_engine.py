@@ -455,17 +455,21 @@ def test_tag_request_sets_the_adapter_and_salt_and_leaves_the_callers_objects_al
     params = SamplingParams(max_tokens=3, extra_args={"mine": 1})
     prompt = {"prompt_token_ids": [4, 5, 6, 7, 8]}
     tagged, tagged_params = vllm_compat.tag_request(prompt, params, "user-7", 3)
-    assert tagged == {"prompt_token_ids": [4, 5, 6, 7, 8], "cache_salt": "preft:user-7:v3:p5"}
+    assert tagged == {"prompt_token_ids": [4, 5, 6, 7, 8], "cache_salt": "preft:user-7:v3"}
     assert tagged_params.extra_args == {"mine": 1, vllm_compat.EXTRA_ARGS_KEY: {"name": "user-7", "version": 3}}
     assert prompt == {"prompt_token_ids": [4, 5, 6, 7, 8]} and params.extra_args == {"mine": 1}  # untouched
     assert tagged_params.max_tokens == 3
     # a client's own salt is kept, after the adapter's: it can never stand alone
     salted, _ = vllm_compat.tag_request({**prompt, "cache_salt": "c"}, params, "user-7", 3)
-    assert salted["cache_salt"] == "preft:user-7:v3:p5:client:c"
-    # every part of the tag changes the salt: adapter, version, prompt length
-    salts = {vllm_compat.tag_request({"prompt_token_ids": ids}, params, name, version)[0]["cache_salt"]
-             for name, version, ids in [("a", 1, [1, 2]), ("b", 1, [1, 2]), ("a", 2, [1, 2]), ("a", 1, [1, 2, 3])]}
-    assert len(salts) == 4
+    assert salted["cache_salt"] == "preft:user-7:v3:client:c"
+    # adapter and version change the salt; what the adapter did at each token is in each block's own key
+    salts = {vllm_compat.tag_request({"prompt_token_ids": [1, 2]}, params, name, version)[0]["cache_salt"]
+             for name, version in [("a", 1), ("b", 1), ("a", 2)]}
+    assert len(salts) == 3
+    # a multi-turn prompt's sampled spans move from the prompt to the tag (flat), with a ReFT adapter's last-M window
+    spans, spans_params = vllm_compat.tag_request({**prompt, "sampled_spans": [(1, 3)]}, params, "user-7", 3, last_m=2)
+    assert spans == tagged and spans_params.extra_args[vllm_compat.EXTRA_ARGS_KEY] == {
+        "name": "user-7", "version": 3, "sampled": [1, 3], "last_m": 2}
     with pytest.raises(ValueError, match="needs a tokenised prompt"):
         vllm_compat.tag_request({"prompt": "text"}, params, "a", 1)
 
@@ -509,6 +513,6 @@ def test_engine_and_server_tag_a_request_the_same_way(engines, load_tiny, monkey
 
     assert asyncio.run(run()) == ["out"]
     (engine_prompt, engine_params), (server_prompt, server_params) = submitted["engine"], submitted["server"]
-    assert engine_prompt == server_prompt == {"prompt_token_ids": prompt, "cache_salt": f"preft:tagged:v2:p{len(prompt)}"}
+    assert engine_prompt == server_prompt == {"prompt_token_ids": prompt, "cache_salt": "preft:tagged:v2"}
     assert engine_params.extra_args == server_params.extra_args == {"preft_adapter": {"name": "tagged", "version": 2}}
     engine.remove_adapter("tagged")

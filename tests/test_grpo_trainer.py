@@ -68,6 +68,30 @@ def even_mass(trainer: PreftGRPOTrainer, rows: Dataset) -> float:
     return total / len(rows)
 
 
+# Learning tests average the gain over several seeds: one short RL run's gain depends on its seed and on the CPU's
+# kernels (measured: GRPO LoRA gains 0.045-0.48 over seeds 0-4, and 0.045 vs 0.169 for the same seed under AVX2 and
+# AVX-512 kernels), so a single seed's threshold fails on some machines. Thresholds sit at about half the measured mean
+# of seeds 0-2 (same under AVX2 and AVX-512 kernels), about two standard deviations of a three-seed mean below it.
+LEARNING_SEEDS = (0, 1, 2)
+
+
+def mean_gain(first_gain: float, gain_of_seed, seeds=LEARNING_SEEDS) -> float:
+    """The mean of a seed-0 run's gain (measured by the test itself) and `gain_of_seed(seed)` for the other seeds."""
+    gains = [first_gain] + [gain_of_seed(seed) for seed in seeds[1:]]
+    return sum(gains) / len(gains)
+
+
+def even_mass_gain(trainer_cls, model_dir, reward, train, preft, args) -> float:
+    """even_mass after training minus before, for one short run."""
+    trainer = trainer_cls(str(model_dir), reward, args=args, train_dataset=train, preft_config=preft)
+    try:
+        before = even_mass(trainer, train.select(range(8)))
+        trainer.train()
+        return even_mass(trainer, train.select(range(8))) - before
+    finally:
+        trainer.close()
+
+
 @pytest.mark.parametrize("method,chat", [("lora", True), ("loreft", False)])
 def test_grpo_learns_and_keeps_its_invariants(tiny_llama_dir, tmp_path, method, chat):
     preft = PreftConfig(method="lora", r=4) if method == "lora" else PreftConfig(method="loreft", r=4, positions="f2+l2")
@@ -96,7 +120,11 @@ def test_grpo_learns_and_keeps_its_invariants(tiny_llama_dir, tmp_path, method, 
         assert_engine_serves(trainer, trainer.preft_model.eval(), train["prompt"][:3])
     finally:
         trainer.close()
-    assert after > before + 0.1, (before, after)  # GRPO moved probability onto rewarded first tokens
+    # GRPO moved probability onto rewarded first tokens (mean of seeds 0-2 measured: LoRA 0.33, LoReFT 0.16)
+    learning_args = dict(max_steps=16, gradient_accumulation_steps=2, num_generations=4)
+    gain = mean_gain(after - before, lambda seed: even_mass_gain(PreftGRPOTrainer, tiny_llama_dir, first_token_even, train, preft,
+                                                                 config(tmp_path / f"seed{seed}", seed=seed, **learning_args)))
+    assert gain > (0.15 if method == "lora" else 0.08), (before, after, gain)
     # only adapter tensors ever went to the engine, once per new rollout; its base weights never changed
     adapter_keys = set(trainer.preft_model.adapter_state_dict())
     # 15 rollouts after an update, and one more before the final save (a policy is written only once it serves)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from preft_rl import PreftConfig, PreftPPOConfig, PreftPPOTrainer
-from test_grpo_trainer import assert_engine_serves, dataset, even_mass, first_token_even
+from test_grpo_trainer import assert_engine_serves, dataset, even_mass, even_mass_gain, first_token_even, mean_gain
 
 pytest.importorskip("vllm")
 
@@ -77,7 +77,11 @@ def test_ppo_learns_a_simple_reward(tiny_llama_dir, tmp_path):
         after = even_mass(trainer, train.select(range(8)))
     finally:
         trainer.close()
-    assert after > before + 0.1, (before, after)
+    # mean of seeds 0-2 measured 0.28 (AVX2 kernels) and 0.38 (AVX-512); single seeds 0.05-0.49
+    gain = mean_gain(after - before, lambda seed: even_mass_gain(PreftPPOTrainer, tiny_llama_dir, first_token_even, train,
+                                                                 PreftConfig(method="lora", r=4),
+                                                                 config(tmp_path / f"seed{seed}", max_steps=24, kl_coef=0.0, seed=seed)))
+    assert gain > 0.12, (before, after, gain)
 
 
 def test_ppo_resume_is_bit_identical_to_an_uninterrupted_run(tiny_llama_dir, tmp_path):

@@ -123,10 +123,10 @@ def test_cache_salts_never_collide():
     from preft_rl.engine.registry import AdapterEntry
 
     entry = AdapterEntry(name="u", slot=0, version=3, rank=4, config=None, keys=frozenset())
-    assert cache_salt(entry, 17, None) == "preft:u:v3:p17"
-    assert cache_salt(entry, 17, "mine") == "preft:u:v3:p17:client:mine"
+    assert cache_salt(entry, None) == "preft:u:v3"
+    assert cache_salt(entry, "mine") == "preft:u:v3:client:mine"
     # a base request's own salt can never equal an adapter's: a client cannot reach an adapter's cached prompt KV
-    assert base_cache_salt("preft:u:v3:p17") == "client:preft:u:v3:p17"
+    assert base_cache_salt("preft:u:v3") == "client:preft:u:v3"
     assert base_cache_salt(None) is None
 
 
@@ -444,7 +444,7 @@ def test_a_client_salt_never_reaches_an_adapters_cached_prompt(client, reference
     _, _, adapted = complete(client, "a", prompt)
     assert adapted == reference(adapter_dirs["a"], prompt_ids, 8)
     version = 1  # a is never updated before this test (runtime updates use their own names)
-    _, _, base = complete(client, "tiny", prompt, extra_body={"cache_salt": f"preft:a:v{version}:p{len(prompt_ids)}"})
+    _, _, base = complete(client, "tiny", prompt, extra_body={"cache_salt": f"preft:a:v{version}"})
     assert base == reference(None, prompt_ids, 8)
     _, _, again = complete(client, "a", prompt, extra_body={"cache_salt": "mine"})
     assert again == adapted

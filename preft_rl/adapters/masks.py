@@ -1,12 +1,17 @@
-"""Which tokens an adapter touches: prompt masks, ReFT position masks and position ids.
+"""Which tokens an adapter touches: adapter masks, ReFT position masks and position ids.
 
-The per-token rule of the whole project: a token is a prompt token iff its position in its own
-sequence is below that sequence's prompt length. Pad tokens are never prompt tokens.
+The per-token rule of the whole project (DESIGN invariant 9): the adapter acts on every token the policy did not sample
+and never on a token it sampled. In one turn that is "position below the prompt length" (`prompt_mask_from_lengths`);
+in a multi-turn trajectory the tokens the engine sampled in earlier turns are marked by their spans and stay plain
+(`adapter_mask_from_spans`). Pad tokens are never adapted. ReFT's 'fN+lM' positions are the first N and last M tokens of
+each run of consecutive adapted tokens (one run in one turn: the prompt), so an earlier turn's positions never move when
+the conversation grows, and its cached KV stays exact.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +45,52 @@ def prompt_mask_from_lengths(attention_mask: torch.Tensor, prompt_lengths: torch
     return am & (rank <= lengths)
 
 
+def adapter_mask_from_spans(length: int, sampled_spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Bool [length]: True at every token the policy did not sample, False inside each `[start, end)` span of sampled
+    tokens (a multi-turn trajectory's earlier completions, their end-of-turn tokens included).
+
+    >>> adapter_mask_from_spans(8, [(2, 4), (6, 7)]).int().tolist()
+    [1, 1, 0, 0, 1, 1, 0, 1]
+    """
+    mask = torch.ones(length, dtype=torch.bool)
+    for start, end in check_sampled_spans(sampled_spans, length):
+        mask[start:end] = False
+    return mask
+
+
+def check_sampled_spans(sampled_spans: Any, length: int) -> list[tuple[int, int]]:
+    """The spans as a sorted list of (start, end) int pairs, checked: inside [0, length), non-empty, not overlapping."""
+    try:
+        spans = [(int(start), int(end)) for start, end in sampled_spans]
+    except (TypeError, ValueError):
+        raise ValueError(f"sampled_spans={sampled_spans!r}: give a list of [start, end) token index pairs, e.g. "
+                         "[(12, 20)] for tokens 12..19 sampled by the policy") from None
+    previous_end = 0
+    for start, end in spans:
+        if not 0 <= start < end <= length or start < previous_end:
+            raise ValueError(f"sampled_spans={spans}: each [start, end) must be non-empty, inside the {length} tokens of "
+                             "its sequence, in order and not overlapping the previous one")
+        previous_end = end
+    return spans
+
+
+def spans_from_mask(sampled: Sequence[bool] | torch.Tensor) -> list[tuple[int, int]]:
+    """The [start, end) runs of True in a per-token 'sampled by the policy' mask.
+
+    >>> spans_from_mask([0, 1, 1, 0, 1])
+    [(1, 3), (4, 5)]
+    """
+    flags = [bool(v) for v in (sampled.tolist() if isinstance(sampled, torch.Tensor) else sampled)]
+    spans, start = [], None
+    for i, flag in enumerate(flags + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
 def position_ids_from_attention_mask(attention_mask: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
     """Long [B, T]: position of each token counted over real tokens only, so padding does not shift rotary
     positions. With a KV cache, `attention_mask` covers past + new tokens and the last `num_tokens` are returned.
@@ -51,20 +102,38 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor, num_tokens: i
     return positions if num_tokens is None else positions[:, -num_tokens:]
 
 
-def reft_position_mask(prompt_mask: torch.Tensor, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool masks [B, T] of the first `first` and the last `last` prompt tokens of each row.
+def run_offsets(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each True token of a bool [B, T] mask: (tokens of its run of consecutive True tokens before it, tokens of
+    that run after it), both long [B, T], 0 at False tokens.
 
-    Positions count from each row's first prompt token, so padding on either side does not move them.
+    >>> [t.tolist() for t in run_offsets(torch.tensor([[0, 1, 1, 1, 0, 1, 1]]).bool())]
+    [[[0, 0, 1, 2, 0, 0, 1]], [[0, 2, 1, 0, 0, 1, 0]]]
+    """
+    index = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    previous = torch.nn.functional.pad(mask, (1, 0))[..., :-1]
+    run_start = torch.where(mask & ~previous, index, 0).cummax(-1).values  # the latest run start at or before each token
+    following = torch.nn.functional.pad(mask, (0, 1))[..., 1:]
+    flipped = torch.where(mask & ~following, mask.shape[-1] - 1 - index, 0).flip(-1).cummax(-1).values.flip(-1)
+    run_end = mask.shape[-1] - 1 - flipped  # the earliest run end at or after each token
+    return torch.where(mask, index - run_start, 0), torch.where(mask, run_end - index, 0)
+
+
+def reft_position_mask(adapter_mask: torch.Tensor, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool masks [B, T] of the first `first` and the last `last` tokens of each run of adapted tokens of each row.
+
+    In one turn the run is the prompt: its first N and last M tokens, however the row is padded. In a multi-turn row,
+    every run (a system/user/tool stretch between two sampled spans) has its own first N and last M, so the positions
+    of a turn never move when later turns are appended.
 
     >>> pm = torch.tensor([[False, True, True, True, False]])
     >>> [m.int().tolist() for m in reft_position_mask(pm, 1, 2)]
     [[[0, 1, 0, 0, 0]], [[0, 0, 1, 1, 0]]]
+    >>> turns = torch.tensor([[1, 1, 1, 0, 0, 1, 1]]).bool()  # two runs: tokens 0-2 and 5-6
+    >>> [m.int().tolist() for m in reft_position_mask(turns, 1, 1)]
+    [[[1, 0, 0, 0, 0, 1, 0]], [[0, 0, 1, 0, 0, 0, 1]]]
     """
-    rank = prompt_mask.long().cumsum(-1) - 1  # 0-based rank among prompt tokens
-    length = prompt_mask.sum(-1, keepdim=True)
-    first_mask = prompt_mask & (rank < first)
-    last_mask = prompt_mask & (rank >= length - last)
-    return first_mask, last_mask
+    before, after = run_offsets(adapter_mask)
+    return adapter_mask & (before < first), adapter_mask & (after < last)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """PreftModel: a Hugging Face causal LM with a prefill-only adapter injected.
 
-The adapter acts at prompt tokens only. `forward` takes an explicit `prompt_mask`; `generate` adapts
-the prompt pass and runs every decode step on the plain base model through the HF KV cache.
+The adapter acts at prompt tokens only, and never at a token the policy sampled. `forward` takes an explicit
+`prompt_mask`, the general per-token adapter mask: True at the tokens the adapter acts on (in one turn, the prompt; in
+a multi-turn trajectory, every token the policy did not sample: `adapter_mask_from_spans`). `generate` adapts the
+prompt pass (minus any sampled tokens its `prompt_mask` marks) and runs every decode step on the plain base model
+through the HF KV cache.
 How the selection reaches the adapter modules: `forward` resolves it once into a `TokenSelection` and
 passes it down the HF call chain as the `preft_selection` kwarg (Llama-family models forward their
 **kwargs to every decoder layer); a pre-hook on each decoder layer pops it and puts it in the shared
@@ -151,7 +154,9 @@ class PreftModel(nn.Module):
         """HF `generate`: the prompt pass uses the adapter, every generated token runs the base model.
 
         Batches must be left-padded (`tokenizer.padding_side = "left"`). Which tokens are prompt tokens
-        is decided by position: absolute position < prompt length and not padding.
+        is decided by position: absolute position < prompt length and not padding. `prompt_mask` (bool, the shape of
+        input_ids; default all True) narrows that for a later turn of a conversation: False at the tokens the policy
+        sampled in earlier turns, which stay plain (DESIGN invariant 9).
         """
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(input_ids, torch.Tensor):
@@ -165,7 +170,12 @@ class PreftModel(nn.Module):
                 "set tokenizer.padding_side = 'left' before tokenizing"
             )
         prompt_len = input_ids.shape[1]
-        prompt_real = attention_mask.bool()
+        prompt_mask = kwargs.pop("prompt_mask", None)  # multi-turn: False at the tokens the policy sampled in earlier turns
+        adapted = attention_mask.bool()
+        if prompt_mask is not None:
+            if tuple(prompt_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(f"prompt_mask has shape {tuple(prompt_mask.shape)} but input_ids is {tuple(input_ids.shape)}")
+            adapted = adapted & prompt_mask.to(adapted.device, torch.bool)
 
         def select_prompt_tokens(module: nn.Module, call_args: tuple, call_kwargs: dict) -> tuple[tuple, dict]:
             ids = call_kwargs.get("input_ids", call_args[0] if call_args else None)
@@ -177,8 +187,8 @@ class PreftModel(nn.Module):
             # generated tokens: plain for PreFT, adapted for the all-token baseline
             mask = torch.full((rows, num_new), not self.preft_config.prefill_only, dtype=torch.bool, device=ids.device)
             if bool(in_prompt.any()):
-                real = prompt_real.repeat_interleave(rows // prompt_real.shape[0], dim=0)  # num_return_sequences
-                mask[:, in_prompt] = real[:, positions[in_prompt]]
+                rows_adapted = adapted.repeat_interleave(rows // adapted.shape[0], dim=0)  # num_return_sequences
+                mask[:, in_prompt] = rows_adapted[:, positions[in_prompt]]
             call_kwargs = dict(call_kwargs)
             call_kwargs[self._selection_kwarg] = self._selection(mask)
             return call_args, call_kwargs

@@ -25,7 +25,7 @@ from .worker import WORKER_EXTENSION, agreed_result
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int] | list[dict[str, str]]
+Prompt = str | list[int] | list[dict[str, str]] | dict[str, Any]  # text, ids, chat messages, a token prompt dict
 # vLLM's process groups are process-wide and a vLLM engine tears them down when it is shut down or
 # garbage-collected. So a closed engine's vLLM is parked here until the last engine in the process closes.
 _live_engines = 0
@@ -111,8 +111,16 @@ def default_vllm_settings(hf_config: Any, cpu_kv_cache_gib: int = 1) -> dict[str
 
 
 def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt given as text (special tokens added, as vllm.LLM.generate does), token ids,
-    or chat messages (chat template with the generation prompt)."""
+    """Token ids of a prompt given as text (special tokens added, as vllm.LLM.generate does), token ids, chat messages
+    (chat template with the generation prompt), or a token prompt dict {"prompt_token_ids": [...], "sampled_spans":
+    [(start, end), ...]} (a multi-turn prompt: the spans are the tokens the policy sampled in earlier turns)."""
+    if isinstance(prompt, dict):
+        ids = prompt.get("prompt_token_ids")
+        unknown = set(prompt) - {"prompt_token_ids", "sampled_spans"}
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, (int, np.integer)) for t in ids) or unknown:
+            raise ValueError(f"a prompt dict takes 'prompt_token_ids' (a list of token ids) and optionally 'sampled_spans' "
+                             f"([start, end) pairs); got keys {sorted(prompt)}")
+        prompt = list(ids)
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):

@@ -1,11 +1,12 @@
 """PreftEngine: one vLLM serving many prefill-only adapters per batch.
 
 The base weights are loaded once and never change; adapters are registered by name and applied only
-at their own requests' prompt tokens. Prefix caching stays on: each adapted prompt carries a cache salt
-of (adapter, version, prompt length), so cached prompt KV is never shared across adapters or versions
-(a name's versions never repeat, not even across remove_adapter and a new add_adapter of that name),
-and KV computed for generated tokens (plain) is never reused as prompt KV (adapted) when a later prompt
-extends an earlier conversation: the longer prompt has another length, so another salt.
+at their own requests' prompt tokens, and never at a token the policy sampled (a multi-turn prompt marks its earlier
+turns' sampled tokens by their spans; DESIGN invariant 9). Prefix caching stays on: each adapted prompt carries a cache
+salt of (adapter, version), so cached prompt KV is never shared across adapters or versions (a name's versions never
+repeat, not even across remove_adapter and a new add_adapter of that name), and each KV block's hash also holds what
+the adapter did at its tokens (`vllm_compat.adapter_block_key`): a later turn reuses its earlier turns' blocks exactly,
+and KV computed for generated tokens (plain) is never reused where the same tokens are adapted.
 
 Where things run: the adapter registry, the per-step token selection and the hooks live in vLLM's worker
 (preft_rl/engine/worker.py, a worker extension), driven through `collective_rpc`; this class keeps a mirror of
@@ -89,10 +90,10 @@ class PreftEngine(VllmEngineBase):
             vllm_compat.add_splitting_ops(SPLITTING_OPS)  # adapter ops stay opaque, outside captured graphs
 
         # Registered by importing the worker extension (in every process); again here for a method registered since
-        # (in-process engines: a user's own AdapterMethod). The scheduler's channel for failing one request is
+        # (in-process engines: a user's own AdapterMethod). The scheduler's patches (failing one request, block keys) are
         # installed in every vLLM process too (worker module, general plugin); here for an in-process scheduler.
         register_preft_models()
-        vllm_compat.install_request_failure_channel()
+        vllm_compat.install_scheduler_patches()
         model_class = preft_architecture(arch, method)
         settings["hf_overrides"] = {**overrides, "architectures": [model_class]}
         if tp > 1:
@@ -170,7 +171,9 @@ class PreftEngine(VllmEngineBase):
         adapters: Sequence[str | None] | None = None,
         use_tqdm: bool = True,
     ) -> list[Any]:
-        """One vLLM RequestOutput per prompt, in order. Prompts: text, token ids, or chat messages."""
+        """One vLLM RequestOutput per prompt, in order. Prompts: text, token ids, chat messages, or a token prompt dict
+        {"prompt_token_ids": ids, "sampled_spans": [(start, end), ...]}: a later turn of a conversation, whose spans mark
+        the tokens the policy sampled in earlier turns (they stay plain, DESIGN invariant 9; everything else is adapted)."""
         from vllm import SamplingParams
 
         adapters = check_batch(prompts, adapters)  # first: refuses a bare string before list() splits it into characters
@@ -195,12 +198,15 @@ class PreftEngine(VllmEngineBase):
                 )
             entries.append(None if name is None else self._entries[name])
         requests, request_params = [], []
-        for prompt, entry, sp in zip(prompts, entries, params):
+        for prompt, entry, sp in zip(prompts, entries, params):  # every prompt checked before any is submitted
             request: dict[str, Any] = {"prompt_token_ids": prompt_token_ids(self.tokenizer, prompt)}
+            if isinstance(prompt, dict) and prompt.get(vllm_compat.SAMPLED_SPANS_KEY):
+                request[vllm_compat.SAMPLED_SPANS_KEY] = prompt[vllm_compat.SAMPLED_SPANS_KEY]
             if entry is None:
-                sp = sp.clone()
-            else:  # the adapter and version in extra_args, the prefix-cache salt: the rule `preft-rl serve` uses too
-                request, sp = vllm_compat.tag_request(request, sp, entry.name, entry.version)
+                request, sp = vllm_compat.untag_base_prompt(request), sp.clone()
+            else:  # adapter, version and sampled spans in extra_args, the prefix-cache salt: the rule `preft-rl serve` uses too
+                first_last = entry.config.first_last
+                request, sp = vllm_compat.tag_request(request, sp, entry.name, entry.version, first_last[1] if first_last else 0)
             requests.append(request)
             request_params.append(sp)
         outputs = self.llm.generate(requests, request_params, use_tqdm=use_tqdm)

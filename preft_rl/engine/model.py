@@ -6,9 +6,10 @@ before vLLM loads weights, profiles or compiles anything; module names (and so w
 unchanged because adapters are forward hooks, not replaced modules.
 
 Per forward step, `StepSelection.build` turns vLLM's batch layout into the tokens each adapter slot
-acts on: token t of request i is a prompt token iff its absolute position < prompt_len(i). Decided by
-position, never by "is this a prefill step", so chunked prefill, mixed batches, n > 1 children and
-recomputed preempted requests are all handled by the same rule. A step with no adapted prompt token
+acts on: token t of request i is adapted iff its absolute position < prompt_len(i) and it lies in none of the
+request's sampled spans (a multi-turn prompt's earlier completions, DESIGN invariant 9). Decided by position and
+recorded origin, never by "is this a prefill step" or by what is cached, so chunked prefill, mixed batches, n > 1
+children, prefix-cache hits and recomputed preempted requests are all handled by the same rule. A step with no adapted prompt token
 (every pure-decode step) gets no selection; in eager mode the hooks are then not even attached
 (`AdapterHooks`), so such a step runs exactly plain vLLM's modules.
 The adapter math is preft_rl.kernels: Triton on CUDA, the torch reference on CPU.
@@ -81,22 +82,27 @@ class StepSelection:
         device: torch.device,
         prompt_only: bool = True,
         num_tokens: int | None = None,
+        request_spans: dict[int, np.ndarray] | None = None,
     ) -> StepSelection | None:
+        """`request_spans`: {index of a request in the batch: its (k, 2) [start, end) spans of prompt tokens the policy
+        sampled in earlier turns}, for the requests that have any."""
         if not (request_slots >= 0).any():
             return None
         req_index, position = layout.token_positions()
         slot = request_slots[req_index]
         prompt_len = layout.num_prompt[req_index]
+        sampled, run_start, run_end = token_runs(req_index, position, prompt_len, request_spans or {})
         if not prompt_only:  # the all-token baseline (adapter_scope="all"): every token of an adapted request
             acts = slot >= 0
-        else:
-            acts = (slot >= 0) & (position < prompt_len)
-        # Position windows (ReFT's 'fN+lM'; every prompt token for an adapter without positions: first_n = NO_LIMIT) and
-        # the second pass of adapters that use the method's extended set (separate 'last' interventions).
+        else:  # DESIGN invariant 9: prompt tokens the policy did not sample
+            acts = (slot >= 0) & (position < prompt_len) & ~sampled
+        # Position windows (ReFT's 'fN+lM': the first N and last M tokens of each run of adapted tokens; every token for
+        # an adapter without positions: first_n = NO_LIMIT) and the second pass of adapters that use the method's
+        # extended set (separate 'last' interventions).
         safe = np.maximum(slot, 0)
         split = registry.split[safe] & (slot >= 0)
-        if prompt_only:  # the first N / last M prompt tokens
-            in_first, in_last = position < registry.first_n[safe], position >= prompt_len - registry.last_m[safe]
+        if prompt_only:  # the first N / last M tokens of the token's run
+            in_first, in_last = position - run_start < registry.first_n[safe], position >= run_end - registry.last_m[safe]
             acts_last = acts & split & in_last
             acts &= in_first | (in_last & ~split)
         else:  # every token is in both ranges
@@ -118,6 +124,28 @@ class StepSelection:
         return StepSelection(token_slot=token_slot, metadata=metadata, last_metadata=last_metadata)
 
 
+def token_runs(req_index: np.ndarray, position: np.ndarray, prompt_len: np.ndarray,
+               request_spans: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each scheduled token (its request's index in the batch and its absolute position): (sampled by the policy in
+    an earlier turn, start of its run of adapted tokens, end of that run), all (T,). A request without sampled spans has
+    one run, its prompt [0, prompt_len); otherwise runs lie between the spans and the last one ends at prompt_len."""
+    sampled = np.zeros(len(position), dtype=bool)
+    run_start = np.zeros(len(position), dtype=np.int64)
+    run_end = np.array(prompt_len, dtype=np.int64)
+    for i, spans in request_spans.items():
+        tokens = np.flatnonzero(req_index == i)
+        if not len(tokens):
+            continue
+        starts, ends, at = spans[:, 0], spans[:, 1], position[tokens]
+        before = np.searchsorted(starts, at, side="right") - 1  # the last span starting at or before each token
+        has_before = before >= 0
+        sampled[tokens] = has_before & (at < ends[np.maximum(before, 0)])
+        run_start[tokens] = np.where(has_before, ends[np.maximum(before, 0)], 0)
+        after = before + 1  # the first span after the token: where its run ends
+        run_end[tokens] = np.where(after < len(starts), starts[np.minimum(after, len(starts) - 1)], prompt_len[tokens])
+    return sampled, run_start, run_end
+
+
 @dataclass
 class PreftRuntime:
     """What the engine attaches to the vLLM model: the registry, the runner, and this step's selection."""
@@ -128,6 +156,7 @@ class PreftRuntime:
     selection: StepSelection | None = None
     in_step: bool = False
     request_slots: dict[str, int] = field(default_factory=dict)
+    request_spans: dict[str, np.ndarray] = field(default_factory=dict)  # (k, 2) sampled spans of multi-turn requests
     # spies for tests and reports: (tokens in the forward, adapters acting in it) per forward, the latest 4096 only
     # (a server runs for millions of steps)
     step_log: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=4096))
@@ -189,6 +218,9 @@ class PreftRuntime:
                     self.fail_requests([req_id])
                 else:
                     slot = entry.slot
+                    spans = vllm_compat.sampled_spans_of(ref)
+                    if len(spans):
+                        self.request_spans[req_id] = spans
             self.request_slots[req_id] = slot
         return self.request_slots[req_id]
 
@@ -199,6 +231,7 @@ class PreftRuntime:
             if len(self.request_slots) > 2 * len(layout.req_ids) + 256:  # forget finished requests
                 live = set(vllm_compat.live_request_ids(self.runner))
                 self.request_slots = {req: slot for req, slot in self.request_slots.items() if req in live}
+                self.request_spans = {req: spans for req, spans in self.request_spans.items() if req in live}
                 self.failed &= live
             slots = np.full(len(layout.req_ids), -1, dtype=np.int64)
             # prompt-only: a request acts only while its prompt is being computed, so a pure-decode step
@@ -206,7 +239,8 @@ class PreftRuntime:
             busy = np.flatnonzero(layout.num_computed < layout.num_prompt) if self.prompt_only else range(len(slots))
             for i in busy:
                 slots[i] = self.slot_of(layout.req_ids[i])
-            self.selection = StepSelection.build(self.registry, layout, slots, device, self.prompt_only, num_tokens)
+            spans = {i: self.request_spans[layout.req_ids[i]] for i in busy if layout.req_ids[i] in self.request_spans}
+            self.selection = StepSelection.build(self.registry, layout, slots, device, self.prompt_only, num_tokens, spans)
             self.step_log.append((num_tokens, 0 if self.selection is None else self.selection.num_adapters))
             if self.on_selection is not None:
                 self.on_selection(self.selection)

@@ -35,15 +35,20 @@ def check_vllm_version() -> None:
 
 
 # ------------------------------------------------------------------------------ request tagging
-EXTRA_ARGS_KEY = "preft_adapter"  # sampling_params.extra_args[EXTRA_ARGS_KEY] = {"name": ..., "version": ...}
+# sampling_params.extra_args[EXTRA_ARGS_KEY] = {"name": ..., "version": ..., and where present "sampled": [s0, e0, s1, e1,
+# ...] (flat [start, end) spans of prompt tokens the policy sampled in earlier turns: they stay plain) and "last_m": M
+# (the adapter acts at the last M tokens of each run of adapted tokens: ReFT 'fN+lM')}
+EXTRA_ARGS_KEY = "preft_adapter"
+SAMPLED_SPANS_KEY = "sampled_spans"  # a token prompt's [start, end) spans of tokens the policy sampled (multi-turn)
 
 
-def adapter_cache_salt(name: str, version: int, prompt_len: int, client_salt: str | None = None) -> str:
-    """The prefix-cache salt of an adapted prompt: adapter, version and prompt length (then the client's own salt, if
-    any). vLLM hashes the salt into the first KV block, so prompt KV is never shared across adapters or versions, and
-    KV computed for generated tokens (plain) is never reused as prompt KV (adapted) when a later, longer prompt extends
-    a conversation: another length, another salt. Never the client's salt alone."""
-    salt = f"preft:{name}:v{version}:p{prompt_len}"
+def adapter_cache_salt(name: str, version: int, client_salt: str | None = None) -> str:
+    """The prefix-cache salt of an adapted prompt: adapter and version (then the client's own salt, if any). vLLM hashes
+    the salt into the first KV block and chains every later block on it, so prompt KV is never shared across adapters or
+    versions. What the adapter did at each token of a block (adapted or sampled, ReFT's run ends) is in that block's own
+    key (`adapter_block_key`), so a conversation's later turn reuses its earlier turns' KV exactly, and KV computed for
+    generated tokens (plain) is never reused where the same tokens are adapted. Never the client's salt alone."""
+    salt = f"preft:{name}:v{version}"
     return salt if client_salt is None else f"{salt}:client:{client_salt}"
 
 
@@ -52,23 +57,103 @@ def base_cache_salt(client_salt: str | None) -> str | None:
     return None if client_salt is None else f"client:{client_salt}"
 
 
-def tag_request(prompt: dict[str, Any], sampling_params: Any, name: str, version: int) -> tuple[dict[str, Any], Any]:
-    """(prompt, sampling params) of a request served with adapter `name` at `version`: the worker reads the adapter from
-    the params' extra_args (`request_adapter`), and the prompt's cache salt keys its prefix cache (`adapter_cache_salt`;
-    a `cache_salt` the prompt already holds is the client's and is kept after ours). Both are new objects: the caller's
-    prompt and params are left as they were. The one rule PreftEngine and `preft-rl serve` both use."""
+def tag_request(prompt: dict[str, Any], sampling_params: Any, name: str, version: int,
+                last_m: int = 0) -> tuple[dict[str, Any], Any]:
+    """(prompt, sampling params) of a request served with adapter `name` at `version`: the worker reads the adapter and
+    the prompt's sampled spans (`SAMPLED_SPANS_KEY`, moved out of the prompt) from the params' extra_args
+    (`request_adapter`), and the prompt's cache salt keys its prefix cache (`adapter_cache_salt`; a `cache_salt` the
+    prompt already holds is the client's and is kept after ours). `last_m`: the adapter acts at the last M tokens of
+    each adapted run (ReFT 'fN+lM'), which the block keys need. Both are new objects: the caller's prompt and params are
+    left as they were. The one rule PreftEngine and `preft-rl serve` both use."""
+    from preft_rl.adapters.masks import check_sampled_spans
+
     token_ids = prompt.get("prompt_token_ids")
     if not isinstance(token_ids, list):
         raise ValueError(f"adapter {name!r}: a PreFT adapter needs a tokenised prompt (prompt_token_ids), got keys "
                          f"{sorted(prompt)}")
+    prompt = dict(prompt)
+    spans = check_sampled_spans(prompt.pop(SAMPLED_SPANS_KEY, None) or [], len(token_ids))
+    tag: dict[str, Any] = {"name": name, "version": version}
+    if spans:
+        tag["sampled"] = [i for span in spans for i in span]
+    if last_m:
+        tag["last_m"] = int(last_m)
     params = sampling_params.clone()
-    params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: {"name": name, "version": version}}
-    salt = adapter_cache_salt(name, version, len(token_ids), prompt.get("cache_salt"))
-    return {**prompt, "cache_salt": salt}, params
+    params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: tag}
+    return {**prompt, "cache_salt": adapter_cache_salt(name, version, prompt.get("cache_salt"))}, params
+
+
+def untag_base_prompt(prompt: Any) -> Any:
+    """A base (no adapter) request's prompt for vLLM: its sampled spans are checked and dropped (the base model treats
+    every token alike), its client salt namespaced (`base_cache_salt`)."""
+    if not isinstance(prompt, dict):
+        return prompt
+    from preft_rl.adapters.masks import check_sampled_spans
+
+    prompt = dict(prompt)
+    check_sampled_spans(prompt.pop(SAMPLED_SPANS_KEY, None) or [], len(prompt.get("prompt_token_ids") or []))
+    if prompt.get("cache_salt") is not None:
+        prompt["cache_salt"] = base_cache_salt(prompt["cache_salt"])
+    return prompt
+
+
+def sampled_spans_of(tag: dict[str, Any] | None) -> np.ndarray:
+    """(k, 2) int64 [start, end) spans of the prompt tokens a tagged request's policy sampled (empty: none)."""
+    flat = (tag or {}).get("sampled") or ()
+    return np.asarray(flat, dtype=np.int64).reshape(-1, 2)
+
+
+def adapter_block_key(tag: dict[str, Any], num_prompt: int, start: int, end: int) -> tuple | None:
+    """What an adapter did at the tokens [start, end) of a tagged request, as a prefix-cache block key: the offsets of
+    the block's sampled tokens (the prompt's sampled spans, and every token from `num_prompt` on: generated, so plain)
+    and, for an adapter that acts at the last M tokens of each adapted run, the run ends whose last-M window reaches into
+    the block (a run ends where a sampled span starts). With the salt (adapter, version) and vLLM's chaining of each
+    block on the previous one, a block's KV is a function of its key: two requests share a block iff their tokens and
+    what the adapter did at them agree up to its end. None where the block holds neither (fully adapted, no window)."""
+    spans = [tuple(span) for span in sampled_spans_of(tag).tolist()] + [(num_prompt, max(end, num_prompt + 1))]
+    marks = tuple((max(s, start) - start, min(e, end) - start) for s, e in spans if s < end and e > start)
+    last_m = int(tag.get("last_m", 0))
+    run_ends = tuple(s - start for s, _ in spans if s > start and s - last_m < end) if last_m else ()
+    return ("preft", marks, run_ends) if marks or run_ends else None
+
+
+def install_scheduler_patches() -> None:
+    """Everything preft-rl changes in vLLM's scheduler process: failing one request alone and the adapter block keys.
+    Called wherever a scheduler may run (the caller's process, the worker module, the general plugin); idempotent."""
+    install_request_failure_channel()
+    install_adapter_block_keys()
+
+
+_BLOCK_KEYS: list[bool] = []
+
+
+def install_adapter_block_keys() -> None:
+    """Patch vLLM's block hashing (this process, once) to add `adapter_block_key` to every block of a request tagged
+    with an adapter. Installed wherever a scheduler may run, as `install_request_failure_channel`. Untagged requests
+    hash exactly as in plain vLLM."""
+    if _BLOCK_KEYS:
+        return
+    from vllm.v1.core import block_pool, kv_cache_utils
+
+    original = kv_cache_utils.generate_block_hash_extra_keys
+
+    def generate_block_hash_extra_keys(request: Any, start_token_idx: int, end_token_idx: int, start_mm_idx: int):
+        extra_keys, next_mm_idx = original(request, start_token_idx, end_token_idx, start_mm_idx)
+        params = request.sampling_params
+        tag = (params.extra_args or {}).get(EXTRA_ARGS_KEY) if params is not None else None
+        if tag is not None:
+            key = adapter_block_key(tag, request.num_prompt_tokens, start_token_idx, end_token_idx)
+            if key is not None:
+                extra_keys = (*(extra_keys or ()), key)
+        return extra_keys, next_mm_idx
+
+    kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys  # read at call time by the hasher
+    block_pool.generate_block_hash_extra_keys = generate_block_hash_extra_keys  # KV events name the same keys
+    _BLOCK_KEYS.append(True)
 
 
 def request_adapter(runner: Any, req_id: str) -> dict[str, Any] | None:
-    """The {"name", "version"} tag_request put on a running request, or None (a request without adapter)."""
+    """The tag tag_request put on a running request ({"name", "version", ...}), or None (a request without adapter)."""
     return request_extra_args(runner, req_id).get(EXTRA_ARGS_KEY)
 
 
@@ -519,6 +604,15 @@ SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm.sampling_params:SamplingParams.clone", _C + "tag_request", params=("self",)),
     VllmItem("vllm.sampling_params:SamplingParams.extra_args", _C + "tag_request", "attribute"),
     VllmItem("vllm.inputs:TokensPrompt", _C + "tag_request", "keys", value=("prompt_token_ids", "cache_salt")),
+    VllmItem("vllm.v1.core:kv_cache_utils", _C + "install_adapter_block_keys", "attribute"),
+    VllmItem("vllm.v1.core:block_pool", _C + "install_adapter_block_keys", "attribute"),
+    VllmItem("vllm.v1.core.kv_cache_utils:generate_block_hash_extra_keys", _C + "install_adapter_block_keys",
+             params=("request", "start_token_idx", "end_token_idx", "start_mm_idx")),
+    VllmItem("vllm.v1.core.kv_cache_utils:get_request_block_hasher", _C + "install_adapter_block_keys (the hasher that "
+             "calls generate_block_hash_extra_keys by its module name)", params=("hash_block_size", "caching_hash_fn")),
+    VllmItem("vllm.v1.core.block_pool:generate_block_hash_extra_keys", _C + "install_adapter_block_keys", "attribute"),
+    VllmItem("vllm.v1.request:Request.num_prompt_tokens", _C + "install_adapter_block_keys", "init attribute"),
+    VllmItem("vllm.v1.request:Request.sampling_params", _C + "install_adapter_block_keys", "init attribute"),
     VllmItem("vllm.utils.torch_utils:direct_register_custom_op", _C + "register_custom_op",
              params=("op_name", "op_func", "mutates_args", "fake_impl", "target_lib")),
     VllmItem("vllm:ModelRegistry", _C + "model_registry_has / model_registry_load / model_registry_register", "attribute"),

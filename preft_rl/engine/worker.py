@@ -28,7 +28,7 @@ WORKER_EXTENSION = "preft_rl.engine.worker.PreftWorkerExtension"
 # vLLM imports this module in every worker process (to mix the extension in) before it builds the model: the PreFT
 # model classes must be registered there too.
 register_preft_models()
-vllm_compat.install_request_failure_channel()  # this process may run the scheduler too (in-process, one worker)
+vllm_compat.install_scheduler_patches()  # this process may run the scheduler too (in-process, one worker)
 _ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError}
 
 

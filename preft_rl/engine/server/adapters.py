@@ -48,10 +48,11 @@ class AdapterError(Exception):
         self.status, self.message = status, message
 
 
-def cache_salt(entry: AdapterEntry, prompt_len: int, client_salt: str | None) -> str:
+def cache_salt(entry: AdapterEntry, client_salt: str | None) -> str:
     """The prefix-cache salt of an adapted prompt (vllm_compat.adapter_cache_salt, which vllm_compat.tag_request sets for
-    the server and PreftEngine alike): adapter, version and prompt length, then the client's own salt if it sent one."""
-    return adapter_cache_salt(entry.name, entry.version, prompt_len, client_salt)
+    the server and PreftEngine alike): adapter and version, then the client's own salt if it sent one. What the adapter
+    did at each token is in each KV block's own key (vllm_compat.adapter_block_key)."""
+    return adapter_cache_salt(entry.name, entry.version, client_salt)
 
 
 @dataclasses.dataclass(frozen=True)

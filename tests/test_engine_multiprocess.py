@@ -12,6 +12,7 @@ pytest.importorskip("vllm")
 from preft_rl.engine import PreftEngine  # noqa: E402
 from conftest import ENGINE_ARGS  # noqa: E402
 from test_engine import greedy, random_prompt, reference_greedy, reference_model  # noqa: E402
+from test_multiturn import check_origin_marks_split_the_prefix_cache, multiturn_rollout  # noqa: E402
 from test_reliability_engine import check_a_bad_adapter_fails_alone  # noqa: E402
 
 
@@ -53,6 +54,10 @@ def test_multiprocess_engine_serves_updates_and_refuses_like_in_process(tiny_lla
         # a bad adapter fails only its own requests; vLLM's engine-core process keeps serving (it used to die)
         check_a_bad_adapter_fails_alone(engine, load_tiny, 80)
         assert list(engine.generate(prompts[:1], greedy(), adapters=["mp"])[0].outputs[0].token_ids) == expected
+        # multi-turn (DESIGN invariant 9) in the engine-core process: sampled spans plain, the prefix cache split on marks
+        multiturn_rollout(engine, {None: None, "mp": second}, base, [("mp", prompts[0]), (None, prompts[1])], 2, rng,
+                          single_turn=["mp"])
+        check_origin_marks_split_the_prefix_cache(engine, "mp", second, base)
         engine.remove_adapter("mp")
         assert "mp" not in engine.adapters
         assert list(engine.generate(prompts[1:2], greedy())[0].outputs[0].token_ids) == reference_greedy(None, base, prompts[1])

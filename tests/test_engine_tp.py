@@ -14,6 +14,7 @@ from preft_rl.engine import PreftEngine  # noqa: E402
 from preft_rl.engine.registry import ModelShape  # noqa: E402
 from conftest import ENGINE_ARGS  # noqa: E402
 from test_engine import CONFIGS, greedy, random_prompt, reference_greedy, reference_model  # noqa: E402
+from test_multiturn import check_origin_marks_split_the_prefix_cache, multiturn_rollout  # noqa: E402
 from test_reliability_engine import check_a_bad_adapter_fails_alone  # noqa: E402
 
 
@@ -41,6 +42,10 @@ def test_tp2_engine_equals_the_hf_reference_in_mixed_batches(tiny_llama_dir, loa
         if method == "lora":  # a bad adapter fails only its own requests, on both ranks alike
             check_a_bad_adapter_fails_alone(engine, load_tiny, 90)
             assert list(engine.generate(prompts[2:3], greedy(), adapters=["tp-1"])[0].outputs[0].token_ids) == want
+        # multi-turn (DESIGN invariant 9): sampled spans stay plain on every rank; the prefix cache splits on origin marks
+        multiturn_rollout(engine, {None: None, "tp-0": refs["tp-0"], "tp-1": newer}, base,
+                          [("tp-0", prompts[0]), ("tp-1", prompts[1]), (None, prompts[3])], 2, rng, single_turn=["tp-0"])
+        check_origin_marks_split_the_prefix_cache(engine, "tp-0", refs["tp-0"], base)
     finally:
         engine.close()
 

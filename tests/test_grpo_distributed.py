@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 pytest.importorskip("deepspeed")
 pytest.importorskip("vllm")
 
+from test_multitenant import TRAJECTORY_ATOL  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("distributed_train_check.py")
 BIN = Path(sys.executable).parent
@@ -90,11 +92,11 @@ def test_two_process_ddp_tenants_each_equal_their_own_ddp_run(tiny_llama_dir, tm
     ours = load_file(str(tmp_path / "tenants" / "t0" / "adapter_model.safetensors"))
     alone = load_file(str(two_process_ddp_run / "adapter_model.safetensors"))
     assert ours.keys() == alone.keys()
-    for key in alone:
-        torch.testing.assert_close(ours[key], alone[key], atol=1e-5, rtol=0)
+    for key in alone:  # fp32 rounding of other GEMM shapes, grown by AdamW: see test_multitenant.TRAJECTORY_ATOL
+        torch.testing.assert_close(ours[key], alone[key], atol=TRAJECTORY_ATOL, rtol=0)
     for name in ("t1", "t2"):  # trained their own way
         other = load_file(str(tmp_path / "tenants" / name / "adapter_model.safetensors"))
-        assert max((other[k] - alone[k]).abs().max().item() for k in alone) > 1e-3, name
+        assert max((other[k] - alone[k]).abs().max().item() for k in alone) > 10 * TRAJECTORY_ATOL, name
 
 
 def launch_tenants(tiny_llama_dir: Path, out: Path, extra_env: dict[str, str]) -> str:

@@ -218,27 +218,36 @@ def test_a_three_turn_rollout_equals_the_hf_reference(engine_of, load_tiny, meth
             assert now.num_cached_tokens == (previous // BLOCK * BLOCK if prefix_caching else 0), (turn, previous)
 
 
-def test_equal_ids_with_other_origin_marks_share_no_kv_past_the_first_difference(engine_of, load_tiny):
+def check_origin_marks_split_the_prefix_cache(engine, name: str, ref: PreftModel, base) -> None:
     """A second turn, then the same ids with its sampled tokens left unmarked (adapted): the unmarked request reuses only
-    the blocks before the first sampled token, and each request gets its own reference's tokens."""
-    engine = engine_of("lora")
-    ref = adapted_model(load_tiny, "lora", 21)
-    engine.add_adapter("marks", ref)
-    base = load_tiny()
+    the blocks before the first sampled token, and each request gets its own reference's tokens. Also run by the
+    multiprocess and TP tests: the block keys must be installed wherever vLLM's scheduler runs."""
     rng = np.random.default_rng(4)
     first = rng.integers(7, 380, 240).tolist()
-    turn1 = engine.generate([first], greedy(), adapters=["marks"])[0]
+    turn1 = engine.generate([first], greedy(), adapters=[name])[0]
     ids = first + list(turn1.outputs[0].token_ids) + rng.integers(7, 380, TOOL).tolist()
     spans = [(len(first), len(first) + GEN)]
-    marked = engine.generate([{"prompt_token_ids": ids, "sampled_spans": spans}], greedy(), adapters=["marks"])[0]
-    unmarked = engine.generate([ids], greedy(), adapters=["marks"])[0]
-    again = engine.generate([{"prompt_token_ids": ids, "sampled_spans": spans}], greedy(), adapters=["marks"])[0]
+    marked = engine.generate([{"prompt_token_ids": ids, "sampled_spans": spans}], greedy(), adapters=[name])[0]
+    unmarked = engine.generate([ids], greedy(), adapters=[name])[0]
+    again = engine.generate([{"prompt_token_ids": ids, "sampled_spans": spans}], greedy(), adapters=[name])[0]
     assert marked.num_cached_tokens == BLOCK  # turn 1's full block 0 (its 248 tokens leave block 1 partial)
     assert unmarked.num_cached_tokens == BLOCK  # block 1 holds the first difference (token 240): not shared
     assert again.num_cached_tokens == 2 * BLOCK  # the marked request's own blocks, block 1 included
     assert list(marked.outputs[0].token_ids) == list(again.outputs[0].token_ids) == hf_greedy(ref, base, ids, spans)
     assert list(unmarked.outputs[0].token_ids) == hf_greedy(ref, base, ids, [])
-    assert list(unmarked.outputs[0].token_ids) != list(marked.outputs[0].token_ids)
+    # log-probs too, so that the check has power where both masks happen to give the same greedy tokens
+    for out, mask in ((marked, adapter_mask_from_spans(len(ids), spans)), (unmarked, torch.ones(len(ids), dtype=torch.bool))):
+        torch.testing.assert_close(engine_logprobs(out), hf_logprobs(ref, ids, list(out.outputs[0].token_ids), mask),
+                                   atol=1e-4, rtol=0)
+    assert (list(unmarked.outputs[0].token_ids) != list(marked.outputs[0].token_ids)
+            or (engine_logprobs(unmarked) - engine_logprobs(marked)).abs().max() > 1e-2)
+
+
+def test_equal_ids_with_other_origin_marks_share_no_kv_past_the_first_difference(engine_of, load_tiny):
+    engine = engine_of("lora")
+    ref = adapted_model(load_tiny, "lora", 21)
+    engine.add_adapter("marks", ref)
+    check_origin_marks_split_the_prefix_cache(engine, "marks", ref, load_tiny())
 
 
 def test_bad_sampled_spans_are_refused_before_any_request_runs(engine_of, load_tiny):

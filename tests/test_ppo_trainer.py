@@ -67,6 +67,7 @@ def test_ppo_trains_policy_critic_and_head_only_and_the_engine_serves_the_policy
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "checkpoint-3" / "trained_state.safetensors").is_file()
 
 
+@pytest.mark.numerics
 def test_ppo_learns_a_simple_reward(tiny_llama_dir, tmp_path):
     train = dataset(False)
     trainer = PreftPPOTrainer(str(tiny_llama_dir), first_token_even, args=config(tmp_path, max_steps=24, kl_coef=0.0),

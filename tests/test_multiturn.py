@@ -288,3 +288,61 @@ def test_preempted_multiturn_requests_recompute_the_same_tokens(tiny_llama_dir, 
         assert preempted, "the test did not force a preemption; lower num_gpu_blocks_override"
         for p, name, out in zip(prompts, ["pre-a", "pre-b"], outs):
             assert list(out.outputs[0].token_ids) == hf_greedy(refs[name], base, p["prompt_token_ids"], p["sampled_spans"], 40)
+
+
+# ---------------------------------------------------------------------------------------- trainer layer
+@pytest.mark.parametrize("method,share", [("lora", True), ("lora", False), ("loreft", True)])
+def test_one_training_forward_over_a_trajectory_reproduces_the_engine_logprobs(tiny_llama_dir, tmp_path, method, share):
+    """Three-turn trajectories sampled by the trainer's engine (two per prompt, so the shared-prompt forward packs them),
+    packed as the trainer packs a rollout: adapter mask = not sampled, loss mask = sampled. The trainer's log-probs of
+    every sampled token equal the engine's, and they would not if the sampled tokens were adapted."""
+    from datasets import Dataset
+
+    from preft_rl import PreftGRPOConfig, PreftGRPOTrainer
+    from preft_rl.trainers.core import POLICY
+    from preft_rl.trainers.rollout import Samples
+
+    args = PreftGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_steps=1,
+                           max_completion_length=GEN, save_steps=0, disable_tqdm=True, share_prompt_forward=share,
+                           engine_kwargs={"max_num_batched_tokens": 512})
+    data = Dataset.from_list([{"prompt": f"question {i}"} for i in range(4)])
+    trainer = PreftGRPOTrainer(str(tiny_llama_dir), lambda completions, **_: [0.0] * len(completions), args=args,
+                               train_dataset=data, preft_config=CONFIGS[method])
+    try:
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for _, param in trainer.preft_model.adapter_named_parameters():
+                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+        trainer.engine.update_adapter(POLICY, trainer.preft_model.adapter_state_dict())
+        rng = np.random.default_rng(8)
+        first = [rng.integers(7, 380, 30).tolist() for _ in range(2)]
+        prompt_ids = [p for p in first for _ in range(2)]  # two trajectories per prompt, as a GRPO group
+        tails: list[list[int]] = [[] for _ in prompt_ids]
+        logps: list[list[float]] = [[] for _ in prompt_ids]
+        sampled: list[list[bool]] = [[] for _ in prompt_ids]
+        for turn in range(3):
+            prompts = [{"prompt_token_ids": p + t, "sampled_spans": [(len(p) + s, len(p) + e) for s, e in spans_from_mask(m)]}
+                       for p, t, m in zip(prompt_ids, tails, sampled)]
+            params = [SamplingParams(max_tokens=GEN, temperature=1.0, seed=100 * turn + i, logprobs=0, ignore_eos=True)
+                      for i in range(len(prompts))]
+            for i, out in enumerate(trainer.engine.generate(prompts, params, adapters=[POLICY] * len(prompts), use_tqdm=False)):
+                ids = list(out.outputs[0].token_ids)
+                tool = rng.integers(7, 380, TOOL).tolist() if turn < 2 else []
+                tails[i] += ids + tool
+                logps[i] += [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, ids)] + [0.0] * len(tool)
+                sampled[i] += [True] * len(ids) + [False] * len(tool)
+        samples = Samples([None] * len(prompt_ids), prompt_ids, tails, logps, [""] * len(prompt_ids), completion_sampled=sampled)
+        batch = trainer._pack(samples)
+        for i, flags in enumerate(sampled):
+            row = slice(len(prompt_ids[i]), len(prompt_ids[i]) + len(flags))
+            assert batch.completion_mask[i, row].tolist() == flags  # the loss is on sampled tokens only
+            assert batch.prompt_mask[i, row].tolist() == [not f for f in flags]  # tool tokens are adapted
+        assert len({tuple(t) for t in tails}) == len(tails)  # every trajectory its own
+        ours = trainer._logps_no_grad(batch)
+        mask = batch.completion_mask
+        assert (ours - batch.engine_logps)[mask].abs().max() < 1e-4
+        batch.prompt_mask = batch.prompt_mask | batch.completion_mask  # the bug: sampled tokens adapted too
+        wrong = trainer._logps_no_grad(batch)
+        assert (wrong - batch.engine_logps)[mask].abs().max() > 1e-2
+    finally:
+        trainer.close()

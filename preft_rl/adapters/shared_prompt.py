@@ -43,13 +43,18 @@ def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_m
                  dtype: torch.dtype, row_keys: list | None = None) -> PackedPrompts | None:
     """Pack right-padded rows `[prompt | completion | pad]` by distinct prompt; None when no prompt repeats (nothing to
     share). `first` is the first position whose logits the caller keeps (the earliest last prompt token). Rows share a
-    prompt only if their `row_keys` entries (e.g. each row's tenant, whose adapter the prompt goes through) are equal."""
-    lengths = prompt_mask.sum(-1).tolist()
+    prompt only if their `row_keys` entries (e.g. each row's tenant, whose adapter the prompt goes through) are equal.
+
+    The prompt of a row is its first run of adapted tokens. A multi-turn row's completion (every later turn) may hold
+    adapted tokens too (tool results, template glue): they keep their `prompt_mask` in the packed row, where each
+    completion starts with a sampled token, so runs of adapted tokens (ReFT's 'fN+lM' windows) stay as they were."""
     real = attention_mask.sum(-1).tolist()
+    plain = ~prompt_mask.bool()
+    lengths = torch.where(plain.any(-1), plain.int().argmax(-1), prompt_mask.shape[1]).tolist()  # the first run's end
     ids = input_ids.tolist()
     groups: dict[tuple[int, ...], list[int]] = {}
     for b, (length, n) in enumerate(zip(lengths, real)):
-        if not bool(prompt_mask[b, :length].all()) or n < length:
+        if length == 0 or n < length or not bool(attention_mask[b, :n].bool().all()) or bool(prompt_mask[b, n:].any()):
             raise ValueError("shared prompt packing needs rows laid out as [prompt | completion | padding]")
         key = tuple(ids[b][:length]) if row_keys is None else (row_keys[b], *ids[b][:length])
         groups.setdefault(key, []).append(b)
@@ -76,6 +81,7 @@ def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_m
             size = real[b] - length
             end = start + size
             packed_ids[r, start:end] = input_ids[b, length : real[b]].cpu()
+            packed_prompt[r, start:end] = prompt_mask[b, length : real[b]].cpu()  # a multi-turn row's adapted tool tokens
             position_ids[r, start:end] = torch.arange(length, length + size)
             allowed[r, start:end, :length] = True
             allowed[r, start:end, start:end] = torch.ones(size, size, dtype=torch.bool).tril()

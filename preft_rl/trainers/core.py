@@ -458,7 +458,8 @@ class PreftRLTrainer:
         """The training batch of these completions: right-padded token ids with masks, rewards, lengths."""
         eos, limit = self.tokenizer.eos_token_id, self.args.max_completion_length
         return RolloutBatch(
-            **pack(samples.prompt_ids, samples.completion_ids, samples.completion_logps, self.tokenizer.pad_token_id or 0),
+            **pack(samples.prompt_ids, samples.completion_ids, samples.completion_logps, self.tokenizer.pad_token_id or 0,
+                   samples.completion_sampled),
             advantages=torch.zeros(len(samples)), rewards=samples.rewards, rewards_per_func=samples.rewards_per_func,
             completion_lengths=torch.tensor([len(c) for c in samples.completion_ids]),
             truncated=torch.tensor([len(c) >= limit and (not c or c[-1] != eos) for c in samples.completion_ids]),
@@ -562,10 +563,12 @@ class PreftRLTrainer:
     # ------------------------------------------------------------------------------ forward
     def _forward_inputs(self, batch: RolloutBatch, rows: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(input_ids, attention_mask, prompt_mask) of `rows` on the device, and the first position whose logits
-        are needed (the earliest last prompt token)."""
+        are needed (the earliest position before a sampled token: the end of the first prompt)."""
         device = self.accelerator.device
         ids, am, pm = batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device), batch.prompt_mask[rows].to(device)
-        return ids, am, pm, int(pm.sum(-1).min()) - 1
+        sampled = batch.completion_mask[rows]  # (b, T) rows are [prompt | completion | padding]
+        first_sampled = torch.where(sampled.any(-1), sampled.int().argmax(-1), batch.attention_mask[rows].sum(-1))  # (b,)
+        return ids, am, pm, int(first_sampled.min()) - 1
 
     def _policy_logits(self, ids: torch.Tensor, am: torch.Tensor, pm: torch.Tensor, keep: int, **row_kwargs: Any) -> torch.Tensor:
         """(b, keep, V) policy logits of the last `keep` positions (`row_kwargs`: what _row_kwargs gives these rows)."""

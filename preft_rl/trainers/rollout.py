@@ -33,8 +33,8 @@ class RolloutBatch:
 
     input_ids: torch.Tensor  # (B, T) prompt + completion ids, right-padded
     attention_mask: torch.Tensor  # (B, T)
-    prompt_mask: torch.Tensor  # (B, T) True at prompt tokens
-    completion_mask: torch.Tensor  # (B, T) True at completion tokens (EOS included)
+    prompt_mask: torch.Tensor  # (B, T) True where the adapter acts: every token the policy did not sample
+    completion_mask: torch.Tensor  # (B, T) True at the tokens the policy sampled (EOS included): the loss mask
     engine_logps: torch.Tensor  # (B, T) engine's processed log-prob of each completion token, 0 elsewhere
     advantages: torch.Tensor  # (B,) per sequence (GRPO) or (B, T) per token (PPO)
     rewards: torch.Tensor  # (B,) weighted sum over reward functions
@@ -68,6 +68,9 @@ class Samples:
     columns: dict[str, list[Any]] = field(default_factory=dict)  # dataset columns besides 'prompt', one per completion
     rewards_per_func: torch.Tensor | None = None  # (B, F), NaN where a function gave None
     rewards: torch.Tensor | None = None  # (B,) weighted sum, NaN where no function could score
+    # multi-turn: per completion token, whether the policy sampled it (False: a tool result or template glue between
+    # turns, adapted and outside the loss); None: every completion token was sampled (one turn)
+    completion_sampled: list[list[bool]] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -79,16 +82,25 @@ class Samples:
         return Samples(pick(self.prompts), pick(self.prompt_ids), pick(self.completion_ids), pick(self.completion_logps),
                        pick(self.completions), {k: pick(v) for k, v in self.columns.items()},
                        None if self.rewards_per_func is None else self.rewards_per_func[index],
-                       None if self.rewards is None else self.rewards[index])
+                       None if self.rewards is None else self.rewards[index],
+                       None if self.completion_sampled is None else pick(self.completion_sampled))
+
+    def sampled_masks(self) -> list[list[bool]]:
+        """Per completion, per token: sampled by the policy (every token of a one-turn completion)."""
+        if self.completion_sampled is not None:
+            return self.completion_sampled
+        return [[True] * len(ids) for ids in self.completion_ids]
 
     @staticmethod
     def concat(parts: Sequence[Samples]) -> Samples:
         joined = lambda name: [v for part in parts for v in getattr(part, name)]  # noqa: E731
         scored = all(part.rewards is not None for part in parts)
+        multiturn = any(part.completion_sampled is not None for part in parts)
         return Samples(joined("prompts"), joined("prompt_ids"), joined("completion_ids"), joined("completion_logps"),
                        joined("completions"), {k: [v for part in parts for v in part.columns[k]] for k in parts[0].columns},
                        torch.cat([part.rewards_per_func for part in parts]) if scored else None,
-                       torch.cat([part.rewards for part in parts]) if scored else None)
+                       torch.cat([part.rewards for part in parts]) if scored else None,
+                       [m for part in parts for m in part.sampled_masks()] if multiturn else None)
 
 
 def groups_with_signal(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -170,8 +182,15 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], completion_logps: list[list[float]], pad_id: int) -> dict:
-    """Right-padded (B, T) tensors of prompt + completion with their masks and the engine log-probs."""
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], completion_logps: list[list[float]], pad_id: int,
+         completion_sampled: list[list[bool]] | None = None) -> dict:
+    """Right-padded (B, T) tensors of prompt + completion with their masks and the engine log-probs.
+
+    DESIGN invariant 9: `prompt_mask` (the adapter mask) is True at every token the policy did not sample, and
+    `completion_mask` (the loss mask) at every token it sampled. In one turn (`completion_sampled` None) those are the
+    prompt and the completion. In a multi-turn trajectory the completion holds every turn after the first prompt, and
+    `completion_sampled` marks its sampled tokens; the others (tool results, template glue) are adapted, outside the
+    loss, and their `completion_logps` entries are ignored."""
     rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
     width = max(map(len, rows))
     batch = len(rows)
@@ -185,7 +204,12 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], completio
         input_ids[i, :n] = torch.tensor(p + c)
         attention_mask[i, :n] = 1
         prompt_mask[i, : len(p)] = True
-        completion_mask[i, len(p) : n] = True
-        engine_logps[i, len(p) : n] = torch.tensor(lp, dtype=torch.float32)
+        sampled = torch.ones(len(c), dtype=torch.bool) if completion_sampled is None else torch.tensor(completion_sampled[i], dtype=torch.bool)
+        if sampled.shape[0] != len(c) or (len(c) and not sampled[0]):
+            raise ValueError(f"completion {i}: completion_sampled must give one flag per completion token and start with a "
+                             f"sampled token; got {sampled.shape[0]} flags for {len(c)} tokens")
+        prompt_mask[i, len(p) : n] = ~sampled
+        completion_mask[i, len(p) : n] = sampled
+        engine_logps[i, len(p) : n] = torch.tensor(lp, dtype=torch.float32) * sampled
     return dict(input_ids=input_ids, attention_mask=attention_mask, prompt_mask=prompt_mask,
                 completion_mask=completion_mask, engine_logps=engine_logps)

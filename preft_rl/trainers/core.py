@@ -104,12 +104,15 @@ class PreftRLTrainer:
         eval_dataset: Any = None,
         preft_config: PreftConfig | None = None,
         tenants: Any = None,
+        tools: Sequence[Callable] | None = None,
+        environment_factory: Callable[[], Any] | None = None,
     ) -> None:
         from accelerate import Accelerator
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if tenants is not None:
             raise ValueError(f"{type(self).__name__} does not train tenants; use PreftGRPOTrainer(..., tenants=[...])")
+        self._check_tools_supported(tools, environment_factory)
         self.args = args = args or self.config_class()
         if not isinstance(args, self.config_class):
             raise TypeError(f"{type(self).__name__} takes args={self.config_class.__name__}(...), got {type(args).__name__}")
@@ -134,6 +137,7 @@ class PreftRLTrainer:
 
         self.model_path = resolve_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self._setup_tools(tools, environment_factory)
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         if args.gradient_checkpointing:
@@ -175,6 +179,38 @@ class PreftRLTrainer:
         self.eval_dataset = as_dataset(eval_dataset, "eval_dataset")
         if self.eval_dataset is not None and "prompt" in self.eval_dataset.column_names:
             check_prompts(self.eval_dataset, "eval_dataset")
+
+    def _check_tools_supported(self, tools: Any, environment_factory: Any) -> None:
+        """Refuse tools in a trainer that cannot train on them (before anything is built)."""
+
+    def _setup_tools(self, tools: Sequence[Callable] | None, environment_factory: Callable[[], Any] | None) -> None:
+        """Check the tools (names, a chat dataset, a chat template that keeps earlier tokens) and how the model sees them;
+        without tools the rollout is the one-turn case of the loop."""
+        from .tools import TemplateDelta, environment_tools, tool_schema, tools_by_name
+
+        self._tools = tools_by_name(tools or [])
+        self._environment_factory = environment_factory
+        self._template_delta: TemplateDelta | None = None
+        self._tool_schemas: list[dict] = []
+        if not self._tools and environment_factory is None:
+            return
+        if environment_factory is not None and not callable(environment_factory):
+            raise TypeError(f"environment_factory must be a class or function that makes an environment, got {environment_factory!r}")
+        first = self.train_dataset[0]["prompt"]
+        if not (isinstance(first, list) and first and isinstance(first[0], dict)):
+            raise ValueError("tools need a conversational dataset: each 'prompt' a list of chat messages such as "
+                             "[{'role': 'user', 'content': ...}], so that tool results can be added as messages")
+        every_tool = dict(self._tools)
+        if environment_factory is not None:
+            probe = environment_factory()
+            if not callable(getattr(probe, "reset", None)):
+                raise TypeError(f"the environment {type(probe).__name__} needs a reset(**row) method (TRL's environment API)")
+            every_tool.update(environment_tools(probe))
+            if not every_tool:
+                raise ValueError(f"the environment {type(probe).__name__} has no public method besides reset: no tools")
+        self._tool_schemas = [tool_schema(fn) for fn in every_tool.values()]
+        self._template_shows_tools = "tools" in (self.tokenizer.chat_template or "")
+        self._template_delta = TemplateDelta(self.tokenizer, self._tool_schemas if self._template_shows_tools else None)
 
     def _check_runtime(self) -> None:
         """Refuse settings this trainer cannot run with, once the accelerator (processes, DeepSpeed) is known and before
@@ -419,28 +455,64 @@ class PreftRLTrainer:
             for i in range(count)
         ]
 
-    def _generate(self, prompts: list[Any], params: list[Any], use_tqdm: bool = False, adapters: list[str] | None = None) -> Samples:
+    def _generate(self, prompts: list[Any], params: list[Any], use_tqdm: bool = False, adapters: list[str] | None = None,
+                  rows: list[dict] | None = None) -> Samples:
         """Completions of `prompts` (one per entry) from the engine with the policy adapter (or the engine adapter named
         per prompt in `adapters`); every process calls it, with or without prompts (engine TP groups gather). Used by
-        the rollout and by evaluation."""
-        args = self.args
-        prompt_ids = [prompt_ids_for(self.engine.tokenizer, p, args.max_prompt_length) for p in prompts]
+        the rollout and by evaluation. The one rollout loop (agent.run_turns): one turn without tools; with tools, turns
+        until the model calls none (`rows`: each prompt's dataset row, for environment.reset(**row))."""
+        from .agent import AgentSettings, Trajectory, run_turns
+        from .tools import environment_tools, with_tools
+
+        args, tokenizer, delta = self.args, self.engine.tokenizer, self._template_delta
+        if delta is not None:  # the tools shown to the model: by the template, or as a system text
+            shown = [with_tools(p, self._tool_schemas, self._template_shows_tools) for p in prompts]
+            template_tools = {"tools": self._tool_schemas} if self._template_shows_tools else {}
+            prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                                        **template_tools) for p in shown]
+            prompt_ids = [ids[-args.max_prompt_length:] if args.max_prompt_length else ids for ids in prompt_ids]
+        else:
+            prompt_ids = [prompt_ids_for(tokenizer, p, args.max_prompt_length) for p in prompts]
+        trajectories = [Trajectory(list(ids)) for ids in prompt_ids]
+        if delta is not None:
+            for i, t in enumerate(trajectories):
+                t.messages, t.tools = list(shown[i]), dict(self._tools)
+                if self._environment_factory is not None:  # one environment per trajectory, reset with its row
+                    t.environment = self._environment_factory()
+                    t.environment.reset(**(rows[i] if rows is not None else {"prompt": prompts[i]}))
+                    t.tools.update(environment_tools(t.environment))
+        names = adapters or [POLICY] * len(prompts)
         if args.engine_sleep:
             self.engine.wake_up()
-        outputs = self._engine_generate(prompt_ids, params, use_tqdm=use_tqdm, adapters=adapters)
+        run_turns(trajectories, params,
+                  lambda index, requests, ps: self._engine_generate(requests, ps, use_tqdm, [names[i] for i in index]),
+                  AgentSettings(args.max_tool_calling_iterations, args.tool_call_timeout, args.max_tool_response_length,
+                                args.max_completion_length),
+                  tokenizer.eos_token_id, lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.decode,
+                  delta, self._any_process_running)
         if args.engine_sleep:
             self.engine.sleep()
-        completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
-        completion_logps = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs or [], ids)]
-                            for o, ids in zip(outputs, completion_ids)]
-        texts = [o.outputs[0].text for o in outputs]
-        return Samples(list(prompts), prompt_ids, completion_ids, completion_logps, completion_messages(prompts, texts))
+        completions = ([t.completion_messages for t in trajectories] if delta is not None
+                       else completion_messages(prompts, [t.texts[0] for t in trajectories]))
+        return Samples(list(prompts), prompt_ids, [t.tail for t in trajectories], [t.logps for t in trajectories], completions,
+                       completion_sampled=[t.sampled for t in trajectories] if delta is not None else None,
+                       agent=trajectories if delta is not None else None)
+
+    def _any_process_running(self, running: int) -> bool:
+        """Whether any process still has trajectories running (every process takes part in every engine round)."""
+        if self.accelerator.num_processes == 1:
+            return running > 0
+        count = torch.tensor(float(running), device=self.accelerator.device)
+        return self.accelerator.reduce(count, reduction="sum").item() > 0
 
     def _score(self, samples: Samples) -> None:
         """Fill samples.rewards_per_func (B, F) and samples.rewards (B,): the weighted sum, NaN where no function could
         score a completion (no reward, never a silent 0.0)."""
+        columns = samples.columns
+        if samples.agent is not None and self._environment_factory is not None:  # rewards may read the environment (TRL)
+            columns = {**columns, "environments": [t.environment for t in samples.agent]}
         per_func = score(self.reward_funcs, self.reward_names, samples.prompts, samples.completions, samples.completion_ids,
-                         samples.columns)
+                         columns)
         rewards = (per_func * self.reward_weights).nansum(dim=1)
         rewards[per_func.isnan().all(dim=1)] = math.nan
         samples.rewards_per_func, samples.rewards = per_func, rewards
@@ -481,7 +553,7 @@ class PreftRLTrainer:
             prompts = [row["prompt"] for row in rows for _ in range(n)]
             params = self._sampling_params(step, draws, len(prompts))
             with phases.phase("generate"):
-                samples = self._generate(prompts, params)
+                samples = self._generate(prompts, params, rows=[row for row in rows for _ in range(n)])
             tokens += sum(map(len, samples.completion_ids))
             draws += 1
             if rows:
@@ -512,11 +584,19 @@ class PreftRLTrainer:
         stats = {"rollout/draws": float(draws), "rollout/tokens_per_s": tokens / max(phases.seconds.get("generate", 0.0), 1e-9)}
         if args.dynamic_sampling:
             stats.update({"rollout/groups_dropped": dropped, "rollout/groups_refilled": refilled})
+        kept_samples = Samples.concat(kept)
+        if kept_samples.agent is not None:  # tool use of the kept trajectories, over every process
+            totals = torch.tensor([float(len(kept_samples.agent)), sum(t.turns for t in kept_samples.agent),
+                                   sum(t.use.calls for t in kept_samples.agent), sum(t.use.errors for t in kept_samples.agent),
+                                   sum(t.use.seconds for t in kept_samples.agent)], device=acc.device)
+            count, turns, calls, tool_errors, seconds = acc.reduce(totals, reduction="sum").tolist()
+            stats.update({"tools/turns": turns / max(count, 1), "tools/calls": calls, "tools/errors": tool_errors,
+                          "time/tools": seconds})
         errors_after = self._reward_error_counts()
         for name in errors_after:  # this rollout's internal reward errors, over every process
             count = torch.tensor(float(errors_after[name] - errors_before[name]), device=acc.device)
             stats[f"rewards/{name}/errors"] = acc.reduce(count, reduction="sum").item()
-        return Samples.concat(kept), stats
+        return kept_samples, stats
 
     def _reward_error_counts(self) -> dict[str, int]:
         """{name: internal errors so far} of each reward function that counts its own (`fn.errors`)."""

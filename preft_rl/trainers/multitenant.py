@@ -118,7 +118,11 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
     display_name = "PreFT GRPO (tenants)"
 
     def __init__(self, model: Any, reward_funcs: Any = None, args: Any = None, train_dataset: Any = None,
-                 eval_dataset: Any = None, preft_config: Any = None, tenants: Sequence[Tenant] | None = None) -> None:
+                 eval_dataset: Any = None, preft_config: Any = None, tenants: Sequence[Tenant] | None = None,
+                 tools: Any = None, environment_factory: Any = None) -> None:
+        if tools is not None or environment_factory is not None:
+            raise ValueError("tools= and environment_factory= do not work with tenants= yet (each tenant's own tools are "
+                             "planned); train a tool-using adapter in a single-tenant run: PreftGRPOTrainer(..., tools=[...])")
         given = [name for name, value in (("reward_funcs", reward_funcs), ("train_dataset", train_dataset),
                                           ("eval_dataset", eval_dataset)) if value is not None]
         if given:

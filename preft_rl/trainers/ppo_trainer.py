@@ -57,9 +57,16 @@ class PreftPPOTrainer(PreftRLTrainer):
 
     def __init__(self, model: Any, reward_funcs: Any = None, args: PreftPPOConfig | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, preft_config: PreftConfig | None = None, critic_config: PreftConfig | None = None,
-                 tenants: Any = None) -> None:
+                 tenants: Any = None, tools: Any = None, environment_factory: Any = None) -> None:
         self._critic_config = critic_config
-        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, preft_config, tenants=tenants)
+        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, preft_config, tenants=tenants, tools=tools,
+                         environment_factory=environment_factory)
+
+    def _check_tools_supported(self, tools: Any, environment_factory: Any) -> None:
+        if tools is not None or environment_factory is not None:
+            raise ValueError("PreftPPOTrainer does not run tools yet: its critic would need values and GAE over trajectories "
+                             "whose tool tokens the policy did not sample; use PreftGRPOTrainer(..., tools=[...]) for multi-turn "
+                             "tool use")
 
     # ------------------------------------------------------------------------------ modules
     def _build_extra_modules(self, base: nn.Module) -> None:

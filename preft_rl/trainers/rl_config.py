@@ -86,6 +86,15 @@ class PreftRLConfig:
         "help": "With tenants= and tenants_per_step: 'round_robin' (in turn, in the order given) or 'random' (seeded by "
                 "seed and step)."})
 
+    # --- multi-turn tools (trainer(..., tools=[...] or environment_factory=...); TRL's names) -----------
+    max_tool_calling_iterations: int = field(default=4, metadata={
+        "help": "With tools: tool-calling rounds per trajectory at most (a turn after the last round's results still "
+                "runs; its tool calls are not)."})
+    tool_call_timeout: float = field(default=10.0, metadata={
+        "help": "With tools: seconds one tool call may take; a slower one becomes a tool message saying so."})
+    max_tool_response_length: int = field(default=256, metadata={
+        "help": "With tools: tokens of one tool result at most; a longer one is cut, and its message says so."})
+
     # --- online personalisation: push saved adapters into a running `preft-rl serve` ---------------------
     push_to_server: str | None = field(default=None, metadata={
         "help": "Base URL of a running `preft-rl serve --enable-adapter-updates` (e.g. http://127.0.0.1:8000): after every "
@@ -130,6 +139,10 @@ class PreftRLConfig:
              f"dynamic_sampling=True needs num_generations >= 2 (got {self.num_generations}): a group of one has no variance "
              "to filter on; set dynamic_sampling=False")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        need(self.max_tool_calling_iterations >= 1,
+             f"max_tool_calling_iterations={self.max_tool_calling_iterations} must be >= 1 (without tools it is not used)")
+        need(self.tool_call_timeout > 0, f"tool_call_timeout={self.tool_call_timeout} must be > 0 seconds")
+        need(self.max_tool_response_length >= 1, f"max_tool_response_length={self.max_tool_response_length} must be >= 1")
         need(self.tenants_per_step is None or self.tenants_per_step >= 1,
              f"tenants_per_step={self.tenants_per_step} must be >= 1 (or None: every tenant every step)")
         need(self.tenants_per_forward is None or self.tenants_per_forward >= 1,

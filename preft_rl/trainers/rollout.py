@@ -71,6 +71,8 @@ class Samples:
     # multi-turn: per completion token, whether the policy sampled it (False: a tool result or template glue between
     # turns, adapted and outside the loss); None: every completion token was sampled (one turn)
     completion_sampled: list[list[bool]] | None = None
+    # multi-turn with tools: each completion's preft_rl.trainers.agent.Trajectory (turns, tool use, environment)
+    agent: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -83,7 +85,8 @@ class Samples:
                        pick(self.completions), {k: pick(v) for k, v in self.columns.items()},
                        None if self.rewards_per_func is None else self.rewards_per_func[index],
                        None if self.rewards is None else self.rewards[index],
-                       None if self.completion_sampled is None else pick(self.completion_sampled))
+                       None if self.completion_sampled is None else pick(self.completion_sampled),
+                       None if self.agent is None else pick(self.agent))
 
     def sampled_masks(self) -> list[list[bool]]:
         """Per completion, per token: sampled by the policy (every token of a one-turn completion)."""
@@ -100,7 +103,8 @@ class Samples:
                        joined("completions"), {k: [v for part in parts for v in part.columns[k]] for k in parts[0].columns},
                        torch.cat([part.rewards_per_func for part in parts]) if scored else None,
                        torch.cat([part.rewards for part in parts]) if scored else None,
-                       [m for part in parts for m in part.sampled_masks()] if multiturn else None)
+                       [m for part in parts for m in part.sampled_masks()] if multiturn else None,
+                       joined("agent") if all(part.agent is not None for part in parts) else None)
 
 
 def groups_with_signal(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:

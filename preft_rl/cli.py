@@ -4,6 +4,7 @@
     preft-rl bench rollout ...       PreFT vs all-token multi-LoRA vs base rollout throughput (see --help)
     preft-rl bench train ...         GRPO step time and memory per phase, against TRL's GRPOTrainer (see --help)
     preft-rl bench tenants ...       multi-tenant GRPO: tenant-steps per hour vs sequential runs and all-token adapters
+    preft-rl bench agent ...         multi-turn rollouts with tool results: throughput and prefix-cache reuse
     preft-rl study ...               PreFT vs all-token adapters under the same GRPO trainer (see --help)
     preft-rl plan --model ...        per-GPU memory of the rollout and training phases, and what fits (see --help)
     preft-rl serve MODEL --adapters NAME=DIR ...   vLLM's OpenAI-compatible server with prefill-only adapters
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     tenants_bench = bench.add_parser("tenants", allow_abbrev=False, help="multi-tenant GRPO: tenant-steps per hour against "
                                      "sequential single-tenant runs and against all-token adapters, by tenant count")
     _add_tenants_bench_arguments(tenants_bench)
+    agent_bench = bench.add_parser("agent", allow_abbrev=False, help="multi-turn rollouts with tool results between turns: "
+                                   "PreFT vs all-token adapters vs base, throughput and prefix-cache reuse of earlier turns")
+    _add_agent_bench_arguments(agent_bench)
     study = sub.add_parser("study", allow_abbrev=False, help="PreFT vs all-token adapters: GRPO learning curves and held-out gains over seeds")
     _add_study_arguments(study)
     plan = sub.add_parser("plan", allow_abbrev=False, help="per-GPU memory plan: rollout and training phases, largest batch and KV cache")
@@ -86,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench_train(args, argv)
     if args.command == "bench" and args.bench == "tenants":
         return _bench_tenants(args, argv)
+    if args.command == "bench" and args.bench == "agent":
+        return _bench_agent(args, argv)
     if args.command == "bench":
         from preft_rl.reports import rollout as bench_rollout
 
@@ -174,6 +180,37 @@ def _bench_train(args: argparse.Namespace, argv: list[str] | None) -> int:
         max_completion_length=args.max_completion_length, rank=args.rank, learning_rate=args.learning_rate, beta=args.beta,
         temperature=args.temperature, cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, out=args.out,
     ), run_kwargs={"verbose": args.verbose})
+
+
+def _add_agent_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from preft_rl.reports.agent import AgentBenchConfig
+
+    d = AgentBenchConfig()
+    parser.add_argument("--model", default=d.model, help="model id, path or offline name (default: %(default)s)")
+    parser.add_argument("--adapters", default=",".join(map(str, d.adapters)), help="comma-separated adapter counts (default: %(default)s)")
+    parser.add_argument("--methods", default=",".join(d.methods), help="comma-separated adapter methods (default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=d.rank, help="adapter rank (default: %(default)s)")
+    parser.add_argument("--conversations", type=int, default=d.conversations, help="conversations rolled out together (default: %(default)s)")
+    parser.add_argument("--turns", default=",".join(map(str, d.turns)), help="comma-separated turn counts, each >= 2 (default: %(default)s)")
+    parser.add_argument("--prompt-len", type=int, default=d.prompt_len, help="first prompt tokens (default: %(default)s)")
+    parser.add_argument("--gen-len", type=int, default=d.gen_len, help="generated tokens per turn (default: %(default)s)")
+    parser.add_argument("--tool-len", type=int, default=d.tool_len, help="tool-result tokens between turns (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=d.repeats, help="runs per configuration, alternating (default: %(default)s)")
+    parser.add_argument("--no-all-token", dest="all_token", action="store_false", help="skip vLLM's native multi-LoRA")
+    parser.add_argument("--no-ours-all-token", dest="ours_all_token", action="store_false",
+                        help="skip our engine with the adapters on every token")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--out", default=d.out, help="folder for agent.json/.md (default: %(default)s)")
+
+
+def _bench_agent(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from preft_rl.reports import agent as bench_agent
+
+    return _run_bench("agent", bench_agent, argv, lambda: bench_agent.AgentBenchConfig(
+        model=args.model, adapters=_int_list(args.adapters, "--adapters"), methods=args.methods.split(","), rank=args.rank,
+        conversations=args.conversations, turns=_int_list(args.turns, "--turns"), prompt_len=args.prompt_len,
+        gen_len=args.gen_len, tool_len=args.tool_len, repeats=args.repeats, all_token=args.all_token,
+        ours_all_token=args.ours_all_token, seed=args.seed, out=args.out))
 
 
 def _add_tenants_bench_arguments(parser: argparse.ArgumentParser) -> None:

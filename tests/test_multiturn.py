@@ -346,3 +346,21 @@ def test_one_training_forward_over_a_trajectory_reproduces_the_engine_logprobs(t
         assert (wrong - batch.engine_logps)[mask].abs().max() > 1e-2
     finally:
         trainer.close()
+
+
+def test_the_agent_benchmark_measures_throughput_and_reuses_every_earlier_block(tiny_llama_dir, tmp_path):
+    """`preft-rl bench agent` on the tiny model: every system (PreFT with sampled spans, the same adapters on every
+    token, base) serves each later turn's previous-turn full blocks from the prefix cache, all of them."""
+    from preft_rl.reports import agent
+
+    cfg = agent.AgentBenchConfig(model=str(tiny_llama_dir), adapters=[2], rank=4, conversations=4, turns=[3], prompt_len=140,
+                                 gen_len=8, tool_len=8, all_token=False, out=str(tmp_path))
+    result = agent.run(cfg, progress=False)
+    rows = {row["config"]: row for row in result["summary"]}
+    assert set(rows) == {"base", "preft-lora", "all-lora"}
+    for row in rows.values():
+        assert row["cache_share"] == 1.0, row
+        assert row["output_tok_s"] > 0
+    assert rows["preft-lora"]["vs_base"] > 0 and rows["preft-lora"]["vs_ours_all_token"] > 0
+    paths = agent.write_report(result, str(tmp_path), "preft-rl bench agent ...")
+    assert "| preft-lora | 2 | 3 |" in paths["markdown"].read_text()

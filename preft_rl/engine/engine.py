@@ -206,7 +206,8 @@ class PreftEngine(VllmEngineBase):
                 request, sp = vllm_compat.untag_base_prompt(request), sp.clone()
             else:  # adapter, version and sampled spans in extra_args, the prefix-cache salt: the rule `preft-rl serve` uses too
                 first_last = entry.config.first_last
-                request, sp = vllm_compat.tag_request(request, sp, entry.name, entry.version, first_last[1] if first_last else 0)
+                request, sp = vllm_compat.tag_request(request, sp, entry.name, entry.version, first_last[1] if first_last else 0,
+                                                      not entry.config.prefill_only)
             requests.append(request)
             request_params.append(sp)
         outputs = self.llm.generate(requests, request_params, use_tqdm=use_tqdm)

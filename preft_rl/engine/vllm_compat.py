@@ -58,13 +58,14 @@ def base_cache_salt(client_salt: str | None) -> str | None:
 
 
 def tag_request(prompt: dict[str, Any], sampling_params: Any, name: str, version: int,
-                last_m: int = 0) -> tuple[dict[str, Any], Any]:
+                last_m: int = 0, all_tokens: bool = False) -> tuple[dict[str, Any], Any]:
     """(prompt, sampling params) of a request served with adapter `name` at `version`: the worker reads the adapter and
     the prompt's sampled spans (`SAMPLED_SPANS_KEY`, moved out of the prompt) from the params' extra_args
     (`request_adapter`), and the prompt's cache salt keys its prefix cache (`adapter_cache_salt`; a `cache_salt` the
     prompt already holds is the client's and is kept after ours). `last_m`: the adapter acts at the last M tokens of
-    each adapted run (ReFT 'fN+lM'), which the block keys need. Both are new objects: the caller's prompt and params are
-    left as they were. The one rule PreftEngine and `preft-rl serve` both use."""
+    each adapted run (ReFT 'fN+lM'), which the block keys need; `all_tokens`: the adapter acts on every token (the
+    all-token baseline), so what was sampled does not change any KV. Both are new objects: the caller's prompt and
+    params are left as they were. The one rule PreftEngine and `preft-rl serve` both use."""
     from preft_rl.adapters.masks import check_sampled_spans
 
     token_ids = prompt.get("prompt_token_ids")
@@ -78,6 +79,8 @@ def tag_request(prompt: dict[str, Any], sampling_params: Any, name: str, version
         tag["sampled"] = [i for span in spans for i in span]
     if last_m:
         tag["last_m"] = int(last_m)
+    if all_tokens:
+        tag["all_tokens"] = True
     params = sampling_params.clone()
     params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: tag}
     return {**prompt, "cache_salt": adapter_cache_salt(name, version, prompt.get("cache_salt"))}, params
@@ -109,7 +112,10 @@ def adapter_block_key(tag: dict[str, Any], num_prompt: int, start: int, end: int
     and, for an adapter that acts at the last M tokens of each adapted run, the run ends whose last-M window reaches into
     the block (a run ends where a sampled span starts). With the salt (adapter, version) and vLLM's chaining of each
     block on the previous one, a block's KV is a function of its key: two requests share a block iff their tokens and
-    what the adapter did at them agree up to its end. None where the block holds neither (fully adapted, no window)."""
+    what the adapter did at them agree up to its end. None where the block holds neither (fully adapted, no window) and
+    for an all-token adapter (every token adapted: the KV does not depend on origin)."""
+    if tag.get("all_tokens"):
+        return None
     spans = [tuple(span) for span in sampled_spans_of(tag).tolist()] + [(num_prompt, max(end, num_prompt + 1))]
     marks = tuple((max(s, start) - start, min(e, end) - start) for s, e in spans if s < end and e > start)
     last_m = int(tag.get("last_m", 0))

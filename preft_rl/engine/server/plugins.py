@@ -174,7 +174,7 @@ def install_request_routing(engine_client: Any, served: ServedAdapters) -> None:
                         raise broken
                     first_last = entry.config.first_last
                     tagged, params = tag_request(prompt, sampling_params, entry.name, entry.version,
-                                                 first_last[1] if first_last else 0)
+                                                 first_last[1] if first_last else 0, not entry.config.prefill_only)
                     stream = inner(tagged, params, request_id, *args, lora_request=None, **kwargs)
                     try:
                         async for output in stream:

@@ -1,6 +1,6 @@
 """Multi-turn rollout benchmark: PreFT vs all-token adapters vs the base model, with tool results between turns.
 
-    preft-rl bench agent --adapters 1,8,64 --conversations 64 --turns 3 --prompt-len 160 --gen-len 32 --tool-len 32 \\
+    preft-rl bench agent --adapters 1,8,64 --conversations 32 --turns 3 --prompt-len 160 --gen-len 32 --tool-len 32 \\
         --out docs/benchmarks/agent-cpu
 
 One process, one run: every conversation (random prompt tokens, adapters round-robin) is rolled out turn by turn, one
@@ -12,8 +12,8 @@ turn should find its earlier turns in the cache). Systems:
   all-<method>      PreftEngine(adapter_scope="all"): the same adapters on every token,
   lora-all-token    vLLM's native multi-LoRA with the same adapters (LoRA only).
 Reported per (system, adapters): output tokens/s over the whole rollout, and the share of each later turn's reusable
-tokens (the full KV blocks of the previous turn's sequence, prompt and sampled tokens) that vLLM served from its
-prefix cache (`num_cached_tokens`). Configurations alternate within each repeat; medians are reported.
+tokens (the full KV blocks of the tokens the previous turn computed: its prompt and every sampled token but the last,
+whose KV is computed only when it is fed back) that vLLM served from its prefix cache (`num_cached_tokens`). Configurations alternate within each repeat; medians are reported.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class AgentBenchConfig:
     adapters: list[int] = field(default_factory=lambda: [1, 8, 64])
     methods: list[str] = field(default_factory=lambda: ["lora"])
     rank: int = 16
-    conversations: int = 64
+    conversations: int = 32
     turns: list[int] = field(default_factory=lambda: [3])
     prompt_len: int = 160
     gen_len: int = 32
@@ -107,9 +107,10 @@ def rollout(engine: Any, name: str, prompts: list[list[int]], tools: list[list[l
         for i, out in enumerate(outs):
             new = list(out.outputs[0].token_ids)
             sampled += len(new)
-            if turn:
-                reusable += previous[i] // block * block
-                cached += min(out.num_cached_tokens or 0, previous[i] // block * block)
+            if turn:  # the previous turn's last sampled token was never computed (its KV does not exist yet)
+                full = (previous[i] - 1) // block * block
+                reusable += full
+                cached += min(out.num_cached_tokens or 0, full)
             spans[i].append((len(ids[i]), len(ids[i]) + len(new)))
             ids[i] = ids[i] + new
             previous[i] = len(ids[i])

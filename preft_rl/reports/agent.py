@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import check_at_least, start_report
-from .rollout import random_adapter_states
+from .rollout import bench_engines  # the same systems and random adapters as `bench rollout`
 
 BLOCK = 128  # vLLM-CPU's KV block size (also the default on GPU is 16; the share is computed with the engine's own)
 
@@ -65,32 +65,6 @@ class AgentBenchConfig:
         return self.prompt_len + max(self.turns) * (self.gen_len + self.tool_len) + 8
 
 
-def _engines(cfg: AgentBenchConfig, settings: dict[str, Any]) -> dict[str, Any]:
-    from preft_rl.adapters.config import PreftConfig
-    from preft_rl.engine import PreftEngine
-    from preft_rl.engine.baselines import BaseEngine, NativeLoraEngine
-    from preft_rl.models import resolve_model
-
-    path = resolve_model(cfg.model)
-    most = max(cfg.adapters)
-    engines: dict[str, Any] = {"base": BaseEngine(path, **settings)}
-    scopes = {"preft": "prompt", **({"all": "all"} if cfg.ours_all_token else {})}
-    for method in cfg.methods:
-        for label, scope in scopes.items():
-            engine = PreftEngine(path, max_adapters=most, max_rank=cfg.rank, method=method, adapter_scope=scope, **settings)
-            config = PreftConfig(method=method, r=cfg.rank, adapter_scope=scope)
-            for i, state in enumerate(random_adapter_states(path, config, range(cfg.seed, cfg.seed + most))):
-                engine.add_adapter(f"a{i}", state, config=config)
-            engines[f"{label}-{method}"] = engine
-    if cfg.all_token and "lora" in cfg.methods:
-        native = NativeLoraEngine(path, max_adapters=most, max_rank=cfg.rank, **settings)
-        config = PreftConfig(method="lora", r=cfg.rank)
-        for i, state in enumerate(random_adapter_states(path, config, range(cfg.seed, cfg.seed + most))):
-            native.add_adapter(f"a{i}", state, config=config)
-        engines["lora-all-token"] = native
-    return engines
-
-
 def rollout(engine: Any, name: str, prompts: list[list[int]], tools: list[list[list[int]]], adapters: list[str] | None,
             turns: int, params: Any, block: int) -> tuple[float, int, int, int]:
     """One multi-turn rollout of every conversation: (seconds, sampled tokens, reusable tokens of later turns, of them
@@ -124,7 +98,7 @@ def run(cfg: AgentBenchConfig, progress: bool = True) -> dict[str, Any]:
 
     settings = dict(enforce_eager=True, enable_prefix_caching=True, max_num_seqs=cfg.conversations,
                     max_num_batched_tokens=max(4096, cfg.max_model_len), seed=cfg.seed, max_model_len=cfg.max_model_len)
-    engines = _engines(cfg, settings)
+    engines = bench_engines(cfg, settings)
     rng = np.random.default_rng(cfg.seed)
     vocab = len(engines["base"].tokenizer)
     params = SamplingParams(max_tokens=cfg.gen_len, min_tokens=cfg.gen_len, temperature=0.0, ignore_eos=True)

@@ -103,7 +103,8 @@ def random_adapter_states(model_path: str, config, seeds: Iterable[int]) -> Iter
         yield {key: tensor.clone() for key, tensor in model.adapter_state_dict().items()}
 
 
-def _engines(cfg: RolloutBenchConfig, settings: dict[str, Any]) -> dict[str, Any]:
+def bench_engines(cfg: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark systems with `cfg.adapters` random adapters each (cfg: a rollout or agent benchmark config)."""
     from preft_rl.adapters.config import PreftConfig
     from preft_rl.engine import PreftEngine
     from preft_rl.engine.baselines import BaseEngine, NativeLoraEngine
@@ -137,7 +138,7 @@ def run(cfg: RolloutBenchConfig, progress: bool = True) -> dict[str, Any]:
                     max_num_batched_tokens=cfg.max_num_batched_tokens, seed=cfg.seed,
                     max_model_len=cfg.prompt_len + cfg.gen_len + 8)
     settings.update(cfg.engine_kwargs)
-    engines = _engines(cfg, settings)
+    engines = bench_engines(cfg, settings)
     timers = {name: vllm_compat.StepTimer(_runner(engine)) for name, engine in engines.items()}
     rng = np.random.default_rng(cfg.seed)
     vocab = len(engines["base"].tokenizer)

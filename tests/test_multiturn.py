@@ -364,3 +364,28 @@ def test_the_agent_benchmark_measures_throughput_and_reuses_every_earlier_block(
     assert rows["preft-lora"]["vs_base"] > 0 and rows["preft-lora"]["vs_ours_all_token"] > 0
     paths = agent.write_report(result, str(tmp_path), "preft-rl bench agent ...")
     assert "| preft-lora | 2 | 3 |" in paths["markdown"].read_text()
+
+
+def test_block_keys_hold_exactly_what_the_adapter_did_at_the_blocks_tokens():
+    """The prefix-cache key of a block (with the salt and vLLM's chaining): its sampled-token offsets, generated tokens
+    counted as sampled, and for a last-M adapter the run ends whose window reaches into it; nothing for a block the
+    adapter adapted throughout, nor for an all-token adapter."""
+    from preft_rl.engine.model import token_runs
+    from preft_rl.engine.vllm_compat import adapter_block_key
+
+    tag = {"name": "a", "version": 1, "sampled": [200, 208]}
+    assert adapter_block_key(tag, 228, 0, 128) is None  # adapted throughout
+    assert adapter_block_key(tag, 228, 128, 256) == ("preft", ((72, 80), (100, 128)), ())  # turn 1's tokens, then generated
+    assert adapter_block_key({"name": "a", "version": 1}, 200, 128, 256) == ("preft", ((72, 128),), ())  # turn 1 itself
+    # turn 1 (prompt 200, generating) and turn 2 (those tokens marked) agree on the block they share in full
+    assert adapter_block_key({"name": "a", "version": 1}, 200, 0, 128) == adapter_block_key(tag, 228, 0, 128)
+    last = {**tag, "last_m": 3}
+    assert adapter_block_key(last, 228, 128, 256) == ("preft", ((72, 80), (100, 128)), (72, 100))  # runs end at 200, 228
+    assert adapter_block_key({**last, "sampled": [130, 140]}, 228, 0, 128) == ("preft", (), (130,))  # window 127..129
+    assert adapter_block_key({**tag, "all_tokens": True}, 228, 128, 256) is None
+    # the worker's side of the same rule: sampled flags and the run each token belongs to
+    req_index = np.zeros(6, dtype=np.int64)
+    position = np.array([198, 199, 200, 207, 208, 227])
+    sampled, start, end = token_runs(req_index, position, np.full(6, 228), {0: np.array([[200, 208]])})
+    assert sampled.tolist() == [False, False, True, True, False, False]
+    assert start[[0, 1, 4, 5]].tolist() == [0, 0, 208, 208] and end[[0, 1, 4, 5]].tolist() == [200, 200, 228, 228]

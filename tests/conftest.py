@@ -120,6 +120,19 @@ def load_tiny(tiny_llama_dir):
     return load
 
 
+def random_adapter_model(load_tiny, config, seed: int, scale: float = 0.3):
+    """A PreftModel of `config` on a fresh tiny Llama whose adapter parameters got N(0, scale^2) noise added: strong
+    enough that adapted and plain tokens give other outputs."""
+    from preft_rl import get_preft_model
+
+    model = get_preft_model(load_tiny(), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in model.adapter_named_parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * scale)
+    return model
+
+
 # Small enough for a 200-token prompt to be prefilled in chunks.
 ENGINE_ARGS = dict(max_model_len=512, max_num_batched_tokens=128, max_num_seqs=32)
 

@@ -20,7 +20,7 @@ from vllm import SamplingParams  # noqa: E402
 
 from preft_rl.engine import PreftEngine  # noqa: E402
 from preft_rl.engine.registry import AdapterRegistry, ModelShape  # noqa: E402
-from conftest import ENGINE_ARGS  # noqa: E402
+from conftest import ENGINE_ARGS, random_adapter_model  # noqa: E402
 
 CONFIGS = {
     "lora": PreftConfig(method="lora", r=4, alpha=8),
@@ -30,12 +30,7 @@ GEN = 8
 
 
 def reference_model(load_tiny, method: str, seed: int) -> PreftModel:
-    model = get_preft_model(load_tiny(), CONFIGS[method])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.adapter_named_parameters():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
-    return model
+    return random_adapter_model(load_tiny, CONFIGS[method], seed)
 
 
 def reference_greedy(model: PreftModel | None, base, prompt: list[int], max_new_tokens: int = GEN) -> list[int]:
@@ -86,12 +81,7 @@ def test_separate_first_last_interventions_match_hf_reference(engines, load_tiny
     base = load_tiny()
 
     def adapter(seed: int, **config) -> PreftModel:
-        model = get_preft_model(load_tiny(), PreftConfig(method=method, r=4, **config))
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, param in model.adapter_named_parameters():
-                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
-        return model
+        return random_adapter_model(load_tiny, PreftConfig(method=method, r=4, **config), seed)
 
     refs = {"sfl-shared": adapter(30, positions="f2+l3")}
     engine.add_adapter("sfl-shared", refs["sfl-shared"])

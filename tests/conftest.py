@@ -6,6 +6,7 @@ The model is small enough for milliseconds per forward, yet has the shapes vLLM'
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -154,3 +155,51 @@ def engines(tiny_llama_dir):
     yield get
     for engine in created.values():
         engine.close()
+
+
+# ------------------------------------------------------------------------------ a model that calls a tool
+TOOL_QUESTION = [{"role": "user", "content": "add 2 and 3"}]
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+def call(name: str, **arguments) -> str:
+    """A tool call as the model writes it (preft_rl.trainers.tools.tool_call_text)."""
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama after a few seconds of supervised training on one conversation: it calls add(2, 3), reads the
+    result and answers. A real model for the real engine, whose first turn is a tool call."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    from preft_rl.trainers.tools import tool_schema, with_tools
+
+    shown = with_tools(TOOL_QUESTION, [tool_schema(add)], template_shows_tools=False)  # the prompt as the trainer shows it
+    conversation = [*shown, {"role": "assistant", "content": call("add", a=2, b=3)}, {"role": "tool", "content": "5"},
+                    {"role": "assistant", "content": "the answer is 5"}]
+    ids = torch.tensor([tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)])
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05, loss.item()
+    path = tmp_path_factory.mktemp("tool-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TOOL_QUESTION, add
 from preft_rl.engine.server.adapters import AdapterError, ServedAdapters, ServeSettings, base_cache_salt, cache_salt
 from preft_rl.engine.server.launch import plan
 
@@ -29,7 +30,7 @@ API_KEY = "test-key"
 MAX_RANK = 8
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int, method: str = "lora", r: int = 4) -> Path:
+def make_adapter(base_dir: Path, out: Path, seed: int, method: str = "lora", r: int = 4, scale: float = 0.5) -> Path:
     from transformers import AutoModelForCausalLM
 
     from preft_rl.adapters import PreftConfig, PreftModel
@@ -40,7 +41,7 @@ def make_adapter(base_dir: Path, out: Path, seed: int, method: str = "lora", r: 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in model.adapter_named_parameters():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.5)
+            param.add_(torch.randn(param.shape, generator=gen) * scale)
     model.save_pretrained(out)
     return out
 
@@ -69,6 +70,10 @@ def test_plan_builds_vllm_serve_with_the_plugins(tiny_llama_dir, adapter_dirs):
     settings = json.loads(env["PREFT_RL_SERVE"])
     assert settings["adapters"] == {"a": str(adapter_dirs["a"])} and settings["runtime_updates"] is False
     assert {"preft_rl", "preft_rl_serve"} <= set(env["VLLM_PLUGINS"].split(","))
+    # the tiny template has no tool format: tool calls are read in the trainer's <tool_call> format
+    assert argv[argv.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in argv
+    argv, _ = plan([str(tiny_llama_dir), "--tool-call-parser", "llama3_json"])
+    assert argv.count("--tool-call-parser") == 1 and "--enable-auto-tool-choice" not in argv
 
 
 @pytest.mark.parametrize(
@@ -223,6 +228,45 @@ def test_adapter_table_errors_change_nothing(adapter_dirs, tmp_path):
     client, served = asyncio.run(scenario())
     assert client.calls == ["preft_add_adapter", "preft_add_adapter"]  # no refused change reached the worker
     assert sorted(served.entries) == ["a", "b"] and served.entries["a"].version == 1
+
+
+def test_chat_history_marks_each_assistant_message_from_its_generation_prompt_to_its_end(tokenizer):
+    """Serving's side of DESIGN invariant 9, without a server: the tokens of each assistant message, from its generation
+    prompt to its end-of-turn token, are the sampled spans; tool calls are written back in the trainer's format."""
+    from preft_rl.engine.server.chat import assistant_token_spans, messages_with_tools_as_text
+    from preft_rl.trainers.tools import tool_call_text, tool_schema, with_tools
+
+    calls = [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]
+    history = [*TOOL_QUESTION, {"role": "assistant", "content": "let me see", "tool_calls": calls},
+               {"role": "tool", "tool_call_id": "c1", "content": "5"}, {"role": "assistant", "content": "it is 5"},
+               {"role": "user", "content": "and 4 and 4?"}]
+    schema = tool_schema(add)
+    prepared = messages_with_tools_as_text(history, [schema], shows_tools=False)
+    assert prepared[:2] == with_tools(TOOL_QUESTION, [schema], template_shows_tools=False)  # as the trainer shows tools
+    assert prepared[2] == {"role": "assistant", "content": "let me see" + tool_call_text("add", {"a": 2, "b": 3})}
+    assert messages_with_tools_as_text(history, [schema], shows_tools=True) == history  # the template renders them
+
+    def render(messages, generation_prompt):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False)
+
+    ids = render(prepared, True)
+    assistant_at = [i for i, m in enumerate(prepared) if m["role"] == "assistant"]
+    spans = assistant_token_spans(ids, [render(prepared[:i], True) for i in assistant_at], {tokenizer.eos_token_id})
+    eos = tokenizer.eos_token
+    assert [tokenizer.decode(ids[s:e]) for s, e in spans] == [prepared[2]["content"] + eos, "it is 5" + eos]
+    # the last message continued (continue_final_message): to the end of the prompt
+    open_ids = tokenizer.apply_chat_template(prepared[:5], continue_final_message=True, tokenize=True, return_dict=False)
+    spans = assistant_token_spans(open_ids, [render(prepared[:i], True) for i in assistant_at], {tokenizer.eos_token_id},
+                                  open_last=True)
+    assert tokenizer.decode(open_ids[spans[-1][0]:spans[-1][1]]) == "it is 5"
+    # refused, naming why: earlier messages that do not render to a prefix; no end-of-turn token; bad arguments
+    with pytest.raises(ValueError, match="not a prefix"):
+        assistant_token_spans(ids, [[*render(prepared[:2], True), 0]], {tokenizer.eos_token_id})
+    with pytest.raises(ValueError, match="no end-of-turn token"):
+        assistant_token_spans(ids, [render(prepared[:2], True)], {99999})
+    with pytest.raises(ValueError, match="not JSON"):
+        messages_with_tools_as_text([{"role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "add", "arguments": "{a: 2"}}]}], None, shows_tools=False)
 
 
 def test_endpoint_routes_are_off_by_default(monkeypatch):
@@ -674,3 +718,65 @@ def test_a_bad_adapter_fails_alone_while_good_clients_stream(server, reference, 
     assert ids == reference(adapter_dirs["c"], prompt_ids, GREEDY["max_tokens"])
     code, _ = post(server, "/v1/unload_preft_adapter", {"adapter_name": "huge"})
     assert code == 200
+
+
+@pytest.mark.slow
+def test_a_tool_conversation_through_the_server_equals_the_trainers_rollout(tool_model_dir, tokenizer, tmp_path):
+    """DESIGN invariant 9 in the server: a 2-turn tool conversation through the openai client (tools=, the tool call
+    read by the hermes parser, the history sent back with tool_calls and a tool message) gives the trainer's rollout
+    token for token: the same prompts, the same sampled tokens and the same log-probs as `run_turns` on PreftEngine.
+    The second turn's log-probs are those of the first turn's tokens kept plain, not adapted."""
+    from openai import OpenAI
+    from vllm import SamplingParams
+
+    from preft_rl.engine import PreftEngine
+    from preft_rl.trainers.agent import AgentSettings, Trajectory, run_turns
+    from preft_rl.trainers.tools import TemplateDelta, tool_schema, with_tools
+
+    adapter = make_adapter(tool_model_dir, tmp_path / "agent", seed=7, scale=0.05)  # 0.1 loses the call
+    schema = tool_schema(add)
+    shown = with_tools(TOOL_QUESTION, [schema], template_shows_tools=False)
+    prompt_ids = tokenizer.apply_chat_template(shown, add_generation_prompt=True, tokenize=True, return_dict=False)
+    trajectory = Trajectory(prompt_ids=list(prompt_ids), messages=list(shown), tools={"add": add})
+    params = SamplingParams(temperature=0, max_tokens=64, logprobs=0)
+    engine = PreftEngine(str(tool_model_dir), max_adapters=2, max_rank=MAX_RANK, max_model_len=512, max_num_batched_tokens=512)
+    try:
+        engine.add_adapter("agent", str(adapter))
+
+        def generate(indices, prompts, round_params):
+            return engine.generate(prompts, round_params, adapters=["agent"] * len(prompts), use_tqdm=False)
+
+        run_turns([trajectory], [params], generate, AgentSettings(2, 10.0, 64, 256), tokenizer.eos_token_id,
+                  lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.decode, TemplateDelta(tokenizer))
+        assert trajectory.turns == 2 and trajectory.use.calls == 1 and trajectory.use.errors == 0, trajectory
+        first_end = trajectory.sampled.index(False)
+        second_start = first_end + trajectory.sampled[first_end:].index(True)
+        second_prompt = list(prompt_ids) + trajectory.tail[:second_start]
+        # the wrong rule (every prompt token adapted, the first turn's sampled tokens too), for the margin
+        [wrong] = engine.generate([second_prompt], params, adapters=["agent"], use_tqdm=False)
+    finally:
+        engine.close()
+    right_logps = trajectory.logps[second_start:]
+    wrong_logps = [lp[t].logprob for lp, t in zip(wrong.outputs[0].logprobs, wrong.outputs[0].token_ids)]
+
+    with running_server(tool_model_dir, {"agent": adapter}, tmp_path / "server.log") as url:
+        client = OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        ask = dict(model="agent", tools=[schema], temperature=0, max_tokens=64, logprobs=True,
+                   extra_body={"return_token_ids": True})
+        messages = list(TOOL_QUESTION)
+        first = client.chat.completions.create(messages=messages, **ask)
+        assert first.prompt_token_ids == list(prompt_ids)  # the tools shown as the trainer shows them
+        assert first.choices[0].token_ids == trajectory.tail[:first_end]
+        [tool_call] = first.choices[0].message.tool_calls
+        assert (tool_call.function.name, json.loads(tool_call.function.arguments)) == ("add", {"a": 2, "b": 3})
+        messages += [first.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": tool_call.id, "content": str(add(2, 3))}]
+        second = client.chat.completions.create(messages=messages, **ask)
+    assert second.prompt_token_ids == second_prompt  # the history re-rendered to the tokens the model sampled
+    assert second.choices[0].token_ids == trajectory.tail[second_start:]
+    assert "5" in second.choices[0].message.content
+    served = [entry.logprob for entry in second.choices[0].logprobs.content]
+    right_gap = max(abs(a - b) for a, b in zip(served, right_logps))
+    wrong_gap = max(abs(a - b) for a, b in zip(served, wrong_logps))
+    # measured: 0.0 and 9.8e-4 (fp32; the server and the engine run the same maths on the same shapes)
+    assert right_gap < 1e-5 and wrong_gap > 1e-4, (right_gap, wrong_gap)

@@ -8,25 +8,16 @@ tool's result between them, loss on sampled tokens only, trainer log-probs equal
 
 from __future__ import annotations
 
-import json
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import TOOL_QUESTION as QUESTION
+from conftest import add, call
 from preft_rl.trainers.agent import AgentSettings, Trajectory, run_turns
 from preft_rl.trainers.tools import TemplateDelta, call_tool, environment_tools, parse_tool_calls, tools_by_name
-
-
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a + b
 
 
 def broken(x: int) -> int:
@@ -55,10 +46,6 @@ def chatty(x: int) -> str:
         x: Anything.
     """
     return "apples " * 200
-
-
-def call(name: str, **arguments) -> str:
-    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
 
 
 # ---------------------------------------------------------------------------------------------- the parts
@@ -191,36 +178,6 @@ def test_the_loop_keeps_every_token_marks_what_was_sampled_and_stops_as_configur
 # -------------------------------------------------------------------------------------------- end to end
 vllm = pytest.importorskip("vllm")
 
-QUESTION = [{"role": "user", "content": "add 2 and 3"}]
-
-
-@pytest.fixture(scope="module")
-def tool_model_dir(tiny_llama_dir, tmp_path_factory):
-    """The tiny Llama after a few seconds of supervised training on one conversation: it calls add(2, 3), reads the
-    result and answers. A real model for the real engine, whose first turn is a tool call."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    from preft_rl.trainers.tools import tool_schema, with_tools
-
-    shown = with_tools(QUESTION, [tool_schema(add)], template_shows_tools=False)  # the prompt as the trainer shows it
-    conversation = [*shown, {"role": "assistant", "content": call("add", a=2, b=3)}, {"role": "tool", "content": "5"},
-                    {"role": "assistant", "content": "the answer is 5"}]
-    ids = torch.tensor([tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)])
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(150):
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.05, loss.item()
-    path = tmp_path_factory.mktemp("tool-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 class Calculator:

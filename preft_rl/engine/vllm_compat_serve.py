@@ -7,6 +7,9 @@ What is patched or written here, and why:
 - `BaseServing._check_model` and `BaseServing._get_active_default_mm_loras` (class methods, patched once per process,
   `patch_serving_checks`): an unknown `model` gets preft-rl's 404 message, and a PreFT adapter is never picked as a
   "default multimodal LoRA";
+- `OpenAIServingChat.render_chat_request` (patched once per process, `patch_chat_rendering`): a chat request for an
+  adapter is prepared and its assistant messages' tokens marked as sampled (preft_rl/engine/server/chat.py), through
+  the `ChatRendering` view of the request, the renderer and the prompt;
 - `openai_serving_models.lora_requests` (the app state's model table, `list_adapter` / `unlist_adapter`): a loaded
   adapter is listed as a LoRARequest subclass, so vLLM accepts its name as `model`;
 - `vllm serve` itself is run in this process (`run_vllm_serve`).
@@ -24,6 +27,7 @@ from .vllm_compat import VllmItem
 
 _S = "preft_rl.engine.vllm_compat_serve."
 _SERVING = "vllm.entrypoints.serve.engine.serving:BaseServing"
+_CHAT = "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat"
 SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm.plugins:DEFAULT_PLUGINS_GROUP", "pyproject.toml entry points (preft_rl.engine.server.plugins)",
              "value", value="vllm.general_plugins"),
@@ -45,6 +49,12 @@ SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorResponse.error", _S + "patch_serving_checks", "attribute"),
     VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorInfo.code", _S + "patch_serving_checks", "attribute"),
     VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorInfo.message", _S + "patch_serving_checks", "attribute"),
+    VllmItem(_CHAT + ".render_chat_request", _S + "patch_chat_rendering", params=("self", "request")),
+    VllmItem(_CHAT + ".create_error_response", _S + "ChatRendering.error", params=("message",)),
+    VllmItem("vllm.renderers.online_renderer:OnlineRenderer.render_chat", _S + "ChatRendering.prefix_ids",
+             params=("self", "request")),
+    *(VllmItem(f"vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.{field}", _S + "ChatRendering",
+               "attribute") for field in ("model", "messages", "tools", "add_generation_prompt", "continue_final_message")),
     VllmItem("vllm.exceptions:VLLMNotFoundError", _S + "not_found_error", "class"),
     VllmItem("vllm.exceptions:VLLMUnprocessableEntityError", _S + "unprocessable_error", "class"),
     VllmItem("vllm.lora.request:LoRARequest", _S + "adapter_request_class", "class",
@@ -157,6 +167,105 @@ def patch_serving_checks(not_found_message: Callable[[str], str], hide_default_m
 
     BaseServing._check_model = _check_model
     BaseServing._get_active_default_mm_loras = _get_active_default_mm_loras
+
+
+# ------------------------------------------------------------------------------ chat requests
+class ChatRendering:
+    """One chat request as vLLM's chat route renders it, seen by preft-rl's hook (`patch_chat_rendering`): its model
+    and messages (dicts; writable before `render`), its tools as dicts, the chat template's text, the tokenizer's end
+    ids, and the renders the hook needs."""
+
+    def __init__(self, serving: Any, request: Any, render: Callable) -> None:
+        self._serving, self._request, self._render = serving, request, render
+
+    @property
+    def model(self) -> str:
+        return str(self._request.model)
+
+    @property
+    def messages(self) -> list[dict]:
+        """The messages as plain dicts (an assistant message's `tool_calls` as a list of dicts)."""
+        out = []
+        for message in self._request.messages:
+            message = dict(message)
+            if message.get("tool_calls") is not None:  # a pydantic iterator until consumed (pydantic issue 9467)
+                message["tool_calls"] = [dict(call) for call in message["tool_calls"]]
+            out.append(message)
+        return out
+
+    @messages.setter
+    def messages(self, messages: list[dict]) -> None:
+        self._request.messages = messages
+
+    @property
+    def tools(self) -> list[dict] | None:
+        return None if self._request.tools is None else [tool.model_dump() for tool in self._request.tools]
+
+    @property
+    def continues_final_message(self) -> bool:
+        return bool(self._request.continue_final_message)
+
+    @property
+    def template_text(self) -> str:
+        """The chat template the server renders with: --chat-template's, else the tokenizer's."""
+        return self._serving.chat_template or getattr(self._serving.renderer.tokenizer, "chat_template", None) or ""
+
+    @property
+    def end_ids(self) -> set[int]:
+        """Token ids that end an assistant turn: the tokenizer's eos and the model config's eos ids."""
+        ids = {self._serving.renderer.tokenizer.eos_token_id}
+        config_eos = getattr(self._serving.model_config.hf_config, "eos_token_id", None)
+        ids |= set(config_eos) if isinstance(config_eos, (list, tuple)) else {config_eos}
+        return {int(i) for i in ids if i is not None}
+
+    async def render(self) -> Any:
+        """vLLM's own render (its model check included): (conversation, engine inputs) or an ErrorResponse."""
+        return await self._render(self._serving, self._request)
+
+    async def prefix_ids(self, count: int) -> list[int]:
+        """The token ids of the first `count` messages rendered with the generation prompt, as the route renders them."""
+        update = {"messages": self._request.messages[:count], "add_generation_prompt": True, "continue_final_message": False}
+        result = await self._serving.online_renderer.render_chat(self._request.model_copy(update=update))
+        if not isinstance(result, tuple):
+            raise ValueError(f"rendering the first {count} messages failed: {result.error.message}")
+        return list(result[1][0]["prompt_token_ids"])
+
+    def error(self, message: str) -> Any:
+        """A 400 ErrorResponse with `message`."""
+        return self._serving.create_error_response(message)
+
+    @staticmethod
+    def is_error(result: Any) -> bool:
+        return not isinstance(result, tuple)
+
+    @staticmethod
+    def prompt_ids(result: Any) -> list[int]:
+        return list(result[1][0]["prompt_token_ids"])
+
+    @staticmethod
+    def set_prompt_field(result: Any, key: str, value: Any) -> None:
+        result[1][0][key] = value
+
+
+_CHAT_HOOK: dict[str, Callable] = {}
+
+
+def patch_chat_rendering(hook: Callable[[ChatRendering], Any]) -> None:
+    """Route every chat request's render through `await hook(ChatRendering(...))`, which returns what the render returns
+    ((conversation, engine inputs) or an ErrorResponse). The class is patched once per process; a later call replaces
+    the hook."""
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+
+    first = not _CHAT_HOOK
+    _CHAT_HOOK["hook"] = hook
+    if not first:
+        return
+    render = OpenAIServingChat.render_chat_request
+
+    async def render_chat_request(self, request):
+        return await _CHAT_HOOK["hook"](ChatRendering(self, request, render))
+
+    OpenAIServingChat.render_chat_request = render_chat_request
 
 
 # ------------------------------------------------------------------------------ the CLI

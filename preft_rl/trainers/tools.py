@@ -72,6 +72,16 @@ def parse_tool_calls(text: str) -> list[tuple[str, dict[str, Any]] | str]:
     return calls
 
 
+def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
+    """One call in the documented format, as a model writes it (and as `preft-rl serve` renders an OpenAI `tool_calls`
+    entry back into an assistant message's text).
+
+    >>> tool_call_text("add", {"a": 2, "b": 3})
+    '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    """
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "</tool_call>"
+
+
 def environment_tools(environment: Any) -> dict[str, Callable]:
     """An environment's tools, as TRL takes them: its public methods other than `reset`."""
     return {name: member for name, member in inspect.getmembers(environment, inspect.ismethod)
@@ -176,8 +186,12 @@ def tool_schema(tool: Callable) -> dict[str, Any]:
 
 
 def tools_system_text(schemas: list[dict]) -> str:
-    """How the tools and the call format are shown to a model whose chat template has no tool format of its own."""
-    listed = "\n".join(json.dumps(schema["function"] if "function" in schema else schema) for schema in schemas)
+    """How the tools and the call format are shown to a model whose chat template has no tool format of its own: each
+    tool's name, description and parameters (what an OpenAI `tools=` entry holds, so `preft-rl serve` shows a request's
+    tools exactly as the trainer showed them)."""
+    shown = [schema.get("function", schema) for schema in schemas]
+    listed = "\n".join(json.dumps({key: f[key] for key in ("name", "description", "parameters") if f.get(key) is not None})
+                       for f in shown)
     return ("You may call tools. Available tools:\n" + listed + "\nTo call one, write <tool_call>{\"name\": <tool name>, "
             "\"arguments\": {<argument>: <value>}}</tool_call>; its result comes back in a tool message.")
 

@@ -7,7 +7,9 @@ This checks preft-rl's own flags and the start-up adapters (in seconds, before v
 in this process with:
 - `--hf-overrides` naming the PreFT model class of the base architecture, and `--worker-extension-cls`;
 - the plugins allowlisted (VLLM_PLUGINS) and their settings in PREFT_RL_SERVE;
-- preft-rl's engine defaults where the user gave none: the model's own dtype, eager mode, the served name as typed.
+- preft-rl's engine defaults where the user gave none: the model's own dtype, eager mode, the served name as typed,
+  and, for a chat template without a tool format of its own, tool calls read in the trainer's `<tool_call>` format
+  (`--enable-auto-tool-choice --tool-call-parser hermes`; preft_rl/trainers/tools.py).
 Everything else (chat templates, streaming, /health, /metrics, the usual flags) is vLLM's.
 """
 
@@ -142,12 +144,28 @@ def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         out += ["--dtype", defaults["dtype"]]
     if not any(_flag_given(vllm_argv, f) for f in ("--enforce-eager", "--no-enforce-eager", "--compilation-config", "-cc", "-O")):
         out += ["--enforce-eager"]
+    if not _flag_given(vllm_argv, "--tool-call-parser") and not _template_has_tool_format(path, vllm_argv):
+        out += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]  # the trainer's documented call format
     out += vllm_argv
     out += ["--hf-overrides", json.dumps({"architectures": [settings.model_class]}),
             "--worker-extension-cls", WORKER_EXTENSION]
     env = {SETTINGS_ENV: json.dumps(dataclasses.asdict(settings)), "VLLM_PLUGINS": _plugins_allowlist(),
            "VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"]}
     return out, env
+
+
+def _template_has_tool_format(path: str, vllm_argv: list[str]) -> bool:
+    """Whether the chat template the server will use renders tools itself (the trainer's rule: it mentions `tools`).
+    Without one, `preft-rl serve` reads tool calls in the trainer's format (`<tool_call>` JSON, vLLM's hermes parser)."""
+    from transformers import AutoTokenizer
+
+    from ..server.chat import template_shows_tools
+
+    given = _flag_value(vllm_argv, "--chat-template")
+    if given is not None:
+        return template_shows_tools(open(given).read() if os.path.isfile(given) else given)
+    template = getattr(AutoTokenizer.from_pretrained(path), "chat_template", None)
+    return template_shows_tools(template if isinstance(template, str) else json.dumps(template))
 
 
 def _plugins_allowlist() -> str:

@@ -13,7 +13,8 @@ How a request reaches its adapter. Every loaded adapter is listed in vLLM's mode
 /v1/models. The engine client's `generate` is wrapped: for a PreftAdapterRequest it drops the LoRA request, holds the
 adapter for the request's life (`ServedAdapters.serving`), tells the worker which adapter and version (sampling
 params' `extra_args`) and sets the prefix-cache salt from the tokenised prompt: `vllm_compat.tag_request`, the same
-rule PreftEngine uses. Every vLLM name patched or written here goes through preft_rl/engine/vllm_compat_serve.py.
+rule PreftEngine uses. A chat request for an adapter is rendered with its assistant messages' tokens marked as
+sampled (DESIGN invariant 9; preft_rl/engine/server/chat.py). Every vLLM name patched or written here goes through preft_rl/engine/vllm_compat_serve.py.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route handlers' annotations (Request) at run time.
@@ -27,6 +28,7 @@ from preft_rl.engine import vllm_compat_serve as serve_compat
 from preft_rl.engine.vllm_compat import base_cache_salt, request_failed, tag_request
 
 from .adapters import AdapterError, ServedAdapters, ServeSettings, next_request_id
+from .chat import render_adapter_chat
 
 logger = logging.getLogger(__name__)
 
@@ -191,4 +193,5 @@ def install_request_routing(engine_client: Any, served: ServedAdapters) -> None:
         return generate
 
     serve_compat.wrap_engine_generate(engine_client, make_generate)
+    serve_compat.patch_chat_rendering(lambda chat: render_adapter_chat(chat, chat.model in served.entries))
     serve_compat.patch_serving_checks(lambda model: served.unknown(model).message, serve_compat.is_adapter_request)

@@ -57,16 +57,24 @@ class RewardErrorCounter:
 def completion_text(completion: Any) -> str | None:
     """The text of a plain or chat-format completion (the last message's content); None for anything else.
 
+    A multi-turn completion (assistant and tool messages) answers in its last message only if the policy wrote it: one
+    that ends with a tool result (cut off after a tool call) holds no answer of its own, so it gives "" (a tool's output,
+    such as a calculator's number, never scores as the policy's answer).
+
     A malformed completion (None, an empty chat list, a dict, a message without text content) holds no answer:
     the rewards here score it 0.0, like a completion with no final answer, and never raise (a policy's output
     must not stop a training run). The first one is logged as a warning.
 
     >>> completion_text([{"role": "assistant", "content": "#### 4"}]), completion_text([]), completion_text(None)
     ('#### 4', None, None)
+    >>> completion_text([{"role": "assistant", "content": "<tool_call>...</tool_call>"}, {"role": "tool", "content": "4"}])
+    ''
     """
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        if completion[-1].get("role", "assistant") == "tool":
+            return ""
         content = completion[-1].get("content")
         if isinstance(content, str):
             return content

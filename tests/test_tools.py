@@ -8,6 +8,7 @@ tool's result between them, loss on sampled tokens only, trainer log-probs equal
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -266,7 +267,56 @@ def test_tools_are_refused_where_they_cannot_train(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="PreftPPOTrainer does not run tools yet"):
         PreftPPOTrainer(str(tiny_llama_dir), answered_five, args=PreftPPOConfig(output_dir=str(tmp_path)), train_dataset=text,
                         tools=[add])
-    with pytest.raises(ValueError, match="do not work with tenants= yet"):
+    with pytest.raises(ValueError, match="give each tenant its own tools"):
         PreftGRPOTrainer(str(tiny_llama_dir), args=args, tenants=[Tenant("t", text, answered_five)], tools=[add])
+    with pytest.raises(ValueError, match="tenant 't': tools need a conversational dataset"):
+        PreftGRPOTrainer(str(tiny_llama_dir), args=args, tenants=[Tenant("t", text, answered_five, tools=[add])])
     with pytest.raises(ValueError, match="max_tool_calling_iterations=0 must be >= 1"):
         PreftGRPOConfig(max_tool_calling_iterations=0)
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_tenants_with_their_own_tools_train_together_as_each_alone(tool_model_dir, tmp_path):
+    """Tools with tenants=: one tenant with a tools list, one with an environment (its rewards read it), one without
+    tools, trained together for 2 steps; each tenant's adapter equals the one its own single-tenant run trains (within
+    test_multitenant's TRAJECTORY_ATOL: the same maths on other GEMM shapes). The tool tenants' rollouts are multi-turn
+    (tool calls logged), the plain tenant's stay single-turn."""
+    from datasets import Dataset
+    from safetensors.torch import load_file
+
+    from preft_rl import PreftConfig, PreftGRPOConfig, PreftGRPOTrainer, Tenant
+    from test_multitenant import TRAJECTORY_ATOL
+
+    def args(out, **extra):
+        return PreftGRPOConfig(output_dir=str(out), per_device_train_batch_size=4, num_generations=2, max_steps=2,
+                               max_completion_length=64, learning_rate=2e-2, save_steps=0, disable_tqdm=True, beta=0.02,
+                               temperature=1.2,  # the fine-tuned model is sharp: at 1.0 every sample of a group is the same
+                               max_tool_calling_iterations=2, engine_kwargs={"max_num_batched_tokens": 512}, **extra)
+
+    def even_tokens(prompts, completions, completion_ids=None, **_):  # always some spread within a group: gradients
+        return [sum(i % 2 == 0 for i in ids) / max(len(ids), 1) for ids in completion_ids]
+
+    data = Dataset.from_list([{"prompt": QUESTION, "tag": i} for i in range(6)])
+    specs = {"calc": dict(reward_funcs=[answered_five, even_tokens], tools=[add]),
+             "env": dict(reward_funcs=[even_tokens, used_the_calculator], environment_factory=Calculator),
+             "plain": dict(reward_funcs=[even_tokens])}
+    preft = PreftConfig(method="lora", r=4)
+    together = PreftGRPOTrainer(str(tool_model_dir), args=args(tmp_path / "together"), preft_config=preft,
+                                tenants=[Tenant(name, data, **spec) for name, spec in specs.items()])
+    together.train()
+    together.close()
+    calls = lambda out: sum(json.loads(line).get("tools/calls", 0) for line in (out / "log.jsonl").read_text().splitlines())  # noqa: E731
+    assert calls(tmp_path / "together") >= 1
+    for name, spec in specs.items():
+        spec = dict(spec)
+        alone = PreftGRPOTrainer(str(tool_model_dir), spec.pop("reward_funcs"), args=args(tmp_path / name), train_dataset=data,
+                                 preft_config=preft, **spec)
+        alone.train()
+        alone.close()
+        assert (calls(tmp_path / name) >= 1) == (name != "plain"), name
+        ours = load_file(str(tmp_path / "together" / "tenants" / name / "adapter_model.safetensors"))
+        theirs = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        diff = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
+        moved = max(theirs[k].abs().max().item() for k in theirs if "lora_B" in k)
+        assert diff <= TRAJECTORY_ATOL < moved / 10, (name, diff, moved)

@@ -29,12 +29,13 @@ def split_seed(split: str, seed: int, num_examples: int) -> int:
 
 
 def load_generated_task(name: str, split: str = "train", num_examples: int = 1000, seed: int = 0, exclude=(),
-                        system_prompt: str | None = None):
+                        system_prompt: str | None = None, settings: dict | None = None):
     """A reasoning-gym task as a prompt dataset (seeded; 'train' and 'test' never share a seed).
 
     Small problem spaces repeat across seeds (chain_sum draws '3 - 7 + 0 + 3' again), so pass the held-out
     questions as `exclude` when loading training problems; those rows are dropped. `system_prompt` replaces the
-    task's default (TASK_SYSTEM_PROMPT: work briefly, end with '#### N')."""
+    task's default (TASK_SYSTEM_PROMPT: work briefly, end with '#### N'); `settings` replace the task's reasoning-gym
+    settings (TASK_SETTINGS), e.g. dict(min_terms=3, max_terms=4, min_digits=2, max_digits=3) for chain_sum."""
     import reasoning_gym
     from datasets import Dataset
 
@@ -44,7 +45,8 @@ def load_generated_task(name: str, split: str = "train", num_examples: int = 100
         raise ValueError(f"split={split!r}: use 'train' or 'test'")
     if num_examples < 1:
         raise ValueError(f"num_examples={num_examples} must be >= 1")
-    data = reasoning_gym.create_dataset(name, size=num_examples, seed=split_seed(split, seed, num_examples), **TASK_SETTINGS.get(name, {}))
+    data = reasoning_gym.create_dataset(name, size=num_examples, seed=split_seed(split, seed, num_examples),
+                                       **(TASK_SETTINGS.get(name, {}) if settings is None else settings))
     rows = []
     excluded = set(exclude)
     for item in data:

@@ -40,6 +40,7 @@ class Trajectory:
     messages: list[dict] | None = None  # the conversation so far (chat prompts), for the template and the rewards
     tools: dict[str, Callable] = field(default_factory=dict)
     environment: Any = None
+    delta: TemplateDelta | None = None  # with tools: the template's tokens after a turn; None: one turn, no tools
     tail: list[int] = field(default_factory=list)
     sampled: list[bool] = field(default_factory=list)
     logps: list[float] = field(default_factory=list)
@@ -64,8 +65,13 @@ def run_turns(trajectories: list[Trajectory], params: list[Any], generate: Calla
               keep_going: Callable[[int], bool] | None = None) -> None:
     """Grow every trajectory turn by turn (in place). `generate(indices, prompts, params)` is the engine call for the
     trajectories at `indices` (those still running), made every round, even with none (processes of one run stay in step);
-    `keep_going(running)` says whether any process still has trajectories running (default: this one's count > 0)."""
-    with_tools = delta is not None
+    `keep_going(running)` says whether any process still has trajectories running (default: this one's count > 0).
+    A trajectory with tools has its `delta` (`delta` is the default for those without one); one without stops after
+    its first turn, so trajectories with and without tools (tenants' tasks) share the loop."""
+    if delta is not None:
+        for t in trajectories:
+            t.delta = t.delta or delta
+    with_tools = any(t.delta is not None for t in trajectories)
     for round_index in range(settings.max_iterations + 1 if with_tools else 1):
         running = [i for i, t in enumerate(trajectories) if not t.done]
         if round_index and not (keep_going or bool)(len(running)):
@@ -82,7 +88,7 @@ def run_turns(trajectories: list[Trajectory], params: list[Any], generate: Calla
             t.logps += [lp[token].logprob for lp, token in zip(completion.logprobs or [], ids)]
             t.texts.append(completion.text)
             t.turns += 1
-            if not with_tools:
+            if t.delta is None:
                 t.done = True
                 continue
             turn = {"role": "assistant", "content": completion.text}
@@ -100,7 +106,7 @@ def run_turns(trajectories: list[Trajectory], params: list[Any], generate: Calla
             t.use.seconds += sum(r.seconds for r in results)
             t.use.results += results
             tool_messages = [{"role": "tool", "content": r.content} for r in results]
-            suffix = delta.after_turn(t.messages, tool_messages)
+            suffix = t.delta.after_turn(t.messages, tool_messages)
             if len(t.tail) + len(suffix) >= settings.max_completion_length:
                 t.done = True  # no room for the results and another turn: truncated after the call
                 continue

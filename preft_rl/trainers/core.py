@@ -184,33 +184,11 @@ class PreftRLTrainer:
         """Refuse tools in a trainer that cannot train on them (before anything is built)."""
 
     def _setup_tools(self, tools: Sequence[Callable] | None, environment_factory: Callable[[], Any] | None) -> None:
-        """Check the tools (names, a chat dataset, a chat template that keeps earlier tokens) and how the model sees them;
-        without tools the rollout is the one-turn case of the loop."""
-        from .tools import TemplateDelta, environment_tools, tool_schema, tools_by_name
+        """The run's toolset (tools.Toolset: names, a chat dataset, a chat template that keeps earlier tokens, how the
+        model sees them); None without tools, and the rollout is the one-turn case of the loop."""
+        from .tools import Toolset
 
-        self._tools = tools_by_name(tools or [])
-        self._environment_factory = environment_factory
-        self._template_delta: TemplateDelta | None = None
-        self._tool_schemas: list[dict] = []
-        if not self._tools and environment_factory is None:
-            return
-        if environment_factory is not None and not callable(environment_factory):
-            raise TypeError(f"environment_factory must be a class or function that makes an environment, got {environment_factory!r}")
-        first = self.train_dataset[0]["prompt"]
-        if not (isinstance(first, list) and first and isinstance(first[0], dict)):
-            raise ValueError("tools need a conversational dataset: each 'prompt' a list of chat messages such as "
-                             "[{'role': 'user', 'content': ...}], so that tool results can be added as messages")
-        every_tool = dict(self._tools)
-        if environment_factory is not None:
-            probe = environment_factory()
-            if not callable(getattr(probe, "reset", None)):
-                raise TypeError(f"the environment {type(probe).__name__} needs a reset(**row) method (TRL's environment API)")
-            every_tool.update(environment_tools(probe))
-            if not every_tool:
-                raise ValueError(f"the environment {type(probe).__name__} has no public method besides reset: no tools")
-        self._tool_schemas = [tool_schema(fn) for fn in every_tool.values()]
-        self._template_shows_tools = "tools" in (self.tokenizer.chat_template or "")
-        self._template_delta = TemplateDelta(self.tokenizer, self._tool_schemas if self._template_shows_tools else None)
+        self._toolset = Toolset.build(self.tokenizer, tools, environment_factory, self.train_dataset)
 
     def _check_runtime(self) -> None:
         """Refuse settings this trainer cannot run with, once the accelerator (processes, DeepSpeed) is known and before
@@ -456,31 +434,26 @@ class PreftRLTrainer:
         ]
 
     def _generate(self, prompts: list[Any], params: list[Any], use_tqdm: bool = False, adapters: list[str] | None = None,
-                  rows: list[dict] | None = None) -> Samples:
+                  rows: list[dict] | None = None, toolsets: Sequence[Any] | None = None) -> Samples:
         """Completions of `prompts` (one per entry) from the engine with the policy adapter (or the engine adapter named
         per prompt in `adapters`); every process calls it, with or without prompts (engine TP groups gather). Used by
         the rollout and by evaluation. The one rollout loop (agent.run_turns): one turn without tools; with tools, turns
-        until the model calls none (`rows`: each prompt's dataset row, for environment.reset(**row))."""
+        until the model calls none (`rows`: each prompt's dataset row, for environment.reset(**row); `toolsets`: each
+        prompt's tools.Toolset or None, default the run's)."""
         from .agent import AgentSettings, Trajectory, run_turns
-        from .tools import environment_tools, with_tools
 
-        args, tokenizer, delta = self.args, self.engine.tokenizer, self._template_delta
-        if delta is not None:  # the tools shown to the model: by the template, or as a system text
-            shown = [with_tools(p, self._tool_schemas, self._template_shows_tools) for p in prompts]
-            template_tools = {"tools": self._tool_schemas} if self._template_shows_tools else {}
-            prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False,
-                                                        **template_tools) for p in shown]
-            prompt_ids = [ids[-args.max_prompt_length:] if args.max_prompt_length else ids for ids in prompt_ids]
-        else:
-            prompt_ids = [prompt_ids_for(tokenizer, p, args.max_prompt_length) for p in prompts]
-        trajectories = [Trajectory(list(ids)) for ids in prompt_ids]
-        if delta is not None:
-            for i, t in enumerate(trajectories):
-                t.messages, t.tools = list(shown[i]), dict(self._tools)
-                if self._environment_factory is not None:  # one environment per trajectory, reset with its row
-                    t.environment = self._environment_factory()
-                    t.environment.reset(**(rows[i] if rows is not None else {"prompt": prompts[i]}))
-                    t.tools.update(environment_tools(t.environment))
+        args, tokenizer = self.args, self.engine.tokenizer
+        toolsets = [self._toolset] * len(prompts) if toolsets is None else list(toolsets)
+        trajectories = []
+        for i, (prompt, toolset) in enumerate(zip(prompts, toolsets, strict=True)):
+            if toolset is None:
+                trajectories.append(Trajectory(list(prompt_ids_for(tokenizer, prompt, args.max_prompt_length))))
+                continue
+            ids = toolset.prompt_ids(tokenizer, prompt)
+            trajectory = Trajectory(list(ids[-args.max_prompt_length:] if args.max_prompt_length else ids))
+            toolset.start(trajectory, prompt, rows[i] if rows is not None else {"prompt": prompt})
+            trajectories.append(trajectory)
+        with_tools = any(t.delta is not None for t in trajectories)
         names = adapters or [POLICY] * len(prompts)
         if args.engine_sleep:
             self.engine.wake_up()
@@ -489,14 +462,15 @@ class PreftRLTrainer:
                   AgentSettings(args.max_tool_calling_iterations, args.tool_call_timeout, args.max_tool_response_length,
                                 args.max_completion_length),
                   tokenizer.eos_token_id, lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.decode,
-                  delta, self._any_process_running)
+                  keep_going=self._any_process_running)
         if args.engine_sleep:
             self.engine.sleep()
-        completions = ([t.completion_messages for t in trajectories] if delta is not None
-                       else completion_messages(prompts, [t.texts[0] for t in trajectories]))
-        return Samples(list(prompts), prompt_ids, [t.tail for t in trajectories], [t.logps for t in trajectories], completions,
-                       completion_sampled=[t.sampled for t in trajectories] if delta is not None else None,
-                       agent=trajectories if delta is not None else None)
+        one_turn = completion_messages(prompts, [t.texts[0] for t in trajectories])
+        completions = [t.completion_messages if t.delta is not None else one for t, one in zip(trajectories, one_turn)]
+        return Samples(list(prompts), [t.prompt_ids for t in trajectories], [t.tail for t in trajectories],
+                       [t.logps for t in trajectories], completions,
+                       completion_sampled=[t.sampled for t in trajectories] if with_tools else None,
+                       agent=trajectories if with_tools else None)
 
     def _any_process_running(self, running: int) -> bool:
         """Whether any process still has trajectories running (every process takes part in every engine round)."""
@@ -509,7 +483,7 @@ class PreftRLTrainer:
         """Fill samples.rewards_per_func (B, F) and samples.rewards (B,): the weighted sum, NaN where no function could
         score a completion (no reward, never a silent 0.0)."""
         columns = samples.columns
-        if samples.agent is not None and self._environment_factory is not None:  # rewards may read the environment (TRL)
+        if samples.agent is not None and any(t.environment is not None for t in samples.agent):  # rewards may read it (TRL)
             columns = {**columns, "environments": [t.environment for t in samples.agent]}
         per_func = score(self.reward_funcs, self.reward_names, samples.prompts, samples.completions, samples.completion_ids,
                          columns)
@@ -585,18 +559,22 @@ class PreftRLTrainer:
         if args.dynamic_sampling:
             stats.update({"rollout/groups_dropped": dropped, "rollout/groups_refilled": refilled})
         kept_samples = Samples.concat(kept)
-        if kept_samples.agent is not None:  # tool use of the kept trajectories, over every process
-            totals = torch.tensor([float(len(kept_samples.agent)), sum(t.turns for t in kept_samples.agent),
-                                   sum(t.use.calls for t in kept_samples.agent), sum(t.use.errors for t in kept_samples.agent),
-                                   sum(t.use.seconds for t in kept_samples.agent)], device=acc.device)
-            count, turns, calls, tool_errors, seconds = acc.reduce(totals, reduction="sum").tolist()
-            stats.update({"tools/turns": turns / max(count, 1), "tools/calls": calls, "tools/errors": tool_errors,
-                          "time/tools": seconds})
+        stats.update(self._tool_stats(kept_samples))
         errors_after = self._reward_error_counts()
         for name in errors_after:  # this rollout's internal reward errors, over every process
             count = torch.tensor(float(errors_after[name] - errors_before[name]), device=acc.device)
             stats[f"rewards/{name}/errors"] = acc.reduce(count, reduction="sum").item()
         return kept_samples, stats
+
+    def _tool_stats(self, samples: Samples) -> dict[str, float]:
+        """Tool use of a rollout's trajectories, over every process: mean turns, calls, errors, seconds in tools."""
+        if samples.agent is None:
+            return {}
+        acc, agent = self.accelerator, samples.agent
+        totals = torch.tensor([float(len(agent)), sum(t.turns for t in agent), sum(t.use.calls for t in agent),
+                               sum(t.use.errors for t in agent), sum(t.use.seconds for t in agent)], device=acc.device)
+        count, turns, calls, tool_errors, seconds = acc.reduce(totals, reduction="sum").tolist()
+        return {"tools/turns": turns / max(count, 1), "tools/calls": calls, "tools/errors": tool_errors, "time/tools": seconds}
 
     def _reward_error_counts(self) -> dict[str, int]:
         """{name: internal errors so far} of each reward function that counts its own (`fn.errors`)."""

@@ -19,13 +19,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class EvalJob:
-    """Problems to score: their dataset (a 'prompt' column), the reward functions and their names, and the engine
-    adapter that answers them (None: the trainer's policy)."""
+    """Problems to score: their dataset (a 'prompt' column), the reward functions and their names, the engine adapter
+    that answers them (None: the trainer's policy) and the tools it may call (a tools.Toolset; None: one turn)."""
 
     dataset: Any
     reward_funcs: list[Callable]
     reward_names: list[str]
     adapter: str | None = None
+    toolset: Any = None
 
 
 def evaluation_scores(trainer: PreftRLTrainer, reward_funcs: Sequence[Callable] | None = None, dataset: Any = None) -> dict[str, list]:
@@ -35,7 +36,7 @@ def evaluation_scores(trainer: PreftRLTrainer, reward_funcs: Sequence[Callable] 
         raise ValueError("evaluation needs a dataset: pass eval_dataset=... when the trainer is built, or dataset=...")
     funcs = list(reward_funcs) if reward_funcs is not None else trainer.reward_funcs
     names = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(funcs)] if reward_funcs is not None else trainer.reward_names
-    return evaluate_jobs(trainer, [EvalJob(dataset, funcs, names)])[0]
+    return evaluate_jobs(trainer, [EvalJob(dataset, funcs, names, toolset=trainer._toolset)])[0]
 
 
 @torch.no_grad()
@@ -63,8 +64,11 @@ def evaluate_jobs(trainer: PreftRLTrainer, jobs: Sequence[EvalJob]) -> list[dict
     greedy = SamplingParams(max_tokens=args.max_completion_length, temperature=0.0)
     show = acc.is_main_process and not args.disable_tqdm  # a progress bar: evaluation of hundreds of problems takes minutes
     samples = trainer._generate(prompts, [greedy] * len(prompts), use_tqdm=show,  # every process: TP groups gather
-                                adapters=adapters if any(a is not None for a in adapters) else None)
-    texts = [o if isinstance(o, str) else o[-1]["content"] for o in samples.completions]
+                                adapters=adapters if any(a is not None for a in adapters) else None, rows=rows,
+                                toolsets=[jobs[items[k][0]].toolset for k in mine])
+    # a completion's text; a multi-turn one's every message, each after its role
+    texts = [o if isinstance(o, str) else o[-1]["content"] if len(o) == 1 else "\n".join(f"[{m['role']}] {m['content']}" for m in o)
+             for o in samples.completions]
     width = max(len(job.reward_funcs) for job in jobs)
     per_func = torch.full((per_process, width), math.nan)  # padded: equal shapes for gather
     for j, job in enumerate(jobs):
@@ -73,6 +77,8 @@ def evaluate_jobs(trainer: PreftRLTrainer, jobs: Sequence[EvalJob]) -> list[dict
             continue
         part = [rows[n] for n in local]
         columns = {key: [row[key] for row in part] for key in part[0] if key != "prompt"}
+        if samples.agent is not None and any(samples.agent[n].environment is not None for n in local):
+            columns["environments"] = [samples.agent[n].environment for n in local]  # rewards may read them (TRL)
         per_func[local, : len(job.reward_funcs)] = score(job.reward_funcs, job.reward_names, [prompts[n] for n in local],
                                                           [samples.completions[n] for n in local],
                                                           [samples.completion_ids[n] for n in local], columns)

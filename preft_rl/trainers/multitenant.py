@@ -58,13 +58,16 @@ TENANTS_DIR = "tenants"
 @dataclass
 class Tenant:
     """One user's training task: a name (its adapter folder and its served adapter name: letters, digits, '_', '-'),
-    its own prompts and reward functions (with weights), and optionally its own peak learning rate."""
+    its own prompts and reward functions (with weights), optionally its own peak learning rate, and its own tools or
+    environment (as PreftGRPOTrainer takes them: its rollouts are multi-turn, the other tenants' are not changed)."""
 
     name: str
     train_dataset: Any
     reward_funcs: Callable | str | Sequence[Callable | str]
     reward_weights: Sequence[float] | None = None
     learning_rate: float | None = None
+    tools: Sequence[Callable] | None = None
+    environment_factory: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -121,8 +124,8 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                  eval_dataset: Any = None, preft_config: Any = None, tenants: Sequence[Tenant] | None = None,
                  tools: Any = None, environment_factory: Any = None) -> None:
         if tools is not None or environment_factory is not None:
-            raise ValueError("tools= and environment_factory= do not work with tenants= yet (each tenant's own tools are "
-                             "planned); train a tool-using adapter in a single-tenant run: PreftGRPOTrainer(..., tools=[...])")
+            raise ValueError("with tenants=, give each tenant its own tools: Tenant(name, dataset, rewards, tools=[...]) or "
+                             "Tenant(..., environment_factory=...), not tools= / environment_factory= on the trainer")
         given = [name for name, value in (("reward_funcs", reward_funcs), ("train_dataset", train_dataset),
                                           ("eval_dataset", eval_dataset)) if value is not None]
         if given:
@@ -146,9 +149,18 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                                                                   f"tenant {spec.name!r} train_dataset", type(self).__name__)
             self.tasks.append(_Task(spec.name, dataset, funcs, reward_names, weights, spec.learning_rate or self.args.learning_rate))
         self.tenant_names = tuple(names)
+        self._tenant_toolsets: list[Any] = []  # each tenant's tools.Toolset or None, built with the tokenizer (_setup_tools)
         self._unpushed: set[str] = set(names)  # adapters push_to_server has not got in their current version
         self.train_dataset, self.eval_dataset = None, None
         self.reward_funcs, self.reward_names, self.reward_weights = [], [], torch.zeros(0)
+
+    def _setup_tools(self, tools: Any, environment_factory: Any) -> None:
+        """Each tenant's own toolset (checked as a single-tenant run checks its tools); the run has none of its own."""
+        from .tools import Toolset
+
+        self._toolset = None
+        self._tenant_toolsets = [Toolset.build(self.tokenizer, spec.tools, spec.environment_factory, task.dataset,
+                                               f"tenant {task.name!r}: ") for spec, task in zip(self._tenant_specs, self.tasks)]
 
     def _check_runtime(self) -> None:
         args, acc = self.args, self.accelerator
@@ -259,17 +271,19 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         by that tenant's reward functions. Rows are tenant-major; each tenant's rows are its alone run's rollout."""
         n = self.args.num_generations
         picked = self._tenants_for_step(step)
-        prompts, params, adapters, columns, owners = [], [], [], [], []
+        prompts, params, adapters, columns, owners, all_rows, toolsets = [], [], [], [], [], [], []
         for t in picked:
             task, tenant_step = self.tasks[t], self._tenant_step(t, step)
             rows = self._prompts_for_step(tenant_step, 0, task.dataset)
             prompts += [row["prompt"] for row in rows for _ in range(n)]
+            all_rows += [row for row in rows for _ in range(n)]
+            toolsets += [self._tenant_toolsets[t]] * (len(rows) * n)
             params += self._sampling_params(tenant_step, 0, len(rows) * n)
             adapters += [task.name] * (len(rows) * n)
             columns.append({k: [row[k] for row in rows for _ in range(n)] for k in rows[0] if k != "prompt"})
             owners.append((t, len(rows) * n))
         with phases.phase("generate"):
-            samples = self._generate(prompts, params, adapters=adapters)
+            samples = self._generate(prompts, params, adapters=adapters, rows=all_rows, toolsets=toolsets)
         tokens = sum(map(len, samples.completion_ids))
         errors_before = self._tenant_reward_errors()
         parts, start = [], 0
@@ -279,6 +293,8 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                 task = self.tasks[t]
                 part = samples.select(range(start, start + size))
                 part.columns = cols
+                if part.agent is not None and self._tenant_toolsets[t] is not None and self._tenant_toolsets[t].environment_factory:
+                    cols = {**cols, "environments": [trajectory.environment for trajectory in part.agent]}  # as alone
                 per_func = score(task.reward_funcs, task.reward_names, part.prompts, part.completions, part.completion_ids, cols)
                 rewards = (per_func * task.reward_weights).nansum(dim=1)
                 rewards[per_func.isnan().all(dim=1)] = math.nan
@@ -293,6 +309,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         for key, count in self._tenant_reward_errors().items():
             stats[key] = float(count - errors_before[key])
         self._row_tenants = [self.tasks[t].name for t, size in owners for _ in range(size)]
+        stats.update(self._tool_stats(samples))
         return Samples.concat(parts), stats
 
     def _tenant_reward_errors(self) -> dict[str, int]:
@@ -481,7 +498,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                 names = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(funcs)]
             else:
                 funcs, names = task.reward_funcs, task.reward_names
-            jobs.append(EvalJob(dataset, funcs, names, adapter=name))
+            jobs.append(EvalJob(dataset, funcs, names, adapter=name, toolset=self._tenant_toolsets[self.tenant_names.index(name)]))
         return dict(zip(datasets, evaluate_jobs(self, jobs)))
 
     def save_model(self, output_dir: Any = None) -> None:

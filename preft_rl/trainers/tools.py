@@ -170,6 +170,66 @@ class TemplateDelta:
         return self.tokenizer.encode(self._glue_after_eos + extended[len(closed):], add_special_tokens=False)
 
 
+@dataclass
+class Toolset:
+    """One task's tools (a run's, or one tenant's): functions by name, an environment factory (one environment per
+    trajectory, its public methods added to the tools), the schemas the model is shown, whether the chat template shows
+    them itself, and the template's tokens after a turn."""
+
+    tools: dict[str, Callable]
+    environment_factory: Callable[[], Any] | None
+    schemas: list[dict]
+    template_shows_tools: bool
+    delta: TemplateDelta
+
+    @classmethod
+    def build(cls, tokenizer: Any, tools: Sequence[Callable] | None, environment_factory: Callable[[], Any] | None,
+              dataset: Any, owner: str = "") -> Toolset | None:
+        """The checked toolset (None without tools): unique tool names, an environment with reset(**row), a chat
+        dataset, a chat template that keeps earlier tokens. `owner` (e.g. "tenant 'alice': ") starts every error."""
+        named = tools_by_name(tools or [])
+        if not named and environment_factory is None:
+            return None
+        if environment_factory is not None and not callable(environment_factory):
+            raise TypeError(f"{owner}environment_factory must be a class or function that makes an environment, got "
+                            f"{environment_factory!r}")
+        first = dataset[0]["prompt"]
+        if not (isinstance(first, list) and first and isinstance(first[0], dict)):
+            raise ValueError(f"{owner}tools need a conversational dataset: each 'prompt' a list of chat messages such as "
+                             "[{'role': 'user', 'content': ...}], so that tool results can be added as messages")
+        every_tool = dict(named)
+        if environment_factory is not None:
+            probe = environment_factory()
+            if not callable(getattr(probe, "reset", None)):
+                raise TypeError(f"{owner}the environment {type(probe).__name__} needs a reset(**row) method (TRL's "
+                                "environment API)")
+            every_tool.update(environment_tools(probe))
+            if not every_tool:
+                raise ValueError(f"{owner}the environment {type(probe).__name__} has no public method besides reset: no tools")
+        schemas = [tool_schema(fn) for fn in every_tool.values()]
+        shows = "tools" in (tokenizer.chat_template or "")
+        return cls(named, environment_factory, schemas, shows, TemplateDelta(tokenizer, schemas if shows else None))
+
+    def shown(self, prompt: list[dict]) -> list[dict]:
+        """The prompt with the tools shown (by the template, or as a system text)."""
+        return with_tools(prompt, self.schemas, self.template_shows_tools)
+
+    def prompt_ids(self, tokenizer: Any, prompt: list[dict]) -> list[int]:
+        """The first turn's prompt ids."""
+        kwargs = {"tools": self.schemas} if self.template_shows_tools else {}
+        return tokenizer.apply_chat_template(self.shown(prompt), add_generation_prompt=True, tokenize=True,
+                                             return_dict=False, **kwargs)
+
+    def start(self, trajectory: Any, prompt: list[dict], row: dict) -> None:
+        """Give a new trajectory its conversation, its tools and, with an environment factory, its own environment
+        reset with its dataset row (TRL's API)."""
+        trajectory.messages, trajectory.tools, trajectory.delta = self.shown(prompt), dict(self.tools), self.delta
+        if self.environment_factory is not None:
+            trajectory.environment = self.environment_factory()
+            trajectory.environment.reset(**row)
+            trajectory.tools.update(environment_tools(trajectory.environment))
+
+
 def tool_schema(tool: Callable) -> dict[str, Any]:
     """The JSON schema a chat template (or the tools system text) shows the model: transformers' from the type hints and
     the docstring's Args section, else a plain one from the signature."""

@@ -16,8 +16,21 @@ seeds, greedy, the same tools as in training. Reported: strict accuracy ('#### N
 the tool-call rate (a calculate call that ran), each with the change and a 95% paired-bootstrap interval. Results go to
 output_dir: heldout.json, heldout_completions.jsonl, report.md, log.jsonl and the adapter.
 
-Rewards: strict accuracy + format (1, 1), as in examples/grpo_gsm8k.py; nothing rewards calling the tool itself, so
-a run learns to call it only if calling it gets more answers right.
+Why these defaults (the offline SmolLM2-135M-Instruct on 2 CPU cores; docs/benchmarks/tools-example-cpu.md):
+- One worked example, as earlier turns of every prompt (a call, its result, the answer): the model follows
+  demonstrations, not descriptions. With the call format only described in the system text it made no call in 30
+  problems; with two worked tool examples it already solved every one (nothing left to learn); with one it calls the
+  tool in 5% of held-out problems (greedy), and its sampled calls are mostly malformed (unknown names, unquoted
+  expressions).
+- Rewards: strict accuracy (1.0) plus 0.5 for a calculate call that ran (--tool-reward). With accuracy alone the run
+  never moved (9 steps, reward 0.0 at every step: of 32 samples a step, 1-13 called the tool and nearly every call
+  failed, so no group had a right answer and every advantage was zero). The call reward gives the rare good call an
+  advantage; by step 3 every sample called the tool and accuracy followed.
+- 4 prompts x 8 completions per step, 12 steps, lr 2e-3, temperature 0.7, beta 0.04 (as the GSM8K job): about
+  9-10 minutes on 2 cores with both evaluations of 100 problems.
+- Measured with these defaults: held-out strict accuracy 0.020 -> 0.850 (+0.830, 95% CI [+0.760, +0.900]),
+  tool-call rate 0.050 -> 0.920; the same run without the tool (--no-tools: worked examples by hand, accuracy
+  reward): see docs/benchmarks/tools-example-cpu.md.
 """
 
 from __future__ import annotations
@@ -71,8 +84,8 @@ def demonstrations(style: str) -> list[dict]:
 
 
 EXAMPLE_DEFAULTS = dict(
-    output_dir="outputs/grpo-tools", save_steps=5, max_steps=8, num_generations=4, per_device_train_batch_size=8,
-    gradient_accumulation_steps=1, max_prompt_length=384, max_completion_length=96, learning_rate=1e-3,
+    output_dir="outputs/grpo-tools", save_steps=6, max_steps=12, num_generations=8, per_device_train_batch_size=32,
+    gradient_accumulation_steps=1, max_prompt_length=384, max_completion_length=96, learning_rate=2e-3,
     temperature=0.7, beta=0.04, max_tool_calling_iterations=2, max_tool_response_length=32,
 )
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,

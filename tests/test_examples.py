@@ -55,3 +55,31 @@ def test_multitenant_example_reads_a_yaml_tenants_file_and_reports_each_tenant(t
         assert f"| {name} |" in done.stdout
     assert "The same held-out question, answered by each tenant's adapter" in done.stdout
     assert "preft-rl serve" in done.stdout and f"alice={out / 'tenants' / 'alice'}" in done.stdout
+
+
+@pytest.mark.slow
+def test_tools_example_trains_with_the_calculator_and_reports_tool_use(tiny_llama_dir, tmp_path):
+    """examples/grpo_tools.py end to end on the tiny Llama (too small to write a tool call: the multi-turn path with
+    tools is exercised by tests/test_tools.py), then its calculator alone."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(REPO / "examples" / "grpo_tools.py"), "--model", str(tiny_llama_dir), "--output-dir",
+               str(out), "--max-steps", "2", "--eval-problems", "4", "--train-problems", "20", "--max-completion-length", "48",
+               "--per-device-train-batch-size", "4", "--num-generations", "2", "--disable-tqdm"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    heldout = json.loads((out / "heldout.json").read_text())
+    assert set(heldout["metrics"]) == {"strict accuracy", "format rate", "tool-call rate"}
+    assert "the calculate tool" in heldout["protocol"]
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logs] == [1, 2] and all("tools/calls" in entry for entry in logs)
+    assert (out / "adapter_model.safetensors").is_file()
+
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from grpo_tools import calculate
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    assert calculate("812 - 57 + 39") == "794" and calculate("3 / 4") == "0.75" and calculate("-(2 * 3)") == "-6"
+    for bad in ("__import__('os').system('true')", "2 ** 99999", "x + 1"):
+        with pytest.raises((ValueError, SyntaxError)):
+            calculate(bad)

@@ -4,7 +4,9 @@ With PREFT_CHECK_TENANTS=1: GRPO with two tenants, 't0' (this run's data and rew
 and 't1' (other prompts, the opposite reward), written to OUTPUT_DIR/tenants/. With PREFT_CHECK_TENANTS=3: a third,
 't2' (other prompts, this run's reward), 2 tenants per step (round robin: t0 trains at steps 0, 1 and 3 of 4, so it
 must still equal the 3-step plain run) and one tenant's rows per forward (every micro-batch in two pieces).
-PREFT_CHECK_MAX_GRAD_NORM sets max_grad_norm (default 1.0).
+PREFT_CHECK_MAX_GRAD_NORM sets max_grad_norm (default 1.0). With PREFT_CHECK_TOOLS=1 (MODEL_DIR: the tool model of
+conftest.tool_model_dir): GRPO with tools=[add] on its question, multi-turn rollouts whose trajectories end at
+different rounds in each process.
 
 Usage: python distributed_train_check.py MODEL_DIR OUTPUT_DIR [MAX_STEPS SAVE_STEPS [resume]]
 """
@@ -39,7 +41,23 @@ if __name__ == "__main__":
     trainer_class = PreftPPOTrainer if ppo else PreftGRPOTrainer
     args = PreftPPOConfig(**common, num_ppo_epochs=2, critic_learning_rate=3e-2) if ppo else PreftGRPOConfig(**common)
     tenant_count = int(os.environ.get("PREFT_CHECK_TENANTS", "0"))
-    if tenant_count:
+    if os.environ.get("PREFT_CHECK_TOOLS") == "1":
+        def add(a: int, b: int) -> int:
+            """Add two integers.
+
+            Args:
+                a: The first number.
+                b: The second number.
+            """
+            return a + b
+
+        question = [{"role": "user", "content": "add 2 and 3"}]
+        args = PreftGRPOConfig(**{**common, "max_completion_length": 128, "max_steps": 2}, temperature=1.2,
+                               max_tool_calling_iterations=2)
+        trainer = PreftGRPOTrainer(sys.argv[1], first_token_even, args=args, preft_config=PreftConfig(method="lora", r=4),
+                                   train_dataset=Dataset.from_list([{"prompt": question, "tag": i} for i in range(16)]),
+                                   tools=[add])
+    elif tenant_count:
         other = [{"prompt": f"how many books {i}?", "answer": f"#### {i}"} for i in range(20)]
         tenants = [Tenant("t0", Dataset.from_list(rows), first_token_even), Tenant("t1", Dataset.from_list(other), first_token_odd)]
         if tenant_count == 3:

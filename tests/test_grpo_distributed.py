@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -76,6 +77,20 @@ def two_process_ddp_run(tiny_llama_dir, tmp_path_factory) -> Path:
 def test_two_cpu_processes_each_with_an_engine_stay_in_sync(two_process_ddp_run):
     log = (two_process_ddp_run / "log.jsonl").read_text().splitlines()
     assert len(log) == 3
+
+
+@pytest.mark.slow
+def test_two_processes_with_tools_stay_in_step_while_their_trajectories_end_at_different_rounds(tool_model_dir, tmp_path):
+    """Multi-turn GRPO with tools in two DDP processes (torchrun + gloo, an engine each): every engine round is taken by
+    both processes until neither has a trajectory running, so a process whose trajectories ended early keeps stepping
+    with the other (no hang); tool calls are logged over both, and the ranks train the same adapter."""
+    stdout = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT),
+                  str(tool_model_dir), str(tmp_path)], {"ACCELERATE_USE_CPU": "true", "PREFT_CHECK_TOOLS": "1"})
+    digests = dict(re.findall(r"RANK (\d) OF 2 DistributedDataParallel ADAPTER ([0-9a-f]{16})", stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], stdout[-2000:]
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and sum(entry["tools/calls"] for entry in logs) >= 1
+    assert any(1.0 < entry["tools/turns"] < 3.0 for entry in logs)  # some trajectories took more turns than others
 
 
 @pytest.mark.slow

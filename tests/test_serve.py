@@ -772,6 +772,12 @@ def test_a_tool_conversation_through_the_server_equals_the_trainers_rollout(tool
         messages += [first.choices[0].message.model_dump(exclude_none=True),
                      {"role": "tool", "tool_call_id": tool_call.id, "content": str(add(2, 3))}]
         second = client.chat.completions.create(messages=messages, **ask)
+        # the Responses route cannot mark sampled tokens: a history on an adapter is refused, naming the route to use
+        import openai
+
+        with pytest.raises(openai.BadRequestError, match="send it to /v1/chat/completions"):
+            client.responses.create(model="agent", input=[*TOOL_QUESTION, {"role": "assistant", "content": "it is 5"},
+                                                          {"role": "user", "content": "and 4 and 4?"}], max_output_tokens=8)
     assert second.prompt_token_ids == second_prompt  # the history re-rendered to the tokens the model sampled
     assert second.choices[0].token_ids == trajectory.tail[second_start:]
     assert "5" in second.choices[0].message.content

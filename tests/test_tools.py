@@ -21,6 +21,18 @@ from preft_rl.trainers.agent import AgentSettings, Trajectory, run_turns
 from preft_rl.trainers.tools import TemplateDelta, call_tool, environment_tools, parse_tool_calls, tools_by_name
 
 
+def test_doctests():
+    import doctest
+
+    from preft_rl.engine.server import chat
+    from preft_rl.rewards import math as math_rewards
+    from preft_rl.trainers import tools
+
+    for module in (tools, chat, math_rewards):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
 def broken(x: int) -> int:
     """Always fails.
 

@@ -10,6 +10,8 @@ What is patched or written here, and why:
 - `OpenAIServingChat.render_chat_request` (patched once per process, `patch_chat_rendering`): a chat request for an
   adapter is prepared and its assistant messages' tokens marked as sampled (preft_rl/engine/server/chat.py), through
   the `ChatRendering` view of the request, the renderer and the prompt;
+- `OpenAIServingResponses.create_responses` (patched once per process, `patch_responses_check`): a Responses API
+  request for an adapter that carries earlier assistant output is refused (it cannot mark the sampled tokens);
 - `openai_serving_models.lora_requests` (the app state's model table, `list_adapter` / `unlist_adapter`): a loaded
   adapter is listed as a LoRARequest subclass, so vLLM accepts its name as `model`;
 - `vllm serve` itself is run in this process (`run_vllm_serve`).
@@ -28,6 +30,7 @@ from .vllm_compat import VllmItem
 _S = "preft_rl.engine.vllm_compat_serve."
 _SERVING = "vllm.entrypoints.serve.engine.serving:BaseServing"
 _CHAT = "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat"
+_RESPONSES = "vllm.entrypoints.openai.responses.serving:OpenAIServingResponses"
 SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm.plugins:DEFAULT_PLUGINS_GROUP", "pyproject.toml entry points (preft_rl.engine.server.plugins)",
              "value", value="vllm.general_plugins"),
@@ -51,6 +54,10 @@ SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorInfo.message", _S + "patch_serving_checks", "attribute"),
     VllmItem(_CHAT + ".render_chat_request", _S + "patch_chat_rendering", params=("self", "request")),
     VllmItem(_CHAT + ".create_error_response", _S + "ChatRendering.error", params=("message",)),
+    VllmItem(_RESPONSES + ".create_responses", _S + "patch_responses_check", params=("self", "request", "raw_request")),
+    VllmItem(_RESPONSES + ".create_error_response", _S + "patch_responses_check", params=("message",)),
+    *(VllmItem(f"vllm.entrypoints.openai.responses.protocol:ResponsesRequest.{field}", _S + "patch_responses_check",
+               "attribute") for field in ("model", "input", "previous_response_id", "previous_input_messages")),
     VllmItem("vllm.renderers.online_renderer:OnlineRenderer.render_chat", _S + "ChatRendering.prefix_ids",
              params=("self", "request")),
     *(VllmItem(f"vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.{field}", _S + "ChatRendering",
@@ -266,6 +273,30 @@ def patch_chat_rendering(hook: Callable[[ChatRendering], Any]) -> None:
         return await _CHAT_HOOK["hook"](ChatRendering(self, request, render))
 
     OpenAIServingChat.render_chat_request = render_chat_request
+
+
+_RESPONSES_CHECK: dict[str, Callable] = {}
+
+
+def patch_responses_check(check: Callable[[str, Any, bool], str | None]) -> None:
+    """Make the Responses route ask `check(model, input, continues)` first (`continues`: previous_response_id or
+    previous_input_messages is set); a message it returns is answered as a 400. Patched once per process."""
+    from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
+
+    first = not _RESPONSES_CHECK
+    _RESPONSES_CHECK["check"] = check
+    if not first:
+        return
+    create = OpenAIServingResponses.create_responses
+
+    async def create_responses(self, request, raw_request=None):
+        continues = request.previous_response_id is not None or bool(request.previous_input_messages)
+        message = _RESPONSES_CHECK["check"](str(request.model), request.input, continues)
+        if message is not None:
+            return self.create_error_response(message)
+        return await create(self, request, raw_request)
+
+    OpenAIServingResponses.create_responses = create_responses
 
 
 # ------------------------------------------------------------------------------ the CLI

@@ -99,6 +99,27 @@ def assistant_token_spans(prompt_ids: Sequence[int], prefixes: Sequence[Sequence
     return spans
 
 
+def responses_history_error(model: str, items: Any, continues: bool) -> str | None:
+    """Why a Responses API request for adapter `model` is refused, or None: the Responses route renders earlier output
+    (assistant messages, function calls, reasoning, or a previous response) without marking it as sampled, so the
+    adapter would act on tokens the model sampled. A single turn (text, or user, system and tool items) is served.
+
+    >>> responses_history_error("a", [{"role": "assistant", "content": "hi"}], False)[:40]
+    "adapter 'a': the Responses API cannot ma"
+    """
+    def field(item: Any, key: str) -> Any:
+        return item.get(key) if isinstance(item, dict) else getattr(item, key, None)
+
+    earlier = continues or (isinstance(items, list) and any(
+        field(item, "role") == "assistant" or field(item, "type") in ("function_call", "reasoning") for item in items))
+    if not earlier:
+        return None
+    return (f"adapter {model!r}: the Responses API cannot mark which tokens of earlier turns the model sampled, so a "
+            "conversation with earlier output (assistant messages, function calls, reasoning or previous_response_id) "
+            "would have the adapter act on them; send it to /v1/chat/completions, which keeps each assistant message "
+            "plain (DESIGN invariant 9)")
+
+
 async def render_adapter_chat(chat: Any, is_adapter: bool) -> Any:
     """The chat route's render for one request (`chat`: vllm_compat_serve.ChatRendering): unchanged for the base
     model; for an adapter, the messages prepared (tools as text) and the assistant messages' tokens marked as sampled

@@ -28,7 +28,7 @@ from preft_rl.engine import vllm_compat_serve as serve_compat
 from preft_rl.engine.vllm_compat import base_cache_salt, request_failed, tag_request
 
 from .adapters import AdapterError, ServedAdapters, ServeSettings, next_request_id
-from .chat import render_adapter_chat
+from .chat import render_adapter_chat, responses_history_error
 
 logger = logging.getLogger(__name__)
 
@@ -194,4 +194,6 @@ def install_request_routing(engine_client: Any, served: ServedAdapters) -> None:
 
     serve_compat.wrap_engine_generate(engine_client, make_generate)
     serve_compat.patch_chat_rendering(lambda chat: render_adapter_chat(chat, chat.model in served.entries))
+    serve_compat.patch_responses_check(
+        lambda model, items, continues: responses_history_error(model, items, continues) if model in served.entries else None)
     serve_compat.patch_serving_checks(lambda model: served.unknown(model).message, serve_compat.is_adapter_request)

@@ -52,6 +52,13 @@ class PreftEngine(VllmEngineBase):
     >>> engine = PreftEngine("smollm2-135m-instruct", max_adapters=64, max_rank=16)   # doctest: +SKIP
     >>> engine.add_adapter("user-7", "path/to/adapter")                                 # doctest: +SKIP
     >>> outs = engine.generate(["2+2="], SamplingParams(max_tokens=8), adapters=["user-7"])  # doctest: +SKIP
+
+    Slots as a cache: `max_adapters` device slots; with `max_cpu_adapters=N` (> max_adapters, like vLLM's
+    max_cpu_loras) up to N adapters may be registered, the rest waiting in host memory (validated when added, as
+    always). A step's adapters are given slots before it runs, the least recently used adapter the step does not need
+    giving up its slot; a batch naming more adapters than slots runs in waves. Versions key the prefix cache whether an
+    adapter sits in a slot or in host memory, so a reloaded adapter reuses its own cached prompts and an updated one
+    never reuses the old version's.
     """
 
     def __init__(
@@ -64,9 +71,13 @@ class PreftEngine(VllmEngineBase):
         adapter_scope: str = "prompt",
         cpu_kv_cache_gib: int = 1,
         multiprocess: bool = False,
+        max_cpu_adapters: int | None = None,
         **vllm_kwargs: Any,
     ) -> None:
         vllm_compat.check_vllm_version()
+        if max_cpu_adapters is not None and max_cpu_adapters < max_adapters:
+            raise ValueError(f"max_cpu_adapters={max_cpu_adapters} must be >= max_adapters={max_adapters}: it counts every "
+                             "registered adapter, those in device slots included (as vLLM's max_cpu_loras)")
         if adapter_scope not in ("prompt", "all"):
             raise ValueError(f"adapter_scope={adapter_scope!r}: use 'prompt' (PreFT) or 'all' (an all-token baseline)")
         tp = int(vllm_kwargs.get("tensor_parallel_size", 1))
@@ -100,10 +111,12 @@ class PreftEngine(VllmEngineBase):
             settings.setdefault("distributed_executor_backend", "mp")  # one worker process per rank
         with _cpu_thread_binding(tp, settings.get("distributed_executor_backend"), expected_device):
             self._start_vllm(self.model_path, settings, {}, multiprocess)
-        info = self._rpc("preft_setup", method, max_adapters, max_rank, adapter_scope == "prompt", model_class)
+        info = self._rpc("preft_setup", method, max_adapters, max_rank, adapter_scope == "prompt", model_class,
+                         max_cpu_adapters)
         self._device_type_name = info["device"]
         self.method, self.adapter_scope = method, adapter_scope
         self.max_adapters, self.max_rank = max_adapters, max_rank
+        self.max_cpu_adapters = max_cpu_adapters or max_adapters
         self._entries: dict[str, AdapterEntry] = {}  # the worker registry's entries, as its RPCs reported them
         self._broken: dict[str, int] = {}  # adapter -> version whose activations went non-finite (refused until updated)
 
@@ -124,7 +137,9 @@ class PreftEngine(VllmEngineBase):
 
     @property
     def adapters(self) -> dict[str, AdapterEntry]:
-        """Registered adapters by name (slot, version, rank, config); a copy."""
+        """Registered adapters by name (slot, version, rank, config); a copy. With max_cpu_adapters > max_adapters the
+        slots move as adapters are loaded and evicted: `slot` is where the adapter was when it was added or updated
+        (-1: waiting in host memory); cache_stats() counts what is where now."""
         return {name: copy.copy(entry) for name, entry in self._entries.items()}
 
     def add_adapter(
@@ -210,7 +225,7 @@ class PreftEngine(VllmEngineBase):
                                                       not entry.config.prefill_only)
             requests.append(request)
             request_params.append(sp)
-        outputs = self.llm.generate(requests, request_params, use_tqdm=use_tqdm)
+        outputs = self._generate_in_waves(requests, request_params, adapters, use_tqdm)
         failed = [i for i, output in enumerate(outputs) if vllm_compat.request_failed(output)]
         if failed:
             self._broken = dict(self._rpc("preft_broken"))
@@ -225,6 +240,29 @@ class PreftEngine(VllmEngineBase):
                 [adapters[i] for i in failed], outputs, failed,
             )
         return outputs
+
+    def _generate_in_waves(self, requests: list[Any], params: list[Any], adapters: list[str | None], use_tqdm: bool) -> list[Any]:
+        """One vLLM call, or, when the batch names more adapters than there are slots (slots as a cache,
+        max_cpu_adapters > max_adapters), one call per wave of requests naming at most max_adapters adapters (in the
+        order the adapters first appear), the outputs back in the requests' order. A request's output does not depend
+        on its wave: its sampling seed, adapter version and prefix-cache key are its own."""
+        distinct = list(dict.fromkeys(name for name in adapters if name is not None))
+        if len(distinct) <= self.max_adapters:
+            return self.llm.generate(requests, params, use_tqdm=use_tqdm)
+        wave_of = {name: i // self.max_adapters for i, name in enumerate(distinct)}
+        waves: dict[int, list[int]] = {}
+        for index, name in enumerate(adapters):
+            waves.setdefault(0 if name is None else wave_of[name], []).append(index)
+        outputs: list[Any] = [None] * len(requests)
+        for indices in waves.values():
+            for index, output in zip(indices, self.llm.generate([requests[i] for i in indices], [params[i] for i in indices],
+                                                                use_tqdm=use_tqdm)):
+                outputs[index] = output
+        return outputs
+
+    def cache_stats(self) -> dict[str, int]:
+        """Slots as a cache: adapters registered, in device slots, and loaded into a slot from host memory so far."""
+        return dict(self._rpc("preft_cache_stats"))
 
     # ------------------------------------------------------------------------------ lifecycle
     def sleep(self, level: int = 1) -> None:

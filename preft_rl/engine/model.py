@@ -155,7 +155,7 @@ class PreftRuntime:
     prompt_only: bool = True
     selection: StepSelection | None = None
     in_step: bool = False
-    request_slots: dict[str, int] = field(default_factory=dict)
+    request_adapters: dict[str, str | None] = field(default_factory=dict)  # request -> its adapter (None: base, failed)
     request_spans: dict[str, np.ndarray] = field(default_factory=dict)  # (k, 2) sampled spans of multi-turn requests
     # spies for tests and reports: (tokens in the forward, adapters acting in it) per forward, the latest 4096 only
     # (a server runs for millions of steps)
@@ -186,12 +186,11 @@ class PreftRuntime:
             if ((bad >= start) & (bad < end)).any():
                 failed_rows.append(i)
                 hidden[start:end] = 0
-                slot = self.request_slots.get(req_id, -1)
-                entry = next((e for e in self.registry.entries.values() if e.slot == slot), None)
-                if entry is not None:
-                    self.registry.mark_broken(entry.name)
+                name = self.request_adapters.get(req_id)
+                if name is not None and name in self.registry.entries:
+                    self.registry.mark_broken(name)
                     # every live request of this adapter fails too (it may read the prefix blocks zeroed below)
-                    self.fail_requests([r for r, s in self.request_slots.items() if s == slot])
+                    self.fail_requests([r for r, n in self.request_adapters.items() if n == name])
                 self.fail_requests([req_id])
         vllm_compat.zero_request_kv_blocks(self.runner, failed_rows)
 
@@ -206,10 +205,11 @@ class PreftRuntime:
         taken, self.failed_pending = self.failed_pending, []
         return taken
 
-    def slot_of(self, req_id: str) -> int:
-        if req_id not in self.request_slots:
+    def adapter_of(self, req_id: str) -> str | None:
+        """The adapter a request is served with (None: the base model, or a request failed alone), looked up once."""
+        if req_id not in self.request_adapters:
             ref = vllm_compat.request_adapter(self.runner, req_id)
-            slot = -1
+            name = None
             if ref is not None:
                 entry = self.registry.entries.get(ref["name"])
                 if entry is None or entry.version != ref["version"] or self.registry.is_broken(entry.name):
@@ -217,28 +217,31 @@ class PreftRuntime:
                     # (the engine and the server refuse such requests before they reach the engine; this is the last line)
                     self.fail_requests([req_id])
                 else:
-                    slot = entry.slot
+                    name = entry.name
                     spans = vllm_compat.sampled_spans_of(ref)
                     if len(spans):
                         self.request_spans[req_id] = spans
-            self.request_slots[req_id] = slot
-        return self.request_slots[req_id]
+            self.request_adapters[req_id] = name
+        return self.request_adapters[req_id]
 
     def begin_forward(self, num_tokens: int, device: torch.device) -> None:
         self.selection = None
         if self.in_step:
             layout = vllm_compat.batch_layout(self.runner)
-            if len(self.request_slots) > 2 * len(layout.req_ids) + 256:  # forget finished requests
+            if len(self.request_adapters) > 2 * len(layout.req_ids) + 256:  # forget finished requests
                 live = set(vllm_compat.live_request_ids(self.runner))
-                self.request_slots = {req: slot for req, slot in self.request_slots.items() if req in live}
+                self.request_adapters = {req: name for req, name in self.request_adapters.items() if req in live}
                 self.request_spans = {req: spans for req, spans in self.request_spans.items() if req in live}
                 self.failed &= live
             slots = np.full(len(layout.req_ids), -1, dtype=np.int64)
             # prompt-only: a request acts only while its prompt is being computed, so a pure-decode step
             # looks up no adapter at all
             busy = np.flatnonzero(layout.num_computed < layout.num_prompt) if self.prompt_only else range(len(slots))
-            for i in busy:
-                slots[i] = self.slot_of(layout.req_ids[i])
+            names = {i: self.adapter_of(layout.req_ids[i]) for i in busy}
+            if self.registry.caching:  # slots as a cache: this step's adapters get slots (least recently used evicted)
+                self.registry.make_resident([name for name in names.values() if name is not None])
+            for i, name in names.items():
+                slots[i] = -1 if name is None else self.registry.entries[name].slot
             spans = {i: self.request_spans[layout.req_ids[i]] for i in busy if layout.req_ids[i] in self.request_spans}
             self.selection = StepSelection.build(self.registry, layout, slots, device, self.prompt_only, num_tokens, spans)
             self.step_log.append((num_tokens, 0 if self.selection is None else self.selection.num_adapters))

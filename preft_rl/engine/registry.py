@@ -12,6 +12,13 @@ so a refused adapter leaves the engine as it was.
 
 Versions key the engine's prefix cache, so a name's version never repeats: removing "x" and adding "x"
 again continues from the removed version instead of restarting at 1.
+
+Slots as a cache (`max_registered > max_adapters`): more adapters may be registered than there are slots. Every
+adapter is validated when it is added or updated, as always, and its staged tensors are kept in host memory; an
+adapter without a slot waits there. `make_resident(names)` gives the named adapters slots before a step that needs
+them, evicting the least recently used adapters the step does not need. An adapter's version is its weights' version,
+whether it sits in a slot or on the host, so a reloaded adapter keeps its prefix-cache key and an updated one gets a new
+one. Without caching (the default) nothing of this runs and the slots hold every adapter, as before.
 """
 
 from __future__ import annotations
@@ -125,7 +132,7 @@ class ModelShape:
 @dataclass
 class AdapterEntry:
     name: str
-    slot: int
+    slot: int  # -1: registered, waiting in host memory for a slot (slots as a cache)
     version: int
     rank: int
     config: PreftConfig
@@ -142,6 +149,17 @@ def check_is_tensor(name: str, key: str, tensor: Any) -> None:
         raise TypeError(f"adapter {name!r}: tensor {key} is a {type(tensor).__name__}; pass torch tensors (torch.as_tensor(x))")
 
 
+def _host_copy(staged: Any) -> Any:
+    """Staged tensors copied to host memory (the slots-as-a-cache copy an adapter is reloaded from)."""
+    if isinstance(staged, torch.Tensor):
+        return staged.detach().to("cpu", copy=True)
+    if isinstance(staged, dict):
+        return {key: _host_copy(value) for key, value in staged.items()}
+    if isinstance(staged, (list, tuple)):
+        return type(staged)(_host_copy(value) for value in staged)
+    return staged
+
+
 def unknown_adapter_message(name: str, registered: list[str]) -> str:
     known = sorted(registered)
     return f"unknown adapter {name!r}; registered: {known[:10]}{' ...' if len(known) > 10 else ''} (add_adapter first)"
@@ -150,7 +168,7 @@ def unknown_adapter_message(name: str, registered: list[str]) -> str:
 class AdapterRegistry:
     def __init__(
         self, method: str, shape: ModelShape, max_adapters: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-        adapter_scope: str = "prompt",
+        adapter_scope: str = "prompt", max_registered: int | None = None,
     ) -> None:
         self.spec = get_method(method)  # refuses an unknown method, naming the registered ones
         if adapter_scope not in SCOPES:
@@ -159,8 +177,16 @@ class AdapterRegistry:
         if max_adapters < 1 or max_rank < 1:
             raise ValueError(f"max_adapters={max_adapters} and max_rank={max_rank} must both be >= 1")
         self.method, self.shape, self.max_adapters, self.max_rank = method, shape, max_adapters, max_rank
+        self.max_registered = max_adapters if max_registered is None else max_registered
+        if self.max_registered < max_adapters:
+            raise ValueError(f"max_cpu_adapters={self.max_registered} must be >= max_adapters={max_adapters} (it counts "
+                             "every registered adapter, those in slots included)")
         self.dtype, self.device = dtype, device
         self.entries: dict[str, AdapterEntry] = {}
+        # slots as a cache: every adapter's staged tensors in host memory, and the resident ones by last use (oldest first)
+        self.host: dict[str, tuple[Any, PreftConfig]] = {}
+        self.recent: dict[str, None] = {}
+        self.loads = 0  # adapters written into a slot from the host cache (a miss), for reports and tests
         self._removed_versions: dict[str, int] = {}  # last version of a removed name: a re-add continues from it
         self._broken: dict[str, int] = {}  # name -> the version whose activations went non-finite (its requests fail)
         self.capacity = 0
@@ -201,31 +227,39 @@ class AdapterRegistry:
         self.capacity = capacity
 
     # -------------------------------------------------------------------------- public API
+    @property
+    def caching(self) -> bool:
+        """Whether more adapters may be registered than there are slots (slots as a cache)."""
+        return self.max_registered > self.max_adapters
+
     def add(self, name: str, state: dict[str, torch.Tensor], config: PreftConfig) -> AdapterEntry:
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name {name!r} must be a non-empty string")
         if name in self.entries:
             raise ValueError(f"adapter {name!r} is already registered; use update_adapter({name!r}, state_dict) or remove it first")
-        if len(self.entries) >= self.max_adapters:
+        if len(self.entries) >= self.max_registered:
+            more = "max_cpu_adapters" if self.caching else "max_adapters (or max_cpu_adapters, to keep more in host memory)"
             raise ValueError(
-                f"the registry is full ({self.max_adapters} adapters); remove_adapter() one or start the engine "
-                f"with max_adapters>{self.max_adapters}"
+                f"the registry is full ({self.max_registered} adapters); remove_adapter() one or start the engine "
+                f"with a larger {more}"
             )
         staged, keys = self._stage(name, state, config)  # validates everything before touching a slot
-        used = {e.slot for e in self.entries.values()}
-        slot = next(i for i in range(self.max_adapters) if i not in used)
-        if slot >= self.capacity:
-            self._grow(2 * self.capacity)
         version = self._removed_versions.get(name, 0) + 1  # never a version this name had before
-        entry = AdapterEntry(name=name, slot=slot, version=version, rank=config.r, config=config, keys=keys)
-        self._write(slot, staged, config)
+        slot = self._free_slot()
+        entry = AdapterEntry(name=name, slot=-1 if slot is None else slot, version=version, rank=config.r, config=config,
+                             keys=keys)
+        if self.caching:
+            self.host[name] = (_host_copy(staged), config)
+        if slot is not None:
+            self._write(slot, staged, config)
+            self.recent[name] = None
         self.entries[name] = entry
         return entry
 
     def update(self, name: str, state: dict[str, torch.Tensor]) -> AdapterEntry:
         entry = self.get(name)
         staged, _ = self._stage(name, state, entry.config, expected=entry.keys)
-        self._write(entry.slot, staged, entry.config)
+        self._store(entry, staged, entry.config)
         entry.version += 1
         return entry
 
@@ -234,16 +268,59 @@ class AdapterRegistry:
         version goes up. Everything is validated before the slot is touched: a refused adapter leaves the old one."""
         entry = self.get(name)
         staged, keys = self._stage(name, state, config)
-        self._write(entry.slot, staged, config)
+        self._store(entry, staged, config)
         entry.version += 1
         entry.config, entry.rank, entry.keys = config, config.r, keys
         return entry
 
     def remove(self, name: str) -> None:
         entry = self.get(name)
-        self._write(entry.slot, None, entry.config)
+        if entry.slot >= 0:
+            self._write(entry.slot, None, entry.config)
         del self.entries[name]
+        self.host.pop(name, None)
+        self.recent.pop(name, None)
         self._removed_versions[name] = entry.version
+
+    def _store(self, entry: AdapterEntry, staged: Any, config: PreftConfig) -> None:
+        """New validated tensors for a registered adapter: in its slot if it has one, and in the host cache."""
+        if self.caching:
+            self.host[entry.name] = (_host_copy(staged), config)
+        if entry.slot >= 0:
+            self._write(entry.slot, staged, config)
+
+    def _free_slot(self) -> int | None:
+        used = {e.slot for e in self.entries.values() if e.slot >= 0}
+        slot = next((i for i in range(self.max_adapters) if i not in used), None)
+        if slot is not None and slot >= self.capacity:
+            self._grow(max(2 * self.capacity, slot + 1))
+        return slot
+
+    def make_resident(self, names: set[str] | list[str]) -> int:
+        """Give each named adapter a slot (slots as a cache): one waiting in host memory is written into a free slot,
+        or into the slot of the least recently used adapter not named (which goes back to waiting). Returns how many
+        were loaded. Raises when more adapters are named than there are slots."""
+        names = [name for name in dict.fromkeys(names) if name in self.entries]
+        if len(names) > self.max_adapters:
+            raise ValueError(f"{len(names)} adapters are needed in one step but the engine has {self.max_adapters} slots "
+                             "(max_adapters); PreftEngine.generate runs such a batch in waves of at most that many")
+        loaded, needed = 0, set(names)
+        for name in names:
+            entry = self.entries[name]
+            if entry.slot < 0:
+                slot = self._free_slot()
+                if slot is None:
+                    victim = next(n for n in self.recent if n not in needed)  # the least recently used, not needed now
+                    slot, self.entries[victim].slot = self.entries[victim].slot, -1
+                    del self.recent[victim]
+                staged, config = self.host[name]
+                self._write(slot, staged, config)
+                entry.slot = slot
+                loaded += 1
+            self.recent.pop(name, None)
+            self.recent[name] = None  # most recently used last
+        self.loads += loaded
+        return loaded
 
     def mark_broken(self, name: str) -> None:
         """The current version of `name` produced non-finite activations: its requests fail until an update or removal."""

@@ -85,8 +85,10 @@ class PreftWorkerExtension:
         """For every engine here, PreFT or baseline: make seeded sampling work with chunked prefill on vLLM-CPU."""
         return vllm_compat.rewind_discarded_samples_on_cpu(vllm_compat.worker_model_runner(self))
 
-    def preft_setup(self, method: str, max_adapters: int, max_rank: int, prompt_only: bool, model_class: str) -> dict[str, Any]:
-        """Create the registry beside the model (its dtype and device) and attach the runtime the hooks read."""
+    def preft_setup(self, method: str, max_adapters: int, max_rank: int, prompt_only: bool, model_class: str,
+                    max_registered: int | None = None) -> dict[str, Any]:
+        """Create the registry beside the model (its dtype and device) and attach the runtime the hooks read.
+        `max_registered` > max_adapters: slots as a cache (AdapterRegistry)."""
         from .model import PreftRuntime, register_runtime
 
         runner = vllm_compat.worker_model_runner(self)
@@ -96,7 +98,7 @@ class PreftWorkerExtension:
         param = next(model.parameters())
         shape = ModelShape.from_hf_config(vllm_compat.runner_hf_config(runner), *vllm_compat.tp_rank_and_size())
         registry = AdapterRegistry(method, shape, max_adapters, max_rank, param.dtype, param.device,
-                                   adapter_scope="prompt" if prompt_only else "all")
+                                   adapter_scope="prompt" if prompt_only else "all", max_registered=max_registered)
         runtime = PreftRuntime(registry=registry, runner=runner, prompt_only=prompt_only)
         model.preft_runtime = runtime
         register_runtime(runtime, model.preft_runtime_id)
@@ -145,6 +147,12 @@ class PreftWorkerExtension:
     def preft_remove_adapter(self, name: str) -> dict[str, Any]:
         registry = self._preft_registry()
         return self._preft_guard(lambda: registry.remove(name) or {"removed": name})
+
+    def preft_cache_stats(self) -> dict[str, int]:
+        """Slots as a cache: adapters registered, in slots, and loaded into a slot from host memory so far."""
+        registry = self._preft_registry()
+        return {"registered": len(registry.entries), "resident": sum(e.slot >= 0 for e in registry.entries.values()),
+                "loads": registry.loads}
 
     def preft_broken(self) -> dict[str, int]:
         """{name: version} of the adapters whose current version produced non-finite activations."""

@@ -1,7 +1,8 @@
 """Slots as a cache (issue 32, engine side): more adapters registered than the engine has slots.
 
 The registry's bookkeeping alone (least-recently-used eviction, versions, errors), then PreftEngine with 3 slots and
-8 adapters: one batch naming every adapter (run in waves), each request's greedy tokens equal to its own adapter's HF
+8 adapters: one batch naming every adapter (the scheduler holds prompts back while their adapters would not fit the
+slots), each request's greedy tokens equal to its own adapter's HF
 reference; an adapter updated while it waits in host memory serves its new weights, never the old version's KV.
 """
 
@@ -111,3 +112,17 @@ def test_eight_adapters_on_three_slots_each_request_gets_its_own_adapter(tiny_ll
         assert list(out.outputs[0].token_ids) == reference_greedy(new, base, prompts[0], 6)
     finally:
         engine.close()
+
+
+def test_the_scheduler_starts_a_prompt_only_while_its_adapter_fits_the_slots():
+    import doctest
+
+    from preft_rl.engine import vllm_compat
+    from preft_rl.engine.vllm_compat import admits_adapter
+
+    assert doctest.testmod(vllm_compat).failed == 0
+    prefilling = [{"name": "a", "slots": 2}, {"name": "b", "slots": 2}, None]  # None: a base-model request
+    assert not admits_adapter({"name": "c", "slots": 2}, prefilling)  # a third adapter waits a step
+    assert admits_adapter({"name": "b", "slots": 2}, prefilling)  # one already computing a prompt: no new slot
+    assert admits_adapter({"name": "c", "slots": 3}, prefilling)
+    assert admits_adapter({"name": "c"}, prefilling) and admits_adapter(None, prefilling)  # no caching: as before

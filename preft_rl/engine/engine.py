@@ -56,7 +56,8 @@ class PreftEngine(VllmEngineBase):
     Slots as a cache: `max_adapters` device slots; with `max_cpu_adapters=N` (> max_adapters, like vLLM's
     max_cpu_loras) up to N adapters may be registered, the rest waiting in host memory (validated when added, as
     always). A step's adapters are given slots before it runs, the least recently used adapter the step does not need
-    giving up its slot; a batch naming more adapters than slots runs in waves. Versions key the prefix cache whether an
+    giving up its slot; the scheduler starts a prompt only while the adapters of the prompts being computed fit the
+    slots (others wait a step, as vLLM holds back LoRA requests over max_loras). Versions key the prefix cache whether an
     adapter sits in a slot or in host memory, so a reloaded adapter reuses its own cached prompts and an updated one
     never reuses the old version's.
     """
@@ -117,6 +118,9 @@ class PreftEngine(VllmEngineBase):
         self.method, self.adapter_scope = method, adapter_scope
         self.max_adapters, self.max_rank = max_adapters, max_rank
         self.max_cpu_adapters = max_cpu_adapters or max_adapters
+        # slots as a cache: each request carries the slot count, so the scheduler keeps a step's prompt computations
+        # within it (vllm_compat.install_adapter_slot_limit); 0: no caching, requests as before
+        self._slot_limit = max_adapters if self.max_cpu_adapters > max_adapters else 0
         self._entries: dict[str, AdapterEntry] = {}  # the worker registry's entries, as its RPCs reported them
         self._broken: dict[str, int] = {}  # adapter -> version whose activations went non-finite (refused until updated)
 
@@ -222,10 +226,10 @@ class PreftEngine(VllmEngineBase):
             else:  # adapter, version and sampled spans in extra_args, the prefix-cache salt: the rule `preft-rl serve` uses too
                 first_last = entry.config.first_last
                 request, sp = vllm_compat.tag_request(request, sp, entry.name, entry.version, first_last[1] if first_last else 0,
-                                                      not entry.config.prefill_only)
+                                                      not entry.config.prefill_only, self._slot_limit)
             requests.append(request)
             request_params.append(sp)
-        outputs = self._generate_in_waves(requests, request_params, adapters, use_tqdm)
+        outputs = self.llm.generate(requests, request_params, use_tqdm=use_tqdm)
         failed = [i for i, output in enumerate(outputs) if vllm_compat.request_failed(output)]
         if failed:
             self._broken = dict(self._rpc("preft_broken"))
@@ -239,25 +243,6 @@ class PreftEngine(VllmEngineBase):
                 "this error's .outputs (failed indices in .failed).",
                 [adapters[i] for i in failed], outputs, failed,
             )
-        return outputs
-
-    def _generate_in_waves(self, requests: list[Any], params: list[Any], adapters: list[str | None], use_tqdm: bool) -> list[Any]:
-        """One vLLM call, or, when the batch names more adapters than there are slots (slots as a cache,
-        max_cpu_adapters > max_adapters), one call per wave of requests naming at most max_adapters adapters (in the
-        order the adapters first appear), the outputs back in the requests' order. A request's output does not depend
-        on its wave: its sampling seed, adapter version and prefix-cache key are its own."""
-        distinct = list(dict.fromkeys(name for name in adapters if name is not None))
-        if len(distinct) <= self.max_adapters:
-            return self.llm.generate(requests, params, use_tqdm=use_tqdm)
-        wave_of = {name: i // self.max_adapters for i, name in enumerate(distinct)}
-        waves: dict[int, list[int]] = {}
-        for index, name in enumerate(adapters):
-            waves.setdefault(0 if name is None else wave_of[name], []).append(index)
-        outputs: list[Any] = [None] * len(requests)
-        for indices in waves.values():
-            for index, output in zip(indices, self.llm.generate([requests[i] for i in indices], [params[i] for i in indices],
-                                                                use_tqdm=use_tqdm)):
-                outputs[index] = output
         return outputs
 
     def cache_stats(self) -> dict[str, int]:

@@ -303,7 +303,8 @@ class AdapterRegistry:
         names = [name for name in dict.fromkeys(names) if name in self.entries]
         if len(names) > self.max_adapters:
             raise ValueError(f"{len(names)} adapters are needed in one step but the engine has {self.max_adapters} slots "
-                             "(max_adapters); PreftEngine.generate runs such a batch in waves of at most that many")
+                             "(max_adapters); the scheduler's slot limit (vllm_compat.install_adapter_slot_limit) "
+                             "should have held some back")
         loaded, needed = 0, set(names)
         for name in names:
             entry = self.entries[name]

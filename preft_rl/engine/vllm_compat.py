@@ -58,14 +58,16 @@ def base_cache_salt(client_salt: str | None) -> str | None:
 
 
 def tag_request(prompt: dict[str, Any], sampling_params: Any, name: str, version: int,
-                last_m: int = 0, all_tokens: bool = False) -> tuple[dict[str, Any], Any]:
+                last_m: int = 0, all_tokens: bool = False, slots: int = 0) -> tuple[dict[str, Any], Any]:
     """(prompt, sampling params) of a request served with adapter `name` at `version`: the worker reads the adapter and
     the prompt's sampled spans (`SAMPLED_SPANS_KEY`, moved out of the prompt) from the params' extra_args
     (`request_adapter`), and the prompt's cache salt keys its prefix cache (`adapter_cache_salt`; a `cache_salt` the
     prompt already holds is the client's and is kept after ours). `last_m`: the adapter acts at the last M tokens of
     each adapted run (ReFT 'fN+lM'), which the block keys need; `all_tokens`: the adapter acts on every token (the
-    all-token baseline), so what was sampled does not change any KV. Both are new objects: the caller's prompt and
-    params are left as they were. The one rule PreftEngine and `preft-rl serve` both use."""
+    all-token baseline), so what was sampled does not change any KV. `slots` (slots as a cache): the engine's slot
+    count, which the scheduler keeps the adapters of a step's prompt computations within (`install_adapter_slot_limit`).
+    Both are new objects: the caller's prompt and params are left as they were. The one rule PreftEngine and
+    `preft-rl serve` both use."""
     from preft_rl.adapters.masks import check_sampled_spans
 
     token_ids = prompt.get("prompt_token_ids")
@@ -81,6 +83,8 @@ def tag_request(prompt: dict[str, Any], sampling_params: Any, name: str, version
         tag["last_m"] = int(last_m)
     if all_tokens:
         tag["all_tokens"] = True
+    if slots:
+        tag["slots"] = int(slots)
     params = sampling_params.clone()
     params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: tag}
     return {**prompt, "cache_salt": adapter_cache_salt(name, version, prompt.get("cache_salt"))}, params
@@ -124,10 +128,61 @@ def adapter_block_key(tag: dict[str, Any], num_prompt: int, start: int, end: int
 
 
 def install_scheduler_patches() -> None:
-    """Everything preft-rl changes in vLLM's scheduler process: failing one request alone and the adapter block keys.
-    Called wherever a scheduler may run (the caller's process, the worker module, the general plugin); idempotent."""
+    """Everything preft-rl changes in vLLM's scheduler process: failing one request alone, the adapter block keys, and
+    the adapter slot limit. Called wherever a scheduler may run (the caller's process, the worker module, the general
+    plugin); idempotent."""
     install_request_failure_channel()
     install_adapter_block_keys()
+    install_adapter_slot_limit()
+
+
+def request_tag(request: Any) -> dict[str, Any] | None:
+    """A scheduler request's adapter tag (tag_request), or None."""
+    params = request.sampling_params
+    return (params.extra_args or {}).get(EXTRA_ARGS_KEY) if params is not None else None
+
+
+def admits_adapter(tag: dict[str, Any] | None, prefilling: list[dict[str, Any] | None]) -> bool:
+    """Slots as a cache: whether a request with `tag` may start computing its prompt beside requests still computing
+    theirs (their tags): their distinct adapters, with its own, must fit the engine's slots (`tag["slots"]`; an adapter
+    needs its slot only while its prompt is computed). Always for an untagged request or an engine without caching.
+
+    >>> admits_adapter({"name": "c", "slots": 2}, [{"name": "a"}, {"name": "b"}, None])
+    False
+    >>> admits_adapter({"name": "a", "slots": 2}, [{"name": "a"}, {"name": "b"}])
+    True
+    """
+    slots = (tag or {}).get("slots", 0)
+    if not slots:
+        return True
+    names = {t["name"] for t in prefilling if t is not None}
+    return tag["name"] in names or len(names) < slots
+
+
+_SLOT_LIMIT: list[bool] = []
+
+
+def install_adapter_slot_limit() -> None:
+    """Patch vLLM's Scheduler (this process, once): a waiting request whose adapter would be one more than the engine's
+    slots among the requests computing their prompts waits for a later step (`admits_adapter`), as vLLM holds back a
+    request over `max_loras`. Only requests tagged with a slot count (an engine with max_cpu_adapters) are affected."""
+    if _SLOT_LIMIT:
+        return
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original = Scheduler._handle_blocked_waiting_request
+
+    def _handle_blocked_waiting_request(self: Any, request: Any) -> bool:
+        if not original(self, request):
+            return False
+        tag = request_tag(request)
+        if not (tag or {}).get("slots"):
+            return True
+        prefilling = [request_tag(r) for r in self.running if r.num_computed_tokens < r.num_prompt_tokens]
+        return admits_adapter(tag, prefilling)
+
+    Scheduler._handle_blocked_waiting_request = _handle_blocked_waiting_request
+    _SLOT_LIMIT.append(True)
 
 
 _BLOCK_KEYS: list[bool] = []
@@ -145,8 +200,7 @@ def install_adapter_block_keys() -> None:
 
     def generate_block_hash_extra_keys(request: Any, start_token_idx: int, end_token_idx: int, start_mm_idx: int):
         extra_keys, next_mm_idx = original(request, start_token_idx, end_token_idx, start_mm_idx)
-        params = request.sampling_params
-        tag = (params.extra_args or {}).get(EXTRA_ARGS_KEY) if params is not None else None
+        tag = request_tag(request)
         if tag is not None:
             key = adapter_block_key(tag, request.num_prompt_tokens, start_token_idx, end_token_idx)
             if key is not None:
@@ -595,6 +649,10 @@ _C = "preft_rl.engine.vllm_compat."
 SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm:__version__", _C + "check_vllm_version", "attribute"),
     # the public API every engine here drives (preft_rl/engine/common.py, engine.py, baselines.py)
+    VllmItem("vllm.v1.core.sched.scheduler:Scheduler._handle_blocked_waiting_request", _C + "install_adapter_slot_limit",
+             params=("self", "request")),
+    VllmItem("vllm.v1.core.sched.scheduler:Scheduler.running", _C + "install_adapter_slot_limit", "init attribute"),
+    VllmItem("vllm.v1.request:Request.num_computed_tokens", _C + "install_adapter_slot_limit", "init attribute"),
     VllmItem("vllm:LLM.generate", "preft_rl.engine (PreftEngine / BaseEngine / NativeLoraEngine .generate)",
              params=("prompts", "sampling_params", "use_tqdm", "lora_request")),
     VllmItem("vllm:LLM.collective_rpc", "preft_rl.engine.common.VllmEngineBase._rpc", params=("method", "args")),

@@ -218,7 +218,7 @@ def test_adapter_table_errors_change_nothing(adapter_dirs, tmp_path):
                 await coro
             assert info.value.status == status
         await served.load("b", str(adapter_dirs["b"]))
-        with pytest.raises(AdapterError, match="all 2 adapter slots are in use"):
+        with pytest.raises(AdapterError, match="all 2 adapters this server holds are loaded"):
             await served.load("c", str(adapter_dirs["c"]))
         with pytest.raises(AdapterError, match="not loaded"):
             async with served.serving("c"):
@@ -786,3 +786,46 @@ def test_a_tool_conversation_through_the_server_equals_the_trainers_rollout(tool
     wrong_gap = max(abs(a - b) for a, b in zip(served, wrong_logps))
     # measured: 0.0 and 9.8e-4 (fp32; the server and the engine run the same maths on the same shapes)
     assert right_gap < 1e-5 and wrong_gap > 1e-4, (right_gap, wrong_gap)
+
+
+@pytest.mark.slow
+def test_more_adapters_than_slots_from_an_adapter_dir_each_request_gets_its_own(tiny_llama_dir, reference, tokenizer, tmp_path):
+    """Slots as a cache in the server: 6 adapters in --adapter-dir, loaded on their first request, on 2 device slots and
+    3 held at most (--max-cpu-adapters): 36 concurrent clients over the 6 adapters and the base, each answer equal to
+    its own adapter's reference (never another adapter's output). An adapter unloaded to make room and whose files
+    changed meanwhile serves its new weights, not the old version's cached prompt."""
+    import openai
+    from openai import AsyncOpenAI
+
+    library = tmp_path / "adapters"
+    dirs = {f"user-{i}": make_adapter(tiny_llama_dir, library / f"user-{i}", seed=20 + i) for i in range(6)}
+    prompts = {name: tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i, name in enumerate([*dirs, "tiny"])}
+    expected = {name: reference(dirs.get(name), ids, GREEDY["max_tokens"]) for name, ids in prompts.items()}
+    with running_server(tiny_llama_dir, {}, tmp_path / "server.log", "--max-adapters", "2", "--max-cpu-adapters", "3",
+                        "--adapter-dir", str(library)) as url:
+        async def run():
+            client = AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+            async def ask(name):
+                response = await client.completions.create(model=name, prompt=prompts[name], extra_body=TOKENS, **GREEDY)
+                return name, response.choices[0].token_ids
+
+            names = [[*dirs, "tiny"][i % 7] for i in range(36)]
+            return await asyncio.wait_for(asyncio.gather(*(ask(name) for name in names)), timeout=900)
+
+        for name, ids in asyncio.run(run()):
+            assert ids == expected[name], name
+        client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        with pytest.raises(openai.NotFoundError, match="not loaded on this server"):
+            complete(client, "user-99", PROMPTS[0])  # not in the directory either
+        # user-0's files change while it is out of the server (at most 3 held: the last requests pushed it out)
+        for name in ("user-3", "user-4", "user-5"):
+            complete(client, name, PROMPTS[0])
+        import shutil
+
+        new_copy = make_adapter(tiny_llama_dir, tmp_path / "user-0-new", seed=77)
+        shutil.rmtree(dirs["user-0"])
+        shutil.copytree(new_copy, dirs["user-0"])  # the new files, and a copy of them for the reference
+        _, prompt_ids, ids = complete(client, "user-0", PROMPTS[0])
+        assert prompt_ids == prompts["user-0"]
+        assert ids == reference(new_copy, prompt_ids, GREEDY["max_tokens"]) != expected["user-0"]  # the new weights

@@ -52,6 +52,7 @@ SURFACE: tuple[VllmItem, ...] = (
     VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorResponse.error", _S + "patch_serving_checks", "attribute"),
     VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorInfo.code", _S + "patch_serving_checks", "attribute"),
     VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorInfo.message", _S + "patch_serving_checks", "attribute"),
+    VllmItem("vllm.entrypoints.serve.engine.protocol:ErrorInfo.type", _S + "patch_serving_checks", "attribute"),
     VllmItem(_CHAT + ".render_chat_request", _S + "patch_chat_rendering", params=("self", "request")),
     VllmItem(_CHAT + ".create_error_response", _S + "ChatRendering.error", params=("message",)),
     VllmItem(_RESPONSES + ".create_responses", _S + "patch_responses_check", params=("self", "request", "raw_request")),
@@ -149,21 +150,31 @@ def not_found_error(message: str) -> Exception:
 _CHECKS: dict[str, Callable] = {}
 
 
-def patch_serving_checks(not_found_message: Callable[[str], str], hide_default_mm_lora: Callable[[Any], bool]) -> None:
-    """Make vLLM's request checks (every OpenAI route) PreFT-aware, in this process: an unknown `model` gets the 404
-    message `not_found_message(model)`, and a LoRA request for which `hide_default_mm_lora(lora)` is true is never
-    picked as a "default multimodal LoRA" (vLLM matches LoRA names against content types). The class is patched once;
-    a later call replaces the callbacks."""
+def patch_serving_checks(not_found_message: Callable[[str], str], hide_default_mm_lora: Callable[[Any], bool],
+                         resolve: Callable[[str], Any] | None = None) -> None:
+    """Make vLLM's request checks (every OpenAI route) PreFT-aware, in this process: an unknown `model` is first
+    offered to `await resolve(model)` (which may load and list it, or return (status, message) for one it cannot), then
+    gets the 404 message `not_found_message(model)`; and a LoRA request for which `hide_default_mm_lora(lora)` is true
+    is never picked as a "default multimodal LoRA" (vLLM matches LoRA names against content types). The class is
+    patched once; a later call replaces the callbacks."""
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
     first = not _CHECKS
-    _CHECKS.update(not_found_message=not_found_message, hide_default_mm_lora=hide_default_mm_lora)
+    _CHECKS.update(not_found_message=not_found_message, hide_default_mm_lora=hide_default_mm_lora, resolve=resolve)
     if not first:
         return
     check_model, default_mm_loras = BaseServing._check_model, BaseServing._get_active_default_mm_loras
 
     async def _check_model(self, request):
         error = await check_model(self, request)
+        if error is not None and error.error.code == HTTPStatus.NOT_FOUND.value and _CHECKS["resolve"] is not None:
+            refused = await _CHECKS["resolve"](str(request.model))
+            if refused is None:
+                error = await check_model(self, request)  # loaded and listed now, or still unknown
+            else:
+                error.error.code, error.error.message = refused
+                error.error.type = HTTPStatus(refused[0]).phrase.replace(" ", "") + "Error"
+                return error
         if error is not None and error.error.code == HTTPStatus.NOT_FOUND.value:
             error.error.message = _CHECKS["not_found_message"](str(request.model))
         return error

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -67,6 +68,17 @@ class ServeSettings:
     runtime_updates: bool = False  # the load / unload routes
     adapter_scope: str = "prompt"  # "all": the same server with adapters on every token (a benchmark baseline)
     peft_lora_as_prefill_only: bool = False  # start-up adapters may be plain PEFT LoRA directories
+    max_cpu_adapters: int = 0  # slots as a cache: adapters registered at most (0: max_adapters, every one in a slot)
+    adapter_dir: str | None = None  # adapters found here (DIR/NAME) are loaded on their first request
+
+    @property
+    def registered_limit(self) -> int:
+        return max(self.max_cpu_adapters, self.max_adapters)
+
+    @property
+    def slot_limit(self) -> int:
+        """The slot count requests carry for the scheduler's slot limit (0: no caching)."""
+        return self.max_adapters if self.registered_limit > self.max_adapters else 0
 
 
 def read_adapter(name: str, path: Any, settings: ServeSettings, peft_lora_as_prefill_only: bool = False,
@@ -125,6 +137,9 @@ class ServedAdapters:
         self._state = asyncio.Condition()
         self._admin = asyncio.Lock()  # one change at a time, in order, on every rank
         self.broken: dict[str, int] = {}  # name -> version whose activations went non-finite: its requests get a 422
+        self._used: dict[str, None] = {}  # adapters by last request, oldest first (--adapter-dir eviction)
+        self._from_dir: set[str] = set()  # adapters loaded from --adapter-dir on a first request (may be unloaded again)
+        self._resolving = asyncio.Lock()  # one first-request load at a time
 
     # ------------------------------------------------------------------------------ requests
     def unknown(self, name: str) -> AdapterError:
@@ -139,13 +154,9 @@ class ServedAdapters:
 
     @contextlib.asynccontextmanager
     async def serving(self, name: str) -> AsyncIterator[AdapterEntry]:
-        """Hold adapter `name` for one request: its entry (version) cannot change until the request ends."""
-        async with self._state:
-            await self._state.wait_for(lambda: name not in self._changing)
-            if name not in self.entries:
-                raise self.unknown(name)
-            entry = self.entries[name]
-            self._readers[name] += 1
+        """Hold adapter `name` for one request: its entry (version) cannot change, and it cannot be unloaded to make
+        room, until the request ends. An adapter in --adapter-dir that is not loaded is loaded first (`resolve`)."""
+        entry = await self._hold(name)
         try:
             yield entry
         finally:
@@ -154,6 +165,29 @@ class ServedAdapters:
                 if not self._readers[name]:
                     del self._readers[name]
                 self._state.notify_all()
+
+    async def _hold(self, name: str) -> AdapterEntry:
+        async with self._state:
+            await self._state.wait_for(lambda: name not in self._changing)
+            if name in self.entries:
+                return self._take(name)
+        if self.settings.adapter_dir is None:
+            raise self.unknown(name)
+        async with self._resolving:  # loaded and held before any other first request may unload it to make room
+            if name not in self.entries and not await self._resolve_locked(name):
+                raise self.unknown(name)
+            async with self._state:
+                await self._state.wait_for(lambda: name not in self._changing)
+                if name not in self.entries:
+                    raise self.unknown(name)
+                return self._take(name)
+
+    def _take(self, name: str) -> AdapterEntry:
+        """One more request holds `name` (call with the state lock held)."""
+        self._readers[name] += 1
+        self._used.pop(name, None)
+        self._used[name] = None
+        return self.entries[name]
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, name: str) -> AsyncIterator[None]:
@@ -212,9 +246,10 @@ class ServedAdapters:
             if name in self.entries and not replace:
                 raise AdapterError(400, f"adapter {name!r} is already loaded (version {self.entries[name].version}); "
                                         'pass "load_inplace": true to update it, or unload it first')
-            if name not in self.entries and len(self.entries) >= self.settings.max_adapters:
-                raise AdapterError(400, f"all {self.settings.max_adapters} adapter slots are in use; unload an adapter "
-                                        "first, or restart the server with a larger --max-adapters")
+            if name not in self.entries and len(self.entries) >= self.settings.registered_limit:
+                raise AdapterError(400, f"all {self.settings.registered_limit} adapters this server holds are loaded; "
+                                        "unload an adapter first, or restart the server with a larger --max-cpu-adapters "
+                                        "(adapters in host memory beyond the --max-adapters device slots)")
             if name in self.entries:
                 async with self._exclusive(name):
                     entry = await self._replace(name, packed, config)
@@ -251,7 +286,46 @@ class ServedAdapters:
                 await self._rpc("preft_remove_adapter", name)
                 del self.entries[name]
                 self.paths.pop(name, None)
+                self._used.pop(name, None)
+                self._from_dir.discard(name)
         logger.info("adapter %r unloaded", name)
+
+    async def resolve(self, name: str) -> bool:
+        """Load adapter `name` from --adapter-dir (DIR/NAME) on its first request, as vLLM's LoRA resolvers do: True
+        once it is loaded, False if the directory has no such adapter (the request gets the 404). When the server
+        holds all it may (--max-cpu-adapters), the least recently requested adapter that came from the directory and
+        has no request in flight is unloaded first; its next request loads it again, under a new version (so no
+        prompt KV cached for the old files is reused). A bad adapter directory raises its AdapterError."""
+        async with self._resolving:
+            return await self._resolve_locked(name)
+
+    async def _resolve_locked(self, name: str) -> bool:
+        directory = self.settings.adapter_dir
+        if directory is None or not NAME_PATTERN.fullmatch(name) or name in self.base_names:
+            return False
+        path = os.path.join(directory, name)
+        if not os.path.isdir(path):
+            return False
+        if name in self.entries:
+            return True
+        if len(self.entries) >= self.settings.registered_limit:
+            if not self._from_dir:  # every adapter held was loaded at start-up or through the load route: none may go
+                raise AdapterError(503, f"adapter {name!r} is in {directory} but the server holds "
+                                        f"{self.settings.registered_limit} adapters already, none of them loaded from the "
+                                        "directory (only those are unloaded to make room); unload one, or restart the "
+                                        "server with a larger --max-cpu-adapters")
+
+            def idle() -> list[str]:  # least recently requested first
+                return [n for n in dict.fromkeys([*self._used, *self._from_dir])
+                        if n in self._from_dir and not self._readers[n] and n not in self._changing]
+
+            async with self._state:  # wait for room: a request ends (the wait a request over vLLM's max_loras has)
+                await self._state.wait_for(lambda: bool(idle()))
+                victim = idle()[0]
+            await self.unload(victim)
+        await self.load(name, path, peft_lora_as_prefill_only=self.settings.peft_lora_as_prefill_only)
+        self._from_dir.add(name)
+        return True
 
 
 _ids = itertools.count(1)

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the adapters' method; one per server (default: %(default)s)")
     parser.add_argument("--max-adapters", type=int, default=64, help="adapter slots (default: %(default)s)")
     parser.add_argument("--max-rank", type=int, default=16, help="largest adapter rank (default: %(default)s)")
+    parser.add_argument("--max-cpu-adapters", type=int, default=None,
+                        help="adapters the server holds at most, those beyond --max-adapters waiting in host memory for a "
+                             "slot (slots as a cache, as vLLM's --max-cpu-loras; default: --max-adapters)")
+    parser.add_argument("--adapter-dir", default=None, metavar="DIR",
+                        help="a directory of adapter folders: a request for NAME loads DIR/NAME on first use (when the "
+                             "server is full, the least recently requested adapter loaded this way is unloaded)")
     parser.add_argument("--enable-adapter-updates", action="store_true",
                         help=f"add POST {LOAD_ROUTE} and {UNLOAD_ROUTE} (needs --api-key or VLLM_API_KEY)")
     parser.add_argument("--adapter-scope", choices=["prompt", "all"], default="prompt",
@@ -114,12 +120,20 @@ def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
                              "scale out with --tensor-parallel-size, or run several servers behind a load balancer")
     if args.max_adapters < 1 or args.max_rank < 1:
         raise ValueError(f"--max-adapters {args.max_adapters} and --max-rank {args.max_rank} must both be >= 1")
+    if args.max_cpu_adapters is not None and args.max_cpu_adapters < args.max_adapters:
+        raise ValueError(f"--max-cpu-adapters {args.max_cpu_adapters} must be >= --max-adapters {args.max_adapters} (it "
+                         "counts every adapter the server holds, those in device slots included)")
+    if args.adapter_dir is not None and not os.path.isdir(args.adapter_dir):
+        raise ValueError(f"--adapter-dir {args.adapter_dir}: not a directory; pass a directory holding one adapter "
+                         "folder per name (DIR/NAME/adapter_config.json)")
     if args.enable_adapter_updates and not (_flag_given(vllm_argv, "--api-key") or os.environ.get("VLLM_API_KEY")):
         raise ValueError("--enable-adapter-updates lets clients load files of the server's machine: it needs an API "
                          "key (--api-key KEY or VLLM_API_KEY), as vLLM's own runtime LoRA updates do")
     adapters = parse_adapters(args.adapters)
-    if len(adapters) > args.max_adapters:
-        raise ValueError(f"{len(adapters)} --adapters but --max-adapters {args.max_adapters}; raise --max-adapters")
+    limit = max(args.max_cpu_adapters or 0, args.max_adapters)
+    if len(adapters) > limit:
+        raise ValueError(f"{len(adapters)} --adapters but the server holds at most {limit}; raise --max-adapters or "
+                         "--max-cpu-adapters")
 
     path = resolve_model(args.model)
     hf_config = AutoConfig.from_pretrained(path)
@@ -129,7 +143,9 @@ def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     settings = ServeSettings(method=args.method, max_adapters=args.max_adapters, max_rank=args.max_rank,
                              model_class=preft_architecture(arch, args.method), adapters=adapters,
                              runtime_updates=args.enable_adapter_updates, adapter_scope=args.adapter_scope,
-                             peft_lora_as_prefill_only=args.load_peft_lora_as_prefill_only)
+                             peft_lora_as_prefill_only=args.load_peft_lora_as_prefill_only,
+                             max_cpu_adapters=args.max_cpu_adapters or 0,
+                             adapter_dir=os.path.abspath(args.adapter_dir) if args.adapter_dir else None)
     for name, adapter_dir in adapters.items():  # every start-up adapter read and checked before vLLM starts
         try:
             read_adapter(name, adapter_dir, settings, settings.peft_lora_as_prefill_only)

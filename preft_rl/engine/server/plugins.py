@@ -135,10 +135,11 @@ class PreftEndpointPlugin:
 
         agreed_result("preft_prepare", await engine_client.collective_rpc("preft_prepare"))
         info = agreed_result("preft_setup", await engine_client.collective_rpc(
-            "preft_setup", args=(s.method, s.max_adapters, s.max_rank, s.adapter_scope == "prompt", s.model_class)))
+            "preft_setup", args=(s.method, s.max_adapters, s.max_rank, s.adapter_scope == "prompt", s.model_class,
+                                 s.registered_limit)))
         served = ServedAdapters(engine_client, s, serve_compat.base_model_names(state))
         state.preft_adapters = served
-        install_request_routing(engine_client, served)
+        install_request_routing(engine_client, served, state)
         for name, path in s.adapters.items():
             try:
                 await served.load(name, path, peft_lora_as_prefill_only=s.peft_lora_as_prefill_only)
@@ -154,8 +155,19 @@ def _list_adapter(state: Any, name: str, path: str) -> None:
     serve_compat.list_adapter(state, name, path, next_request_id())
 
 
-def install_request_routing(engine_client: Any, served: ServedAdapters) -> None:
-    """Wrap the engine client's generate (see the module docstring) and make vLLM's request checks PreFT-aware."""
+def install_request_routing(engine_client: Any, served: ServedAdapters, state: Any = None) -> None:
+    """Wrap the engine client's generate (see the module docstring) and make vLLM's request checks PreFT-aware (an
+    adapter in --adapter-dir is loaded on its first request and listed in `state`'s model table)."""
+
+    async def resolve(model: str) -> tuple[int, str] | None:
+        """(status, message) if `model` is in --adapter-dir but cannot be loaded; None once it is loaded or when it is
+        not there (the 404 stands)."""
+        try:
+            if await served.resolve(model):
+                _list_adapter(state, model, served.paths[model])
+        except AdapterError as exc:
+            return exc.status, exc.message
+        return None
 
     def make_generate(inner):
         async def generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any, lora_request: Any = None,
@@ -176,7 +188,8 @@ def install_request_routing(engine_client: Any, served: ServedAdapters) -> None:
                         raise broken
                     first_last = entry.config.first_last
                     tagged, params = tag_request(prompt, sampling_params, entry.name, entry.version,
-                                                 first_last[1] if first_last else 0, not entry.config.prefill_only)
+                                                 first_last[1] if first_last else 0, not entry.config.prefill_only,
+                                                 served.settings.slot_limit)
                     stream = inner(tagged, params, request_id, *args, lora_request=None, **kwargs)
                     try:
                         async for output in stream:
@@ -196,4 +209,5 @@ def install_request_routing(engine_client: Any, served: ServedAdapters) -> None:
     serve_compat.patch_chat_rendering(lambda chat: render_adapter_chat(chat, chat.model in served.entries))
     serve_compat.patch_responses_check(
         lambda model, items, continues: responses_history_error(model, items, continues) if model in served.entries else None)
-    serve_compat.patch_serving_checks(lambda model: served.unknown(model).message, serve_compat.is_adapter_request)
+    serve_compat.patch_serving_checks(lambda model: served.unknown(model).message, serve_compat.is_adapter_request,
+                                      resolve if served.settings.adapter_dir else None)

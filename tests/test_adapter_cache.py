@@ -76,15 +76,15 @@ def test_a_registry_without_caching_keeps_todays_rules(shape, load_tiny):
         registry.add("c", lora_state(load_tiny, 2), CONFIG)
 
 
-@pytest.mark.parametrize("multiprocess", [False, True])
-def test_eight_adapters_on_three_slots_each_request_gets_its_own_adapter(tiny_llama_dir, load_tiny, multiprocess):
+@pytest.mark.parametrize("mode", ["in-process", "multiprocess", "tp2"])
+def test_eight_adapters_on_three_slots_each_request_gets_its_own_adapter(tiny_llama_dir, load_tiny, mode):
     from vllm import SamplingParams
 
     from preft_rl.engine import PreftEngine
     from test_engine import reference_greedy
 
-    engine = PreftEngine(str(tiny_llama_dir), max_adapters=3, max_cpu_adapters=8, max_rank=8, multiprocess=multiprocess,
-                         **ENGINE_ARGS)
+    extra = {"multiprocess": True} if mode == "multiprocess" else {"tensor_parallel_size": 2} if mode == "tp2" else {}
+    engine = PreftEngine(str(tiny_llama_dir), max_adapters=3, max_cpu_adapters=8, max_rank=8, **extra, **ENGINE_ARGS)
     try:
         refs = {f"user-{i}": random_adapter_model(load_tiny, CONFIG, seed=40 + i) for i in range(8)}
         for name, model in refs.items():

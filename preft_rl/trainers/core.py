@@ -483,8 +483,8 @@ class PreftRLTrainer:
         """Fill samples.rewards_per_func (B, F) and samples.rewards (B,): the weighted sum, NaN where no function could
         score a completion (no reward, never a silent 0.0)."""
         columns = samples.columns
-        if samples.agent is not None and any(t.environment is not None for t in samples.agent):  # rewards may read it (TRL)
-            columns = {**columns, "environments": [t.environment for t in samples.agent]}
+        if (environments := samples.environments()) is not None:  # rewards may read them (TRL)
+            columns = {**columns, "environments": environments}
         per_func = score(self.reward_funcs, self.reward_names, samples.prompts, samples.completions, samples.completion_ids,
                          columns)
         rewards = (per_func * self.reward_weights).nansum(dim=1)

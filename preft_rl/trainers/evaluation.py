@@ -77,8 +77,8 @@ def evaluate_jobs(trainer: PreftRLTrainer, jobs: Sequence[EvalJob]) -> list[dict
             continue
         part = [rows[n] for n in local]
         columns = {key: [row[key] for row in part] for key in part[0] if key != "prompt"}
-        if samples.agent is not None and any(samples.agent[n].environment is not None for n in local):
-            columns["environments"] = [samples.agent[n].environment for n in local]  # rewards may read them (TRL)
+        if (environments := samples.select(local).environments()) is not None:  # rewards may read them (TRL)
+            columns["environments"] = environments
         per_func[local, : len(job.reward_funcs)] = score(job.reward_funcs, job.reward_names, [prompts[n] for n in local],
                                                           [samples.completions[n] for n in local],
                                                           [samples.completion_ids[n] for n in local], columns)

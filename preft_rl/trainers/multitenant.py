@@ -293,8 +293,8 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                 task = self.tasks[t]
                 part = samples.select(range(start, start + size))
                 part.columns = cols
-                if part.agent is not None and self._tenant_toolsets[t] is not None and self._tenant_toolsets[t].environment_factory:
-                    cols = {**cols, "environments": [trajectory.environment for trajectory in part.agent]}  # as alone
+                if (environments := part.environments()) is not None:  # the tenant's own, as alone
+                    cols = {**cols, "environments": environments}
                 per_func = score(task.reward_funcs, task.reward_names, part.prompts, part.completions, part.completion_ids, cols)
                 rewards = (per_func * task.reward_weights).nansum(dim=1)
                 rewards[per_func.isnan().all(dim=1)] = math.nan

@@ -88,6 +88,12 @@ class Samples:
                        None if self.completion_sampled is None else pick(self.completion_sampled),
                        None if self.agent is None else pick(self.agent))
 
+    def environments(self) -> list[Any] | None:
+        """Each trajectory's environment, for rewards that read it (TRL's `environments=`); None when none has one."""
+        if self.agent is None or all(t.environment is None for t in self.agent):
+            return None
+        return [t.environment for t in self.agent]
+
     def sampled_masks(self) -> list[list[bool]]:
         """Per completion, per token: sampled by the policy (every token of a one-turn completion)."""
         if self.completion_sampled is not None:

@@ -70,6 +70,8 @@ def save(trainer: PreftRLTrainer, step: int, rollout: RolloutBatch | None) -> Pa
             from safetensors.torch import save_file
 
             save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / EXTRA_NAME))
+    if extra_dir := trainer._checkpoint_extra_dir():  # every process takes part (the main one writes)
+        trainer._save_checkpoint_extra(tmp / extra_dir)
     if acc.is_main_process:
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -119,6 +121,8 @@ def load(trainer: PreftRLTrainer, path: str | Path) -> tuple[int, RolloutBatch |
         extra_expected = trainer._checkpoint_state()
         extra = _read(path, EXTRA_NAME, lambda f: check_adapter_state(extra_expected, read_weights(f), str(f))) if extra_expected else {}
         optimizer_state = _read(path, "optimizer.pt", lambda f: _optimizer_state(trainer.optimizer, torch.load(f, weights_only=False)))
+    extra_dir = trainer._checkpoint_extra_dir()
+    extra_state = _read(path, extra_dir, trainer._read_checkpoint_extra) if extra_dir else None
     scheduler = _read(path, "scheduler.pt", lambda f: _scheduler_state(trainer.scheduler, torch.load(f, weights_only=False)))
     rng = _read(path, f"rng_state_{acc.process_index}.pt", lambda f: _rng_state(torch.load(f, weights_only=False)))
     rollout_name = f"rollout_{acc.process_index}.pt"
@@ -139,6 +143,8 @@ def load(trainer: PreftRLTrainer, path: str | Path) -> tuple[int, RolloutBatch |
                     param.copy_(adapters[name][key].to(device=param.device, dtype=param.dtype))
             for key, param in extra_expected.items():
                 param.copy_(extra[key].to(device=param.device, dtype=param.dtype))
+    if extra_dir:
+        trainer._apply_checkpoint_extra(extra_state)
     trainer.scheduler.load_state_dict(scheduler)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

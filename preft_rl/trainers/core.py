@@ -265,6 +265,20 @@ class PreftRLTrainer:
         """Trained tensors besides the policy adapter, saved and restored with every checkpoint."""
         return {}
 
+    def _checkpoint_extra_dir(self) -> str | None:
+        """A folder of each checkpoint that the three hooks below write, read (checking everything) and apply: trainer
+        state that lives outside the model and optimizer (tenant_offload's store). None: there is none."""
+        return None
+
+    def _save_checkpoint_extra(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def _read_checkpoint_extra(self, directory: Path) -> Any:
+        raise NotImplementedError
+
+    def _apply_checkpoint_extra(self, read: Any) -> None:
+        raise NotImplementedError
+
     def _checkpoint_adapter_files(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         """{file inside a checkpoint (as save_model writes it): {file key: the parameter it restores}}."""
         from preft_rl.adapters.serialization import KEY_PREFIX, WEIGHTS_NAME

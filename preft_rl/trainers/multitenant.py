@@ -50,9 +50,11 @@ from .grpo_core import nanstd
 from .grpo_trainer import PreftGRPOTrainer
 from .rollout import RolloutBatch, Samples, reward_error_count, score
 from .runtime import PhaseRecorder, deepspeed_zero_stage, gathered
+from .tenant_state import STATE_SEPARATOR, StoredAdapter, TenantRows, TenantStateStore, read_checkpoint_entries
 
 logger = logging.getLogger(__name__)
 TENANTS_DIR = "tenants"
+TENANT_STATE_DIR = "tenant_state"  # with tenant_offload: a checkpoint's folder of every trained tenant's state
 
 
 @dataclass
@@ -84,16 +86,29 @@ class _Task:
 
 class TenantSchedules:
     """Each tenant's learning-rate schedule, counted in that tenant's own optimizer steps: the optimizer's parameter
-    group of tenant t gets lr_t * schedules[t](steps_t). The state (each tenant's step count) is saved with checkpoints."""
+    group holding tenant t gets lr_t * schedules[t](steps_t). `groups[g]` is the tenant group g holds (every tenant its
+    own group by default; with tenant_offload, the tenant in row g, None for an empty row). The state (each tenant's
+    step count) is saved with checkpoints."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, schedules: list[Callable[[int], float]], base_lrs: list[float]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, schedules: list[Callable[[int], float]], base_lrs: list[float],
+                 groups: list[int | None] | None = None) -> None:
         self.optimizer, self.schedules, self.base_lrs = optimizer, schedules, base_lrs
+        self.groups = list(range(len(base_lrs))) if groups is None else list(groups)
         self.steps = [0] * len(base_lrs)
         self._apply()
 
+    def lr_of(self, tenant: int) -> float:
+        return self.base_lrs[tenant] * self.schedules[tenant](self.steps[tenant])
+
     def _apply(self) -> None:
-        for group, lr, schedule, steps in zip(self.optimizer.param_groups, self.base_lrs, self.schedules, self.steps):
-            group["lr"] = lr * schedule(steps)
+        for group, tenant in zip(self.optimizer.param_groups, self.groups):
+            if tenant is not None:
+                group["lr"] = self.lr_of(tenant)
+
+    def assign(self, groups: list[int | None]) -> None:
+        """The tenants the groups hold now (tenant_offload moved tenants between rows)."""
+        self.groups = list(groups)
+        self._apply()
 
     def step(self, tenants: Sequence[int] = ()) -> None:
         """Advance the schedules of these tenants (indices) by one optimizer step."""
@@ -136,7 +151,6 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         self._tenant_specs = list(tenants)
         super().__init__(model, args=args, preft_config=preft_config)
         self._pick_counts = [[0] * len(self.tasks)]
-        self._changed: set[str] = set(self.tenant_names)  # adapters the engine does not have yet (all are added at start)
 
     # ------------------------------------------------------------------------------ set-up hooks
     def _setup_tasks(self, reward_funcs: Any, train_dataset: Any, eval_dataset: Any) -> None:
@@ -149,6 +163,10 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                                                                   f"tenant {spec.name!r} train_dataset", type(self).__name__)
             self.tasks.append(_Task(spec.name, dataset, funcs, reward_names, weights, spec.learning_rate or self.args.learning_rate))
         self.tenant_names = tuple(names)
+        self._tenant_index = {name: t for t, name in enumerate(names)}
+        self._rows: TenantRows | None = None  # with tenant_offload: which tenant each row of the model holds
+        self._unserved: set[str] = set()  # with tenant_offload: tenants trained since the engine last served them
+        self._changed: set[str] = set()  # tenants in the model whose adapter the engine does not have in this version
         self._tenant_toolsets: list[Any] = []  # each tenant's tools.Toolset or None, built with the tokenizer (_setup_tools)
         self._unpushed: set[str] = set(names)  # adapters push_to_server has not got in their current version
         self.train_dataset, self.eval_dataset = None, None
@@ -179,6 +197,9 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                 raise ValueError(f"tenants= under DeepSpeed needs every tenant in every step (tenants_per_step="
                                  f"{args.tenants_per_step} < {len(self.tasks)} tenants): DeepSpeed's optimizer would step "
                                  "the others' weights with zero gradients; use tenants_per_step=None or DDP")
+            if args.tenant_offload is not None:
+                raise ValueError(f"tenant_offload={args.tenant_offload!r} does not work under DeepSpeed (its optimizer holds "
+                                 "every tenant's state); use DDP, or tenant_offload=None")
             chunk = args.tenants_per_forward
             if chunk is not None and chunk < len(self.tasks):
                 raise ValueError(f"tenants_per_forward={chunk} below the {len(self.tasks)} tenants does not work under "
@@ -194,16 +215,24 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
 
     def _describe_run(self) -> str:
         picked = len(self._tenants_for_step(0))
-        return (f"{len(self.tasks)} tenants, {picked} per step ({self.args.tenant_sampling if picked < len(self.tasks) else 'all'}); "
-                f"per tenant: {super()._describe_run()}")
+        offload = f", the others' state on {self.args.tenant_offload}" if self.args.tenant_offload else ""
+        return (f"{len(self.tasks)} tenants, {picked} per step ({self.args.tenant_sampling if picked < len(self.tasks) else 'all'}"
+                f"{offload}); per tenant: {super()._describe_run()}")
 
     def _num_train_rows(self) -> int:
         return max(len(task.dataset) for task in self.tasks)
 
     def _build_policy(self, base: torch.nn.Module, config: Any) -> torch.nn.Module:
-        return TenantPreftModel(base, config, self.tenant_names)
+        """Every tenant's adapter; with tenant_offload, tenants_per_step rows that the picked tenants are brought into."""
+        if self.args.tenant_offload is None:
+            return TenantPreftModel(base, config, self.tenant_names)
+        return TenantPreftModel(base, config, [f"row{i}" for i in range(len(self._tenants_for_step(0)))])
 
     def _optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """One parameter group per tenant (with tenant_offload: per row, its learning rate set by the tenant it holds)."""
+        if self.args.tenant_offload is not None:
+            return [{"params": [p for _, p in self.preft_model.tenant(row).adapter_named_parameters()], "lr": 0.0}
+                    for row in self.preft_model.tenant_names]
         return [{"params": [p for _, p in self.preft_model.tenant(task.name).adapter_named_parameters()], "lr": task.learning_rate}
                 for task in self.tasks]
 
@@ -221,7 +250,8 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
             schedules.append(get_scheduler(args.lr_scheduler_type, probe, num_warmup_steps=math.ceil(args.warmup_ratio * steps),
                                            num_training_steps=steps).lr_lambdas[0])
-        return TenantSchedules(optimizer, schedules, [task.learning_rate for task in self.tasks])
+        rows = None if self.args.tenant_offload is None else [None] * len(optimizer.param_groups)
+        return TenantSchedules(optimizer, schedules, [task.learning_rate for task in self.tasks], rows)
 
     # ------------------------------------------------------------------------------ which tenants, whose step
     def _tenants_for_step(self, step: int) -> list[int]:
@@ -245,25 +275,111 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             counts.append(row)
         return counts[step][tenant]
 
+    # ------------------------------------------------------------------------------ tenants in rows (tenant_offload)
+    def _adapter(self, name: str) -> Any:
+        """Tenant `name`'s adapter (adapter_named_parameters, adapter_state_dict, save_pretrained): its row's, or with
+        tenant_offload and not in a row, the one it was last written back with."""
+        if self._rows is None:
+            return self.preft_model.tenant(name)
+        if name in self._rows.tenants:
+            return self.preft_model.tenant(self._rows.row_of(name))
+        return StoredAdapter(self._rows.stored(name), self.preft_config, self.preft_model.base_model)
+
+    def _resident_names(self) -> list[str]:
+        """The tenants whose adapters are in the model (every tenant without tenant_offload)."""
+        return list(self.tenant_names) if self._rows is None else list(self._rows)
+
+    def _bring_in(self, step: int) -> None:
+        """With tenant_offload: put step `step`'s tenants into the rows. A tenant leaving a row after training is
+        first served by the engine (one prompt, as before a save), so only a policy that served is written back."""
+        rows = self._rows
+        if rows is None:
+            return
+        names = [self.tasks[t].name for t in self._tenants_for_step(step)]
+        leaving = [name for name in rows if name not in names and name in self._unserved]
+        if leaving:
+            self._check_serves(leaving)
+        loaded = rows.bring_in(names)
+        self.scheduler.assign([None if name is None else self._tenant_index[name] for name in rows.tenants])
+        if loaded:
+            self._changed.update(rows.tenants[row] for row in loaded)
+            self._engine_in_sync = False
+            served = getattr(self, "_served_policy", None)
+            if served is not None:  # what each loaded row is rolled back to: the version it was written back with (it served)
+                per_row = len(served) // len(rows.tenants)
+                for row in loaded:
+                    for j, (_, param) in enumerate(rows.params(row)):
+                        served[row * per_row + j] = param.detach().to("cpu", copy=True)
+
+    def _build_engine(self, base: torch.nn.Module) -> Any:
+        """With tenant_offload, the rows, their store and the first step's tenants come first: the engine starts with
+        those tenants, in tenants_per_step slots."""
+        args = self.args
+        if args.tenant_offload is not None:
+            from pathlib import Path
+
+            directory = None
+            if args.tenant_offload == "disk":
+                directory = Path(args.tenant_offload_dir or Path(args.output_dir) / TENANT_STATE_DIR) / f"process-{self.accelerator.process_index}"
+            store = TenantStateStore(args.tenant_offload, directory)
+            row_names = list(self.preft_model.tenant_names)
+            initial = {KEY_PREFIX + key: p for key, p in self.preft_model.tenant(row_names[0]).adapter_named_parameters()}
+            self._rows = TenantRows(row_names, self.preft_model.tenant, self.optimizer, store, initial)
+            self._bring_in(0)
+        return super()._build_engine(base)
+
     # ------------------------------------------------------------------------------ engine
     def _engine_adapter_states(self, changed_only: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-        names = [name for name in self.tenant_names if not changed_only or name in self._changed]
+        names = [name for name in self._resident_names() if not changed_only or name in self._changed]
         with gathered(self._policy_parameters(), self.accelerator):
-            states = {name: self._copy_if_sharded(self.preft_model.tenant(name).adapter_state_dict()) for name in names}
-        self._changed = set()
+            states = {name: self._copy_if_sharded(self._adapter(name).adapter_state_dict()) for name in names}
+        self._changed -= set(names)
         return states
 
-    def _check_policy_serves(self) -> None:
-        """One prompt per tenant through the engine (a prefill and one token) before anything is written."""
+    def _sync_engine(self) -> None:
+        """Push the tenants' adapters that changed (with tenant_offload: the engine holds the tenants in rows only)."""
+        self._engine_put(self._engine_adapter_states(changed_only=True), keep=set(self._resident_names()))
+        self._engine_in_sync = True
+
+    def _engine_put(self, states: dict[str, dict[str, torch.Tensor]], keep: set[str]) -> None:
+        """Add or update these adapters in the engine; with tenant_offload, first remove every adapter not in `keep`."""
+        registered = self.engine.adapters
+        if self._rows is not None:
+            for name in registered:
+                if name not in keep:
+                    self.engine.remove_adapter(name)
+        for name, state in states.items():
+            if name in registered:
+                self.engine.update_adapter(name, state)
+            else:
+                self.engine.add_adapter(name, state, config=self.preft_config)
+
+    def _restore_last_served_policy(self) -> None:
+        self._changed.update(self._resident_names())  # the engine must get the restored adapters back
+        super()._restore_last_served_policy()
+
+    def _check_serves(self, names: list[str]) -> None:
+        """One prompt of each of these tenants (in rows) through the engine: a prefill and one token."""
         from preft_rl.engine import SamplingParams
 
         from .rollout import prompt_ids_for
 
         if not self._engine_in_sync:
             self._sync_engine()
-        prompts = [prompt_ids_for(self.engine.tokenizer, task.dataset[0]["prompt"], self.args.max_prompt_length) for task in self.tasks]
-        self._engine_generate(prompts, [SamplingParams(max_tokens=1, temperature=0)] * len(prompts), adapters=list(self.tenant_names))
+        prompts = [prompt_ids_for(self.engine.tokenizer, self.tasks[self._tenant_index[name]].dataset[0]["prompt"],
+                                  self.args.max_prompt_length) for name in names]
+        self._engine_generate(prompts, [SamplingParams(max_tokens=1, temperature=0)] * len(prompts), adapters=list(names))
+        self._unserved -= set(names)
+
+    def _check_policy_serves(self) -> None:
+        """One prompt per tenant in the model through the engine (a prefill and one token) before anything is written
+        (with tenant_offload, the others were served before they left their rows)."""
+        self._check_serves(self._resident_names())
         self._keep_served_policy()
+
+    def _generate_and_score(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        self._bring_in(step)
+        return super()._generate_and_score(step)
 
     # ------------------------------------------------------------------------------ rollout
     def _draw_groups(self, step: int, phases: PhaseRecorder) -> tuple[Samples, dict[str, float]]:
@@ -284,6 +400,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             owners.append((t, len(rows) * n))
         with phases.phase("generate"):
             samples = self._generate(prompts, params, adapters=adapters, rows=all_rows, toolsets=toolsets)
+        self._unserved -= {self.tasks[t].name for t in picked}
         tokens = sum(map(len, samples.completion_ids))
         errors_before = self._tenant_reward_errors()
         parts, start = [], 0
@@ -324,7 +441,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
     def _compute_advantages(self, batch: RolloutBatch) -> None:
         """Each tenant's advantages from its own rewards only (its groups, or its batch for 'batch' scaling)."""
         estimator = get_advantage_estimator(self.args.advantage_estimator)
-        owner = torch.tensor([self.tenant_names.index(name) for name in batch.tenants])
+        owner = torch.tensor([self._tenant_index[name] for name in batch.tenants])
         rewards, owners = self._gather(batch.rewards), self._gather(owner)
         advantages = torch.zeros_like(rewards)
         for t in owners.unique().tolist():
@@ -360,7 +477,10 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
 
     def _row_kwargs(self, batch: RolloutBatch, rows: Any) -> dict[str, Any]:
         indices = range(len(batch.tenants))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).tolist()
-        return {"tenants": [batch.tenants[i] for i in indices]}
+        if self._rows is None:
+            return {"tenants": [batch.tenants[i] for i in indices]}
+        row_of = {name: self._rows.row_of(name) for name in self._rows}  # the model knows its rows, not the tenants
+        return {"tenants": [row_of[batch.tenants[i]] for i in indices]}
 
     def _compute_loss(self, batch: RolloutBatch, rows: Any, mini: MiniBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """One forward over every tenant's rows; the loss is the sum of each tenant's own GRPO loss on its rows,
@@ -386,9 +506,9 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             # DDP reduces in this backward only if every adapter is in its graph: a zero-weight term for each tenant not in
             # these rows (not picked, or in another piece) puts it there without changing any gradient
             present = set(names)
-            for name in self.tenant_names:
+            for name in self._resident_names():
                 if name not in present:
-                    total = total + 0.0 * sum(p.sum() for _, p in self.preft_model.tenant(name).adapter_named_parameters())
+                    total = total + 0.0 * sum(p.sum() for _, p in self._adapter(name).adapter_named_parameters())
         stats["clip_ratio"] = sum(v for k, v in stats.items() if k.endswith("/clip_ratio")) / max(len(set(names)), 1)
         stats["entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
         return total, dict(stats)
@@ -401,7 +521,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         counts = torch.zeros(len(self.tenant_names), device=acc.device)
         for rows in mini.micro:
             for i in torch.as_tensor(rows).tolist():
-                counts[self.tenant_names.index(batch.tenants[i])] += float(batch.completion_mask[i].sum())
+                counts[self._tenant_index[batch.tenants[i]]] += float(batch.completion_mask[i].sum())
         counts = acc.reduce(counts, reduction="sum") / acc.num_processes
         return dict(zip(self.tenant_names, counts.tolist()))
 
@@ -421,8 +541,11 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         if acc.sync_gradients:
             clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
             trained = []
+            resident = set(self._resident_names())
             for t, task in enumerate(self.tasks):
-                params = [p for _, p in self.preft_model.tenant(task.name).adapter_named_parameters() if p.grad is not None]
+                if task.name not in resident:  # with tenant_offload: not in the model, so nothing to step
+                    continue
+                params = [p for _, p in self._adapter(task.name).adapter_named_parameters() if p.grad is not None]
                 if task.name not in self._step_tenants:  # not trained this step: no gradient (under DDP, the zeros of
                     for p in params:                      # its zero-weight term), so AdamW leaves it exactly as it is
                         p.grad = None
@@ -436,6 +559,9 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                     trained.append(t)
                     self._changed.add(task.name)
                     self._unpushed.add(task.name)
+                    if self._rows is not None:
+                        self._rows.dirty.add(task.name)
+                        self._unserved.add(task.name)
                 else:  # this tenant's step is skipped; the others go on
                     for p in params:
                         p.grad = None
@@ -447,6 +573,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         self.optimizer.zero_grad(set_to_none=True)
 
     def _optimizer_step(self, batch: RolloutBatch) -> dict[str, float]:
+        self._bring_in(self.step)  # (already there unless a resumed run continues a saved rollout)
         self._tenant_norms: dict[str, float] = {}
         self._step_tenants = set(batch.tenants)  # the tenants this batch trains (the same on every process)
         out = super()._optimizer_step(batch)
@@ -454,9 +581,9 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         for key in [k for k in out if k.endswith("/loss") and k.startswith("tenants/")]:
             out[key] *= accumulation  # a share of the mini-batch loss, as the core scales 'loss'
         out.update({f"tenants/{name}/grad_norm": norm for name, norm in self._tenant_norms.items()})
-        lrs = self.scheduler.get_last_lr()
-        out.update({f"tenants/{task.name}/learning_rate": lr for task, lr in zip(self.tasks, lrs)})
-        out["learning_rate"] = sum(lrs) / len(lrs)
+        lrs = {name: self.scheduler.lr_of(self._tenant_index[name]) for name in self.tenant_names if name in self._step_tenants}
+        out.update({f"tenants/{name}/learning_rate": lr for name, lr in lrs.items()})
+        out["learning_rate"] = sum(lrs.values()) / max(len(lrs), 1)  # over the tenants this step trained
         return out
 
     # ------------------------------------------------------------------------------ metrics, saving
@@ -499,7 +626,23 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             else:
                 funcs, names = task.reward_funcs, task.reward_names
             jobs.append(EvalJob(dataset, funcs, names, adapter=name, toolset=self._tenant_toolsets[self.tenant_names.index(name)]))
-        return dict(zip(datasets, evaluate_jobs(self, jobs)))
+        if self._rows is None:
+            return dict(zip(datasets, evaluate_jobs(self, jobs)))
+        # with tenant_offload the engine has a slot per row: the tenants go through it that many at a time
+        results, size, names = {}, len(self._rows.tenants), list(datasets)
+        try:
+            for start in range(0, len(names), size):
+                chunk = names[start : start + size]
+                if not self._engine_in_sync:
+                    self._sync_engine()  # the rows' tenants, checked against the engine as before any evaluation
+                with gathered(self._policy_parameters(), self.accelerator):
+                    states = {name: self._adapter(name).adapter_state_dict() for name in chunk}
+                self._engine_put(states, keep=set(chunk))
+                results.update(zip(chunk, evaluate_jobs(self, jobs[start : start + size])))
+        finally:  # the engine holds other tenants now: the next rollout puts the rows' tenants back
+            self._changed.update(self._resident_names())
+            self._engine_in_sync = False
+        return results
 
     def save_model(self, output_dir: Any = None) -> None:
         """Write every tenant's adapter to <output_dir>/tenants/<name>/ (adapter_config.json + adapter_model.safetensors)."""
@@ -509,7 +652,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         with gathered(self._policy_parameters(), self.accelerator):
             if self.accelerator.is_main_process:
                 for name in self.tenant_names:
-                    self.preft_model.tenant(name).save_pretrained(root / name)
+                    self._adapter(name).save_pretrained(root / name)
         self.accelerator.wait_for_everyone()
 
     def _served_adapter_dirs(self, root: Any) -> dict[str, Any]:
@@ -520,6 +663,45 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         self._unpushed -= {name for name, version in versions.items() if version is not None}
 
     def _checkpoint_adapter_files(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        if self._rows is not None:  # the tenants' state folder carries every adapter (the rows hold whoever was picked)
+            return {}
         return {f"{TENANTS_DIR}/{name}/{WEIGHTS_NAME}": {KEY_PREFIX + key: p for key, p in self.preft_model.tenant(name).adapter_named_parameters()}
                 for name in self.tenant_names}
+
+    # ------------------------------------------------------------------------------ checkpoints with tenant_offload
+    def _checkpoint_extra_dir(self) -> str | None:
+        return None if self._rows is None else TENANT_STATE_DIR
+
+    def _save_checkpoint_extra(self, directory: Any) -> None:
+        """Every trained tenant's adapter and AdamW state (rows written back first), one file each."""
+        self._rows.flush()
+        if self.accelerator.is_main_process:
+            self._rows.store.save_to(directory)
+
+    def _read_checkpoint_extra(self, directory: Any) -> Any:
+        expected = dict(self._rows.params(0))  # {file key: a row's parameter}: the shapes every tenant's entry has
+
+        def check(name: str, tensors: dict[str, torch.Tensor]) -> None:
+            missing = sorted(set(expected) - set(tensors))
+            if missing:
+                raise ValueError(f"tenant {name!r}: adapter tensors {missing[:3]} are missing")
+            for key, value in tensors.items():
+                state_name, _, param_key = key.rpartition(STATE_SEPARATOR)
+                param = expected.get(param_key)
+                if param is None or state_name not in ("", "step", "exp_avg", "exp_avg_sq"):
+                    raise ValueError(f"tenant {name!r}: unexpected tensor {key!r} (saved for another adapter or optimizer)")
+                if state_name != "step" and value.shape != param.shape:
+                    raise ValueError(f"tenant {name!r}: {key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"tenant {name!r}: {key} has non-finite values")
+
+        return directory, read_checkpoint_entries(directory, set(self.tenant_names), check, keep=self._rows.store.kind == "cpu")
+
+    def _apply_checkpoint_extra(self, read: Any) -> None:
+        """The checkpoint's store replaces this one; the rows are emptied (the next step brings its tenants in)."""
+        directory, entries = read
+        self._rows.store.load_from(directory, entries)
+        self._rows.clear()
+        self.scheduler.assign([None] * len(self._rows.tenants))
+        self._unserved = set()
 

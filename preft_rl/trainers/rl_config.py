@@ -15,6 +15,7 @@ from typing import Any
 from .grpo_core import IS_MODES
 
 TENANT_SAMPLING = ("round_robin", "random")
+TENANT_OFFLOAD = (None, "cpu", "disk")
 
 
 @dataclass
@@ -85,6 +86,13 @@ class PreftRLConfig:
     tenant_sampling: str = field(default="round_robin", metadata={
         "help": "With tenants= and tenants_per_step: 'round_robin' (in turn, in the order given) or 'random' (seeded by "
                 "seed and step)."})
+    tenant_offload: str | None = field(default=None, metadata={
+        "help": "With tenants= and tenants_per_step: where the tenants not picked for a step keep their adapter and AdamW "
+                "state. None: every tenant in the model and optimizer (memory grows with the tenant count); 'cpu': host "
+                "memory; 'disk': one file per tenant in tenant_offload_dir. With 'cpu' or 'disk' the model, optimizer and "
+                "engine hold only tenants_per_step tenants; the training is the same bit for bit."})
+    tenant_offload_dir: str | None = field(default=None, metadata={
+        "help": "With tenant_offload='disk': the folder of the tenants' state files (default <output_dir>/tenant_state)."})
 
     # --- multi-turn tools (trainer(..., tools=[...] or environment_factory=...); TRL's names) -----------
     max_tool_calling_iterations: int = field(default=4, metadata={
@@ -148,6 +156,9 @@ class PreftRLConfig:
         need(self.tenants_per_forward is None or self.tenants_per_forward >= 1,
              f"tenants_per_forward={self.tenants_per_forward} must be >= 1 (or None: every picked tenant in one forward)")
         need(self.tenant_sampling in TENANT_SAMPLING, f"tenant_sampling={self.tenant_sampling!r}: use one of {TENANT_SAMPLING}")
+        need(self.tenant_offload in TENANT_OFFLOAD, f"tenant_offload={self.tenant_offload!r}: use None, 'cpu' or 'disk'")
+        need(self.tenant_offload_dir is None or self.tenant_offload == "disk",
+             f"tenant_offload_dir={self.tenant_offload_dir!r} is for tenant_offload='disk' (got {self.tenant_offload!r})")
         from preft_rl.adapters.serialization import SERVED_NAME
 
         need(self.push_adapter_name is None or bool(SERVED_NAME.fullmatch(self.push_adapter_name)),

@@ -265,6 +265,10 @@ class PreftRLTrainer:
         """Trained tensors besides the policy adapter, saved and restored with every checkpoint."""
         return {}
 
+    def _checkpoint_loaded(self) -> None:
+        """After a checkpoint replaced the trained tensors: the engine's adapters are stale."""
+        self._engine_in_sync = False
+
     def _checkpoint_extra_dir(self) -> str | None:
         """A folder of each checkpoint that the three hooks below write, read (checking everything) and apply: trainer
         state that lives outside the model and optimizer (tenant_offload's store). None: there is none."""
@@ -767,7 +771,7 @@ class PreftRLTrainer:
             if path is None:
                 raise FileNotFoundError(f"resume_from_checkpoint=True but {args.output_dir} holds no checkpoint-N directory")
             self.step, self._rollout = checkpoint.load(self, path)
-            self._engine_in_sync = False
+            self._checkpoint_loaded()
             self._keep_served_policy()  # a checkpoint is written only after its policy served (_check_policy_serves)
         bar = tqdm(total=self.max_steps, initial=self.step, desc=self.display_name, disable=args.disable_tqdm or not acc.is_main_process)
         metrics: dict[str, float] = {}

@@ -354,6 +354,10 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             else:
                 self.engine.add_adapter(name, state, config=self.preft_config)
 
+    def _checkpoint_loaded(self) -> None:
+        self._changed.update(self._resident_names())  # every adapter in the model was replaced
+        super()._checkpoint_loaded()
+
     def _restore_last_served_policy(self) -> None:
         self._changed.update(self._resident_names())  # the engine must get the restored adapters back
         super()._restore_last_served_policy()

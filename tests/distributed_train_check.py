@@ -63,7 +63,8 @@ if __name__ == "__main__":
         if tenant_count == 3:
             third = [{"prompt": f"seven cats and {i} dogs?", "answer": f"#### {i}"} for i in range(20)]
             tenants.append(Tenant("t2", Dataset.from_list(third), first_token_even))
-            args = PreftGRPOConfig(**{**common, "max_steps": 4}, tenants_per_step=2, tenants_per_forward=1)
+            args = PreftGRPOConfig(**{**common, "max_steps": 4}, tenants_per_step=2, tenants_per_forward=1,
+                                   tenant_offload=os.environ.get("PREFT_CHECK_TENANT_OFFLOAD") or None)
         trainer = PreftGRPOTrainer(sys.argv[1], args=args, preft_config=PreftConfig(method="lora", r=4), tenants=tenants)
     else:
         trainer = trainer_class(sys.argv[1], first_token_even, args=args, train_dataset=Dataset.from_list(rows),
@@ -78,9 +79,8 @@ if __name__ == "__main__":
             print("ZERO3 UNGATHERED STATE REFUSED", flush=True)
     extra = trainer._checkpoint_state()  # PPO: the critic adapter and the value head
     with _gathered([p for _, p in trainer.preft_model.adapter_named_parameters()] + list(extra.values()), trainer.accelerator):
-        if hasattr(trainer.preft_model, "tenant"):  # every tenant's adapter, under 'tenant/key'
-            state = {f"{name}/{k}": v for name in trainer.preft_model.tenant_names
-                     for k, v in trainer.preft_model.tenant(name).adapter_state_dict().items()}
+        if hasattr(trainer, "tenant_names"):  # every tenant's adapter (in the model or offloaded), under 'tenant/key'
+            state = {f"{name}/{k}": v for name in trainer.tenant_names for k, v in trainer._adapter(name).adapter_state_dict().items()}
         else:
             state = trainer.preft_model.adapter_state_dict()
         state.update({k: v.detach() for k, v in extra.items()})

@@ -94,14 +94,16 @@ def test_two_processes_with_tools_stay_in_step_while_their_trajectories_end_at_d
 
 
 @pytest.mark.slow
-def test_two_process_ddp_tenants_each_equal_their_own_ddp_run(tiny_llama_dir, tmp_path, two_process_ddp_run):
+@pytest.mark.parametrize("offload", ["", "disk"])
+def test_two_process_ddp_tenants_each_equal_their_own_ddp_run(tiny_llama_dir, tmp_path, two_process_ddp_run, offload):
     """Two DDP processes, three tenants, two per step, one tenant's rows per forward: tenant t0 has the plain run's
     data, reward and settings and trains at 3 of the 4 steps, so its adapter equals the 3-step two-process plain run's
     (a tenant's rows are split over processes as its own run splits them; DDP reduces each micro-batch's pieces once,
     with a zero-weight term for every adapter not in the last piece, and a tenant not picked gets no step); the ranks
-    agree."""
+    agree. The same with tenant_offload='disk' (each process its own store; the model holds two rows)."""
     stdout = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT),
-                  str(tiny_llama_dir), str(tmp_path)], {"ACCELERATE_USE_CPU": "true", "PREFT_CHECK_TENANTS": "3"})
+                  str(tiny_llama_dir), str(tmp_path)], {"ACCELERATE_USE_CPU": "true", "PREFT_CHECK_TENANTS": "3",
+                                                        "PREFT_CHECK_TENANT_OFFLOAD": offload})
     digests = dict(re.findall(r"RANK (\d) OF 2 DistributedDataParallel ADAPTER ([0-9a-f]{16})", stdout))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], stdout[-2000:]
     ours = load_file(str(tmp_path / "tenants" / "t0" / "adapter_model.safetensors"))
@@ -112,6 +114,8 @@ def test_two_process_ddp_tenants_each_equal_their_own_ddp_run(tiny_llama_dir, tm
     for name in ("t1", "t2"):  # trained their own way
         other = load_file(str(tmp_path / "tenants" / name / "adapter_model.safetensors"))
         assert max((other[k] - alone[k]).abs().max().item() for k in alone) > 10 * TRAJECTORY_ATOL, name
+    if offload:
+        assert sorted(p.name for p in (tmp_path / "tenant_state").iterdir()) == ["process-0", "process-1"]
 
 
 def launch_tenants(tiny_llama_dir: Path, out: Path, extra_env: dict[str, str]) -> str:

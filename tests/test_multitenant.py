@@ -339,6 +339,16 @@ def test_tenant_arguments_are_checked_before_anything_is_built(tiny_llama_dir, t
         config(tmp_path, tenants_per_step=0)
     with pytest.raises(ValueError, match="tenants_per_forward=0"):
         config(tmp_path, tenants_per_forward=0)
+    with pytest.raises(ValueError, match="tenant_offload='gpu'"):
+        config(tmp_path, tenant_offload="gpu")
+    with pytest.raises(ValueError, match="tenant_offload_dir=.* is for tenant_offload='disk'"):
+        config(tmp_path, tenant_offload="cpu", tenant_offload_dir=str(tmp_path))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds files that are not tenant state"):
+        PreftGRPOTrainer(str(tiny_llama_dir), tenants=tenants(), preft_config=PreftConfig(**PREFT), args=config(
+            tmp_path, tenants_per_step=2, tenant_offload="disk", tenant_offload_dir=str(tmp_path / "mine")))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 @pytest.mark.slow
@@ -385,3 +395,39 @@ def test_tenant_offload_trains_bit_identically_holds_only_the_picked_tenants_and
     for name in NAMES:
         ours = adapter(tmp_path / "disk" / "tenants" / name)
         assert all(torch.equal(ours[k], results[None][name][k]) for k in ours), name
+
+
+def test_with_tenant_offload_a_tenant_leaves_its_row_only_after_its_update_served(tiny_llama_dir, tmp_path):
+    """tenant_offload='disk', one row: a tenant whose update overflows the engine's activations is caught when it would
+    leave its row (its state is never written to the store): NonFinitePolicyError, its last served weights are back in
+    the row, and the trainer goes on with the next tenant. tenant_evaluation_scores takes every tenant through the
+    engine's single slot, and a tenant never trained saves the initial adapter."""
+    from preft_rl.trainers.core import NonFinitePolicyError
+
+    trainer = PreftGRPOTrainer(str(tiny_llama_dir), args=config(tmp_path, tenants_per_step=1, tenant_offload="disk"),
+                               tenants=tenants()[:3], preft_config=PreftConfig(**PREFT))
+    try:
+        trainer._generate_and_score(0)  # alice's rollout: the version of alice that served
+        row = [p for _, p in trainer.preft_model.tenant("row0").adapter_named_parameters()]
+        served = [p.detach().clone() for p in row]
+        with torch.no_grad():  # a 'bad update' of alice (finite weights whose activations overflow)
+            for p in row:
+                p.add_(1.0).mul_(1e30)
+        trainer._rows.dirty.add("alice")  # as _apply_gradients marks a tenant it stepped
+        trainer._unserved.add("alice")
+        trainer._changed.add("alice")
+        trainer._engine_in_sync = False
+        with pytest.raises(NonFinitePolicyError):
+            trainer._generate_and_score(1)  # bob's turn: alice must leave her row first
+        assert list(trainer._rows) == ["alice"] and "alice" not in trainer._rows.store
+        assert all(torch.equal(p, q) for p, q in zip(row, served))
+        trainer._rows.dirty.discard("alice")  # (the failed step is not retried here)
+        batch, _ = trainer._generate_and_score(1)
+        assert set(batch.tenants) == {"bob"} and list(trainer._rows) == ["bob"]
+
+        scores = trainer.tenant_evaluation_scores({name: tenant_data(t, n=2) for t, name in enumerate(NAMES[:3])})
+        assert set(scores) == set(NAMES[:3]) and all(len(s["completion"]) == 2 for s in scores.values())
+        trainer.save_model()
+        assert adapter(tmp_path / "tenants" / "carol").keys() == adapter(tmp_path / "tenants" / "bob").keys()
+    finally:
+        trainer.close()

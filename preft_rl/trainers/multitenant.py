@@ -318,10 +318,8 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         if args.tenant_offload is not None:
             from pathlib import Path
 
-            directory = None
-            if args.tenant_offload == "disk":
-                directory = Path(args.tenant_offload_dir or Path(args.output_dir) / TENANT_STATE_DIR) / f"process-{self.accelerator.process_index}"
-            store = TenantStateStore(args.tenant_offload, directory)
+            root = Path(args.tenant_offload_dir or Path(args.output_dir) / TENANT_STATE_DIR) if args.tenant_offload == "disk" else None
+            store = TenantStateStore(args.tenant_offload, root, self.accelerator.process_index)
             row_names = list(self.preft_model.tenant_names)
             initial = {KEY_PREFIX + key: p for key, p in self.preft_model.tenant(row_names[0]).adapter_named_parameters()}
             self._rows = TenantRows(row_names, self.preft_model.tenant, self.optimizer, store, initial)

@@ -28,34 +28,38 @@ from preft_rl.adapters.serialization import KEY_PREFIX
 
 STATE_SEPARATOR = "::"
 _FILE = re.compile(r"^([A-Za-z0-9_-]{1,64})\.safetensors$")
+_PROCESS = re.compile(r"^process-\d+$")
 
 
 class TenantStateStore:
     """Each tenant's adapter and optimizer tensors while it is not in a row: in host memory ('cpu') or one file per
-    tenant in `directory` ('disk'). A new store starts empty: files of an earlier run in `directory` are removed."""
+    tenant in `<root>/process-<process>` ('disk': each training process has its own). A new store starts empty: its
+    folder's files of an earlier run are removed."""
 
-    def __init__(self, kind: str, directory: str | os.PathLike | None = None) -> None:
+    def __init__(self, kind: str, root: str | os.PathLike | None = None, process: int = 0) -> None:
         if kind not in ("cpu", "disk"):
             raise ValueError(f"tenant state store kind {kind!r}: use 'cpu' or 'disk'")
         self.kind = kind
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
-        self.directory = Path(directory) if directory is not None else None
+        self.directory = None
         if kind == "disk":
-            if self.directory is None:
-                raise ValueError("a 'disk' tenant state store needs a directory")
+            if root is None:
+                raise ValueError("a 'disk' tenant state store needs a folder")
+            root = Path(root)
+            if root.exists() and not root.is_dir():
+                raise ValueError(f"tenant_offload_dir {root} is a file; give a folder (it is created if missing)")
+            foreign = [p.name for p in root.iterdir() if not _PROCESS.match(p.name)] if root.is_dir() else []
+            if foreign:
+                raise ValueError(f"tenant_offload_dir {root} holds files that are not tenant state ({foreign[:3]}); give a "
+                                 "folder of its own (a run replaces the tenant files in it)")
+            self.directory = root / f"process-{process}"
             self._clear_directory()
 
     def _clear_directory(self) -> None:
-        directory = self.directory
-        if directory.exists() and not directory.is_dir():
-            raise ValueError(f"tenant_offload_dir {directory} is a file; give a folder (it is created if missing)")
-        directory.mkdir(parents=True, exist_ok=True)
-        foreign = [p.name for p in directory.iterdir() if not _FILE.match(p.name.removesuffix(".tmp"))]
-        if foreign:
-            raise ValueError(f"tenant_offload_dir {directory} holds files that are not tenant state ({foreign[:3]}); it "
-                             "must be a folder of its own (its tenant files are replaced when a run starts)")
-        for path in directory.iterdir():
-            path.unlink()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for path in self.directory.iterdir():
+            if _FILE.match(path.name.removesuffix(".tmp")):
+                path.unlink()
 
     # ------------------------------------------------------------------------------ entries
     def _path(self, name: str) -> Path:

@@ -229,6 +229,11 @@ def _add_tenants_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenants-per-forward", type=int, default=d.tenants_per_forward,
                         help="tenants' rows per training forward and backward in the multi-tenant runs, bounding their "
                              "activation memory (0: all of them in one; default: %(default)s)")
+    parser.add_argument("--tenants-per-step", type=int, default=d.tenants_per_step,
+                        help="tenants trained per step in the multi-tenant runs, round robin (0: all; default: %(default)s)")
+    parser.add_argument("--tenant-offload", default=d.tenant_offload, choices=("none", "cpu", "disk"),
+                        help="where the multi-tenant runs keep the tenants not picked for a step (the trainer's "
+                             "tenant_offload; default: %(default)s)")
     parser.add_argument("--run-steps", type=int, default=d.run_steps,
                         help="run length the start-up is spread over in the 'with start-up' columns (default: %(default)s)")
     parser.add_argument("--cpu-kv-cache-gib", type=int, default=d.cpu_kv_cache_gib, help="vLLM's CPU KV cache (default: %(default)s)")
@@ -245,7 +250,7 @@ def _bench_tenants(args: argparse.Namespace, argv: list[str] | None) -> int:
         model=args.model, tenants=_int_list(args.tenants, "--tenants"), systems=args.systems.split(","), steps=args.steps,
         warmup_steps=args.warmup_steps, prompts_per_tenant=args.prompts_per_tenant, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, rank=args.rank, tenants_per_forward=args.tenants_per_forward,
-        run_steps=args.run_steps, cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, out=args.out,
+        tenants_per_step=args.tenants_per_step, tenant_offload=args.tenant_offload, run_steps=args.run_steps, cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, out=args.out,
     ), run_kwargs={"verbose": args.verbose},
         report_args=lambda: (Path(args.predictions).read_text().splitlines() if args.predictions else None,))
 

@@ -48,6 +48,8 @@ class TenantBenchConfig:
     max_completion_length: int = 32
     rank: int = 16
     tenants_per_forward: int = 4  # the multi-tenant runs' tenants_per_forward (0: every tenant's rows in one forward)
+    tenants_per_step: int = 0  # the multi-tenant runs' tenants_per_step, round robin (0: every tenant every step)
+    tenant_offload: str = "none"  # the multi-tenant runs' tenant_offload: none, cpu or disk
     learning_rate: float = 1e-4
     run_steps: int = 100  # the run length the start-up is spread over in the "with start-up" numbers
     cpu_kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE (CPU only)
@@ -61,7 +63,9 @@ class TenantBenchConfig:
         if not self.tenants or any(n < 1 for n in self.tenants):
             raise ValueError(f"--tenants {self.tenants}: give tenant counts >= 1, e.g. 1,4,16,64")
         check_at_least(self, 1, ("steps", "prompts_per_tenant", "max_completion_length", "rank", "run_steps", "cpu_kv_cache_gib"))
-        check_at_least(self, 0, ("warmup_steps", "tenants_per_forward"))
+        check_at_least(self, 0, ("warmup_steps", "tenants_per_forward", "tenants_per_step"))
+        if self.tenant_offload not in ("none", "cpu", "disk"):
+            raise ValueError(f"--tenant-offload {self.tenant_offload}: use none, cpu or disk")
         if self.num_generations < 2:
             raise ValueError(f"--num-generations {self.num_generations}: GRPO needs at least 2 completions per prompt")
 
@@ -80,7 +84,9 @@ def run_one(cfg: TenantBenchConfig, system: str, count: int, output_dir: str) ->
         output_dir=output_dir, max_steps=cfg.warmup_steps + cfg.steps, num_generations=cfg.num_generations,
         per_device_train_batch_size=cfg.prompts_per_tenant * cfg.num_generations, max_completion_length=cfg.max_completion_length,
         max_prompt_length=128, learning_rate=cfg.learning_rate, temperature=1.0, seed=cfg.seed, save_steps=0, logging_steps=1,
-        disable_tqdm=True, report_to="none", tenants_per_forward=cfg.tenants_per_forward or None, engine_kwargs={"max_num_seqs": max(8, count * cfg.prompts_per_tenant * cfg.num_generations)},
+        disable_tqdm=True, report_to="none", tenants_per_forward=cfg.tenants_per_forward or None,
+        tenants_per_step=cfg.tenants_per_step or None, tenant_offload=None if cfg.tenant_offload == "none" else cfg.tenant_offload,
+        engine_kwargs={"max_num_seqs": max(8, _per_step(cfg, count) * cfg.prompts_per_tenant * cfg.num_generations)},
     )
     preft = PreftConfig(method="lora", r=cfg.rank, adapter_scope="all" if system == "all-token" else "prompt")
     if system == "sequential":
@@ -89,9 +95,14 @@ def run_one(cfg: TenantBenchConfig, system: str, count: int, output_dir: str) ->
         tenants = [Tenant(f"t{i}", rows, "style_terse") for i in range(count)]
         trainer = PreftGRPOTrainer(cfg.model, args=args, tenants=tenants, preft_config=preft)
     start_s = time.perf_counter() - start
-    adapter_params = sum(p.numel() for _, p in trainer.preft_model.adapter_named_parameters())
+    rows_in_model = len(getattr(trainer.preft_model, "tenant_names", [None]))
+    adapter_params = sum(p.numel() for _, p in trainer.preft_model.adapter_named_parameters()) // rows_in_model
     try:
         trainer.train()
+        offload = {}
+        if getattr(trainer, "_rows", None) is not None:  # what waits outside the model: bytes, and tenants with an entry
+            store = trainer._rows.store
+            offload = {"store_bytes": store.nbytes(), "stored_tenants": len(store.names()), "tenant_loads": trainer._rows.loads}
     finally:
         trainer.close()
     log = [json.loads(line) for line in (Path(output_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
@@ -99,7 +110,12 @@ def run_one(cfg: TenantBenchConfig, system: str, count: int, output_dir: str) ->
               **{key.split("/")[1] + "_s": value for key, value in r.items() if key.startswith("time/") and key != "time/step"}}
              for r in log if "reward" in r and r["step"] > cfg.warmup_steps]
     return {"system": system, "tenants": count, "start_s": start_s, "steps": steps, "peak_rss_gib": peak_rss_gib(),
-            "adapter_params": adapter_params}
+            "adapter_params": adapter_params * count, **offload}
+
+
+def _per_step(cfg: TenantBenchConfig, count: int) -> int:
+    """Tenants a multi-tenant run with `count` tenants trains per step."""
+    return min(cfg.tenants_per_step or count, count)
 
 
 def _child(argv: list[str]) -> int:
@@ -167,14 +183,17 @@ def summarize(cfg: TenantBenchConfig, runs: list[dict[str, Any]]) -> dict[str, A
     """Per (system, N): tenant-steps per hour (steady, and with start-up over run_steps), per-tenant phase seconds,
     speed-ups against sequential runs and PreFT's rollout against all-token's; the memory slope per tenant."""
     def row_of(run: dict, count: int, scale: int = 1) -> dict[str, Any]:
-        step_s = _median(run["steps"], "step_s") * scale  # sequential: N runs, one after another
+        trained = _per_step(cfg, count)  # tenants per step (sequential: N runs, one after another, each one tenant)
+        scale = min(scale, trained)
+        step_s = _median(run["steps"], "step_s") * scale
         start_s = run["start_s"] * scale
         steps = cfg.run_steps
         return {"system": run["system"], "tenants": count, "step_s": step_s, "start_s": start_s,
-                "tenant_steps_per_hour": count * 3600 / step_s,
-                "tenant_steps_per_hour_with_start": count * steps * 3600 / (start_s + steps * step_s),
-                **{f"{phase}_per_tenant_s": (_median(run["steps"], f"{phase}_s") or 0.0) * scale / count
-                   for phase in ("generate", "forward", "backward", "logprobs")},
+                "tenant_steps_per_hour": trained * 3600 / step_s,
+                "tenant_steps_per_hour_with_start": trained * steps * 3600 / (start_s + steps * step_s),
+                **{f"{phase}_per_tenant_s": (_median(run["steps"], f"{phase}_s") or 0.0) * scale / trained
+                   for phase in ("generate", "forward", "backward", "logprobs", "tenant_moves")},
+                **{key: run[key] for key in ("store_bytes", "stored_tenants", "tenant_loads") if key in run},
                 "completion_tokens": _median(run["steps"], "completion_tokens"),
                 "peak_rss_gib": None if scale > 1 else run["peak_rss_gib"], "adapter_params": run["adapter_params"] // max(count, 1)}
 
@@ -201,7 +220,7 @@ def summarize(cfg: TenantBenchConfig, runs: list[dict[str, Any]]) -> dict[str, A
         points = [(r["tenants"], r["peak_rss_gib"]) for r in runs if r["system"] == system and r["peak_rss_gib"] is not None]
         if len(points) >= 2:
             memory[system] = _slope(points) * 1024  # MiB per extra tenant
-    params = next((r["adapter_params"] for r in runs if r["system"] == "preft"), None)
+    params = next((r["adapter_params"] // r["tenants"] for r in runs if r["system"] == "preft"), None)
     # one tenant's adapter, its gradient and AdamW's two moments, fp32
     return {"rows": rows, "memory_mib_per_tenant": memory,
             "expected_mib_per_tenant": None if params is None else params * 4 * 4 / 2**20}
@@ -242,6 +261,13 @@ def write_report(result: dict[str, Any], out: str | Path, command: str, predicti
         lines += ["", "Peak resident memory per extra tenant (least-squares slope over the tenant counts): "
                   + ", ".join(f"{s} {v:.1f} MiB" for s, v in summary["memory_mib_per_tenant"].items())
                   + (f"; one tenant's adapter + gradient + AdamW moments (fp32): {expected:.1f} MiB." if expected else ".")]
+    stored = [r for r in summary["rows"] if r.get("stored_tenants")]
+    if stored:
+        lines += ["", "Tenants waiting outside the model (tenant_offload=" + str(cfg.get("tenant_offload")) + "): "
+                  + "; ".join(f"{r['tenants']} tenants: {r['stored_tenants']} with an entry, {r['store_bytes'] / 2**20:.0f} MiB "
+                              f"({r['store_bytes'] / r['stored_tenants'] / 2**20:.2f} MiB each), {r['tenant_loads']} brought in, "
+                              f"moves {r['tenant_moves_per_tenant_s'] * min(cfg['tenants_per_step'] or r['tenants'], r['tenants']):.2f} s/step"
+                              for r in stored) + "."]
     for failure in result.get("failures", []):
         lines += ["", f"**{failure['system']} with {failure['tenants']} tenants did not finish: {failure['failed']}.**"]
     if predictions:

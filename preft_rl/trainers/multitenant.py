@@ -380,8 +380,15 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         self._keep_served_policy()
 
     def _generate_and_score(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        import time
+
+        start = time.perf_counter()
         self._bring_in(step)
-        return super()._generate_and_score(step)
+        moves = time.perf_counter() - start
+        batch, stats = super()._generate_and_score(step)
+        if self._rows is not None:  # tenants written back and brought in (with their serve checks)
+            stats["time/tenant_moves"] = moves
+        return batch, stats
 
     # ------------------------------------------------------------------------------ rollout
     def _draw_groups(self, step: int, phases: PhaseRecorder) -> tuple[Samples, dict[str, float]]:

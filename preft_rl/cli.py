@@ -273,6 +273,9 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenants-per-forward", type=int, default=None,
                         help="tenants' rows in one training forward and backward (the trainer's tenants_per_forward): "
                              "activations grow with it, not with the tenant count (default: all tenants of a step)")
+    parser.add_argument("--tenant-offload", choices=("cpu", "disk"), default=None,
+                        help="where the tenants not in a step wait (the trainer's tenant_offload; DDP, --zero 0): the GPU "
+                             "holds only --tenants-per-step tenants (default: every tenant on the GPU)")
     parser.add_argument("--method", choices=method_names(), default=d.method)
     parser.add_argument("--rank", type=int, default=d.rank, help="adapter rank (default: %(default)s)")
     parser.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens (default: %(default)s)")
@@ -298,7 +301,7 @@ def _plan(args: argparse.Namespace) -> int:
         shape = ModelShape.resolve(args.model)
         inputs = PlanInputs(
             gpus=args.gpus, gpu_memory_gib=args.gpu_memory, zero=args.zero, tp=args.tp, adapters=args.adapters,
-            tenants=args.tenants, tenants_per_step=args.tenants_per_step, tenants_per_forward=args.tenants_per_forward,
+            tenants=args.tenants, tenants_per_step=args.tenants_per_step, tenants_per_forward=args.tenants_per_forward, tenant_offload=args.tenant_offload,
             method=args.method, rank=args.rank, prompt_len=args.prompt_len, completion_len=args.completion_len,
             batch=args.batch, generations=args.generations, share_prompts=args.share_prompts,
             gradient_checkpointing=args.gradient_checkpointing, sleep=args.sleep, dtype_bytes=args.dtype_bytes,

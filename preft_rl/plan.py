@@ -137,6 +137,7 @@ class PlanInputs:
     tenants: int = 1  # adapters trained in one run (PreftGRPOTrainer(tenants=...)); each process holds all of them
     tenants_per_step: int | None = None  # tenants trained per step (None: all); each brings `batch` rows per micro-batch
     tenants_per_forward: int | None = None  # tenants' rows in one training forward/backward (None: the step's tenants)
+    tenant_offload: str | None = None  # where tenants not in the step wait: None (on the GPU), "cpu" (host memory), "disk"
     method: str = "lora"
     rank: int = 16
     prompt_len: int = 512
@@ -161,7 +162,12 @@ class PlanInputs:
             raise ValueError(f"--tenants-per-step must be in [1, --tenants={self.tenants}], got {self.tenants_per_step}")
         if self.tenants_per_forward is not None and self.tenants_per_forward < 1:
             raise ValueError(f"--tenants-per-forward must be >= 1, got {self.tenants_per_forward}")
-        self.adapters = max(self.adapters, self.tenants)  # the engine serves every tenant's adapter
+        if self.tenant_offload not in (None, "cpu", "disk"):
+            raise ValueError(f"--tenant-offload must be cpu or disk, got {self.tenant_offload!r}")
+        if self.tenant_offload is not None and self.zero != 0:
+            raise ValueError(f"--tenant-offload runs under DDP (--zero 0), not ZeRO-{self.zero}: DeepSpeed's optimizer holds "
+                             "every tenant's state")
+        self.adapters = max(self.adapters, self.resident_tenants)  # the engine serves every tenant in the model
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.gpus % self.tp:
@@ -175,6 +181,11 @@ class PlanInputs:
         return self.tenants if self.tenants_per_step is None else self.tenants_per_step
 
     @property
+    def resident_tenants(self) -> int:
+        """Tenants whose adapter, gradient and Adam state are on the GPU: every tenant, or with offload the step's."""
+        return self.step_tenants if self.tenant_offload else self.tenants
+
+    @property
     def forward_tenants(self) -> int:
         """Tenants whose rows one training forward holds (its activations): tenants_per_forward, at most the step's."""
         return min(self.step_tenants, self.tenants_per_forward or self.step_tenants)
@@ -186,6 +197,7 @@ class Plan:
     shape: ModelShape
     rollout: dict[str, float] = field(default_factory=dict)  # item -> bytes per GPU
     training: dict[str, float] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)  # item -> bytes of host memory or disk per process
     kv_budget_bytes: float = 0.0
     kv_bytes_per_sequence: float = 0.0
     max_sequences: int = 0
@@ -222,21 +234,30 @@ def training_activations(shape: ModelShape, inputs: PlanInputs, rows: int) -> di
 
 def tenant_bytes(shape: ModelShape, inputs: PlanInputs) -> float:
     """Memory per GPU one more tenant adds: its fp32 adapter, gradient and Adam moments (sharded as ZeRO shards them)
-    and its engine slot."""
+    and its engine slot. With tenant_offload: none (it waits in host memory or on disk: `offloaded_tenant_bytes`)."""
     n, adapter = inputs.gpus, adapter_params(shape, inputs.method, inputs.rank)
+    if inputs.tenant_offload:
+        return 0.0
     return (adapter * 4 / (n if inputs.zero == 3 else 1) + 8 * adapter / (n if inputs.zero >= 1 else 1)
             + 4 * adapter / (n if inputs.zero >= 2 else 1)
             + engine_adapter_slot_elems(shape, inputs.method, inputs.rank, inputs.tp) * inputs.dtype_bytes)
 
 
+def offloaded_tenant_bytes(shape: ModelShape, inputs: PlanInputs) -> float:
+    """Host memory or disk per process one more waiting tenant takes (once it has trained): fp32 adapter + Adam moments."""
+    return 12.0 * adapter_params(shape, inputs.method, inputs.rank)
+
+
 def make_plan(shape: ModelShape, inputs: PlanInputs) -> Plan:
     plan = Plan(inputs, shape)
     e, n, g = inputs.dtype_bytes, inputs.gpus, inputs.gpu_memory_gib * GiB
-    params, adapter = shape.params(), adapter_params(shape, inputs.method, inputs.rank) * inputs.tenants
+    one = adapter_params(shape, inputs.method, inputs.rank)
+    resident = inputs.resident_tenants
+    params, adapter = shape.params(), one * resident
     base = params * e / (n if inputs.zero == 3 else 1)
     persistent = {
         f"trainer base weights (ZeRO-{inputs.zero}{', sharded' if inputs.zero == 3 else ''})": base,
-        f"adapter{'s' if inputs.tenants > 1 else ''} (fp32{f', {inputs.tenants} tenants' if inputs.tenants > 1 else ''})":
+        f"adapter{'s' if resident > 1 else ''} (fp32{f', {resident} tenants' if resident > 1 else ''})":
             adapter * 4 / (n if inputs.zero == 3 else 1),
         "Adam moments (fp32)": 8 * adapter / (n if inputs.zero >= 1 else 1),
         "CUDA context, NCCL, allocator slack": inputs.overhead_gib * GiB,
@@ -249,6 +270,12 @@ def make_plan(shape: ModelShape, inputs: PlanInputs) -> Plan:
         "engine step workspace (estimate)": inputs.max_num_batched_tokens * (4 * shape.hidden + (shape.q_size + 2 * shape.kv_size
                                              + 4 * shape.intermediate) / inputs.tp) * e + inputs.max_num_seqs * shape.vocab * 4,
     }
+    # host memory and disk, per process: the copy of the adapters that last served (what a bad update is rolled back to),
+    # and with tenant_offload the waiting tenants' adapter and Adam moments (fp32; a tenant that never trained has none)
+    plan.host["last served adapters (host memory, rollback copy)"] = adapter * 4 / (n if inputs.zero == 3 else 1)
+    if inputs.tenant_offload:
+        where = "host memory" if inputs.tenant_offload == "cpu" else "disk"
+        plan.host[f"{inputs.tenants - resident} waiting tenants: adapter + Adam moments ({where})"] = (inputs.tenants - resident) * one * 12
     trainer_fixed = sum(persistent.values())
     util = inputs.gpu_memory_utilization
     if util is None:  # what the trainer leaves, floored to 0.01 as a user would set it
@@ -322,12 +349,18 @@ def format_plan(plan: Plan) -> str:
         lines += [f"  {name:<58}{value / GiB:>9.2f} GiB" for name, value in items.items()]
         lines.append(f"  {'total':<58}{sum(items.values()) / GiB:>9.2f} GiB of {i.gpu_memory_gib:g}")
         lines.append("")
+    lines.append("host memory and disk, per process:")
+    lines += [f"  {name:<58}{value / GiB:>9.2f} GiB" for name, value in plan.host.items()]
+    lines.append("")
     lines.append(f"engine gpu_memory_utilization: {plan.gpu_memory_utilization:.2f}; KV cache {max(0.0, plan.kv_budget_bytes) / GiB:.1f} GiB = "
                  f"{plan.max_sequences} sequences of {i.prompt_len + i.completion_len} tokens "
                  f"({plan.kv_bytes_per_sequence / 2**20:.0f} MiB each) per TP group")
     lines.append(f"largest training micro-batch that fits: {plan.max_batch} rows"
                  + (f" per tenant ({i.step_tenants} tenants per step, {i.forward_tenants} per forward)" if i.step_tenants > 1 else ""))
-    if i.tenants > 1:
+    if i.tenants > 1 and i.tenant_offload:
+        lines.append(f"each further tenant adds nothing on the GPU and {offloaded_tenant_bytes(s, i) / 2**20:.1f} MiB of "
+                     f"{'host memory' if i.tenant_offload == 'cpu' else 'disk'} per process once it has trained (adapter, Adam moments)")
+    elif i.tenants > 1:
         lines.append(f"each further tenant adds {tenant_bytes(s, i) / 2**20:.1f} MiB per GPU (adapter, gradient, Adam moments, "
                      "engine slot)")
     lines.append("fits." if plan.fits else "does NOT fit:\n" + "\n".join(f"  - {p}" for p in plan.problems))

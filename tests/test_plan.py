@@ -114,3 +114,27 @@ def test_tenants_add_their_adapter_state_and_slots_and_their_rows_per_micro_batc
     assert "64 tenants" in out and "each further tenant adds" in out and "per tenant (4 tenants per step, 4 per forward)" in out
     assert cli(["plan", "--model", "llama-3-8b", "--tenants", "4", "--tenants-per-step", "5"]) == 2
     assert "--tenants-per-step must be in [1, --tenants=4]" in capsys.readouterr().err
+
+
+def test_tenant_offload_keeps_only_the_steps_tenants_on_the_gpu_and_the_others_in_host_memory_or_on_disk(capsys):
+    """--tenant-offload: the GPU holds --tenants-per-step tenants' adapters, moments, gradients and engine slots, as a
+    run with that many tenants does; the waiting tenants take 12 bytes per adapter parameter (fp32 weights and two Adam
+    moments) of host memory or disk per process, which is what the trainer's store writes per trained tenant (plus a
+    safetensors header and the one-element step counters)."""
+    from preft_rl.plan import offloaded_tenant_bytes, tenant_bytes
+
+    shape = ModelShape.resolve("llama-3-8b")
+    common = dict(gpus=8, gpu_memory_gib=80, zero=0, tp=1, prompt_len=512, completion_len=512, batch=2)
+    few = make_plan(shape, PlanInputs(**common, tenants=8))
+    offloaded = make_plan(shape, PlanInputs(**common, tenants=1000, tenants_per_step=8, tenant_offload="disk"))
+    assert offloaded.training == few.training and offloaded.rollout == few.rollout
+    waiting = next(v for k, v in offloaded.host.items() if k.startswith("992 waiting tenants") and k.endswith("(disk)"))
+    assert waiting == 992 * 12 * adapter_params(shape, "lora", 16)
+    assert tenant_bytes(shape, offloaded.inputs) == 0 and offloaded_tenant_bytes(shape, offloaded.inputs) == 12 * adapter_params(shape, "lora", 16)
+    assert cli(["plan", "--model", "llama-3-8b", "--zero", "0", "--tenants", "1000", "--tenants-per-step", "8",
+                "--tenant-offload", "cpu"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "992 waiting tenants: adapter + Adam moments (host memory)" in out and "adds nothing on the GPU" in out
+    assert cli(["plan", "--model", "llama-3-8b", "--zero", "2", "--tenants", "10", "--tenants-per-step", "2",
+                "--tenant-offload", "disk"]) == 2
+    assert "--tenant-offload runs under DDP (--zero 0), not ZeRO-2" in capsys.readouterr().err

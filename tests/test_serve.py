@@ -829,3 +829,12 @@ def test_more_adapters_than_slots_from_an_adapter_dir_each_request_gets_its_own(
         _, prompt_ids, ids = complete(client, "user-0", PROMPTS[0])
         assert prompt_ids == prompts["user-0"]
         assert ids == reference(new_copy, prompt_ids, GREEDY["max_tokens"]) != expected["user-0"]  # the new weights
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(url + "/v1/preft/cache", headers={"Authorization": f"Bearer {API_KEY}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            stats = json.loads(response.read())
+        # every adapter came from the directory at least once, user-0 twice, and 3 held at most: the others went out
+        assert stats["registered"] <= 3 and stats["resident"] <= 2 and stats["dir_loads"] >= 7, stats
+        assert stats["dir_unloads"] == stats["dir_loads"] - stats["registered"] and stats["slot_loads"] >= 0

@@ -139,6 +139,8 @@ class ServedAdapters:
         self.broken: dict[str, int] = {}  # name -> version whose activations went non-finite: its requests get a 422
         self._used: dict[str, None] = {}  # adapters by last request, oldest first (--adapter-dir eviction)
         self._from_dir: set[str] = set()  # adapters loaded from --adapter-dir on a first request (may be unloaded again)
+        self.dir_loads = 0  # adapters loaded from --adapter-dir so far (first requests, and requests after an unload)
+        self.dir_unloads = 0  # directory adapters unloaded to make room
         self._resolving = asyncio.Lock()  # one first-request load at a time
 
     # ------------------------------------------------------------------------------ requests
@@ -323,9 +325,19 @@ class ServedAdapters:
                 await self._state.wait_for(lambda: bool(idle()))
                 victim = idle()[0]
             await self.unload(victim)
+            self.dir_unloads += 1
         await self.load(name, path, peft_lora_as_prefill_only=self.settings.peft_lora_as_prefill_only)
         self._from_dir.add(name)
+        self.dir_loads += 1
         return True
+
+    async def cache_stats(self) -> dict[str, int]:
+        """Adapters held (`registered`), in device slots (`resident`), moved from host memory into a slot so far because
+        their slot had gone to another adapter (`slot_loads`: slot misses), and loaded from / unloaded back to
+        --adapter-dir so far (`dir_loads`, `dir_unloads`)."""
+        engine = await self._rpc("preft_cache_stats")
+        return {"registered": engine["registered"], "resident": engine["resident"], "slot_loads": engine["loads"],
+                "dir_loads": self.dir_loads, "dir_unloads": self.dir_unloads}
 
 
 _ids = itertools.count(1)

@@ -37,6 +37,7 @@ GENERAL_PLUGIN = "preft_rl"
 ENDPOINT_PLUGIN = "preft_rl_serve"
 LOAD_ROUTE = "/v1/load_preft_adapter"
 UNLOAD_ROUTE = "/v1/unload_preft_adapter"
+CACHE_ROUTE = "/v1/preft/cache"  # GET: ServedAdapters.cache_stats()
 
 
 def register_models() -> None:
@@ -67,12 +68,21 @@ class PreftEndpointPlugin:
         self.settings = serve_settings()
 
     def attach_router(self, app: Any) -> None:
-        if self.settings is None or not self.settings.runtime_updates:
-            return  # off unless `preft-rl serve --enable-adapter-updates` (which also requires an API key)
+        if self.settings is None:
+            return
         from fastapi import APIRouter, Request
         from fastapi.responses import JSONResponse
 
         router = APIRouter()
+
+        @router.get(CACHE_ROUTE)
+        async def preft_cache(request: Request):
+            """Slots as a cache: adapters held, in device slots, slot loads, and --adapter-dir loads and unloads."""
+            return JSONResponse(await request.app.state.preft_adapters.cache_stats())
+
+        if not self.settings.runtime_updates:  # the load / unload routes are off unless `preft-rl serve
+            app.include_router(router)         # --enable-adapter-updates` (which also requires an API key)
+            return
 
         def error(exc: AdapterError) -> JSONResponse:
             return JSONResponse(status_code=exc.status, content={"error": {

@@ -5,6 +5,7 @@
     preft-rl bench train ...         GRPO step time and memory per phase, against TRL's GRPOTrainer (see --help)
     preft-rl bench tenants ...       multi-tenant GRPO: tenant-steps per hour vs sequential runs and all-token adapters
     preft-rl bench agent ...         multi-turn rollouts with tool results: throughput and prefix-cache reuse
+    preft-rl bench adapter-cache ... many adapters on few slots, loaded from disk: ours vs vLLM's LoRA resolver
     preft-rl study ...               PreFT vs all-token adapters under the same GRPO trainer (see --help)
     preft-rl plan --model ...        per-GPU memory of the rollout and training phases, and what fits (see --help)
     preft-rl serve MODEL --adapters NAME=DIR ...   vLLM's OpenAI-compatible server with prefill-only adapters
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     tenants_bench = bench.add_parser("tenants", allow_abbrev=False, help="multi-tenant GRPO: tenant-steps per hour against "
                                      "sequential single-tenant runs and against all-token adapters, by tenant count")
     _add_tenants_bench_arguments(tenants_bench)
+    cache_bench = bench.add_parser("adapter-cache", allow_abbrev=False, help="many adapters on few slots, loaded from disk "
+                                   "on first use: preft-rl serve --adapter-dir vs vLLM's LoRA resolver, each vs all resident")
+    _add_adapter_cache_bench_arguments(cache_bench)
     agent_bench = bench.add_parser("agent", allow_abbrev=False, help="multi-turn rollouts with tool results between turns: "
                                    "PreFT vs all-token adapters vs base, throughput and prefix-cache reuse of earlier turns")
     _add_agent_bench_arguments(agent_bench)
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench_train(args, argv)
     if args.command == "bench" and args.bench == "tenants":
         return _bench_tenants(args, argv)
+    if args.command == "bench" and args.bench == "adapter-cache":
+        return _bench_adapter_cache(args, argv)
     if args.command == "bench" and args.bench == "agent":
         return _bench_agent(args, argv)
     if args.command == "bench":
@@ -253,6 +259,40 @@ def _bench_tenants(args: argparse.Namespace, argv: list[str] | None) -> int:
         tenants_per_step=args.tenants_per_step, tenant_offload=args.tenant_offload, run_steps=args.run_steps, cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, out=args.out,
     ), run_kwargs={"verbose": args.verbose},
         report_args=lambda: (Path(args.predictions).read_text().splitlines() if args.predictions else None,))
+
+
+def _add_adapter_cache_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from preft_rl.reports.adapter_cache import SERVERS, AdapterCacheBenchConfig
+
+    d = AdapterCacheBenchConfig()
+    parser.add_argument("--model", default=d.model, help="model id, path or offline name (default: %(default)s)")
+    parser.add_argument("--adapters", type=int, default=d.adapters, help="adapters written to disk (default: %(default)s)")
+    parser.add_argument("--slots", type=int, default=d.slots, help="device slots: --max-adapters / --max-loras (default: %(default)s)")
+    parser.add_argument("--cpu-adapters", type=int, default=d.cpu_adapters,
+                        help="adapters held in host memory: --max-cpu-adapters / --max-cpu-loras (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=d.requests, help="requests in the traffic (default: %(default)s)")
+    parser.add_argument("--clients", type=int, default=d.clients, help="concurrent streaming clients (default: %(default)s)")
+    parser.add_argument("--zipf", type=float, default=d.zipf, help="Zipf exponent of the adapters' popularity (default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (default: %(default)s)")
+    parser.add_argument("--target-modules", default=",".join(d.target_modules), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens (default: %(default)s)")
+    parser.add_argument("--gen-len", type=int, default=d.gen_len, help="generated tokens (default: %(default)s)")
+    parser.add_argument("--servers", default=",".join(d.servers), help=f"comma-separated, of {', '.join(SERVERS)} (default: all)")
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    parser.add_argument("--predictions", default=None, help="a text file of predictions written before the run, copied into the report")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--out", default=d.out, help="folder for adapter-cache.json/.md (default: %(default)s)")
+
+
+def _bench_adapter_cache(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from preft_rl.reports import adapter_cache
+
+    return _run_bench("adapter-cache", adapter_cache, argv, lambda: adapter_cache.AdapterCacheBenchConfig(
+        model=args.model, adapters=args.adapters, slots=args.slots, cpu_adapters=args.cpu_adapters, requests=args.requests,
+        clients=args.clients, zipf=args.zipf, rank=args.rank, target_modules=args.target_modules.split(","),
+        prompt_len=args.prompt_len, gen_len=args.gen_len, servers=args.servers.split(","), max_num_seqs=args.max_num_seqs,
+        seed=args.seed, out=args.out,
+    ), report_args=lambda: (Path(args.predictions).read_text().splitlines() if args.predictions else None,))
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:

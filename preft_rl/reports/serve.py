@@ -167,11 +167,11 @@ def _commands(cfg: ServeBenchConfig, path: str, dirs: dict[str, list[Path]], dty
 class Server:
     """One server process on a free port; stopped (its whole process group) by close()."""
 
-    def __init__(self, name: str, command: list[str], log: Path) -> None:
+    def __init__(self, name: str, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.name, self.port, self.log = name, _free_port(), log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(command + ["--port", str(self.port)], stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                         start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout_s: float) -> None:

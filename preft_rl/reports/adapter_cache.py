@@ -92,7 +92,7 @@ def zipf_traffic(cfg: AdapterCacheBenchConfig) -> list[str]:
 # ------------------------------------------------------------------------------------------ adapters on disk
 def write_adapters(cfg: AdapterCacheBenchConfig, model_path: str, root: Path, progress: bool = True) -> dict[str, Path]:
     """--adapters random LoRAs, each written as a preft-rl adapter folder (root/preft/NAME) and as a PEFT LoRA folder
-    naming the served base model 'base' (root/peft/NAME, what vLLM's filesystem resolver accepts)."""
+    naming the base model's path (root/peft/NAME, what vLLM's filesystem resolver accepts)."""
     from tqdm import tqdm
 
     from preft_rl.adapters import PreftConfig, get_preft_model
@@ -113,7 +113,8 @@ def write_adapters(cfg: AdapterCacheBenchConfig, model_path: str, root: Path, pr
         model.save_pretrained(dirs["preft"] / adapter_name(i))
         peft = write_peft_lora(state, config, dirs["peft"] / adapter_name(i))
         peft_config = json.loads((peft / "adapter_config.json").read_text())
-        (peft / "adapter_config.json").write_text(json.dumps({**peft_config, "base_model_name_or_path": "base"}))
+        # vLLM's filesystem resolver takes a folder whose base model is the served model's path (model_config.model)
+        (peft / "adapter_config.json").write_text(json.dumps({**peft_config, "base_model_name_or_path": model_path}))
     return dirs
 
 

@@ -166,7 +166,7 @@ async def drive(url: str, cfg: AdapterCacheBenchConfig, prompts: list[list[int]]
             model=models[i], prompt=prompts[i], max_tokens=gen_len, temperature=0.0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "min_tokens": gen_len})
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].text and first_token is None:
+            if chunk.choices and first_token is None:  # the first token's chunk (its text may be empty: part of a character)
                 first_token = time.perf_counter()
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens

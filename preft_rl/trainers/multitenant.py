@@ -21,6 +21,10 @@ folder, loadable by PreftModel.from_pretrained and `preft-rl serve --adapters na
 `tenants_per_forward=K` exact: a micro-batch goes through the model in pieces of K tenants' rows, each its own forward
 and backward, so activation memory is bounded by K whatever the tenant count.
 
+With `tenant_offload='cpu' | 'disk'` (and tenants_per_step=K) the model has K rows, the optimizer K groups and the
+engine K slots: before a step the picked tenants are brought into the rows, and the others' adapter and AdamW state
+wait in host memory or one file each (tenant_state.py); the training is the same bit for bit.
+
 Under DDP, a tenant not in a step (or not in the last piece of a micro-batch) gets a zero-weight term, so DDP's single
 reduction per micro-batch covers every adapter; the zeros of a tenant not picked are dropped before the optimizer step.
 Under DeepSpeed ZeRO-2 every tenant trains every step, in one piece, and clipping is off (DeepSpeed clips by one global

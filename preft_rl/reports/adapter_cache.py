@@ -93,22 +93,21 @@ def zipf_traffic(cfg: AdapterCacheBenchConfig) -> list[str]:
 def write_adapters(cfg: AdapterCacheBenchConfig, model_path: str, root: Path, progress: bool = True) -> dict[str, Path]:
     """--adapters random LoRAs, each written as a preft-rl adapter folder (root/preft/NAME) and as a PEFT LoRA folder
     naming the base model's path (root/peft/NAME, what vLLM's filesystem resolver accepts)."""
+    import torch
     from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
 
     from preft_rl.adapters import PreftConfig, get_preft_model
     from preft_rl.adapters.serialization import load_adapter_state_dict
     from preft_rl.engine.baselines import write_peft_lora
-    from transformers import AutoModelForCausalLM
 
-    import torch
+    from .rollout import random_adapter_states
 
     config = PreftConfig(method="lora", r=cfg.rank, target_modules=list(cfg.target_modules))
     model = get_preft_model(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), config)
-    shapes = {key: p.shape for key, p in model.adapter_state_dict().items()}
     dirs = {"preft": root / "preft", "peft": root / "peft"}
-    for i in tqdm(range(cfg.adapters), desc="writing adapters", disable=not progress, mininterval=5):
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-        state = {key: torch.randn(shape, generator=gen) * 0.02 for key, shape in shapes.items()}
+    states = random_adapter_states(model_path, config, (cfg.seed * 1_000_003 + i for i in range(cfg.adapters)))
+    for i, state in enumerate(tqdm(states, total=cfg.adapters, desc="writing adapters", disable=not progress, mininterval=5)):
         load_adapter_state_dict(model, state)
         model.save_pretrained(dirs["preft"] / adapter_name(i))
         peft = write_peft_lora(state, config, dirs["peft"] / adapter_name(i))

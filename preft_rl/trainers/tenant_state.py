@@ -114,10 +114,7 @@ class TenantStateStore:
                 save_file(tensors, str(directory / f"{name}.safetensors"))
             return
         for name in self.names():
-            try:
-                os.link(self._path(name), directory / f"{name}.safetensors")
-            except OSError:
-                shutil.copy2(self._path(name), directory / f"{name}.safetensors")
+            _link_or_copy(self._path(name), directory / f"{name}.safetensors")
 
     def load_from(self, directory: Path, entries: dict[str, dict[str, torch.Tensor]] | None) -> None:
         """Replace every entry by a checkpoint's (checked by the caller first: `read_checkpoint_entries`); `entries` are
@@ -128,10 +125,16 @@ class TenantStateStore:
         self._clear_directory()
         for path in sorted(directory.iterdir()):
             if _FILE.match(path.name):
-                try:
-                    os.link(path, self._path(path.name.removesuffix(".safetensors")))
-                except OSError:
-                    shutil.copy2(path, self._path(path.name.removesuffix(".safetensors")))
+                _link_or_copy(path, self.directory / path.name)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no copy; a later atomic write to either name leaves the other as it was), or a copy where links
+    are not possible (another file system)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def read_checkpoint_entries(directory: Path, tenant_names: set[str], check: Any, keep: bool) -> dict[str, dict[str, torch.Tensor]]:

@@ -76,6 +76,30 @@ def test_a_registry_without_caching_keeps_todays_rules(shape, load_tiny):
         registry.add("c", lora_state(load_tiny, 2), CONFIG)
 
 
+def test_one_worker_call_swaps_many_adapters_each_refused_alone(shape, load_tiny):
+    """The worker RPC behind the server's batched --adapter-dir loads: removals first (they make the room), then each
+    add applied or refused on its own; what it reports is plain data every rank must agree on."""
+    import dataclasses
+
+    from preft_rl.engine.worker import PreftWorkerExtension, pack_state
+
+    registry = tiny_registry(shape, slots=2, registered=3)
+    worker = PreftWorkerExtension()
+    worker._preft_registry = lambda: registry
+    states = {name: pack_state(name, lora_state(load_tiny, seed)) for seed, name in enumerate("abcd")}
+    config = dataclasses.asdict(CONFIG)
+    first = worker.preft_swap_adapters([], [[n, states[n], config] for n in "abc"])
+    assert first["removed"] == [] and [first["added"][n]["version"] for n in "abc"] == [1, 1, 1]
+    wrong = {**config, "r": 8}  # the server checked the rank against the files; the worker checks again
+    second = worker.preft_swap_adapters(["a", "b", "gone"], [["a", states["d"], config], ["x", states["d"], wrong],
+                                                             ["d", states["d"], config]])
+    assert second["removed"] == ["a", "b"] and second["added"]["a"]["version"] == 2  # reloaded: a new version
+    assert second["added"]["x"]["error"] == "ValueError" and "x" not in registry.entries
+    assert sorted(registry.entries) == ["a", "c", "d"] and registry.entries["d"].version == 1
+    a_host, d_host = registry.host["a"][0], registry.host["d"][0]
+    assert a_host.keys() == d_host.keys() and all(torch.equal(a_host[k], d_host[k]) for k in a_host)  # a holds d's weights
+
+
 @pytest.mark.parametrize("mode", ["in-process", "multiprocess", "tp2"])
 def test_eight_adapters_on_three_slots_each_request_gets_its_own_adapter(tiny_llama_dir, load_tiny, mode):
     from vllm import SamplingParams

@@ -141,10 +141,26 @@ class FakeEngineClient:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.swaps: list[tuple[list[str], list[str]]] = []  # preft_swap_adapters: (removed, added names)
         self.versions: dict[str, int] = {}
+        self.gate: asyncio.Event | None = None  # set: RPCs wait for it (one engine step)
+
+    @staticmethod
+    def entry(name, version, config):
+        return {"name": name, "slot": 0, "version": version, "rank": 4, "config": config, "keys": []}
 
     async def collective_rpc(self, method, args=()):
         self.calls.append(method)
+        if self.gate is not None:
+            await self.gate.wait()
+        if method == "preft_swap_adapters":
+            remove, add = args
+            added = {}
+            for name, _state, config in add:
+                self.versions[name] = self.versions.get(name, 0) + 1
+                added[name] = self.entry(name, self.versions[name], config)
+            self.swaps.append((list(remove), [name for name, _, _ in add]))
+            return [{"removed": list(remove), "added": added}]
         name = args[0]
         if method == "preft_add_adapter":
             self.versions[name] = self.versions.get(name, 0) + 1
@@ -153,7 +169,7 @@ class FakeEngineClient:
         elif method == "preft_remove_adapter":
             return [{"removed": name}]
         config = args[2] if method in ("preft_add_adapter", "preft_replace_adapter") else {"method": "lora", "r": 4}
-        return [{"name": name, "slot": 0, "version": self.versions[name], "rank": 4, "config": config, "keys": []}]
+        return [self.entry(name, self.versions[name], config)]
 
 
 def test_updates_wait_for_the_requests_using_the_adapter(adapter_dirs):
@@ -228,6 +244,74 @@ def test_adapter_table_errors_change_nothing(adapter_dirs, tmp_path):
     client, served = asyncio.run(scenario())
     assert client.calls == ["preft_add_adapter", "preft_add_adapter"]  # no refused change reached the worker
     assert sorted(served.entries) == ["a", "b"] and served.entries["a"].version == 1
+
+
+def test_first_requests_from_the_adapter_dir_load_in_batches(adapter_dirs, tmp_path):
+    """--adapter-dir loads: the adapters that first requests wait for go to the worker in one RPC (one engine step on
+    a busy server, not one per adapter), with the idle adapters unloaded to make room in the same RPC. Each request
+    gets its hold in the step that loaded its adapter; a bad directory fails its own requests only; with every
+    adapter in use the batch waits for a request to end; a client that goes away leaves no hold behind."""
+    library = tmp_path / "library"
+    library.mkdir()
+    for i in range(6):
+        (library / f"u{i}").symlink_to(adapter_dirs["abc"[i % 3]])
+    (library / "bad").symlink_to(adapter_dirs["rank16"])
+
+    async def scenario():
+        client = FakeEngineClient()
+        settings = ServeSettings("lora", 2, 8, "X", max_cpu_adapters=3, adapter_dir=str(library))
+        served = ServedAdapters(client, settings, ["base"])
+        client.gate = asyncio.Event()
+        release = asyncio.Event()
+        got = {}
+
+        async def request(name):
+            async with served.serving(name) as entry:
+                got[name] = entry.version
+                await release.wait()
+
+        first = [asyncio.create_task(request(n)) for n in ("u0", "u1", "u2", "bad")]
+        await asyncio.sleep(0.05)
+        client.gate.set()  # the engine step ends: every waiting first request is answered by one RPC
+        with pytest.raises(AdapterError, match="rank 16") as info:
+            await first[3]
+        assert info.value.status == 400
+        await asyncio.sleep(0.05)
+        assert client.swaps == [([], ["u0", "u1", "u2"])] and got == {"u0": 1, "u1": 1, "u2": 1}
+        assert [served.in_flight(n) for n in ("u0", "u1", "u2")] == [1, 1, 1]
+        # all 3 held and in use: u3 waits for a request to end, then takes the least recently used idle one's place
+        waiting = asyncio.create_task(request("u3"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and len(client.swaps) == 1
+        release.set()
+        await asyncio.gather(*first[:3], waiting)
+        assert client.swaps[1] == (["u0"], ["u3"]) and set(served.entries) == {"u1", "u2", "u3"}
+        # two misses at once, two idle victims: one RPC swaps both; u0 comes back under a new version
+        release.clear()
+        client.gate.clear()
+        both = [asyncio.create_task(request(n)) for n in ("u0", "u4")]
+        await asyncio.sleep(0.05)
+        client.gate.set()
+        await asyncio.sleep(0.05)
+        assert client.swaps[2] == (["u1", "u2"], ["u0", "u4"]) and got["u0"] == 2
+        # a client that goes away while its adapter loads: no hold is left behind
+        client.gate.clear()
+        gone = asyncio.create_task(request("u5"))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        client.gate.set()
+        release.set()
+        await asyncio.gather(*both)
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await asyncio.sleep(0.05)
+        assert client.swaps[3] == (["u3"], ["u5"])
+        assert {n: served.in_flight(n) for n in served.entries} == {"u0": 0, "u4": 0, "u5": 0}
+        assert await served.resolve("u9") is False and served.dir_loads == 7 and served.dir_unloads == 4
+        return client
+
+    client = asyncio.run(scenario())
+    assert "preft_add_adapter" not in client.calls and "preft_remove_adapter" not in client.calls
 
 
 def test_chat_history_marks_each_assistant_message_from_its_generation_prompt_to_its_end(tokenizer):

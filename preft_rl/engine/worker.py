@@ -148,6 +148,20 @@ class PreftWorkerExtension:
         registry = self._preft_registry()
         return self._preft_guard(lambda: registry.remove(name) or {"removed": name})
 
+    def preft_swap_adapters(self, remove: list[str], add: list[list[Any]]) -> dict[str, Any]:
+        """Remove the adapters named in `remove`, then add each `[name, state, config]` of `add`: any number of changes
+        for one RPC, so one engine step's wait (the server's first-request loads from --adapter-dir). Each add is
+        applied or refused alone: {"removed": [names], "added": {name: entry dict, or {"error", "message"}}}."""
+        registry = self._preft_registry()
+        removed = [name for name in remove if name in registry.entries]
+        for name in removed:
+            registry.remove(name)
+        added = {}
+        for name, state, config in add:
+            added[name] = self._preft_guard(lambda: entry_to_dict(registry.add(name, unpack_state(state),
+                                                                               PreftConfig(**config))))
+        return {"removed": removed, "added": added}
+
     def preft_cache_stats(self) -> dict[str, int]:
         """Slots as a cache: adapters registered, in slots, and loaded into a slot from host memory so far."""
         registry = self._preft_registry()

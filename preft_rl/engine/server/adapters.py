@@ -141,7 +141,9 @@ class ServedAdapters:
         self._from_dir: set[str] = set()  # adapters loaded from --adapter-dir on a first request (may be unloaded again)
         self.dir_loads = 0  # adapters loaded from --adapter-dir so far (first requests, and requests after an unload)
         self.dir_unloads = 0  # directory adapters unloaded to make room
-        self._resolving = asyncio.Lock()  # one first-request load at a time
+        # --adapter-dir adapters first requests wait for: name -> [(future, take a hold)]; one task loads them in batches
+        self._wanted: dict[str, list[tuple[asyncio.Future[AdapterEntry], bool]]] = {}
+        self._loader: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------------------ requests
     def unknown(self, name: str) -> AdapterError:
@@ -162,27 +164,24 @@ class ServedAdapters:
         try:
             yield entry
         finally:
-            async with self._state:
-                self._readers[name] -= 1
-                if not self._readers[name]:
-                    del self._readers[name]
-                self._state.notify_all()
+            await self._release(name)
 
     async def _hold(self, name: str) -> AdapterEntry:
         async with self._state:
             await self._state.wait_for(lambda: name not in self._changing)
             if name in self.entries:
                 return self._take(name)
-        if self.settings.adapter_dir is None:
+        entry = await self._from_directory(name, hold=True)
+        if entry is None:
             raise self.unknown(name)
-        async with self._resolving:  # loaded and held before any other first request may unload it to make room
-            if name not in self.entries and not await self._resolve_locked(name):
-                raise self.unknown(name)
-            async with self._state:
-                await self._state.wait_for(lambda: name not in self._changing)
-                if name not in self.entries:
-                    raise self.unknown(name)
-                return self._take(name)
+        return entry
+
+    async def _release(self, name: str) -> None:
+        async with self._state:
+            self._readers[name] -= 1
+            if not self._readers[name]:
+                del self._readers[name]
+            self._state.notify_all()
 
     def _take(self, name: str) -> AdapterEntry:
         """One more request holds `name` (call with the state lock held)."""
@@ -294,42 +293,146 @@ class ServedAdapters:
 
     async def resolve(self, name: str) -> bool:
         """Load adapter `name` from --adapter-dir (DIR/NAME) on its first request, as vLLM's LoRA resolvers do: True
-        once it is loaded, False if the directory has no such adapter (the request gets the 404). When the server
-        holds all it may (--max-cpu-adapters), the least recently requested adapter that came from the directory and
-        has no request in flight is unloaded first; its next request loads it again, under a new version (so no
-        prompt KV cached for the old files is reused). A bad adapter directory raises its AdapterError."""
-        async with self._resolving:
-            return await self._resolve_locked(name)
+        once it is loaded, False if the directory has no such adapter (the request gets the 404). A bad adapter
+        directory raises its AdapterError. See `_load_wanted` for how loads are batched and room is made."""
+        return await self._from_directory(name, hold=False) is not None
 
-    async def _resolve_locked(self, name: str) -> bool:
+    async def _from_directory(self, name: str, hold: bool) -> AdapterEntry | None:
+        """`name`'s entry once it is loaded from --adapter-dir, held for the caller's request when `hold` (taken in the
+        same step as the load, so no other first request can unload it in between); None if it is not there."""
         directory = self.settings.adapter_dir
         if directory is None or not NAME_PATTERN.fullmatch(name) or name in self.base_names:
-            return False
-        path = os.path.join(directory, name)
-        if not os.path.isdir(path):
-            return False
-        if name in self.entries:
-            return True
-        if len(self.entries) >= self.settings.registered_limit:
-            if not self._from_dir:  # every adapter held was loaded at start-up or through the load route: none may go
-                raise AdapterError(503, f"adapter {name!r} is in {directory} but the server holds "
-                                        f"{self.settings.registered_limit} adapters already, none of them loaded from the "
-                                        "directory (only those are unloaded to make room); unload one, or restart the "
-                                        "server with a larger --max-cpu-adapters")
+            return None
+        if not os.path.isdir(os.path.join(directory, name)):
+            return None
+        async with self._state:
+            await self._state.wait_for(lambda: name not in self._changing)
+            if name in self.entries:
+                return self._take(name) if hold else self.entries[name]
+            waiter: asyncio.Future[AdapterEntry] = asyncio.get_running_loop().create_future()
+            self._wanted.setdefault(name, []).append((waiter, hold))
+            if self._loader is None or self._loader.done():
+                self._loader = asyncio.create_task(self._load_wanted())
+        try:
+            return await waiter
+        except asyncio.CancelledError:  # the client went away: give back a hold the loader took for it
+            if hold and waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                await self._release(name)
+            raise
 
-            def idle() -> list[str]:  # least recently requested first
-                return [n for n in dict.fromkeys([*self._used, *self._from_dir])
-                        if n in self._from_dir and not self._readers[n] and n not in self._changing]
+    def _idle_from_directory(self) -> list[str]:
+        """Adapters that may be unloaded to make room: loaded from the directory, no request in flight, no change
+        pending; least recently requested first."""
+        return [n for n in dict.fromkeys([*self._used, *self._from_dir])
+                if n in self._from_dir and not self._readers[n] and n not in self._changing]
 
-            async with self._state:  # wait for room: a request ends (the wait a request over vLLM's max_loras has)
-                await self._state.wait_for(lambda: bool(idle()))
-                victim = idle()[0]
-            await self.unload(victim)
-            self.dir_unloads += 1
-        await self.load(name, path, peft_lora_as_prefill_only=self.settings.peft_lora_as_prefill_only)
-        self._from_dir.add(name)
-        self.dir_loads += 1
+    async def _load_wanted(self) -> None:
+        """Load every adapter that first requests wait for, in batches: read and check the files in a thread, then one
+        `preft_swap_adapters` RPC unloads what must make room and adds the batch (a worker RPC is answered between
+        engine steps, so a busy server answers one per step: one per batch, not one per adapter). When the server
+        holds all it may (--max-cpu-adapters), the least recently requested adapters that came from the directory and
+        have no request in flight are unloaded; with none such, the batch waits for a request to end (the wait a
+        request over vLLM's max_loras has). An unloaded adapter's next request loads it again under a new version, so
+        no prompt KV cached for the old files is reused. A bad directory fails its own requests only."""
+        read: dict[str, tuple[dict[str, Any], PreftConfig] | AdapterError] = {}
+        try:
+            while self._wanted:
+                read = {n: value for n, value in read.items() if n in self._wanted}
+                fresh = [n for n in self._wanted if n not in read]
+                read.update(await asyncio.to_thread(self._read_from_directory, fresh))
+                if not await self._swap_in(read):
+                    async with self._state:  # full, and every directory adapter in use: wait for a request to end
+                        await self._state.wait_for(lambda: bool(self._idle_from_directory())
+                                                   or len(self.entries) < self.settings.registered_limit)
+        except BaseException as exc:  # never leave a request waiting (an engine failure, or the server shutting down)
+            logger.exception("loading adapters from %s failed", self.settings.adapter_dir)
+            for waiters in self._wanted.values():
+                for waiter, _ in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+            self._wanted.clear()
+            if not isinstance(exc, Exception):
+                raise
+
+    def _read_from_directory(self, names: list[str]) -> dict[str, Any]:
+        directory = self.settings.adapter_dir
+        out: dict[str, Any] = {}
+        for name in names:
+            try:
+                out[name] = read_adapter(name, os.path.join(directory, name), self.settings,
+                                         self.settings.peft_lora_as_prefill_only)
+            except AdapterError as exc:
+                out[name] = exc
+        return out
+
+    async def _swap_in(self, read: dict[str, Any]) -> bool:
+        """One batch: False when nothing could be loaded for want of room (the caller waits for a request to end)."""
+        async with self._admin:
+            async with self._state:
+                wanted = [n for n in self._wanted if n in read]  # those asked for since the read wait for the next batch
+                bad = {n: read.pop(n) for n in wanted if isinstance(read.get(n), AdapterError)}
+                loaded = [n for n in wanted if n in self.entries]  # through the load route meanwhile (no change is
+                # pending on any adapter: route changes hold the admin lock until they end)
+                new = [n for n in wanted if n not in bad and n not in loaded]
+                room = self.settings.registered_limit - len(self.entries)
+                victims = self._idle_from_directory()[:max(0, len(new) - room)]
+                batch = new[:max(0, room) + len(victims)]
+                if new and not batch and not self._from_dir:
+                    full = AdapterError(503, f"the server holds {self.settings.registered_limit} adapters already, none "
+                                             f"of them loaded from {self.settings.adapter_dir} (only those are unloaded "
+                                             "to make room); unload one, or restart the server with a larger "
+                                             "--max-cpu-adapters")
+                    bad.update({n: AdapterError(503, f"adapter {n!r}: {full.message}") for n in new})
+                    new = []
+                self._changing.update(victims)  # no request may take them from here on
+                self._settle(bad, {n: self.entries[n] for n in loaded})
+            if not batch:
+                return not new
+            try:
+                result = await self._rpc("preft_swap_adapters", victims,
+                                         [[n, read[n][0], dataclasses.asdict(read[n][1])] for n in batch])
+            except BaseException:
+                async with self._state:
+                    self._changing.difference_update(victims)
+                    self._state.notify_all()
+                raise
+            async with self._state:
+                for name in result["removed"]:
+                    del self.entries[name]
+                    self.paths.pop(name, None)
+                    self._used.pop(name, None)
+                    self._from_dir.discard(name)
+                    self.dir_unloads += 1
+                self._changing.difference_update(victims)
+                done: dict[str, AdapterEntry] = {}
+                for name, data in result["added"].items():
+                    read.pop(name, None)
+                    if "error" in data:
+                        bad[name] = AdapterError(400, f"adapter {name!r}: {data['message']}")
+                        continue
+                    self.entries[name] = done[name] = entry_from_dict(data)
+                    self.paths[name] = os.path.join(self.settings.adapter_dir, name)
+                    self._from_dir.add(name)
+                    self._used[name] = None
+                    self.dir_loads += 1
+                self._settle(bad, done)
+                self._state.notify_all()
+        if victims:
+            logger.info("adapters %s unloaded to make room", victims)
+        logger.info("adapters %s loaded from %s", sorted(done), self.settings.adapter_dir)
         return True
+
+    def _settle(self, failed: dict[str, AdapterError], loaded: dict[str, AdapterEntry]) -> None:
+        """Answer the requests waiting for these adapters: the error, or the entry, held for the request that asked
+        (call with the state lock held, in the step that loaded them)."""
+        for name, outcome in [*failed.items(), *loaded.items()]:
+            for waiter, hold in self._wanted.pop(name, []):
+                if waiter.done():  # cancelled
+                    continue
+                if isinstance(outcome, AdapterError):
+                    waiter.set_exception(outcome)
+                else:
+                    waiter.set_result(self._take(name) if hold else outcome)
 
     async def cache_stats(self) -> dict[str, int]:
         """Adapters held (`registered`), in device slots (`resident`), moved from host memory into a slot so far because

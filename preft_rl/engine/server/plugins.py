@@ -174,7 +174,7 @@ def install_request_routing(engine_client: Any, served: ServedAdapters, state: A
         not there (the 404 stands)."""
         try:
             if await served.resolve(model):
-                _list_adapter(state, model, served.paths[model])
+                _list_adapter(state, model, served.paths.get(model, os.path.join(served.settings.adapter_dir, model)))
         except AdapterError as exc:
             return exc.status, exc.message
         return None

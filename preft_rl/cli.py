@@ -83,7 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     _add_plan_arguments(plan)
     sub.add_parser("serve", add_help=False, help="vLLM's OpenAI-compatible server with many prefill-only adapters "
                    "(preft-rl serve --help)")
+    tenant_key = sub.add_parser("tenant-key", allow_abbrev=False, help="a new random API key for a tenant, and the hash "
+                                "that goes in `preft-rl serve --tenant-keys FILE`")
+    tenant_key.add_argument("--hash-stdin", action="store_true", help="hash a key read from standard input instead")
     args = parser.parse_args(argv)
+    if args.command == "tenant-key":
+        from preft_rl.engine.server.tenants import hash_key, new_key
+
+        if args.hash_stdin:
+            print(hash_key(sys.stdin.readline().rstrip("\n")))
+            return 0
+        key = new_key()
+        print(f"key:  {key}\nhash: {hash_key(key)}\n(give the key to the tenant; put only the hash in the tenant keys file)")
+        return 0
     if args.command == "plan":
         return _plan(args)
     if args.command == "study":

@@ -922,3 +922,101 @@ def test_more_adapters_than_slots_from_an_adapter_dir_each_request_gets_its_own(
         # every adapter came from the directory at least once, user-0 twice, and 3 held at most: the others went out
         assert stats["registered"] <= 3 and stats["resident"] <= 2 and stats["dir_loads"] >= 7, stats
         assert stats["dir_unloads"] == stats["dir_loads"] - stats["registered"] and stats["slot_loads"] >= 0
+
+
+@pytest.mark.slow
+def test_tenant_keys_each_tenant_reaches_only_its_own_adapters_on_every_route(tiny_llama_dir, adapter_dirs, reference,
+                                                                               tokenizer, tmp_path):
+    """--tenant-keys with two tenants and the admin (--api-key): each tenant's key lists and calls only its adapters
+    (bob also the base); another tenant's adapter, loaded or in --adapter-dir, answers exactly as a name that exists
+    nowhere and is never loaded; the admin's routes answer 403 to tenants; no key answers 401; racing clients of both
+    tenants each get their own adapter's tokens."""
+    import openai
+    from openai import AsyncOpenAI
+
+    from preft_rl.engine.server.tenants import hash_key
+
+    library = tmp_path / "library"
+    dirs = {name: make_adapter(tiny_llama_dir, library / name, seed=30 + i) for i, name in enumerate(["alice-x", "bob-x"])}
+    keys = {"alice": "sk-alice-1", "bob": "sk-bob-1"}
+    tenants = {"alice": {"keys": [hash_key(keys["alice"])], "adapters": ["a", "alice-*"]},
+               "bob": {"keys": [hash_key(keys["bob"])], "adapters": ["b", "bob-*"], "base": True}}
+    (tmp_path / "keys.yaml").write_text(json.dumps({"tenants": tenants}))
+    with running_server(tiny_llama_dir, {"a": adapter_dirs["a"], "b": adapter_dirs["b"]}, tmp_path / "server.log",
+                        "--tenant-keys", str(tmp_path / "keys.yaml"), "--adapter-dir", str(library),
+                        "--max-cpu-adapters", "8", "--enable-adapter-updates") as url:
+        clients = {who: openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+                   for who, key in [*keys.items(), ("admin", API_KEY)]}
+
+        def get(route, key):
+            request = urllib.request.Request(url + route, headers={"Authorization": f"Bearer {key}"} if key else {})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, json.loads(response.read() or b"{}")
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read() or b"{}")
+
+        assert sorted(m.id for m in clients["alice"].models.list()) == ["a"]
+        assert sorted(m.id for m in clients["bob"].models.list()) == ["b", "tiny"]
+        assert sorted(m.id for m in clients["admin"].models.list()) == ["a", "b", "tiny"]
+        prompt_ids = tokenizer.encode(PROMPTS[0])
+        for who, model, adapter in [("alice", "a", adapter_dirs["a"]), ("bob", "b", adapter_dirs["b"]), ("bob", "tiny", None),
+                                    ("admin", "b", adapter_dirs["b"])]:
+            assert complete(clients[who], model, PROMPTS[0])[2] == reference(adapter, prompt_ids, GREEDY["max_tokens"])
+
+        def refusal(who, model, chat=False):
+            with pytest.raises(openai.NotFoundError) as info:
+                if chat:
+                    clients[who].chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+                else:
+                    complete(clients[who], model, PROMPTS[0])
+            return info.value.response.json()
+
+        nowhere = refusal("alice", "alice-zz")  # hers by name, but nowhere: vLLM's own model check answers
+        for model in ("zz", "b", "bob-x", "tiny"):  # another tenant's, one in the directory, the base: as if nowhere
+            body = refusal("alice", model)
+            assert body == json.loads(json.dumps(nowhere).replace("'alice-zz'", repr(model))), (model, body)
+        assert refusal("alice", "b", chat=True)["error"]["type"] == nowhere["error"]["type"]
+        assert "'b'" not in nowhere["error"]["message"] and "tiny" not in nowhere["error"]["message"]
+        assert get("/v1/preft/cache", API_KEY)[1]["dir_loads"] == 0  # bob-x was never loaded for alice
+        ids = complete(clients["alice"], "alice-x", PROMPTS[0])[2]  # her own, from the directory
+        assert ids == reference(dirs["alice-x"], prompt_ids, GREEDY["max_tokens"])
+        assert sorted(m.id for m in clients["alice"].models.list()) == ["a", "alice-x"]
+        chat = clients["alice"].chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert chat.model == "a"
+
+        for route in ("/v1/preft/cache", "/metrics", "/v1/responses/x"):
+            status, body = get(route, keys["alice"])
+            assert status == 403 and "not open to tenant keys" in body["error"]["message"], route
+        for route, body in [("/v1/load_preft_adapter", {"adapter_name": "alice-c", "adapter_path": str(adapter_dirs["c"])}),
+                            ("/v1/responses", {"model": "a", "input": "hi"}), ("/tokenize", {"model": "a", "prompt": "hi"})]:
+            assert post(url, route, body, key=keys["alice"])[0] == 403, route
+        for route in ("/v1/models", "/metrics", "/v1/preft/cache"):
+            assert get(route, None)[0] == 401 and get(route, "sk-wrong")[0] == 401, route
+        assert post(url, "/invocations", {"model": "a", "prompt": "hi"}, key=None)[0] == 401
+        assert get("/health", None)[0] == 200
+        code, _ = post(url, "/v1/load_preft_adapter", {"adapter_name": "alice-c", "adapter_path": str(adapter_dirs["c"])})
+        assert code == 200  # the admin loads; the name fits alice's pattern, so alice may call it
+        assert complete(clients["alice"], "alice-c", PROMPTS[0])[2] == reference(adapter_dirs["c"], prompt_ids, GREEDY["max_tokens"])
+
+        async def race():
+            async_clients = {who: AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
+                             for who, key in keys.items()}
+
+            async def ask(who, model, prompt):
+                try:
+                    response = await async_clients[who].completions.create(model=model, prompt=prompt, extra_body=TOKENS,
+                                                                           **GREEDY)
+                    return who, model, prompt, response.choices[0].token_ids
+                except openai.NotFoundError:
+                    return who, model, prompt, "404"
+
+            jobs = [(["alice", "bob"][i % 2], ["a", "b", "b", "a"][i % 4], PROMPTS[i % len(PROMPTS)]) for i in range(24)]
+            return await asyncio.wait_for(asyncio.gather(*(ask(*job) for job in jobs)), timeout=600)
+
+        own = {"alice": "a", "bob": "b"}
+        for who, model, prompt, ids in asyncio.run(race()):
+            if model != own[who]:
+                assert ids == "404", (who, model)
+            else:
+                assert ids == reference(adapter_dirs[model], tokenizer.encode(prompt), GREEDY["max_tokens"]), (who, model)

@@ -151,21 +151,27 @@ _CHECKS: dict[str, Callable] = {}
 
 
 def patch_serving_checks(not_found_message: Callable[[str], str], hide_default_mm_lora: Callable[[Any], bool],
-                         resolve: Callable[[str], Any] | None = None) -> None:
+                         resolve: Callable[[str], Any] | None = None,
+                         refuses: Callable[[str | None], bool] | None = None) -> None:
     """Make vLLM's request checks (every OpenAI route) PreFT-aware, in this process: an unknown `model` is first
     offered to `await resolve(model)` (which may load and list it, or return (status, message) for one it cannot), then
     gets the 404 message `not_found_message(model)`; and a LoRA request for which `hide_default_mm_lora(lora)` is true
     is never picked as a "default multimodal LoRA" (vLLM matches LoRA names against content types). The class is
-    patched once; a later call replaces the callbacks."""
+    patched once; a later call replaces the callbacks. A `model` that `refuses(model)` (a tenant key's request for
+    another tenant's adapter) gets the 404 of a name that exists nowhere, before anything is resolved."""
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
     first = not _CHECKS
-    _CHECKS.update(not_found_message=not_found_message, hide_default_mm_lora=hide_default_mm_lora, resolve=resolve)
+    _CHECKS.update(not_found_message=not_found_message, hide_default_mm_lora=hide_default_mm_lora, resolve=resolve,
+                   refuses=refuses)
     if not first:
         return
     check_model, default_mm_loras = BaseServing._check_model, BaseServing._get_active_default_mm_loras
 
     async def _check_model(self, request):
+        if _CHECKS["refuses"] is not None and _CHECKS["refuses"](request.model):
+            return self.create_error_response(message=_CHECKS["not_found_message"](request.model),
+                                              err_type="NotFoundError", status_code=HTTPStatus.NOT_FOUND, param="model")
         error = await check_model(self, request)
         if error is not None and error.error.code == HTTPStatus.NOT_FOUND.value and _CHECKS["resolve"] is not None:
             refused = await _CHECKS["resolve"](str(request.model))

@@ -70,6 +70,8 @@ class ServeSettings:
     peft_lora_as_prefill_only: bool = False  # start-up adapters may be plain PEFT LoRA directories
     max_cpu_adapters: int = 0  # slots as a cache: adapters registered at most (0: max_adapters, every one in a slot)
     adapter_dir: str | None = None  # adapters found here (DIR/NAME) are loaded on their first request
+    tenant_keys: str | None = None  # --tenant-keys FILE (tenants.TenantKeys)
+    admin_key_hashes: list[str] = dataclasses.field(default_factory=list)  # with tenant keys: the admin keys, hashed
 
     @property
     def registered_limit(self) -> int:
@@ -147,14 +149,20 @@ class ServedAdapters:
 
     # ------------------------------------------------------------------------------ requests
     def unknown(self, name: str) -> AdapterError:
-        loaded = sorted(self.entries)
+        """The 404 for an adapter that is not loaded. Under --tenant-keys a tenant's request sees only its own adapters
+        (and the base where allowed) in it: the same answer whether `name` is another tenant's or exists nowhere."""
+        from .tenants import ADMIN, current_tenant, visible
+
+        tenant = current_tenant.get()
+        loaded = sorted(visible(list(self.entries)))
         shown = ", ".join(repr(n) for n in loaded[:20]) + (" ..." if len(loaded) > 20 else "") if loaded else "none"
-        return AdapterError(
-            404,
-            f"adapter {name!r} is not loaded on this server. Loaded adapters: {shown}. The base model is "
-            f"{self.base_names[0]!r} (no adapter). Load it with POST /v1/load_preft_adapter "
-            '{"adapter_name": ..., "adapter_path": ...} (when the server runs with --enable-adapter-updates).',
-        )
+        message = f"adapter {name!r} is not loaded on this server. Loaded adapters: {shown}."
+        if tenant is None or tenant.base:
+            message += f" The base model is {self.base_names[0]!r} (no adapter)."
+        if tenant is None or tenant is ADMIN:
+            message += (" Load it with POST /v1/load_preft_adapter {\"adapter_name\": ..., \"adapter_path\": ...} (when "
+                        "the server runs with --enable-adapter-updates).")
+        return AdapterError(404, message)
 
     @contextlib.asynccontextmanager
     async def serving(self, name: str) -> AsyncIterator[AdapterEntry]:

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-peft-lora-as-prefill-only", action="store_true",
                         help="the --adapters may be plain PEFT LoRA directories, served on prompt tokens only (they were "
                              "trained on every token, so this changes what they do)")
+    parser.add_argument("--tenant-keys", default=None, metavar="FILE",
+                        help="YAML or JSON: each tenant's key hashes and the adapters it may use; a tenant's key reaches "
+                             "only its own adapters (preft_rl/engine/server/tenants.py). --api-key stays the admin key")
     parser.add_argument("--cpu-kv-cache-gib", type=int, default=1,
                         help="CPU KV cache size when VLLM_CPU_KVCACHE_SPACE is unset (default: %(default)s)")
     return parser
@@ -99,6 +102,24 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def _take_api_keys(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without its --api-key flags, the keys they gave): `--api-key K [K ...]` or `--api-key=K`."""
+    rest, keys, i = [], [], 0
+    while i < len(argv):
+        if argv[i].startswith("--api-key="):
+            keys.append(argv[i].split("=", 1)[1])
+        elif argv[i] == "--api-key":
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-"):
+                keys.append(argv[i])
+                i += 1
+            continue
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, keys
+
+
 def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """(the `vllm serve` argv, the environment to add) for `preft-rl serve` arguments; raises ValueError with the fix
     for any bad flag or start-up adapter. Nothing is started."""
@@ -129,6 +150,16 @@ def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     if args.enable_adapter_updates and not (_flag_given(vllm_argv, "--api-key") or os.environ.get("VLLM_API_KEY")):
         raise ValueError("--enable-adapter-updates lets clients load files of the server's machine: it needs an API "
                          "key (--api-key KEY or VLLM_API_KEY), as vLLM's own runtime LoRA updates do")
+    admin_hashes: list[str] = []
+    tenant_keys = None
+    if args.tenant_keys is not None:  # this server's middleware checks every key, the admin's included (not vLLM's)
+        from .tenants import TenantKeys, hash_key
+
+        vllm_argv, admin = _take_api_keys(vllm_argv)
+        admin = admin or ([os.environ["VLLM_API_KEY"]] if os.environ.get("VLLM_API_KEY") else [])
+        admin_hashes = [hash_key(key) for key in admin if key]
+        tenant_keys = os.path.abspath(args.tenant_keys)
+        TenantKeys.read(tenant_keys, admin_hashes)  # every refusal now, before vLLM starts
     adapters = parse_adapters(args.adapters)
     limit = max(args.max_cpu_adapters or 0, args.max_adapters)
     if len(adapters) > limit:
@@ -145,7 +176,8 @@ def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
                              runtime_updates=args.enable_adapter_updates, adapter_scope=args.adapter_scope,
                              peft_lora_as_prefill_only=args.load_peft_lora_as_prefill_only,
                              max_cpu_adapters=args.max_cpu_adapters or 0,
-                             adapter_dir=os.path.abspath(args.adapter_dir) if args.adapter_dir else None)
+                             adapter_dir=os.path.abspath(args.adapter_dir) if args.adapter_dir else None,
+                             tenant_keys=tenant_keys, admin_key_hashes=admin_hashes)
     for name, adapter_dir in adapters.items():  # every start-up adapter read and checked before vLLM starts
         try:
             read_adapter(name, adapter_dir, settings, settings.peft_lora_as_prefill_only)
@@ -167,6 +199,8 @@ def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             "--worker-extension-cls", WORKER_EXTENSION]
     env = {SETTINGS_ENV: json.dumps(dataclasses.asdict(settings)), "VLLM_PLUGINS": _plugins_allowlist(),
            "VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"]}
+    if tenant_keys is not None:
+        env["VLLM_API_KEY"] = ""  # vLLM's own key check would refuse every tenant key
     return out, env
 
 

@@ -29,6 +29,7 @@ from preft_rl.engine.vllm_compat import base_cache_salt, request_failed, tag_req
 
 from .adapters import AdapterError, ServedAdapters, ServeSettings, next_request_id
 from .chat import render_adapter_chat, responses_history_error
+from .tenants import refuses
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ class PreftEndpointPlugin:
         from fastapi.responses import JSONResponse
 
         router = APIRouter()
+        if self.settings.tenant_keys is not None:
+            from .tenants import TenantAuthMiddleware, TenantKeys
+
+            keys = TenantKeys.read(self.settings.tenant_keys, self.settings.admin_key_hashes)
+            app.add_middleware(TenantAuthMiddleware, keys=keys, base_names=lambda: app.state.preft_adapters.base_names)
 
         @router.get(CACHE_ROUTE)
         async def preft_cache(request: Request):
@@ -183,12 +189,16 @@ def install_request_routing(engine_client: Any, served: ServedAdapters, state: A
         async def generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any, lora_request: Any = None,
                            **kwargs: Any):
             if not serve_compat.is_adapter_request(lora_request):  # the base model
+                if refuses(None, served.base_names):
+                    raise serve_compat.not_found_error(served.unknown(served.base_names[0]).message)
                 if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
                     prompt = {**prompt, "cache_salt": base_cache_salt(prompt["cache_salt"])}
                 async for output in inner(prompt, sampling_params, request_id, *args, lora_request=lora_request, **kwargs):
                     yield output
                 return
             name = lora_request.lora_name
+            if refuses(name, served.base_names):  # checked at vLLM's model check already: never reached
+                raise serve_compat.not_found_error(served.unknown(name).message)
             if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt_token_ids"), list):
                 raise ValueError(f"adapter {name!r}: a PreFT adapter needs a text or token prompt, not "
                                  f"{type(prompt).__name__} input")
@@ -219,5 +229,6 @@ def install_request_routing(engine_client: Any, served: ServedAdapters, state: A
     serve_compat.patch_chat_rendering(lambda chat: render_adapter_chat(chat, chat.model in served.entries))
     serve_compat.patch_responses_check(
         lambda model, items, continues: responses_history_error(model, items, continues) if model in served.entries else None)
-    serve_compat.patch_serving_checks(lambda model: served.unknown(model).message, serve_compat.is_adapter_request,
-                                      resolve if served.settings.adapter_dir else None)
+    serve_compat.patch_serving_checks(lambda model: served.unknown(model or served.base_names[0]).message, serve_compat.is_adapter_request,
+                                      resolve if served.settings.adapter_dir else None,
+                                      lambda model: refuses(model, served.base_names))

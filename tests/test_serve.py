@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -375,8 +376,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(tiny_llama_dir, adapters: dict[str, Path], log: Path, *extra: str, env: dict[str, str] | None = None):
-    """A `preft-rl serve` subprocess on 127.0.0.1 (its base URL), stopped on exit; `env` is added to its environment."""
+def running_server(tiny_llama_dir, adapters: dict[str, Path], log: Path, *extra: str, env: dict[str, str] | None = None,
+                   procs: list | None = None):
+    """A `preft-rl serve` subprocess on 127.0.0.1 (its base URL), stopped on exit; `env` is added to its environment;
+    the process is appended to `procs` (to kill it in a test)."""
     port = free_port()
     cmd = [sys.executable, "-m", "preft_rl.cli", "serve", str(tiny_llama_dir),
            "--adapters", *(f"{name}={path}" for name, path in adapters.items()), "--max-adapters", "6",
@@ -386,6 +389,8 @@ def running_server(tiny_llama_dir, adapters: dict[str, Path], log: Path, *extra:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    if procs is not None:
+        procs.append(proc)
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -403,7 +408,8 @@ def running_server(tiny_llama_dir, adapters: dict[str, Path], log: Path, *extra:
             time.sleep(1)
         yield base_url
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # a test may have killed it
+            os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -939,12 +945,12 @@ def test_tenant_keys_each_tenant_reaches_only_its_own_adapters_on_every_route(ti
     library = tmp_path / "library"
     dirs = {name: make_adapter(tiny_llama_dir, library / name, seed=30 + i) for i, name in enumerate(["alice-x", "bob-x"])}
     keys = {"alice": "sk-alice-1", "bob": "sk-bob-1"}
-    tenants = {"alice": {"keys": [hash_key(keys["alice"])], "adapters": ["a", "alice-*"]},
+    tenants = {"alice": {"keys": [hash_key(keys["alice"])], "adapters": ["a", "alice-*"], "record": True},
                "bob": {"keys": [hash_key(keys["bob"])], "adapters": ["b", "bob-*"], "base": True}}
     (tmp_path / "keys.yaml").write_text(json.dumps({"tenants": tenants}))
     with running_server(tiny_llama_dir, {"a": adapter_dirs["a"], "b": adapter_dirs["b"]}, tmp_path / "server.log",
                         "--tenant-keys", str(tmp_path / "keys.yaml"), "--adapter-dir", str(library),
-                        "--max-cpu-adapters", "8", "--enable-adapter-updates") as url:
+                        "--max-cpu-adapters", "8", "--enable-adapter-updates", "--record", str(tmp_path / "traffic")) as url:
         clients = {who: openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
                    for who, key in [*keys.items(), ("admin", API_KEY)]}
 
@@ -1020,3 +1026,106 @@ def test_tenant_keys_each_tenant_reaches_only_its_own_adapters_on_every_route(ti
                 assert ids == "404", (who, model)
             else:
                 assert ids == reference(adapter_dirs[model], tokenizer.encode(prompt), GREEDY["max_tokens"]), (who, model)
+        check_recording_and_feedback(url, clients, keys, tokenizer, tmp_path / "traffic")
+
+
+def check_recording_and_feedback(url, clients, keys, tokenizer, traffic_dir):
+    """--record: alice (record: true) has each served request of her adapters recorded under the id her client saw,
+    with the tokens it got and their log-probs; bob (not opted in) has none. Feedback goes to her own responses once."""
+    from preft_rl.traffic import SqliteTrafficStore
+
+    store = SqliteTrafficStore(traffic_dir)
+    before = len(store.read("alice"))
+    assert before == 4 + 6  # a, alice-x, the chat, alice-c; 6 of hers in the race (404s and bob's: none)
+    assert store.read("bob") == []
+    response, prompt_ids, ids = complete(clients["alice"], "a", PROMPTS[1])
+    assert response.choices[0].logprobs is None  # recording never adds log-probs to an answer that did not ask
+    rec = store.read("alice")[-1]
+    assert (rec.id, rec.choice, rec.adapter, rec.version, rec.prompt_ids, rec.completion_ids, rec.finish_reason) == \
+        (response.id, 0, "a", 1, prompt_ids, ids, "length")
+    # the recorded log-probs are the ones a client asking for them gets (processed: after temperature)
+    asked, _, asked_ids = complete(clients["alice"], "a", PROMPTS[1], logprobs=1)
+    assert asked_ids == ids and asked.choices[0].logprobs.token_logprobs == pytest.approx(rec.logprobs, abs=1e-5)
+    messages = [{"role": "user", "content": "what is 7 plus"}]
+    chunks = list(clients["alice"].chat.completions.create(model="a", messages=messages, max_tokens=4, stream=True))
+    chat_rec = store.read("alice")[-1]
+    assert chat_rec.id == chunks[0].id and chat_rec.messages == messages and len(chat_rec.completion_ids) == 4
+    two = clients["alice"].completions.create(model="a", prompt=[PROMPTS[0], PROMPTS[2]], n=2, max_tokens=3, temperature=1,
+                                              seed=0, extra_body=TOKENS)
+    recs = {r.choice: r for r in store.read("alice", after=chat_rec.seq)}
+    assert sorted(recs) == [0, 1, 2, 3] and {r.id for r in recs.values()} == {two.id}
+    for choice in two.choices:  # choice i*n+j of the response is the record's choice
+        assert recs[choice.index].completion_ids == choice.token_ids
+        assert recs[choice.index].prompt_ids == tokenizer.encode([PROMPTS[0], PROMPTS[2]][choice.index // 2])
+
+    assert post(url, "/v1/feedback", {"id": response.id, "reward": 0.75}, key=keys["alice"]) == \
+        (200, {"id": response.id, "choice": 0, "reward": 0.75})
+    assert post(url, "/v1/feedback", {"id": two.id, "choice": 3, "thumbs": "down"}, key=keys["alice"])[0] == 200
+    foreign = post(url, "/v1/feedback", {"id": response.id, "reward": 1}, key=keys["bob"])
+    unknown = post(url, "/v1/feedback", {"id": "cmpl-nope", "reward": 1}, key=keys["bob"])
+    assert foreign[0] == unknown[0] == 404
+    assert foreign[1]["error"]["message"].replace(response.id, "cmpl-nope") == unknown[1]["error"]["message"]
+    for body, status, message in [({"id": response.id, "reward": 0.1}, 409, "already has feedback"),
+                                  ({"id": response.id, "choice": 1, "reward": 1}, 404, "no recorded response"),
+                                  ({"id": asked.id, "reward": 2}, 400, "from 0 (bad) to 1 (good)"),
+                                  ({"id": asked.id, "reward": True}, 400, "must be a number"),
+                                  ({"id": asked.id}, 400, 'give one of "reward"'),
+                                  ({"id": asked.id, "thumbs": "sideways"}, 400, "must be \"up\" or \"down\""),
+                                  ({"reward": 1}, 400, "must be the id of a response"),
+                                  ({"id": asked.id, "reward": 1, "note": "x"}, 400, "unknown fields ['note']")]:
+        got = post(url, "/v1/feedback", body, key=keys["alice"])
+        assert got[0] == status and message in got[1]["error"]["message"], (body, got)
+    assert post(url, "/v1/feedback", {"id": asked.id, "reward": 1}, key=API_KEY)[0] == 403
+    assert post(url, "/v1/feedback", {"id": asked.id, "reward": 1}, key=None)[0] == 401
+    assert store.feedback("alice", [(response.id, 0), (two.id, 3), (asked.id, 0)]) == {(response.id, 0): 0.75,
+                                                                                       (two.id, 3): 0.0}
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_server_killed_under_load_keeps_every_answered_request_recorded(tiny_llama_dir, adapter_dirs, tmp_path):
+    """--record under 32 concurrent streaming clients, then SIGKILL: every response a client received to its end reads
+    back from the store with the tokens the client got; the store opens and takes appends again."""
+    from openai import AsyncOpenAI
+
+    from preft_rl.engine.server.tenants import hash_key
+    from preft_rl.traffic import SqliteTrafficStore
+
+    tenants = {"alice": {"keys": [hash_key("sk-alice-2")], "adapters": ["a"], "record": True}}
+    (tmp_path / "keys.yaml").write_text(json.dumps({"tenants": tenants}))
+    procs: list = []
+    answered: dict[str, list[int]] = {}
+    with running_server(tiny_llama_dir, {"a": adapter_dirs["a"]}, tmp_path / "server.log", "--tenant-keys",
+                        str(tmp_path / "keys.yaml"), "--record", str(tmp_path / "traffic"), procs=procs) as url:
+        async def load():
+            client = AsyncOpenAI(base_url=url + "/v1", api_key="sk-alice-2", max_retries=0, timeout=120)
+            enough = asyncio.Event()
+
+            async def user(k):
+                while not enough.is_set():
+                    stream = await client.completions.create(model="a", prompt=PROMPTS[k % len(PROMPTS)], max_tokens=6,
+                                                             temperature=1, stream=True, extra_body=TOKENS)
+                    ids, rid, done = [], None, False
+                    async for chunk in stream:
+                        rid = chunk.id
+                        ids += chunk.choices[0].token_ids or []
+                        done = done or chunk.choices[0].finish_reason is not None
+                    if done:
+                        answered[rid] = ids
+                    if len(answered) >= 64:
+                        enough.set()
+
+            users = [asyncio.create_task(user(k)) for k in range(32)]
+            await asyncio.wait_for(enough.wait(), timeout=600)
+            os.killpg(procs[0].pid, signal.SIGKILL)  # 32 requests in flight
+            await asyncio.gather(*users, return_exceptions=True)
+
+        asyncio.run(load())
+    store = SqliteTrafficStore(tmp_path / "traffic")
+    stored = {r.id: r for r in store.read("alice")}
+    missing = [rid for rid in answered if rid not in stored]
+    assert not missing, f"{len(missing)} of {len(answered)} answered requests were not recorded"
+    for rid, ids in answered.items():
+        assert stored[rid].completion_ids == ids and len(stored[rid].logprobs) == 6
+    assert store.append(dataclasses.replace(next(iter(stored.values())), id="after-restart", seq=None)).result(timeout=30)
+    store.close()

@@ -127,3 +127,39 @@ def test_a_writer_killed_with_sigkill_loses_nothing_it_reported_committed(tmp_pa
         assert stored[seq] == TrafficRecord(**{**record(i).__dict__, "time": stored[seq].time, "seq": seq})
     assert store.append(record(10**6)).result(timeout=30) > max(stored)
     store.close()
+
+
+def test_a_recorder_names_records_as_the_client_sees_them_and_gathers_streamed_tokens():
+    from types import SimpleNamespace as NS
+
+    from preft_rl.traffic.recording import RequestRecorder, feedback_reward, response_id
+
+    assert response_id("cmpl-abc-7-2", n=3) == ("cmpl-abc-7", 6)  # completions: prompt 2 of n=3 starts at choice 6
+    assert response_id("chatcmpl-abc-1", n=2) == ("chatcmpl-abc-1", 0)  # chat: the id itself
+
+    def output(index, ids, lps, finish=None):
+        logprobs = [{t: NS(logprob=lp), t + 1: NS(logprob=-9.0)} for t, lp in zip(ids, lps)]
+        return NS(outputs=[NS(index=index, token_ids=ids, logprobs=logprobs, finish_reason=finish)])
+
+    delta = RequestRecorder(engine_request_id="cmpl-x-1", n=2, tenant="t", adapter="a", version=3, prompt_ids=[5, 6],
+                            messages=None, delta=True)
+    for out in (output(0, [1, 2], [-0.1, -0.2]), output(1, [7], [-0.7]), output(0, [3], [-0.3], "length"),
+                output(1, [8], [-0.8], "stop")):
+        delta.add(out)
+    records = delta.records()
+    assert [(r.id, r.choice, r.completion_ids, r.logprobs, r.finish_reason) for r in records] == [
+        ("cmpl-x", 2, [1, 2, 3], [-0.1, -0.2, -0.3], "length"), ("cmpl-x", 3, [7, 8], [-0.7, -0.8], "stop")]
+    cumulative = RequestRecorder(engine_request_id="chatcmpl-y", n=1, tenant="t", adapter="a", version=1, prompt_ids=[5],
+                                 messages=[{"role": "user", "content": "hi"}], delta=False)
+    cumulative.add(output(0, [1], [-0.1]))
+    cumulative.add(output(0, [1, 2], [-0.1, -0.2], "length"))
+    assert [(r.completion_ids, r.logprobs) for r in cumulative.records()] == [([1, 2], [-0.1, -0.2])]
+    with pytest.raises(RuntimeError, match="recording needs sampling params with logprobs >= 0"):
+        cumulative.add(NS(outputs=[NS(index=0, token_ids=[1], logprobs=None, finish_reason=None)]))
+
+    assert feedback_reward({"reward": 0.25}) == 0.25 and feedback_reward({"thumbs": "up"}) == 1.0
+    assert feedback_reward({"thumbs": "down"}) == 0.0 and feedback_reward({"reward": 1}) == 1.0
+    for body in ({"reward": 1.5}, {"reward": float("nan")}, {"reward": "1"}, {"reward": False}, {},
+                 {"reward": 1, "thumbs": "up"}, {"thumbs": "meh"}):
+        with pytest.raises(ValueError):
+            feedback_reward(body)

@@ -140,6 +140,17 @@ def unprocessable_error(message: str) -> Exception:
     return VLLMUnprocessableEntityError(message)
 
 
+def with_sampled_logprobs(params: Any) -> tuple[Any, bool]:
+    """(sampling params that return at least the sampled tokens' log-probs, whether each output carries only its new
+    tokens). What a client asked for is unchanged: vLLM's routes answer log-probs only when the request asked."""
+    from vllm.sampling_params import RequestOutputKind
+
+    if params.logprobs is None:
+        params = params.clone()
+        params.logprobs = 0
+    return params, params.output_kind == RequestOutputKind.DELTA
+
+
 def not_found_error(message: str) -> Exception:
     """The exception vLLM's server answers with a 404 and `message`."""
     from vllm.exceptions import VLLMNotFoundError

@@ -3,7 +3,9 @@
 One record per served choice: the response id the client saw and the choice's index, the tenant, the time, the
 adapter and its version, the prompt's token ids (and its chat messages, for a chat request), the sampled token ids
 with their processed log-probs, and the finish reason. Each record gets a sequence number (`seq`), increasing in the
-order records were committed: a reader's position in a tenant's log. Feedback is one reward per (id, choice).
+order records were committed: a reader's position in a tenant's log. Feedback is one reward per (id, choice). Ids are
+unique per tenant: a client may choose its request ids (vLLM's X-Request-Id), so one tenant can never take or reach
+another's.
 
 `TrafficStore` is the interface the server and the trainer use; `SqliteTrafficStore` implements it with SQLite in
 WAL mode, which gives atomic appends and concurrent readers (other processes) without file locking of our own. A
@@ -42,7 +44,7 @@ CREATE TABLE IF NOT EXISTS records (
     completion_ids TEXT NOT NULL,
     logprobs TEXT NOT NULL,
     finish_reason TEXT,
-    UNIQUE (id, choice)
+    UNIQUE (tenant, id, choice)
 );
 CREATE INDEX IF NOT EXISTS records_by_tenant ON records (tenant, seq);
 CREATE TABLE IF NOT EXISTS feedback (
@@ -51,7 +53,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     tenant TEXT NOT NULL,
     reward REAL NOT NULL,
     time REAL NOT NULL,
-    PRIMARY KEY (id, choice)
+    PRIMARY KEY (tenant, id, choice)
 );
 """
 
@@ -181,7 +183,8 @@ class SqliteTrafficStore:
                         "INSERT INTO records (id, choice, tenant, time, adapter, version, prompt_ids, messages, "
                         "completion_ids, logprobs, finish_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (record.id, record.choice, record.tenant, record.time, record.adapter, record.version,
-                         json.dumps(record.prompt_ids), None if record.messages is None else json.dumps(record.messages),
+                         json.dumps(record.prompt_ids),
+                         None if record.messages is None else json.dumps(record.messages, default=str),
                          json.dumps(record.completion_ids), json.dumps(record.logprobs), record.finish_reason))
                     done.append((future, cursor.lastrowid))
                 except sqlite3.IntegrityError as exc:
@@ -206,12 +209,14 @@ class SqliteTrafficStore:
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                found = db.execute("SELECT tenant FROM records WHERE id = ? AND choice = ?", (id, choice)).fetchone()
-                if found is None or found["tenant"] != tenant:
+                found = db.execute("SELECT 1 FROM records WHERE tenant = ? AND id = ? AND choice = ?",
+                                   (tenant, id, choice)).fetchone()
+                if found is None:
                     raise FeedbackError(404, f"no recorded response {id!r} (choice {choice}) for this key: feedback "
                                              "goes to a response of one of your adapters, by its id, from a server "
                                              "recording your traffic")
-                if db.execute("SELECT 1 FROM feedback WHERE id = ? AND choice = ?", (id, choice)).fetchone():
+                if db.execute("SELECT 1 FROM feedback WHERE tenant = ? AND id = ? AND choice = ?",
+                              (tenant, id, choice)).fetchone():
                     raise FeedbackError(409, f"response {id!r} (choice {choice}) already has feedback; each response "
                                              "takes one")
                 db.execute("INSERT INTO feedback (id, choice, tenant, reward, time) VALUES (?, ?, ?, ?, ?)",
@@ -262,8 +267,8 @@ class SqliteTrafficStore:
             deleted += db.execute(
                 "DELETE FROM records WHERE seq IN (SELECT seq FROM (SELECT seq, ROW_NUMBER() OVER "
                 "(PARTITION BY tenant ORDER BY seq DESC) AS newer FROM records) WHERE newer > ?)", (max_records,)).rowcount
-        db.execute("DELETE FROM feedback WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.id = feedback.id AND "
-                   "r.choice = feedback.choice)")
+        db.execute("DELETE FROM feedback WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.tenant = feedback.tenant "
+                   "AND r.id = feedback.id AND r.choice = feedback.choice)")
         db.execute("COMMIT")
         return deleted
 

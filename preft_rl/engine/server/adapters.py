@@ -72,6 +72,9 @@ class ServeSettings:
     adapter_dir: str | None = None  # adapters found here (DIR/NAME) are loaded on their first request
     tenant_keys: str | None = None  # --tenant-keys FILE (tenants.TenantKeys)
     admin_key_hashes: list[str] = dataclasses.field(default_factory=list)  # with tenant keys: the admin keys, hashed
+    record_dir: str | None = None  # --record DIR: the traffic store (preft_rl.traffic)
+    record_max_age_s: float | None = None
+    record_max_records: int | None = None
 
     @property
     def registered_limit(self) -> int:

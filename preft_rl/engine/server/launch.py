@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tenant-keys", default=None, metavar="FILE",
                         help="YAML or JSON: each tenant's key hashes and the adapters it may use; a tenant's key reaches "
                              "only its own adapters (preft_rl/engine/server/tenants.py). --api-key stays the admin key")
+    parser.add_argument("--record", default=None, metavar="DIR",
+                        help="keep the served requests of tenants whose --tenant-keys entry says record: true (prompt, "
+                             "sampled tokens and log-probs; DIR/traffic.sqlite), and take POST /v1/feedback on them")
+    parser.add_argument("--record-max-age-days", type=float, default=None,
+                        help="with --record: drop records older than this (default: keep)")
+    parser.add_argument("--record-max-records", type=int, default=None,
+                        help="with --record: keep each tenant's newest N records (default: all)")
     parser.add_argument("--cpu-kv-cache-gib", type=int, default=1,
                         help="CPU KV cache size when VLLM_CPU_KVCACHE_SPACE is unset (default: %(default)s)")
     return parser
@@ -160,6 +167,14 @@ def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         admin_hashes = [hash_key(key) for key in admin if key]
         tenant_keys = os.path.abspath(args.tenant_keys)
         TenantKeys.read(tenant_keys, admin_hashes)  # every refusal now, before vLLM starts
+    if args.record is not None and tenant_keys is None:
+        raise ValueError("--record keeps each tenant's traffic, so it needs --tenant-keys FILE (a tenant opts in with "
+                         "record: true in its entry)")
+    if args.record is None and (args.record_max_age_days is not None or args.record_max_records is not None):
+        raise ValueError("--record-max-age-days and --record-max-records bound what --record DIR keeps: pass --record DIR")
+    for flag, value in (("--record-max-age-days", args.record_max_age_days), ("--record-max-records", args.record_max_records)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} {value} must be > 0")
     adapters = parse_adapters(args.adapters)
     limit = max(args.max_cpu_adapters or 0, args.max_adapters)
     if len(adapters) > limit:
@@ -177,7 +192,10 @@ def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
                              peft_lora_as_prefill_only=args.load_peft_lora_as_prefill_only,
                              max_cpu_adapters=args.max_cpu_adapters or 0,
                              adapter_dir=os.path.abspath(args.adapter_dir) if args.adapter_dir else None,
-                             tenant_keys=tenant_keys, admin_key_hashes=admin_hashes)
+                             tenant_keys=tenant_keys, admin_key_hashes=admin_hashes,
+                             record_dir=os.path.abspath(args.record) if args.record else None,
+                             record_max_age_s=args.record_max_age_days * 86400 if args.record_max_age_days else None,
+                             record_max_records=args.record_max_records)
     for name, adapter_dir in adapters.items():  # every start-up adapter read and checked before vLLM starts
         try:
             read_adapter(name, adapter_dir, settings, settings.peft_lora_as_prefill_only)
@@ -192,6 +210,8 @@ def plan(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         out += ["--dtype", defaults["dtype"]]
     if not any(_flag_given(vllm_argv, f) for f in ("--enforce-eager", "--no-enforce-eager", "--compilation-config", "-cc", "-O")):
         out += ["--enforce-eager"]
+    if args.record is not None and not _flag_given(vllm_argv, "--logprobs-mode"):
+        out += ["--logprobs-mode", "processed_logprobs"]  # records keep the log-probs the trainer's loss uses
     if not _flag_given(vllm_argv, "--tool-call-parser") and not _template_has_tool_format(path, vllm_argv):
         out += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]  # the trainer's documented call format
     out += vllm_argv

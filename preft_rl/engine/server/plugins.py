@@ -18,6 +18,7 @@ sampled (DESIGN invariant 9; preft_rl/engine/server/chat.py). Every vLLM name pa
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route handlers' annotations (Request) at run time.
+import asyncio
 import json
 import logging
 import os
@@ -29,7 +30,10 @@ from preft_rl.engine.vllm_compat import base_cache_salt, request_failed, tag_req
 
 from .adapters import AdapterError, ServedAdapters, ServeSettings, next_request_id
 from .chat import render_adapter_chat, responses_history_error
-from .tenants import refuses
+from .tenants import ADMIN, current_tenant, refuses, request_notes
+
+from preft_rl.traffic.recording import RequestRecorder, feedback_reward
+from preft_rl.traffic.store import FeedbackError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ ENDPOINT_PLUGIN = "preft_rl_serve"
 LOAD_ROUTE = "/v1/load_preft_adapter"
 UNLOAD_ROUTE = "/v1/unload_preft_adapter"
 CACHE_ROUTE = "/v1/preft/cache"  # GET: ServedAdapters.cache_stats()
+FEEDBACK_ROUTE = "/v1/feedback"  # POST, with --record: a tenant's reward for one of its recorded responses
 
 
 def register_models() -> None:
@@ -86,10 +91,6 @@ class PreftEndpointPlugin:
             """Slots as a cache: adapters held, in device slots, slot loads, and --adapter-dir loads and unloads."""
             return JSONResponse(await request.app.state.preft_adapters.cache_stats())
 
-        if not self.settings.runtime_updates:  # the load / unload routes are off unless `preft-rl serve
-            app.include_router(router)         # --enable-adapter-updates` (which also requires an API key)
-            return
-
         def error(exc: AdapterError) -> JSONResponse:
             return JSONResponse(status_code=exc.status, content={"error": {
                 "message": exc.message, "type": HTTPStatus(exc.status).phrase.replace(" ", "") + "Error",
@@ -103,6 +104,41 @@ class PreftEndpointPlugin:
             if not isinstance(data, dict):
                 raise AdapterError(400, f"the request body must be a JSON object, got {type(data).__name__}")
             return data
+
+        if self.settings.record_dir is not None:
+            @router.post(FEEDBACK_ROUTE)
+            async def feedback(request: Request):
+                """{"id": response id, "choice": 0, "reward": 0..1 | "thumbs": "up" | "down"}, with the tenant's key,
+                on one of its recorded responses; once per response."""
+                try:
+                    data = await body(request)
+                    tenant = current_tenant.get()
+                    if tenant is None or tenant is ADMIN:
+                        raise AdapterError(403, "feedback is given with the key of the tenant whose adapter answered")
+                    response_id, choice = data.get("id"), data.get("choice", 0)
+                    if not isinstance(response_id, str) or not response_id:
+                        raise AdapterError(400, f"id={response_id!r} must be the id of a response (e.g. 'cmpl-...')")
+                    if isinstance(choice, bool) or not isinstance(choice, int) or choice < 0:
+                        raise AdapterError(400, f"choice={choice!r} must be the index of a choice (0, 1, ...)")
+                    if set(data) - {"id", "choice", "reward", "thumbs"}:
+                        raise AdapterError(400, f"unknown fields {sorted(set(data) - {'id', 'choice', 'reward', 'thumbs'})}; "
+                                                'write {"id": ..., "choice": 0, "reward": 0..1} or "thumbs": "up" | "down"')
+                    try:
+                        reward = feedback_reward(data)
+                    except ValueError as exc:
+                        raise AdapterError(400, str(exc)) from None
+                    try:
+                        await asyncio.to_thread(request.app.state.preft_traffic.add_feedback, tenant.name, response_id,
+                                                choice, reward)
+                    except FeedbackError as exc:
+                        raise AdapterError(exc.status, exc.message) from None
+                except AdapterError as exc:
+                    return error(exc)
+                return JSONResponse({"id": response_id, "choice": choice, "reward": reward})
+
+        if not self.settings.runtime_updates:  # the load / unload routes are off unless `preft-rl serve
+            app.include_router(router)         # --enable-adapter-updates` (which also requires an API key)
+            return
 
         @router.post(LOAD_ROUTE)
         async def load_preft_adapter(request: Request):
@@ -155,7 +191,14 @@ class PreftEndpointPlugin:
                                  s.registered_limit)))
         served = ServedAdapters(engine_client, s, serve_compat.base_model_names(state))
         state.preft_adapters = served
-        install_request_routing(engine_client, served, state)
+        state.preft_traffic = None
+        if s.record_dir is not None:
+            from preft_rl.traffic import SqliteTrafficStore
+
+            state.preft_traffic = SqliteTrafficStore(s.record_dir, max_age_s=s.record_max_age_s,
+                                                     max_records=s.record_max_records)
+            logger.info("preft-rl serve: recording opted-in tenants' requests in %s", state.preft_traffic.path)
+        install_request_routing(engine_client, served, state, state.preft_traffic)
         for name, path in s.adapters.items():
             try:
                 await served.load(name, path, peft_lora_as_prefill_only=s.peft_lora_as_prefill_only)
@@ -171,9 +214,17 @@ def _list_adapter(state: Any, name: str, path: str) -> None:
     serve_compat.list_adapter(state, name, path, next_request_id())
 
 
-def install_request_routing(engine_client: Any, served: ServedAdapters, state: Any = None) -> None:
+def install_request_routing(engine_client: Any, served: ServedAdapters, state: Any = None, traffic: Any = None) -> None:
     """Wrap the engine client's generate (see the module docstring) and make vLLM's request checks PreFT-aware (an
-    adapter in --adapter-dir is loaded on its first request and listed in `state`'s model table)."""
+    adapter in --adapter-dir is loaded on its first request and listed in `state`'s model table). With a traffic store
+    (--record), each request of an opted-in tenant's adapter is recorded before its last output is passed on."""
+
+    async def record(recorder: RequestRecorder) -> None:
+        try:
+            for future in [traffic.append(r) for r in recorder.records()]:
+                await asyncio.wrap_future(future)
+        except Exception:  # the client still gets its answer; the record is lost, and the log says so
+            logger.exception("recording response %r of tenant %r failed", recorder.id, recorder.tenant)
 
     async def resolve(model: str) -> tuple[int, str] | None:
         """(status, message) if `model` is in --adapter-dir but cannot be loaded; None once it is loaded or when it is
@@ -210,11 +261,28 @@ def install_request_routing(engine_client: Any, served: ServedAdapters, state: A
                     tagged, params = tag_request(prompt, sampling_params, entry.name, entry.version,
                                                  first_last[1] if first_last else 0, not entry.config.prefill_only,
                                                  served.settings.slot_limit)
+                    recorder = None
+                    tenant = current_tenant.get()
+                    if traffic is not None and tenant is not None and tenant.record:
+                        params, delta = serve_compat.with_sampled_logprobs(params)
+                        recorder = RequestRecorder(engine_request_id=request_id, n=params.n, tenant=tenant.name,
+                                                   adapter=entry.name, version=entry.version,
+                                                   prompt_ids=prompt["prompt_token_ids"],
+                                                   messages=(request_notes.get() or {}).get("messages"),
+                                                   delta=delta)
                     stream = inner(tagged, params, request_id, *args, lora_request=None, **kwargs)
                     try:
                         async for output in stream:
                             if request_failed(output) and (broken := await served.check_failed(entry)) is not None:
                                 raise broken  # this request failed alone: no token of it was produced
+                            if recorder is not None and not request_failed(output):
+                                try:
+                                    recorder.add(output)
+                                except Exception:  # never the client's problem: this request goes unrecorded
+                                    logger.exception("recording response %r failed", recorder.id)
+                                    recorder = None
+                                if recorder is not None and output.finished:
+                                    await record(recorder)  # committed before the client sees the end
                             yield output
                     finally:
                         await stream.aclose()  # an abandoned request is aborted before the adapter is released
@@ -226,7 +294,13 @@ def install_request_routing(engine_client: Any, served: ServedAdapters, state: A
         return generate
 
     serve_compat.wrap_engine_generate(engine_client, make_generate)
-    serve_compat.patch_chat_rendering(lambda chat: render_adapter_chat(chat, chat.model in served.entries))
+    def render_chat(chat):
+        notes = request_notes.get()
+        if traffic is not None and notes is not None:
+            notes["messages"] = chat.messages  # for the request's traffic record
+        return render_adapter_chat(chat, chat.model in served.entries)
+
+    serve_compat.patch_chat_rendering(render_chat)
     serve_compat.patch_responses_check(
         lambda model, items, continues: responses_history_error(model, items, continues) if model in served.entries else None)
     serve_compat.patch_serving_checks(lambda model: served.unknown(model or served.base_names[0]).message, serve_compat.is_adapter_request,

@@ -8,12 +8,13 @@ The file (YAML or JSON) names each tenant, the SHA-256 hashes of its keys, and t
         keys: ["sha256:<64 hex digits>"]   # `preft-rl tenant-key` makes a key and its hash
         adapters: ["alice", "alice-*"]     # names, or patterns with * (default: the tenant's own name)
         base: false                        # may it call the base model (default: false)
+        record: false                      # with --record DIR: keep its served requests for training (default: false)
 
 Who may do what (`TenantAuthMiddleware`, in front of every route vLLM and preft-rl add):
 - the admin key (`--api-key` or VLLM_API_KEY, which with --tenant-keys this middleware checks instead of vLLM):
   everything, as without tenant keys;
-- a tenant's key: `GET /v1/models` (only its adapters, and the base where allowed), and `POST /v1/completions` and
-  `/v1/chat/completions` naming one of them. Any other model answers 404 exactly as a name that exists nowhere, and
+- a tenant's key: `GET /v1/models` (only its adapters, and the base where allowed), `POST /v1/completions` and
+  `/v1/chat/completions` naming one of them, and `POST /v1/feedback` on its own recorded responses. Any other model answers 404 exactly as a name that exists nowhere, and
   every error lists only the tenant's own adapters. Any other route answers 403 (the Responses API among them: its
   stored responses are not kept per key);
 - no key, or an unknown one: 401, except /health, /ping and /version.
@@ -42,7 +43,8 @@ HASH_PREFIX = "sha256:"
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _PATTERN = re.compile(r"[A-Za-z0-9*][A-Za-z0-9._*-]{0,127}")
 OPEN_PATHS = ("/health", "/ping", "/version")  # no key needed, as with vLLM's own --api-key
-TENANT_ROUTES = {("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")}
+TENANT_ROUTES = {("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                 ("POST", "/v1/feedback")}
 MODEL_ROUTES = {"/v1/completions", "/v1/chat/completions"}  # the body's "model" is checked against the tenant's list
 
 
@@ -63,6 +65,7 @@ class Tenant:
     name: str
     adapters: tuple[str, ...]
     base: bool = False
+    record: bool = False  # --record DIR keeps this tenant's served requests
 
     def may_use(self, adapter: str) -> bool:
         return any(fnmatch.fnmatchcase(adapter, pattern) for pattern in self.adapters)
@@ -73,6 +76,12 @@ ADMIN = Tenant(name="<admin>", adapters=("*",), base=True)  # the admin key's pr
 # Who sent the request being served: set by the middleware for the request's task (so for vLLM's handlers and the
 # engine-client wrapper it calls), read where an error message would otherwise list other tenants' adapters.
 current_tenant: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar("preft_rl_tenant", default=None)
+
+
+# Notes about the request being served, shared by the tasks serving it: vLLM runs a route's handler in a task of its
+# own (so a context variable set there is not seen where the answer streams); a dict set here, before the handler,
+# is the same object in every task. The chat render hook writes "messages" for the request's traffic record.
+request_notes: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("preft_rl_notes", default=None)
 
 
 def visible(names: list[str]) -> list[str]:
@@ -147,10 +156,12 @@ class TenantKeys:
 def _tenant(where: str, name: Any, entry: Any) -> tuple[Tenant, list[str]]:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"{where}: tenant name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
-    if not isinstance(entry, dict) or set(entry) - {"keys", "adapters", "base"}:
-        extra = sorted(set(entry) - {"keys", "adapters", "base"}) if isinstance(entry, dict) else None
+    fields = {"keys", "adapters", "base", "record"}
+    if not isinstance(entry, dict) or set(entry) - fields:
+        extra = sorted(set(entry) - fields) if isinstance(entry, dict) else None
         raise ValueError(f"{where}: tenant {name!r}: " + (f"unknown fields {extra}; " if extra else "")
-                         + "write {keys: [sha256:...], adapters: [names or patterns], base: true|false}")
+                         + "write {keys: [sha256:...], adapters: [names or patterns], base: true|false, "
+                           "record: true|false}")
     keys = entry.get("keys")
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
         raise ValueError(f"{where}: tenant {name!r}: keys must be a non-empty list of key hashes (sha256:<64 hex>); "
@@ -163,10 +174,11 @@ def _tenant(where: str, name: Any, entry: Any) -> tuple[Tenant, list[str]]:
     if not isinstance(adapters, list) or not all(isinstance(a, str) and _PATTERN.fullmatch(a) for a in adapters):
         raise ValueError(f"{where}: tenant {name!r}: adapters={adapters!r} must be a list of adapter names or patterns "
                          "with * (letters, digits, '.', '_', '-')")
-    base = entry.get("base", False)
-    if not isinstance(base, bool):
-        raise ValueError(f"{where}: tenant {name!r}: base={base!r} must be true or false")
-    return Tenant(name=name, adapters=tuple(adapters), base=base), keys
+    flags = {flag: entry.get(flag, False) for flag in ("base", "record")}
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: tenant {name!r}: {flag}={value!r} must be true or false")
+    return Tenant(name=name, adapters=tuple(adapters), **flags), keys
 
 
 def refuses(model: str | None, base_names: list[str]) -> bool:
@@ -202,7 +214,7 @@ class TenantAuthMiddleware:
         if tenant is None:
             return await self._reply(scope, send, 401, "a valid API key is required: send the header "
                                                        "'Authorization: Bearer KEY' with your tenant key", "Unauthorized")
-        token = current_tenant.set(tenant)
+        token, notes = current_tenant.set(tenant), request_notes.set({})
         try:
             if tenant is ADMIN:
                 return await self.app(scope, receive, send)
@@ -215,6 +227,7 @@ class TenantAuthMiddleware:
             return await self.app(scope, receive, send)
         finally:
             current_tenant.reset(token)
+            request_notes.reset(notes)
 
     @staticmethod
     async def _reply(scope: dict, send: Any, status: int, message: str, kind: str) -> None:

@@ -74,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     cache_bench = bench.add_parser("adapter-cache", allow_abbrev=False, help="many adapters on few slots, loaded from disk "
                                    "on first use: preft-rl serve --adapter-dir vs vLLM's LoRA resolver, each vs all resident")
     _add_adapter_cache_bench_arguments(cache_bench)
+    store_bench = bench.add_parser("traffic-store", allow_abbrev=False, help="records per second one traffic store "
+                                   "(serve --record) takes, one writer and many")
+    store_bench.add_argument("--records", type=int, default=20_000, help="records per run (default: %(default)s)")
+    store_bench.add_argument("--writers", default="1,32", help="concurrent writers per run, comma-separated (default: %(default)s)")
+    store_bench.add_argument("--prompt-len", type=int, default=128)
+    store_bench.add_argument("--gen-len", type=int, default=128)
+    store_bench.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL")
+    store_bench.add_argument("--out", default="outputs/bench-traffic-store")
     agent_bench = bench.add_parser("agent", allow_abbrev=False, help="multi-turn rollouts with tool results between turns: "
                                    "PreFT vs all-token adapters vs base, throughput and prefix-cache reuse of earlier turns")
     _add_agent_bench_arguments(agent_bench)
@@ -110,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         return _bench_adapter_cache(args, argv)
     if args.command == "bench" and args.bench == "agent":
         return _bench_agent(args, argv)
+    if args.command == "bench" and args.bench == "traffic-store":
+        from preft_rl.reports import traffic as bench_traffic
+
+        return _run_bench("traffic-store", bench_traffic, argv, lambda: bench_traffic.TrafficStoreBenchConfig(
+            records=args.records, writers=_int_list(args.writers, "--writers"), prompt_len=args.prompt_len,
+            gen_len=args.gen_len, synchronous=args.synchronous, out=args.out))
     if args.command == "bench":
         from preft_rl.reports import rollout as bench_rollout
 

@@ -163,3 +163,43 @@ def test_a_recorder_names_records_as_the_client_sees_them_and_gathers_streamed_t
                  {"reward": 1, "thumbs": "up"}, {"thumbs": "meh"}):
         with pytest.raises(ValueError):
             feedback_reward(body)
+
+
+def test_a_reader_gives_each_record_once_per_role_in_a_seeded_order_and_resumes(tmp_path):
+    from preft_rl.traffic.data import TrafficReader
+
+    store = SqliteTrafficStore(tmp_path)
+    for i in range(10):
+        store.append(record(i, "alice", age_s=10_000 if i == 0 else 0)).result(timeout=30)
+        store.append(record(100 + i, "bob")).result(timeout=30)
+    reader = TrafficReader(store, "alice", seed=3, max_age_s=3600, max_staleness=1)
+    reader.refresh()
+    assert reader.available() == {"prompt": 9, "served": 0} and reader.counts.too_old == 1  # record 0: out of the window
+    first = reader.take_prompts(4)
+    again = TrafficReader(store, "alice", seed=3, max_age_s=3600)
+    again.refresh()
+    assert [r.id for r in again.take_prompts(4)] == [r.id for r in first]  # same seed, same log: same order
+    other = TrafficReader(store, "alice", seed=4, max_age_s=3600)
+    other.refresh()
+    assert [r.id for r in other.take_prompts(9)] != [r.id for r in first + reader.pending["prompt"]]
+    assert all(r.tenant == "alice" for r in first)
+    # feedback arrives: the served role sees it in order of arrival (seeded within its block), staleness checked
+    for i in (3, 5, 7):
+        store.add_feedback("alice", f"cmpl-{i}", 0, i / 10)
+    state = reader.state_dict()
+    resumed = TrafficReader(store, "alice", seed=3, max_age_s=3600, max_staleness=1)
+    resumed.load_state_dict(state)
+    rest = reader.take_prompts(100)
+    assert [r.id for r in resumed.take_prompts(100)] == [r.id for r in rest]  # resumed: the same unused records
+    assert sorted(r.id for r in first + rest) == sorted(f"cmpl-{i}" for i in range(1, 10))  # each once, none lost
+    reader.refresh()
+    assert reader.available() == {"prompt": 0, "served": 3}
+    served = reader.take_served(10, current_version=3)  # versions 1 + i % 3: 3 -> 1 (stale), 5 -> 3, 7 -> 2
+    assert sorted(row.record.id for row in served) == ["cmpl-5", "cmpl-7"] and reader.counts.stale == 1
+    assert {row.record.id: row.reward for row in served} == {"cmpl-5": 0.5, "cmpl-7": 0.7}
+    store.append(record(50, "alice")).result(timeout=30)
+    reader.refresh()
+    assert [r.id for r in reader.take_prompts(5)] == ["cmpl-50"]  # only what is new
+    with pytest.raises(ValueError, match="cannot resume tenant 'bob'"):
+        TrafficReader(store, "bob", seed=3).load_state_dict(state)
+    store.close()

@@ -9,7 +9,8 @@ off, the same batch limits and KV cache), and keeps them all up:
   preft-lora        `preft-rl serve` with K prefill-only LoRA adapters;
   all-lora          `preft-rl serve --adapter-scope all`: the same adapters on every token, in our own engine (so the
                     ratio to it isolates the paper's idea from the quality of vLLM's CPU LoRA kernels);
-  vllm-lora         `vllm serve --enable-lora --lora-modules` with the same adapters as PEFT LoRA directories.
+  vllm-lora         `vllm serve --enable-lora --lora-modules` with the same adapters as PEFT LoRA directories;
+  preft-lora-recorded  preft-lora with `--tenant-keys` and `--record DIR`: every request recorded (its cost).
 Then it drives them in turn, alternating within each repeat: N concurrent streaming clients, each sending its share
 of the requests one after another (random prompt tokens, greedy, exactly gen-len tokens, adapters round-robin; the
 base server gets the same prompts without adapters). Reported per server: requests/s, output tokens/s, and the p50 /
@@ -36,7 +37,7 @@ import numpy as np
 
 from . import check_at_least, start_report
 
-SERVERS = ("base", "preft-lora", "all-lora", "vllm-lora")
+SERVERS = ("base", "preft-lora", "all-lora", "vllm-lora", "preft-lora-recorded")
 
 
 @dataclass
@@ -109,6 +110,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["vs_vllm_lora"] = row["output_tok_s"] / tok_s["vllm-lora"] if "vllm-lora" in tok_s else None
         row["vs_all_lora"] = (row["output_tok_s"] / tok_s["all-lora"]
                               if row["server"] == "preft-lora" and "all-lora" in tok_s else None)
+        row["vs_unrecorded"] = (row["output_tok_s"] / tok_s["preft-lora"]
+                                if row["server"] == "preft-lora-recorded" and "preft-lora" in tok_s else None)
     return sorted(rows, key=lambda r: SERVERS.index(r["server"]))
 
 
@@ -143,8 +146,14 @@ def _adapter_dirs(cfg: ServeBenchConfig, path: str, root: Path) -> dict[str, lis
     return dirs
 
 
-def _commands(cfg: ServeBenchConfig, path: str, dirs: dict[str, list[Path]], dtype: str) -> dict[str, list[str]]:
+def _commands(cfg: ServeBenchConfig, path: str, dirs: dict[str, list[Path]], dtype: str, root: Path) -> dict[str, list[str]]:
+    import json
+
     from preft_rl.engine.baselines import _VLLM_RANKS
+    from preft_rl.engine.server.tenants import hash_key
+
+    keys = root / "tenant-keys.json"  # the bench's clients send the key "none": one tenant, every adapter recorded
+    keys.write_text(json.dumps({"tenants": {"bench": {"keys": [hash_key("none")], "adapters": ["a*"], "record": True}}}))
 
     common = ["--host", "127.0.0.1", "--dtype", dtype, "--enforce-eager", "--no-enable-prefix-caching", "--seed", str(cfg.seed),
               "--max-model-len", str(cfg.prompt_len + cfg.gen_len + 8), "--max-num-seqs", str(cfg.max_num_seqs),
@@ -161,6 +170,8 @@ def _commands(cfg: ServeBenchConfig, path: str, dirs: dict[str, list[Path]], dty
         "all-lora": preft + ["--adapter-scope", "all", "--adapters", *named("all")] + common,
         "vllm-lora": vllm + ["--enable-lora", "--max-loras", str(cfg.adapters), "--max-cpu-loras", str(cfg.adapters),
                              "--max-lora-rank", str(vllm_rank), "--lora-modules", *named("peft")] + common,
+        "preft-lora-recorded": preft + ["--adapters", *named("prompt"), "--tenant-keys", str(keys), "--record",
+                                        str(root / "traffic")] + common,
     }
 
 
@@ -251,7 +262,7 @@ def run(cfg: ServeBenchConfig, progress: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="preft-bench-serve-") as tmp:
         root = Path(tmp)
         dirs = _adapter_dirs(cfg, path, root)
-        commands = _commands(cfg, path, dirs, dtype)
+        commands = _commands(cfg, path, dirs, dtype, root)
         servers: dict[str, Server] = {}
         try:
             for name in cfg.servers:  # started one after another: two starting at once would slow each other
@@ -275,7 +286,14 @@ def run(cfg: ServeBenchConfig, progress: bool = True) -> dict[str, Any]:
         finally:
             for server in servers.values():
                 server.close()
-    return {"config": asdict(cfg), "runs": runs, "summary": summarize(runs)}
+        recorded = None
+        if (root / "traffic").exists():
+            from preft_rl.traffic import SqliteTrafficStore
+
+            store = SqliteTrafficStore(root / "traffic")
+            recorded = len(store.read("bench"))
+            store.close()
+    return {"config": asdict(cfg), "runs": runs, "summary": summarize(runs), "records": recorded}
 
 
 def write_report(result: dict[str, Any], out: str | Path, command: str) -> dict[str, Path]:
@@ -289,13 +307,16 @@ def write_report(result: dict[str, Any], out: str | Path, command: str) -> dict[
         f"{cfg['gen_len']} generated tokens, greedy; eager, prefix caching off. Median of {cfg['repeats']} alternating "
         "runs (output tok/s min-max in brackets).", "",
         "| server | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | vs base | vs vLLM LoRA "
-        "| vs same adapters on all tokens (ours) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| vs same adapters on all tokens (ours) | vs not recording |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["summary"]:
         lines.append(
             f"| {r['server']} | {r['requests_s']:.2f} | {r['output_tok_s']:.1f} ({r['output_tok_s_min']:.1f}-"
             f"{r['output_tok_s_max']:.1f}) | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} | "
-            f"{r['tpot_p99_ms']:.1f} | {fmt(r['vs_base'])} | {fmt(r['vs_vllm_lora'])} | {fmt(r['vs_all_lora'])} |")
+            f"{r['tpot_p99_ms']:.1f} | {fmt(r['vs_base'])} | {fmt(r['vs_vllm_lora'])} | {fmt(r['vs_all_lora'])} | "
+            f"{fmt(r.get('vs_unrecorded'))} |")
+    if result.get("records") is not None:
+        lines += ["", f"Records in the recorded server's store at the end: {result['records']} (warm-up included)."]
     paths["markdown"].write_text("\n".join(lines) + "\n")
     return paths

@@ -48,12 +48,13 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_by_tenant ON records (tenant, seq);
 CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL,
     choice INTEGER NOT NULL,
     tenant TEXT NOT NULL,
     reward REAL NOT NULL,
     time REAL NOT NULL,
-    PRIMARY KEY (tenant, id, choice)
+    UNIQUE (tenant, id, choice)
 );
 """
 
@@ -81,6 +82,16 @@ class TrafficRecord:
                              f"{len(self.completion_ids)} sampled tokens; record one log-prob per sampled token")
 
 
+@dataclasses.dataclass(frozen=True)
+class FeedbackRow:
+    """Feedback on one recorded response: its own seq (in the order feedback arrived), the record, the reward."""
+
+    seq: int
+    record: TrafficRecord
+    reward: float
+    time: float
+
+
 class FeedbackError(Exception):
     """Refused feedback, with its HTTP status (404 unknown or another tenant's response, 409 already given)."""
 
@@ -94,6 +105,9 @@ class TrafficStore(Protocol):
     def read(self, tenant: str, after: int = 0, limit: int | None = None) -> list[TrafficRecord]: ...
     def add_feedback(self, tenant: str, id: str, choice: int, reward: float) -> None: ...
     def feedback(self, tenant: str, ids: list[tuple[str, int]]) -> dict[tuple[str, int], float]: ...
+    def read_feedback(self, tenant: str, after: int = 0, limit: int | None = None) -> list[FeedbackRow]: ...
+    def read_seqs(self, tenant: str, seqs: list[int]) -> list[TrafficRecord]: ...
+    def read_feedback_seqs(self, tenant: str, seqs: list[int]) -> list[FeedbackRow]: ...
     def prune(self, max_age_s: float | None = None, max_records: int | None = None) -> int: ...
     def close(self) -> None: ...
 
@@ -240,6 +254,33 @@ class SqliteTrafficStore:
             rows = db.execute("SELECT id, choice, reward FROM feedback WHERE tenant = ?", (tenant,)).fetchall()
         wanted = set(ids)
         return {(r["id"], r["choice"]): r["reward"] for r in rows if (r["id"], r["choice"]) in wanted}
+
+    def read_feedback(self, tenant: str, after: int = 0, limit: int | None = None) -> list[FeedbackRow]:
+        """`tenant`'s feedback with seq > `after` in the order it arrived (at most `limit`), each with its record."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT f.seq AS fseq, f.reward AS freward, f.time AS ftime, r.* FROM feedback f JOIN records r ON "
+                "r.tenant = f.tenant AND r.id = f.id AND r.choice = f.choice WHERE f.tenant = ? AND f.seq > ? "
+                "ORDER BY f.seq LIMIT ?", (tenant, after, -1 if limit is None else limit)).fetchall()
+        return [FeedbackRow(seq=row["fseq"], record=_row_to_record(row), reward=row["freward"], time=row["ftime"])
+                for row in rows]
+
+    def read_seqs(self, tenant: str, seqs: list[int]) -> list[TrafficRecord]:
+        """`tenant`'s records with these seqs (those still stored), in seq order."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM records WHERE tenant = ? AND seq IN (SELECT value FROM json_each(?)) "
+                              "ORDER BY seq", (tenant, json.dumps(list(seqs)))).fetchall()
+        return [_row_to_record(row) for row in rows]
+
+    def read_feedback_seqs(self, tenant: str, seqs: list[int]) -> list[FeedbackRow]:
+        """`tenant`'s feedback rows with these seqs (those still stored), in seq order."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT f.seq AS fseq, f.reward AS freward, f.time AS ftime, r.* FROM feedback f JOIN records r ON "
+                "r.tenant = f.tenant AND r.id = f.id AND r.choice = f.choice WHERE f.tenant = ? AND f.seq IN "
+                "(SELECT value FROM json_each(?)) ORDER BY f.seq", (tenant, json.dumps(list(seqs)))).fetchall()
+        return [FeedbackRow(seq=row["fseq"], record=_row_to_record(row), reward=row["freward"], time=row["ftime"])
+                for row in rows]
 
     def tenants(self) -> list[str]:
         with self._connect() as db:

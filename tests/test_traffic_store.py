@@ -203,3 +203,16 @@ def test_a_reader_gives_each_record_once_per_role_in_a_seeded_order_and_resumes(
     with pytest.raises(ValueError, match="cannot resume tenant 'bob'"):
         TrafficReader(store, "bob", seed=3).load_state_dict(state)
     store.close()
+
+
+def test_bench_traffic_store_counts_every_record_it_commits(tmp_path, capsys):
+    from preft_rl.cli import main
+
+    assert main(["bench", "traffic-store", "--records", "60", "--writers", "1,3", "--prompt-len", "4", "--gen-len", "4",
+                 "--out", str(tmp_path)]) == 0
+    import json
+
+    runs = json.loads((tmp_path / "traffic-store.json").read_text())["runs"]
+    assert [(r["writers"], r["records"]) for r in runs] == [(1, 60), (3, 60)] and all(r["records_s"] > 0 for r in runs)
+    assert "| 3 | 60 |" in (tmp_path / "traffic-store.md").read_text()
+    assert main(["bench", "traffic-store", "--writers", "0"]) == 2

@@ -122,3 +122,42 @@ class TrafficReader:
         self.position, self.blocks = dict(state["position"]), dict(state["blocks"])
         self.pending = {role: [by_seq[role][seq] for seq in state["pending"][role]] for role in ROLES}
         self.counts = TrafficCounts(**state["counts"])
+
+
+SERVED_COLUMNS = ("served_completion_ids", "served_logps", "served_reward", "served_staleness")
+
+
+def traffic_rows(prompts: list[TrafficRecord], served: list[FeedbackRow], current_version: int) -> list[dict[str, Any]]:
+    """Training rows of a tenant's traffic, for `Tenant(name, traffic_dataset(...), rewards)`: one per served response
+    with feedback (its group: num_generations - 1 fresh completions and the served one, whose reward is the feedback),
+    then one per recorded prompt (its group: num_generations fresh completions). The prompt is the recorded token ids,
+    exactly what the server's adapter saw."""
+    rows = []
+    for row in served:
+        rec = row.record
+        rows.append({"prompt": {"prompt_token_ids": list(rec.prompt_ids)}, "traffic_id": rec.id, "traffic_choice": rec.choice,
+                     "served_completion_ids": list(rec.completion_ids), "served_logps": list(rec.logprobs),
+                     "served_reward": float(row.reward), "served_staleness": current_version - rec.version})
+    for rec in prompts:
+        rows.append({"prompt": {"prompt_token_ids": list(rec.prompt_ids)}, "traffic_id": rec.id, "traffic_choice": rec.choice,
+                     "served_completion_ids": [], "served_logps": [], "served_reward": float("nan"), "served_staleness": -1})
+    return rows
+
+
+def traffic_dataset(reader: TrafficReader, prompts: int, served: int, current_version: int) -> Any:
+    """A `datasets.Dataset` of the next `served` responses with feedback and `prompts` recorded prompts (fewer if the
+    log has fewer) of `reader`'s tenant (`traffic_rows`); taken from the reader, so none is given twice."""
+    from datasets import Dataset
+
+    reader.refresh()
+    served_rows = reader.take_served(served, current_version)
+    prompt_rows = reader.take_prompts(prompts)
+    rows = traffic_rows(prompt_rows, served_rows, current_version)
+    if not rows:
+        raise ValueError(f"tenant {reader.tenant!r} has no new traffic to train on (nothing recorded since the last read)")
+    return Dataset.from_list(rows)
+
+
+def served_member(row: dict[str, Any]) -> bool:
+    """Whether a training row carries a served response with feedback (an off-policy group member)."""
+    return bool(row.get("served_completion_ids")) and row.get("served_reward") == row.get("served_reward")  # not NaN

@@ -176,6 +176,11 @@ class PreftRLTrainer:
         and reward_weights (a run with tenants sets each tenant's own)."""
         self.train_dataset, self.reward_funcs, self.reward_names, self.reward_weights = resolve_task(
             train_dataset, reward_funcs, self.args.reward_weights, "train_dataset", type(self).__name__)
+        from preft_rl.traffic.data import SERVED_COLUMNS
+
+        if set(SERVED_COLUMNS) <= set(self.train_dataset.column_names):
+            raise ValueError("train_dataset holds traffic rows (preft_rl.traffic.traffic_dataset), whose served responses "
+                             "join their groups in a tenants run only: train with tenants=[Tenant(name, dataset, rewards)]")
         self.eval_dataset = as_dataset(eval_dataset, "eval_dataset")
         if self.eval_dataset is not None and "prompt" in self.eval_dataset.column_names:
             check_prompts(self.eval_dataset, "eval_dataset")
@@ -896,17 +901,21 @@ class PreftRLTrainer:
 
 
 def check_prompts(dataset: Any, name: str) -> None:
-    """Every prompt is text or a list of chat messages (dicts with string 'role' and 'content'); the first bad row is
-    named, before anything is built."""
+    """Every prompt is text, a list of chat messages (dicts with string 'role' and 'content') or token ids as
+    {"prompt_token_ids": [...]} (traffic rows: the ids a server saw); the first bad row is named, before anything is
+    built."""
     for i, prompt in enumerate(dataset["prompt"]):
         if isinstance(prompt, str) and prompt:
+            continue
+        if isinstance(prompt, dict) and set(prompt) == {"prompt_token_ids"} and prompt["prompt_token_ids"] and all(
+                isinstance(t, int) and t >= 0 for t in prompt["prompt_token_ids"]):
             continue
         if isinstance(prompt, list) and prompt and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
         ):
             continue
-        raise ValueError(f"{name} row {i}: prompt {prompt!r:.120} must be non-empty text or a list of chat messages "
-                         "({'role': ..., 'content': ...} with string values)")
+        raise ValueError(f"{name} row {i}: prompt {prompt!r:.120} must be non-empty text, a list of chat messages "
+                         "({'role': ..., 'content': ...} with string values) or {'prompt_token_ids': [ids]}")
 
 
 def resolve_task(train_dataset: Any, reward_funcs: Any, reward_weights: Sequence[float] | None, name: str,

@@ -47,6 +47,7 @@ import torch
 from preft_rl.adapters import TenantPreftModel
 from preft_rl.adapters.serialization import KEY_PREFIX, WEIGHTS_NAME
 from preft_rl.adapters.tenants import check_tenant_names
+from preft_rl.traffic.data import SERVED_COLUMNS, served_member
 
 from .advantages import get_advantage_estimator
 from .core import MiniBatch, resolve_task
@@ -165,6 +166,13 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                 raise ValueError(f"tenant {spec.name!r}: learning_rate={spec.learning_rate} must be a finite number > 0")
             dataset, funcs, reward_names, weights = resolve_task(spec.train_dataset, spec.reward_funcs, spec.reward_weights,
                                                                   f"tenant {spec.name!r} train_dataset", type(self).__name__)
+            if set(SERVED_COLUMNS) <= set(getattr(dataset, "column_names", None) or ()):  # rows from traffic_dataset
+                if spec.tools is not None or spec.environment_factory is not None:
+                    raise ValueError(f"tenant {spec.name!r}: training on traffic with tools is not supported yet (a served "
+                                     "multi-turn response cannot join a group); give the tenant no tools")
+                if not self.args.vllm_importance_sampling_correction:
+                    raise ValueError(f"tenant {spec.name!r} trains on served responses, which an earlier adapter sampled: "
+                                     "set vllm_importance_sampling_correction=True (their importance weights)")
             self.tasks.append(_Task(spec.name, dataset, funcs, reward_names, weights, spec.learning_rate or self.args.learning_rate))
         self.tenant_names = tuple(names)
         self._tenant_index = {name: t for t, name in enumerate(names)}
@@ -400,23 +408,27 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         by that tenant's reward functions. Rows are tenant-major; each tenant's rows are its alone run's rollout."""
         n = self.args.num_generations
         picked = self._tenants_for_step(step)
-        prompts, params, adapters, columns, owners, all_rows, toolsets = [], [], [], [], [], [], []
+        prompts, params, adapters, columns, owners, all_rows, toolsets, layouts = [], [], [], [], [], [], [], []
         for t in picked:
             task, tenant_step = self.tasks[t], self._tenant_step(t, step)
             rows = self._prompts_for_step(tenant_step, 0, task.dataset)
-            prompts += [row["prompt"] for row in rows for _ in range(n)]
-            all_rows += [row for row in rows for _ in range(n)]
-            toolsets += [self._tenant_toolsets[t]] * (len(rows) * n)
-            params += self._sampling_params(tenant_step, 0, len(rows) * n)
-            adapters += [task.name] * (len(rows) * n)
+            # a row from traffic with a served response and its feedback: n - 1 generated, the served one last
+            fresh = [n - 1 if served_member(row) else n for row in rows]
+            prompts += [row["prompt"] for row, k in zip(rows, fresh) for _ in range(k)]
+            all_rows += [row for row, k in zip(rows, fresh) for _ in range(k)]
+            toolsets += [self._tenant_toolsets[t]] * sum(fresh)
+            params += self._sampling_params(tenant_step, 0, sum(fresh))
+            adapters += [task.name] * sum(fresh)
             columns.append({k: [row[k] for row in rows for _ in range(n)] for k in rows[0] if k != "prompt"})
             owners.append((t, len(rows) * n))
+            layouts.append((rows, fresh))
         with phases.phase("generate"):
-            samples = self._generate(prompts, params, adapters=adapters, rows=all_rows, toolsets=toolsets)
+            samples = self._with_served(self._generate(prompts, params, adapters=adapters, rows=all_rows, toolsets=toolsets),
+                                        layouts)
         self._unserved -= {self.tasks[t].name for t in picked}
         tokens = sum(map(len, samples.completion_ids))
         errors_before = self._tenant_reward_errors()
-        parts, start = [], 0
+        parts, start, stats_traffic = [], 0, {}
         self._reward_columns: dict[str, torch.Tensor] = {}
         with phases.phase("score"):
             for (t, size), cols in zip(owners, columns):
@@ -428,6 +440,10 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                 per_func = score(task.reward_funcs, task.reward_names, part.prompts, part.completions, part.completion_ids, cols)
                 rewards = (per_func * task.reward_weights).nansum(dim=1)
                 rewards[per_func.isnan().all(dim=1)] = math.nan
+                served = self._served_positions(layouts[len(parts)][0])
+                if served:  # a served response's reward is its user's feedback
+                    rewards[list(served)] = torch.tensor(list(served.values()), dtype=rewards.dtype)
+                    stats_traffic[task.name] = served
                 for j, name in enumerate(task.reward_names):
                     self._reward_columns[f"tenants/{task.name}/rewards/{name}"] = per_func[:, j]
                 part.rewards_per_func, part.rewards = rewards[:, None], rewards  # one column: tenants' functions differ
@@ -439,8 +455,57 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         for key, count in self._tenant_reward_errors().items():
             stats[key] = float(count - errors_before[key])
         self._row_tenants = [self.tasks[t].name for t, size in owners for _ in range(size)]
+        self._row_served = [i in self._served_positions(rows) for rows, _ in layouts
+                            for i in range(len(rows) * n)]
+        stats.update(self._traffic_stats(picked, layouts, stats_traffic))
         stats.update(self._tool_stats(samples))
         return Samples.concat(parts), stats
+
+    # ------------------------------------------------------------------------------ traffic (preft_rl.traffic)
+    def _served_positions(self, rows: list[dict]) -> dict[int, float]:
+        """{position in the tenant's part: feedback reward} of its served responses (each last in its group)."""
+        n = self.args.num_generations
+        return {g * n + n - 1: float(row["served_reward"]) for g, row in enumerate(rows) if served_member(row)}
+
+    def _with_served(self, samples: Samples, layouts: list[tuple[list[dict], list[int]]]) -> Samples:
+        """The generated completions with each served response put last in its group (as it was served: its prompt ids,
+        its sampled ids and the log-probs recorded then, which the importance weights compare with the policy's)."""
+        if not any(served_member(row) for rows, _ in layouts for row in rows):
+            return samples
+        parts, at = [], 0
+        for rows, fresh in layouts:
+            for row, k in zip(rows, fresh):
+                parts.append(samples.select(range(at, at + k)))
+                at += k
+                if served_member(row):
+                    parts.append(self._served_sample(row))
+        return Samples.concat(parts)
+
+    def _served_sample(self, row: dict) -> Samples:
+        from .rollout import completion_messages, prompt_ids_for
+
+        limit = self.args.max_completion_length
+        ids, logps = list(row["served_completion_ids"])[:limit], list(row["served_logps"])[:limit]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Samples([row["prompt"]], [prompt_ids_for(self.tokenizer, row["prompt"], self.args.max_prompt_length)], [ids],
+                       [logps], completion_messages([row["prompt"]], [text]))
+
+    def _traffic_stats(self, picked: list[int], layouts: list[tuple[list[dict], list[int]]],
+                       served: dict[str, dict[int, float]]) -> dict[str, float]:
+        """Per tenant trained on traffic: its rows from traffic, those with a served response and feedback, and their
+        staleness (versions behind the adapter trained when they were read)."""
+        stats = {}
+        for t, (rows, _) in zip(picked, layouts):
+            if not rows or "traffic_id" not in rows[0]:
+                continue
+            name = self.tasks[t].name
+            with_feedback = [row for row in rows if served_member(row)]
+            stats[f"tenants/{name}/traffic/rows"] = float(len(rows))
+            stats[f"tenants/{name}/traffic/feedback_rows"] = float(len(with_feedback))
+            if with_feedback:
+                stats[f"tenants/{name}/traffic/staleness"] = sum(r["served_staleness"] for r in with_feedback) / len(with_feedback)
+                stats[f"tenants/{name}/traffic/feedback_reward"] = sum(served.get(name, {}).values()) / len(with_feedback)
+        return stats
 
     def _tenant_reward_errors(self) -> dict[str, int]:
         return {f"tenants/{task.name}/rewards/{name}/errors": count for task in self.tasks
@@ -449,6 +514,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
     def _pack(self, samples: Samples) -> RolloutBatch:
         batch = super()._pack(samples)
         batch.tenants = list(self._row_tenants)
+        batch.served = list(self._row_served)
         return batch
 
     def _compute_advantages(self, batch: RolloutBatch) -> None:
@@ -515,6 +581,10 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
             total = total + out.loss
             stats[f"tenants/{name}/loss"] = out.loss.item()
             stats[f"tenants/{name}/clip_ratio"] = out.clip_ratio.item()
+            served = torch.tensor([batch.served[rows[i].item()] for i in sub.tolist()], device=device)
+            if weights is not None and served.any():  # the served responses' truncated importance weights
+                w, m = weights[sub][served], mask[sub][served]
+                stats[f"tenants/{name}/traffic/is_weight"] = ((w * m).sum() / m.sum().clamp(min=1)).item()
         if self.accelerator.num_processes > 1 and deepspeed_zero_stage(self.accelerator) is None:
             # DDP reduces in this backward only if every adapter is in its graph: a zero-weight term for each tenant not in
             # these rows (not picked, or in another piece) puts it there without changing any gradient

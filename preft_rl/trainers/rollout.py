@@ -46,6 +46,7 @@ class RolloutBatch:
     values: torch.Tensor | None = None  # (B, T) critic estimates at rollout time (PPO)
     returns: torch.Tensor | None = None  # (B, T) GAE returns, the critic's targets (PPO)
     tenants: list[str] | None = None  # (B,) each row's tenant (a run with tenants; rows of a tenant are consecutive)
+    served: list[bool] | None = None  # (B,) a served response from traffic (an off-policy group member), a run with tenants
 
     def micro_batches(self, size: int) -> list[slice]:
         return [slice(i, i + size) for i in range(0, self.input_ids.shape[0], size)]

@@ -121,3 +121,20 @@ def test_traffic_rows_are_refused_where_they_would_be_trained_wrong(tiny_llama_d
     with pytest.raises(ValueError, match="no new traffic"):
         traffic_dataset(TrafficReader(store, "nobody"), prompts=4, served=4, current_version=1)
     store.close()
+
+
+def test_a_tenant_trains_on_its_whole_recorded_log_with_traffic_dir(tiny_llama_dir, tmp_path):
+    store = recorded_store(tiny_llama_dir, tmp_path / "traffic", {"alice": 0.0, "bob": 0.0}, count=3, feedback=2)
+    store.close()
+    trainer = PreftGRPOTrainer(str(tiny_llama_dir), args=config(tmp_path / "run"), preft_config=PreftConfig(**PREFT),
+                               tenants=[Tenant("alice", reward_funcs=[even_tokens], traffic=tmp_path / "traffic")])
+    rows = trainer.tasks[0].dataset
+    trainer.close()
+    assert len(rows) == 2 + 3 and sorted(rows["traffic_id"]) == sorted(["cmpl-alice-0", "cmpl-alice-1"] +
+                                                                        [f"cmpl-alice-{i}" for i in range(3)])
+    assert sum(r == r for r in rows["served_reward"]) == 2  # the two with feedback carry it (the others: NaN)
+    with pytest.raises(ValueError, match="give train_dataset or traffic"):
+        Tenant("alice", rows, [even_tokens], traffic=tmp_path / "traffic")
+    with pytest.raises(ValueError, match="no traffic recorded"):
+        PreftGRPOTrainer(str(tiny_llama_dir), args=config(tmp_path / "run2"), preft_config=PreftConfig(**PREFT),
+                         tenants=[Tenant("carol", reward_funcs=[even_tokens], traffic=tmp_path / "traffic")])

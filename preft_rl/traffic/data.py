@@ -161,3 +161,23 @@ def traffic_dataset(reader: TrafficReader, prompts: int, served: int, current_ve
 def served_member(row: dict[str, Any]) -> bool:
     """Whether a training row carries a served response with feedback (an off-policy group member)."""
     return bool(row.get("served_completion_ids")) and row.get("served_reward") == row.get("served_reward")  # not NaN
+
+
+def read_traffic(directory: Any, tenant: str, seed: int = 0, max_age_s: float | None = None,
+                 max_staleness: int | None = 2) -> Any:
+    """Everything `tenant` has in the traffic store in `directory` (`preft-rl serve --record DIR`) as training rows:
+    each served response with feedback (staleness counted from the newest adapter version recorded) and each recorded
+    prompt, once (`Tenant(name, reward_funcs=..., traffic=DIR)`)."""
+    from .store import SqliteTrafficStore
+
+    store = SqliteTrafficStore(directory)
+    try:
+        records = store.read(tenant)
+        if not records:
+            raise ValueError(f"tenant {tenant!r} has no traffic recorded in {store.path}; record it with `preft-rl serve "
+                             "--tenant-keys FILE --record DIR` and record: true in the tenant's entry")
+        reader = TrafficReader(store, tenant, seed=seed, max_age_s=max_age_s, max_staleness=max_staleness)
+        return traffic_dataset(reader, prompts=len(records), served=len(records),
+                               current_version=max(r.version for r in records))
+    finally:
+        store.close()

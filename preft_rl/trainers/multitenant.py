@@ -66,15 +66,22 @@ TENANT_STATE_DIR = "tenant_state"  # with tenant_offload: a checkpoint's folder 
 class Tenant:
     """One user's training task: a name (its adapter folder and its served adapter name: letters, digits, '_', '-'),
     its own prompts and reward functions (with weights), optionally its own peak learning rate, and its own tools or
-    environment (as PreftGRPOTrainer takes them: its rollouts are multi-turn, the other tenants' are not changed)."""
+    environment (as PreftGRPOTrainer takes them: its rollouts are multi-turn, the other tenants' are not changed).
+    Instead of a dataset, `traffic=DIR` trains on what `preft-rl serve --record DIR` recorded of this tenant: its
+    prompts, and its served responses with feedback as off-policy group members (preft_rl.traffic.data)."""
 
     name: str
-    train_dataset: Any
-    reward_funcs: Callable | str | Sequence[Callable | str]
+    train_dataset: Any = None
+    reward_funcs: Callable | str | Sequence[Callable | str] = ()
     reward_weights: Sequence[float] | None = None
     learning_rate: float | None = None
     tools: Sequence[Callable] | None = None
     environment_factory: Callable[[], Any] | None = None
+    traffic: Any = None  # a `preft-rl serve --record` folder: train on this tenant's recorded traffic (read_traffic)
+
+    def __post_init__(self) -> None:
+        if (self.train_dataset is None) == (self.traffic is None):
+            raise ValueError(f"tenant {self.name!r}: give train_dataset or traffic (a --record folder), one of them")
 
 
 @dataclass
@@ -164,7 +171,12 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         for spec in self._tenant_specs:
             if spec.learning_rate is not None and not (math.isfinite(spec.learning_rate) and spec.learning_rate > 0):
                 raise ValueError(f"tenant {spec.name!r}: learning_rate={spec.learning_rate} must be a finite number > 0")
-            dataset, funcs, reward_names, weights = resolve_task(spec.train_dataset, spec.reward_funcs, spec.reward_weights,
+            train = spec.train_dataset
+            if spec.traffic is not None:
+                from preft_rl.traffic.data import read_traffic
+
+                train = read_traffic(spec.traffic, spec.name, seed=self.args.seed)
+            dataset, funcs, reward_names, weights = resolve_task(train, spec.reward_funcs, spec.reward_weights,
                                                                   f"tenant {spec.name!r} train_dataset", type(self).__name__)
             if set(SERVED_COLUMNS) <= set(getattr(dataset, "column_names", None) or ()):  # rows from traffic_dataset
                 if spec.tools is not None or spec.environment_factory is not None:

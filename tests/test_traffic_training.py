@@ -138,3 +138,85 @@ def test_a_tenant_trains_on_its_whole_recorded_log_with_traffic_dir(tiny_llama_d
     with pytest.raises(ValueError, match="no traffic recorded"):
         PreftGRPOTrainer(str(tiny_llama_dir), args=config(tmp_path / "run2"), preft_config=PreftConfig(**PREFT),
                          tenants=[Tenant("carol", reward_funcs=[even_tokens], traffic=tmp_path / "traffic")])
+
+
+SEEN: list[tuple[str, str]] = []  # (tenant, prompt) of every completion scored, in order
+
+
+def seen_even(prompts, completions, completion_ids=None, **_):
+    SEEN.extend(("alice", str(p)) for p in prompts)
+    return even_tokens(prompts, completions, completion_ids)
+
+
+def seen_odd(prompts, completions, completion_ids=None, **_):
+    SEEN.extend(("bob", str(p)) for p in prompts)
+    return odd_tokens(prompts, completions, completion_ids)
+
+
+def round_data(name: str, round_: int, rows: int = 4):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": f"{name} round {round_} asks {i} apples?"} for i in range(rows)])
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_rounds_give_each_row_once_continue_the_run_and_resume(tiny_llama_dir, tmp_path):
+    """train_round (the online loop's round): round 1 trains alice on 4 new rows, round 2 alice and bob on 4 each;
+    every row gets exactly one group; together equals alone across rounds; a trainer rebuilt after round 1 and resumed
+    from its checkpoint ends round 2 where the uninterrupted run does."""
+    args = dict(lr_scheduler_type="constant", save_steps=0)
+
+    def trainer(out, names):
+        rewards = {"alice": [seen_even], "bob": [seen_odd]}
+        return PreftGRPOTrainer(str(tiny_llama_dir), args=config(out, **args), preft_config=PreftConfig(**PREFT),
+                                tenants=[Tenant(name, round_data(name, 0), rewards[name]) for name in names])
+
+    SEEN.clear()
+    run = trainer(tmp_path / "run", ["alice", "bob"])
+    run.train_round({"alice": round_data("alice", 1)})
+    assert run.step == 2 and sorted(SEEN) == sorted(("alice", f"alice round 1 asks {i} apples?") for i in range(4)
+                                                     for _ in range(4))  # 4 rows x 4 completions, each row once
+    SEEN.clear()
+    run.train_round({"alice": round_data("alice", 2), "bob": round_data("bob", 1)})
+    assert run.step == 4 and sorted(set(SEEN)) == sorted([("alice", f"alice round 2 asks {i} apples?") for i in range(4)]
+                                                         + [("bob", f"bob round 1 asks {i} apples?") for i in range(4)])
+    assert len(SEEN) == 2 * 4 * 4
+    with pytest.raises(ValueError, match="unknown tenants \\['carol'\\]"):
+        run.train_round({"carol": round_data("carol", 1)})
+    run.close()
+    # alone: alice's two rounds in a run of her own
+    alone = trainer(tmp_path / "alone", ["alice"])
+    alone.train_round({"alice": round_data("alice", 1)})
+    alone.train_round({"alice": round_data("alice", 2)})
+    alone.close()
+    ours, theirs = adapter(tmp_path / "run" / "tenants" / "alice"), adapter(tmp_path / "alone" / "tenants" / "alice")
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= TRAJECTORY_ATOL
+    # a crash after round 1: a new trainer resumes from round 1's checkpoint and trains round 2
+    first = trainer(tmp_path / "crash", ["alice", "bob"])
+    first.train_round({"alice": round_data("alice", 1)})
+    first.close()
+    again = trainer(tmp_path / "crash", ["alice", "bob"])
+    assert again.load_checkpoint() == 2 and again._rounds == first._rounds
+    again.train_round({"alice": round_data("alice", 2), "bob": round_data("bob", 1)})
+    again.close()
+    for name in ("alice", "bob"):
+        resumed, straight = adapter(tmp_path / "crash" / "tenants" / name), adapter(tmp_path / "run" / "tenants" / name)
+        assert all(torch.equal(resumed[k], straight[k]) for k in resumed), name
+
+
+def test_a_round_is_refused_where_it_cannot_be_trained_as_asked(tiny_llama_dir, tmp_path):
+    run = PreftGRPOTrainer(str(tiny_llama_dir), args=config(tmp_path, lr_scheduler_type="cosine"),
+                           preft_config=PreftConfig(**PREFT), tenants=[Tenant("alice", round_data("alice", 0), [even_tokens])])
+    with pytest.raises(ValueError, match="needs lr_scheduler_type='constant', not 'cosine'"):
+        run.train_round({"alice": round_data("alice", 1)})
+    run.close()
+    two = PreftGRPOTrainer(str(tiny_llama_dir), args=config(tmp_path / "two", tenants_per_step=1),
+                           preft_config=PreftConfig(**PREFT),
+                           tenants=[Tenant(n, round_data(n, 0), [even_tokens]) for n in ("alice", "bob")])
+    with pytest.raises(ValueError, match="2 tenants but tenants_per_step=1"):
+        two.train_round({"alice": round_data("alice", 1), "bob": round_data("bob", 1)})
+    with pytest.raises(ValueError, match="steps=0 must be a positive multiple"):
+        two.train_round({"alice": round_data("alice", 1)}, steps=0)
+    assert two.step == 0  # nothing trained by a refused round
+    two.close()

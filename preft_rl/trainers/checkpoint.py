@@ -82,7 +82,7 @@ def save(trainer: PreftRLTrainer, step: int, rollout: RolloutBatch | None) -> Pa
         torch.save(rollout.to_dict(), tmp / f"rollout_{rank}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
-        state = {"step": step, "num_processes": acc.num_processes, "config": args.to_dict()}
+        state = {"step": step, "num_processes": acc.num_processes, "config": args.to_dict(), **trainer._checkpoint_json()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -145,6 +145,7 @@ def load(trainer: PreftRLTrainer, path: str | Path) -> tuple[int, RolloutBatch |
                 param.copy_(extra[key].to(device=param.device, dtype=param.dtype))
     if extra_dir:
         trainer._apply_checkpoint_extra(extra_state)
+    trainer._checkpoint_json_loaded(state)
     trainer.scheduler.load_state_dict(scheduler)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

@@ -274,6 +274,14 @@ class PreftRLTrainer:
         """After a checkpoint replaced the trained tensors: the engine's adapters are stale."""
         self._engine_in_sync = False
 
+    def _checkpoint_json(self) -> dict[str, Any]:
+        """Plain trainer state saved in each checkpoint's trainer_state.json beside the step (e.g. the rounds of an online
+        run); `_checkpoint_json_loaded` gets it back on resume."""
+        return {}
+
+    def _checkpoint_json_loaded(self, state: dict[str, Any]) -> None:
+        """Restore what `_checkpoint_json` saved (`state`: the whole trainer_state.json)."""
+
     def _checkpoint_extra_dir(self) -> str | None:
         """A folder of each checkpoint that the three hooks below write, read (checking everything) and apply: trainer
         state that lives outside the model and optimizer (tenant_offload's store). None: there is none."""
@@ -769,15 +777,22 @@ class PreftRLTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------------------ loop
+    def load_checkpoint(self, path: str | Path | bool = True) -> int:
+        """Restore the latest checkpoint-N of output_dir (True) or the one at `path`: adapters, optimizer, scheduler,
+        RNG, step (returned) and the rollout being reused. `train(resume_from_checkpoint=...)` does this first."""
+        args = self.args
+        found = checkpoint.latest(args.output_dir) if path is True else Path(path)
+        if found is None:
+            raise FileNotFoundError(f"resume_from_checkpoint=True but {args.output_dir} holds no checkpoint-N directory")
+        self.step, self._rollout = checkpoint.load(self, found)
+        self._checkpoint_loaded()
+        self._keep_served_policy()  # a checkpoint is written only after its policy served (_check_policy_serves)
+        return self.step
+
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, float]:
         args, acc = self.args, self.accelerator
         if resume_from_checkpoint:
-            path = checkpoint.latest(args.output_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
-            if path is None:
-                raise FileNotFoundError(f"resume_from_checkpoint=True but {args.output_dir} holds no checkpoint-N directory")
-            self.step, self._rollout = checkpoint.load(self, path)
-            self._checkpoint_loaded()
-            self._keep_served_policy()  # a checkpoint is written only after its policy served (_check_policy_serves)
+            self.load_checkpoint(resume_from_checkpoint)
         bar = tqdm(total=self.max_steps, initial=self.step, desc=self.display_name, disable=args.disable_tqdm or not acc.is_main_process)
         metrics: dict[str, float] = {}
         while self.step < self.max_steps:

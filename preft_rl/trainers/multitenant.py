@@ -84,6 +84,11 @@ class Tenant:
             raise ValueError(f"tenant {self.name!r}: give train_dataset or traffic (a --record folder), one of them")
 
 
+def _round_at(rounds: Sequence[tuple[int, int, list[int], dict[int, int]]], step: int) -> Any:
+    """The train_round round that run step `step` belongs to, or None."""
+    return next((found for found in rounds if found[0] <= step < found[1]), None)
+
+
 @dataclass
 class _Task:
     """A tenant, checked: its dataset, resolved reward functions, their names and weights, and its learning rate."""
@@ -161,6 +166,8 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         if not isinstance(tenants, (list, tuple)) or not all(isinstance(t, Tenant) for t in tenants):
             raise TypeError(f"tenants must be a list of preft_rl.Tenant, got {tenants!r:.120}")
         self._tenant_specs = list(tenants)
+        # train_round: (first step, end step, tenant indices, {tenant: its own step at the first step}) per round
+        self._rounds: list[tuple[int, int, list[int], dict[int, int]]] = []
         super().__init__(model, args=args, preft_config=preft_config)
         self._pick_counts = [[0] * len(self.tasks)]
 
@@ -178,13 +185,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
                 train = read_traffic(spec.traffic, spec.name, seed=self.args.seed)
             dataset, funcs, reward_names, weights = resolve_task(train, spec.reward_funcs, spec.reward_weights,
                                                                   f"tenant {spec.name!r} train_dataset", type(self).__name__)
-            if set(SERVED_COLUMNS) <= set(getattr(dataset, "column_names", None) or ()):  # rows from traffic_dataset
-                if spec.tools is not None or spec.environment_factory is not None:
-                    raise ValueError(f"tenant {spec.name!r}: training on traffic with tools is not supported yet (a served "
-                                     "multi-turn response cannot join a group); give the tenant no tools")
-                if not self.args.vllm_importance_sampling_correction:
-                    raise ValueError(f"tenant {spec.name!r} trains on served responses, which an earlier adapter sampled: "
-                                     "set vllm_importance_sampling_correction=True (their importance weights)")
+            self._check_traffic_rows(spec, dataset)
             self.tasks.append(_Task(spec.name, dataset, funcs, reward_names, weights, spec.learning_rate or self.args.learning_rate))
         self.tenant_names = tuple(names)
         self._tenant_index = {name: t for t, name in enumerate(names)}
@@ -195,6 +196,17 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         self._unpushed: set[str] = set(names)  # adapters push_to_server has not got in their current version
         self.train_dataset, self.eval_dataset = None, None
         self.reward_funcs, self.reward_names, self.reward_weights = [], [], torch.zeros(0)
+
+    def _check_traffic_rows(self, spec: Tenant, dataset: Any) -> None:
+        """Rows from traffic_dataset (served responses) need the importance weights, and no tools."""
+        if not set(SERVED_COLUMNS) <= set(getattr(dataset, "column_names", None) or ()):
+            return
+        if spec.tools is not None or spec.environment_factory is not None:
+            raise ValueError(f"tenant {spec.name!r}: training on traffic with tools is not supported yet (a served "
+                             "multi-turn response cannot join a group); give the tenant no tools")
+        if not self.args.vllm_importance_sampling_correction:
+            raise ValueError(f"tenant {spec.name!r} trains on served responses, which an earlier adapter sampled: "
+                             "set vllm_importance_sampling_correction=True (their importance weights)")
 
     def _setup_tools(self, tools: Any, environment_factory: Any) -> None:
         """Each tenant's own toolset (checked as a single-tenant run checks its tools); the run has none of its own."""
@@ -281,6 +293,8 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
     def _tenants_for_step(self, step: int) -> list[int]:
         """Indices of the tenants trained at run step `step`, in tenant order. Picked per rollout: the steps that reuse
         one rollout (num_iterations > 1) train the tenants it was generated for."""
+        if (found := _round_at(getattr(self, "_rounds", ()), step)) is not None:
+            return list(found[2])  # every tenant of the round, every step of it
         count, k = len(self.tasks), self.args.tenants_per_step
         if k is None or k >= count:
             return list(range(count))
@@ -288,6 +302,63 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         if self.args.tenant_sampling == "random":
             return sorted(random.Random(self.args.seed * 1_000_003 + generation).sample(range(count), k))
         return sorted((generation * k + j) % count for j in range(k))
+
+    def _data_step(self, tenant: int, step: int, tenant_step: int) -> int:
+        """Which step of the tenant's dataset run step `step` reads: its own step, counted from the round's start in a
+        round (each round brings a dataset of its own)."""
+        found = _round_at(self._rounds, step)
+        return tenant_step if found is None else tenant_step - found[3][tenant]
+
+    def train_round(self, datasets: dict[str, Any], steps: int | None = None) -> dict[str, float]:
+        """Train the named tenants on new rows (e.g. the traffic that came since the last round: traffic_dataset) from
+        where the run is (adapters, AdamW state, step), every one of them in every step of the round; then checkpoint,
+        save and push as `train()` ends. `steps` defaults to the fewest that give each row once (a tenant with fewer rows
+        than the longest goes round its rows again). The online loop's round (docs/design/online.md). Needs
+        lr_scheduler_type='constant' (the schedules are sized when the trainer is built)."""
+        args = self.args
+        if str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) != "constant":
+            raise ValueError(f"train_round needs lr_scheduler_type='constant', not {args.lr_scheduler_type!r}: rounds "
+                             "keep coming, so no schedule can be sized in advance")
+        if not isinstance(datasets, dict) or not datasets:
+            raise ValueError("train_round needs {tenant name: dataset} for at least one tenant")
+        unknown = sorted(set(datasets) - set(self.tenant_names))
+        if unknown:
+            raise ValueError(f"train_round: unknown tenants {unknown}; this run's tenants are {list(self.tenant_names)}")
+        if args.tenants_per_step is not None and len(datasets) > args.tenants_per_step:
+            raise ValueError(f"train_round with {len(datasets)} tenants but tenants_per_step={args.tenants_per_step}: a "
+                             "round trains all its tenants in every step; give at most tenants_per_step per round")
+        if self.step % args.steps_per_generation:
+            raise ValueError(f"train_round at step {self.step}, inside a rollout reused for {args.steps_per_generation} "
+                             "steps; finish it first (train())")
+        checked = {}
+        for name, dataset in datasets.items():
+            task = self.tasks[self._tenant_index[name]]
+            checked[name], *_ = resolve_task(dataset, task.reward_funcs, None, f"tenant {name!r} round dataset",
+                                             type(self).__name__)
+            self._check_traffic_rows(self._tenant_specs[self._tenant_index[name]], checked[name])
+        local = args.generation_batch_size(1) // args.num_generations * self.accelerator.num_processes
+        if steps is None:
+            steps = max(math.ceil(len(d) / local) for d in checked.values()) * args.steps_per_generation
+        if steps < 1 or steps % args.steps_per_generation:
+            raise ValueError(f"train_round steps={steps} must be a positive multiple of steps_per_generation "
+                             f"({args.steps_per_generation})")
+        start = self.step
+        picked = sorted(self._tenant_index[name] for name in checked)
+        offsets = {t: self._tenant_step(t, start) for t in picked}
+        for name, dataset in checked.items():
+            self.tasks[self._tenant_index[name]].dataset = dataset
+        self._rounds.append((start, start + steps, picked, offsets))
+        self.max_steps = start + steps
+        return self.train()
+
+    def _checkpoint_json(self) -> dict[str, Any]:
+        return {"rounds": [[start, end, picked, {str(t): s for t, s in offsets.items()}]
+                           for start, end, picked, offsets in self._rounds]}
+
+    def _checkpoint_json_loaded(self, state: dict[str, Any]) -> None:
+        self._rounds = [(start, end, list(picked), {int(t): s for t, s in offsets.items()})
+                        for start, end, picked, offsets in state.get("rounds", [])]
+        self._pick_counts = [[0] * len(self.tasks)]  # recounted with the rounds
 
     def _tenant_step(self, tenant: int, step: int) -> int:
         """How many steps before run step `step` trained tenant `tenant`: the step its own single run would be at."""
@@ -423,7 +494,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         prompts, params, adapters, columns, owners, all_rows, toolsets, layouts = [], [], [], [], [], [], [], []
         for t in picked:
             task, tenant_step = self.tasks[t], self._tenant_step(t, step)
-            rows = self._prompts_for_step(tenant_step, 0, task.dataset)
+            rows = self._prompts_for_step(self._data_step(t, step, tenant_step), 0, task.dataset)
             # a row from traffic with a served response and its feedback: n - 1 generated, the served one last
             fresh = [n - 1 if served_member(row) else n for row in rows]
             prompts += [row["prompt"] for row, k in zip(rows, fresh) for _ in range(k)]

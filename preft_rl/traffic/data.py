@@ -144,14 +144,16 @@ def traffic_rows(prompts: list[TrafficRecord], served: list[FeedbackRow], curren
     return rows
 
 
-def traffic_dataset(reader: TrafficReader, prompts: int, served: int, current_version: int) -> Any:
+def traffic_dataset(reader: TrafficReader, prompts: int, served: int, current_version: int,
+                    total: int | None = None) -> Any:
     """A `datasets.Dataset` of the next `served` responses with feedback and `prompts` recorded prompts (fewer if the
-    log has fewer) of `reader`'s tenant (`traffic_rows`); taken from the reader, so none is given twice."""
+    log has fewer) of `reader`'s tenant (`traffic_rows`); taken from the reader, so none is given twice. With `total`,
+    recorded prompts fill the rows up to `total` (stale served responses are dropped, so their places are filled)."""
     from datasets import Dataset
 
     reader.refresh()
     served_rows = reader.take_served(served, current_version)
-    prompt_rows = reader.take_prompts(prompts)
+    prompt_rows = reader.take_prompts(prompts if total is None else total - len(served_rows))
     rows = traffic_rows(prompt_rows, served_rows, current_version)
     if not rows:
         raise ValueError(f"tenant {reader.tenant!r} has no new traffic to train on (nothing recorded since the last read)")

@@ -160,6 +160,7 @@ class PreftRLTrainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self._trainable_module(), optimizer, scheduler)
         self.engine = self._build_engine(base)
         self.step = 0
+        self.driver_state: dict[str, Any] = {}  # kept with each checkpoint for a program driving the trainer (_checkpoint_json)
         self._keep_served_policy()  # every method starts as an exact no-op: finite wherever the base is
         self._rollout: RolloutBatch | None = None  # reused for steps_per_generation steps
         self._skipped_steps = 0
@@ -275,12 +276,14 @@ class PreftRLTrainer:
         self._engine_in_sync = False
 
     def _checkpoint_json(self) -> dict[str, Any]:
-        """Plain trainer state saved in each checkpoint's trainer_state.json beside the step (e.g. the rounds of an online
-        run); `_checkpoint_json_loaded` gets it back on resume."""
-        return {}
+        """Plain trainer state saved in each checkpoint's trainer_state.json beside the step (the rounds of an online
+        run; `driver_state`, what a program driving the trainer keeps with each checkpoint, e.g. the online loop's read
+        positions); `_checkpoint_json_loaded` gets it back on resume."""
+        return {"driver_state": self.driver_state} if getattr(self, "driver_state", None) else {}
 
     def _checkpoint_json_loaded(self, state: dict[str, Any]) -> None:
         """Restore what `_checkpoint_json` saved (`state`: the whole trainer_state.json)."""
+        self.driver_state = dict(state.get("driver_state") or {})
 
     def _checkpoint_extra_dir(self) -> str | None:
         """A folder of each checkpoint that the three hooks below write, read (checking everything) and apply: trainer

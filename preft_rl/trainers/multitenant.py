@@ -194,6 +194,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         self._changed: set[str] = set()  # tenants in the model whose adapter the engine does not have in this version
         self._tenant_toolsets: list[Any] = []  # each tenant's tools.Toolset or None, built with the tokenizer (_setup_tools)
         self._unpushed: set[str] = set(names)  # adapters push_to_server has not got in their current version
+        self.served_versions: dict[str, int] = {}  # the version the server reported for each pushed adapter
         self.train_dataset, self.eval_dataset = None, None
         self.reward_funcs, self.reward_names, self.reward_weights = [], [], torch.zeros(0)
 
@@ -352,10 +353,11 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         return self.train()
 
     def _checkpoint_json(self) -> dict[str, Any]:
-        return {"rounds": [[start, end, picked, {str(t): s for t, s in offsets.items()}]
-                           for start, end, picked, offsets in self._rounds]}
+        return {**super()._checkpoint_json(), "rounds": [[start, end, picked, {str(t): s for t, s in offsets.items()}]
+                                                          for start, end, picked, offsets in self._rounds]}
 
     def _checkpoint_json_loaded(self, state: dict[str, Any]) -> None:
+        super()._checkpoint_json_loaded(state)
         self._rounds = [(start, end, list(picked), {int(t): s for t, s in offsets.items()})
                         for start, end, picked, offsets in state.get("rounds", [])]
         self._pick_counts = [[0] * len(self.tasks)]  # recounted with the rounds
@@ -827,6 +829,7 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
 
     def _pushed(self, versions: dict[str, int | None]) -> None:
         self._unpushed -= {name for name, version in versions.items() if version is not None}
+        self.served_versions.update({name: version for name, version in versions.items() if version is not None})
 
     def _checkpoint_adapter_files(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         if self._rows is not None:  # the tenants' state folder carries every adapter (the rows hold whoever was picked)

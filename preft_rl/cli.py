@@ -91,10 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     _add_plan_arguments(plan)
     sub.add_parser("serve", add_help=False, help="vLLM's OpenAI-compatible server with many prefill-only adapters "
                    "(preft-rl serve --help)")
+    online = sub.add_parser("online", allow_abbrev=False, help="train each tenant on its recorded traffic as it comes, "
+                            "and push the adapters into the server (beside `preft-rl serve --record`)")
+    from preft_rl.traffic.cli import add_arguments as _online_arguments
+
+    _online_arguments(online)
     tenant_key = sub.add_parser("tenant-key", allow_abbrev=False, help="a new random API key for a tenant, and the hash "
                                 "that goes in `preft-rl serve --tenant-keys FILE`")
     tenant_key.add_argument("--hash-stdin", action="store_true", help="hash a key read from standard input instead")
     args = parser.parse_args(argv)
+    if args.command == "online":
+        from preft_rl.traffic.cli import main as online_main
+
+        return online_main(args)
     if args.command == "tenant-key":
         from preft_rl.engine.server.tenants import hash_key, new_key
 

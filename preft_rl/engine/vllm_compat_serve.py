@@ -63,6 +63,9 @@ SURFACE: tuple[VllmItem, ...] = (
              params=("self", "request")),
     *(VllmItem(f"vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.{field}", _S + "ChatRendering",
                "attribute") for field in ("model", "messages", "tools", "add_generation_prompt", "continue_final_message")),
+    VllmItem("vllm.sampling_params:RequestOutputKind.DELTA", _S + "with_sampled_logprobs", "attribute"),
+    *(VllmItem(f"vllm.sampling_params:SamplingParams.{field}", _S + "with_sampled_logprobs", "attribute")
+      for field in ("logprobs", "output_kind", "clone")),
     VllmItem("vllm.exceptions:VLLMNotFoundError", _S + "not_found_error", "class"),
     VllmItem("vllm.exceptions:VLLMUnprocessableEntityError", _S + "unprocessable_error", "class"),
     VllmItem("vllm.lora.request:LoRARequest", _S + "adapter_request_class", "class",

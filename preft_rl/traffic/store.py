@@ -257,13 +257,7 @@ class SqliteTrafficStore:
 
     def read_feedback(self, tenant: str, after: int = 0, limit: int | None = None) -> list[FeedbackRow]:
         """`tenant`'s feedback with seq > `after` in the order it arrived (at most `limit`), each with its record."""
-        with self._connect() as db:
-            rows = db.execute(
-                "SELECT f.seq AS fseq, f.reward AS freward, f.time AS ftime, r.* FROM feedback f JOIN records r ON "
-                "r.tenant = f.tenant AND r.id = f.id AND r.choice = f.choice WHERE f.tenant = ? AND f.seq > ? "
-                "ORDER BY f.seq LIMIT ?", (tenant, after, -1 if limit is None else limit)).fetchall()
-        return [FeedbackRow(seq=row["fseq"], record=_row_to_record(row), reward=row["freward"], time=row["ftime"])
-                for row in rows]
+        return self._feedback_rows("f.seq > ? ORDER BY f.seq LIMIT ?", (tenant, after, -1 if limit is None else limit))
 
     def read_seqs(self, tenant: str, seqs: list[int]) -> list[TrafficRecord]:
         """`tenant`'s records with these seqs (those still stored), in seq order."""
@@ -274,11 +268,16 @@ class SqliteTrafficStore:
 
     def read_feedback_seqs(self, tenant: str, seqs: list[int]) -> list[FeedbackRow]:
         """`tenant`'s feedback rows with these seqs (those still stored), in seq order."""
+        return self._feedback_rows("f.seq IN (SELECT value FROM json_each(?)) ORDER BY f.seq",
+                                   (tenant, json.dumps(list(seqs))))
+
+    def _feedback_rows(self, condition: str, params: tuple) -> list[FeedbackRow]:
+        """A tenant's feedback rows joined with their records; `condition` follows "WHERE f.tenant = ? AND"."""
         with self._connect() as db:
             rows = db.execute(
                 "SELECT f.seq AS fseq, f.reward AS freward, f.time AS ftime, r.* FROM feedback f JOIN records r ON "
-                "r.tenant = f.tenant AND r.id = f.id AND r.choice = f.choice WHERE f.tenant = ? AND f.seq IN "
-                "(SELECT value FROM json_each(?)) ORDER BY f.seq", (tenant, json.dumps(list(seqs)))).fetchall()
+                "r.tenant = f.tenant AND r.id = f.id AND r.choice = f.choice WHERE f.tenant = ? AND " + condition,
+                params).fetchall()
         return [FeedbackRow(seq=row["fseq"], record=_row_to_record(row), reward=row["freward"], time=row["ftime"])
                 for row in rows]
 

@@ -167,7 +167,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_llama_dir, tmp_pat
     for step in (1, 2, 3):
         shutil.copytree(straight_dir / f"checkpoint-{step}", resumed_dir / f"checkpoint-{step}")
     log_lines = (straight_dir / "log.jsonl").read_text().splitlines()
-    (resumed_dir / "log.jsonl").write_text("\n".join(log_lines) + "\n")  # includes step 4, which is redone
+    # includes step 4, which is redone, and a line a kill cut short mid-append
+    (resumed_dir / "log.jsonl").write_text("\n".join(log_lines) + "\n" + log_lines[-1][:20])
     trainer = PreftGRPOTrainer(str(tiny_llama_dir), first_token_even, args=config(resumed_dir, **args),
                                train_dataset=dataset(False), preft_config=preft)
     try:

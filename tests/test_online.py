@@ -107,3 +107,42 @@ def test_preft_rl_online_trains_a_round_from_the_command_line(tiny_llama_dir, tm
     assert [entry["step"] for entry in log] == [1, 2] and all(entry["tenants/ann/traffic/rows"] == 2 for entry in log)  # 4 rows, 2 a step
     assert (tmp_path / "out" / "tenants" / "ann" / "adapter_model.safetensors").is_file()
     assert main(["online", "--tenants", str(tenants), "--record", str(tmp_path / "nowhere")]) == 2
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kill_at", "resumed_at"), [("step:3", 2), ("rename:4", 2), ("saved:4", 4)])
+def test_a_loop_killed_with_sigkill_resumes_and_trains_every_record_once(tiny_llama_dir, tmp_path, kill_at, resumed_at):
+    """`preft-rl online` killed with SIGKILL (its whole process group) in its second round of three: mid-round, with the
+    round's checkpoint written but not renamed, and just after the checkpoint, before the push. The restarted loop
+    resumes from the last whole checkpoint and trains on; its log holds every step once, and the rows trained sum to
+    the records, each trained once."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = SqliteTrafficStore(tmp_path / "traffic")
+    add(store, "ann", 0, 12)
+    store.close()
+    tenants = tmp_path / "tenants.jsonl"
+    tenants.write_text(json.dumps({"name": "ann", "rewards": ["style_terse"]}) + "\n")
+    out = tmp_path / "out"
+    args = ["online", "--tenants", str(tenants), "--record", str(tmp_path / "traffic"), "--model", str(tiny_llama_dir),
+            "--max-rounds", "3", "--min-new", "4", "--prompts-per-step", "2", "--max-completion-length", "16",
+            "--rank", "4", "--interval", "0.1", "--output-dir", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    killed = subprocess.run([sys.executable, str(Path(__file__).with_name("online_killed.py")), *args],
+                            env={**env, "KILL_AT": kill_at}, capture_output=True, text=True, timeout=600,
+                            start_new_session=True)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-4000:]
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir() == (kill_at == "saved:4")
+    again = subprocess.run([sys.executable, "-m", "preft_rl.cli", *args], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-4000:]
+    assert f"resumed at step {resumed_at}" in again.stderr and "3 rounds, step 6" in again.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5, 6]
+    assert [entry["tenants/ann/traffic/rows"] for entry in log] == [2] * 6  # 12 records, each trained once
+    assert not (out / "checkpoint-4.tmp").exists() and (out / "checkpoint-6").is_dir()

@@ -155,10 +155,20 @@ def load(trainer: PreftRLTrainer, path: str | Path) -> tuple[int, RolloutBatch |
     step = int(state["step"])
     log = Path(trainer.args.output_dir) / "log.jsonl"
     if acc.is_main_process and log.is_file():  # drop entries of steps after the checkpoint: they are redone
-        kept = [line for line in log.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        log.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in log.read_text().splitlines() if _logged_step(line) <= step]
+        trimmed = log.with_name("log.jsonl.tmp")
+        trimmed.write_text("".join(line + "\n" for line in kept))
+        trimmed.replace(log)  # a kill while trimming leaves the old log whole
     acc.wait_for_everyone()
     return step, rollout
+
+
+def _logged_step(line: str) -> float:
+    """The step of one log.jsonl line; a line a kill cut short (or an empty one) counts as after every checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
 
 
 def _read(path: Path, name: str, read: Any) -> Any:

@@ -75,11 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
     args, config = parse_args(argv)
     entries = read_tenants_file(args.tenants_file)  # checked before anything is loaded
     data = {e.name: tenant_datasets(e, args.system_prompt, num_eval=max(args.eval_problems, 1), seed=config.seed) for e in entries}
-    tenants = [Tenant(e.name, data[e.name][0], e.rewards, reward_weights=e.reward_weights, learning_rate=e.learning_rate)
-               for e in entries]
+    tenants = [Tenant(e.name, data[e.name][0], e.rewards, reward_weights=e.reward_weights, learning_rate=e.learning_rate,
+                      traffic=e.traffic) for e in entries]
     preft = PreftConfig.for_method(args.method, r=args.r, positions=args.positions)
     trainer = PreftGRPOTrainer(args.model, args=config, tenants=tenants, preft_config=preft)
-    held_out = {e.name: data[e.name][1] for e in entries} if args.eval_problems else {}
+    held_out = {e.name: data[e.name][1] for e in entries if data[e.name][1] is not None} if args.eval_problems else {}
+    if unevaluated := [e.name for e in entries if args.eval_problems and e.name not in held_out]:
+        print(f"not evaluated (traffic without eval_data in the tenants file): {', '.join(unevaluated)}")
     try:
         before = trainer.tenant_evaluation_scores(held_out) if held_out else {}
         metrics = trainer.train()

@@ -36,11 +36,21 @@ def test_example_trains_and_reports_the_held_out_change(tiny_llama_dir, tmp_path
 
 @pytest.mark.slow
 def test_multitenant_example_reads_a_yaml_tenants_file_and_reports_each_tenant(tiny_llama_dir, tmp_path):
-    """examples/grpo_multitenant.py with the YAML tenants file: every tenant's adapter is a normal adapter folder, and
-    each tenant's held-out metric is reported before and after with a 95% interval."""
+    """examples/grpo_multitenant.py with the YAML tenants file, where heidi trains on her recorded traffic (a `traffic`
+    folder, with eval_data held out): every tenant's adapter is a normal adapter folder, and each tenant's held-out
+    metric is reported before and after with a 95% interval."""
+    import yaml
+
+    from test_traffic_training import recorded_store
+
+    recorded_store(tiny_llama_dir, tmp_path / "traffic", {"heidi": 0.0}).close()
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"question": f"what is {i} + 3?"}) + "\n" for i in range(3)))
+    tenants = yaml.safe_load((REPO / "examples" / "tenants" / "styles.yaml").read_text())["tenants"]
+    tenants[-1] = {**{k: v for k, v in tenants[-1].items() if k != "data"}, "traffic": "traffic", "eval_data": "held.jsonl"}
+    (tmp_path / "tenants.yaml").write_text(yaml.safe_dump({"tenants": tenants}))
     out = tmp_path / "run"
     command = [sys.executable, str(REPO / "examples" / "grpo_multitenant.py"), "--model", str(tiny_llama_dir),
-               "--tenants-file", str(REPO / "examples" / "tenants" / "styles.yaml"), "--output-dir", str(out),
+               "--tenants-file", str(tmp_path / "tenants.yaml"), "--output-dir", str(out),
                "--max-steps", "1", "--eval-problems", "3", "--max-completion-length", "6", "--per-device-train-batch-size", "2",
                "--gradient-accumulation-steps", "1", "--num-generations", "2", "--disable-tqdm"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -54,6 +64,8 @@ def test_multitenant_example_reads_a_yaml_tenants_file_and_reports_each_tenant(t
         assert (out / "tenants" / name / "adapter_config.json").is_file()
         assert f"| {name} |" in done.stdout
     assert "The same held-out question, answered by each tenant's adapter" in done.stdout
+    log = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert log["tenants/heidi/traffic/rows"] >= 1 and "tenants/alice/traffic/rows" not in log
     assert "preft-rl serve" in done.stdout and f"alice={out / 'tenants' / 'alice'}" in done.stdout
 
 

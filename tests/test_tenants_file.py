@@ -63,6 +63,30 @@ def test_file_entries_are_checked_and_errors_name_the_line_and_field(tmp_path):
         tenant_datasets(ann)
 
 
+def test_a_tenant_may_train_on_its_recorded_traffic_instead_of_data(tmp_path):
+    from preft_rl.traffic import SqliteTrafficStore
+
+    SqliteTrafficStore(tmp_path / "traffic").close()
+    held = write(tmp_path / "held.jsonl", [{"question": f"what is {i} + 2?"} for i in range(3)])
+    entries = [{"name": "ann", "rewards": ["style_terse"], "traffic": "traffic", "eval_data": held.name},
+               {"name": "ben", "rewards": ["style_terse"], "traffic": "traffic"}]
+    ann, ben = read_tenants_file(write(tmp_path / "t.jsonl", entries))
+    assert ann.traffic == ben.traffic == str(tmp_path / "traffic") and ann.data is None
+    train, held_out = tenant_datasets(ann, system_prompt="Be brief.", num_eval=2)
+    assert train is None and held_out["prompt"][1][-1]["content"] == "what is 1 + 2?"
+    assert tenant_datasets(ben) == (None, None)  # not evaluated: no held-out rows
+    cases = [
+        ({**entries[0], "data": "chain_sum"}, "line 1: give data or traffic, not both"),
+        ({**entries[0], "traffic": "elsewhere"}, "traffic folder " + str(tmp_path / "elsewhere") + " holds no traffic.sqlite"),
+        ({**entries[0], "traffic": 3}, "traffic=3 must be the path"),
+        ({"name": "cy", "rewards": ["style_terse"]}, "'data' is missing (or 'traffic'"),
+    ]
+    for entry, message in cases:
+        with pytest.raises(ValueError) as err:
+            read_tenants_file(write(tmp_path / "bad.jsonl", [entry]))
+        assert message in str(err.value), (message, str(err.value))
+
+
 def test_style_rewards_score_their_style_and_nothing_else():
     texts = {
         "It is 15.": {"style_terse", "style_direct"},

@@ -7,7 +7,10 @@ JSONL (one JSON object per line) or YAML (a list of mappings), with these fields
     data           a numeric reasoning-gym task ("chain_sum", ...: generated offline, held-out rows from its test
                    split) or a JSONL file of rows with a 'prompt' (text or chat messages) or a 'question', relative
                    to the tenants file
-    eval_data      optional: a JSONL file of held-out rows (for file data; without it the last rows are held out)
+    traffic        instead of data: a `preft-rl serve --record` folder, relative to the tenants file; the tenant
+                   trains on its recorded prompts and its served responses with feedback (Tenant(traffic=...))
+    eval_data      optional: a JSONL file of held-out rows (for file data, where without it the last rows are held
+                   out, and for traffic, which is not evaluated without it)
     reward_weights optional: one weight per reward
     learning_rate  optional: the tenant's peak learning rate (default: the run's)
 
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FIELDS = ("name", "rewards", "data", "eval_data", "reward_weights", "learning_rate")
+FIELDS = ("name", "rewards", "data", "traffic", "eval_data", "reward_weights", "learning_rate")
 
 
 @dataclass
@@ -35,16 +38,17 @@ class TenantEntry:
 
     name: str
     rewards: list[str]
-    data: str | None  # None: no data of its own (`preft-rl online` trains on its traffic)
+    data: str | None  # None: no data of its own (traffic, or `preft-rl online`, which reads --record)
     eval_data: str | None = None
     reward_weights: list[float] | None = None
     learning_rate: float | None = None
+    traffic: str | None = None  # a `preft-rl serve --record` folder to train on instead of data
 
 
 def read_tenants_file(path: str | os.PathLike, require_data: bool = True) -> list[TenantEntry]:
     """The tenants in a .jsonl, .yaml or .yml file, checked: required fields, known reward names, weights, learning
-    rates, unique valid names, and files that exist. `require_data=False` (`preft-rl online`, where a tenant's data is
-    its traffic): `data` may be left out."""
+    rates, unique valid names, and files that exist. Each entry has `data` or `traffic`, one of them;
+    `require_data=False` (`preft-rl online`, where every tenant's data is its traffic in --record): neither."""
     from preft_rl.adapters.tenants import check_tenant_names
     from preft_rl.rewards import REWARD_FUNCS
 
@@ -66,10 +70,14 @@ def read_tenants_file(path: str | os.PathLike, require_data: bool = True) -> lis
         unknown = sorted(set(item) - set(FIELDS))
         if unknown:
             raise bad(f"unknown field(s) {unknown}; the fields are {list(FIELDS)}")
-        for field in ("name", "rewards", "data") if require_data else ("name", "rewards"):
+        for field in ("name", "rewards"):
             if field not in item:
                 raise bad(f"'{field}' is missing")
-        name, rewards, data = item["name"], item["rewards"], item.get("data")
+        name, rewards, data, traffic = item["name"], item["rewards"], item.get("data"), item.get("traffic")
+        if data is not None and traffic is not None:
+            raise bad("give data or traffic, not both")
+        if require_data and data is None and traffic is None:
+            raise bad("'data' is missing (or 'traffic': a `preft-rl serve --record` folder)")
         if not isinstance(name, str):
             raise bad(f"name={name!r} must be a string")
         if isinstance(rewards, str):
@@ -86,18 +94,26 @@ def read_tenants_file(path: str | os.PathLike, require_data: bool = True) -> lis
         lr = item.get("learning_rate")
         if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise bad(f"learning_rate={lr!r} must be a number > 0")
-        if data is not None or require_data:
+        if traffic is not None:
+            if not isinstance(traffic, str) or not traffic:
+                raise bad(f"traffic={traffic!r} must be the path of a `preft-rl serve --record` folder")
+            folder = path.parent / traffic
+            if not (folder / "traffic.sqlite").is_file():
+                raise bad(f"traffic folder {folder} holds no traffic.sqlite: give the folder `preft-rl serve --record` "
+                          "writes (paths are relative to the tenants file)")
+            traffic = str(folder)
+        elif data is not None or require_data:
             if not isinstance(data, str) or not data:
                 raise bad(f"data={data!r} must be a reasoning-gym task name {list(NUMERIC_TASKS)} or a JSONL path")
             if data not in NUMERIC_TASKS:
                 data = str(_existing(path.parent / data, bad, "data"))
         eval_data = item.get("eval_data")
         if eval_data is not None:
-            if data is None or data in NUMERIC_TASKS:
-                raise bad(f"eval_data is for file data; a generated task ({data}) holds out its own test split")
+            if data in NUMERIC_TASKS or (data is None and traffic is None):
+                raise bad(f"eval_data is for file data or traffic; a generated task ({data}) holds out its own test split")
             eval_data = str(_existing(path.parent / str(eval_data), bad, "eval_data"))
         entries.append(TenantEntry(name, list(rewards), data, eval_data, None if weights is None else [float(w) for w in weights],
-                                   None if lr is None else float(lr)))
+                                   None if lr is None else float(lr), traffic))
     check_tenant_names([e.name for e in entries])
     return entries
 
@@ -141,10 +157,17 @@ def tenant_datasets(entry: TenantEntry, system_prompt: str | None = None, num_tr
     """(train, held_out) datasets of an entry. A generated task: `num_train` training problems and the first
     `num_eval` test problems, prompted with `system_prompt` (None: the task's default). A file: its rows as prompts
     ('question' rows become chat prompts with `system_prompt`), held out from eval_data or, without it, the last
-    `num_eval` rows."""
+    `num_eval` rows. Traffic: train is None (the trainer reads the log: Tenant(traffic=entry.traffic)), and held_out
+    is the first `num_eval` rows of eval_data, or None without it."""
     from datasets import Dataset
 
     from .generated import NUMERIC_TASKS, load_generated_task
+
+    if entry.traffic is not None:
+        if entry.eval_data is None:
+            return None, None
+        held = [_as_prompt_row(row, system_prompt, entry.eval_data, i) for i, row in enumerate(_jsonl(entry.eval_data))]
+        return None, Dataset.from_list(held[:num_eval])
 
     if entry.data in NUMERIC_TASKS:
         held_out = load_generated_task(entry.data, "test", num_examples=num_eval, seed=seed, system_prompt=system_prompt)

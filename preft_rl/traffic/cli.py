@@ -5,7 +5,7 @@
     preft-rl online --tenants tenants.yaml --record traffic/ --push-to-server http://127.0.0.1:8000 \\
         --push-api-key ADMIN --output-dir outputs/online
 
-The tenants file is `preft-rl`'s (preft_rl/data/tenants.py) without `data`: each tenant's name (its adapter's served
+The tenants file is `preft-rl`'s (preft_rl/data/tenants.py) without `data` or `traffic`: each tenant's name (its adapter's served
 name), its reward functions and optionally its learning rate. Each round's trained adapters are pushed into the
 server under the tenants' names.
 """
@@ -57,6 +57,9 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         entries = read_tenants_file(args.tenants, require_data=False)
+        if with_traffic := [e.name for e in entries if e.traffic is not None]:
+            raise ValueError(f"{args.tenants}: tenant(s) {with_traffic} name a traffic folder; the loop reads every "
+                             "tenant's traffic from --record, so leave the field out")
         loop_config = OnlineConfig(min_new=args.min_new, rows_per_round=args.rows_per_round, interval_s=args.interval,
                                    max_rounds=args.max_rounds, max_staleness=args.max_staleness, seed=args.seed)
         if not os.path.isdir(args.record):

@@ -344,6 +344,50 @@ def test_one_training_forward_over_a_trajectory_reproduces_the_engine_logprobs(t
         trainer.close()
 
 
+
+@pytest.mark.parametrize("method", ["lora", "loreft"])
+def test_a_recorded_conversation_trains_with_its_earlier_turns_plain(tiny_llama_dir, tmp_path, method):
+    """A token prompt with sampled spans (a recorded chat's earlier assistant turns: preft-rl serve kept them plain) as a
+    dataset row: the trainer's rollout sends the spans to its engine and packs them outside the adapter mask, also when
+    max_prompt_length cuts the prompt's start. The trainer's log-probs of the completions equal the engine's, and they
+    would not if the earlier turns were adapted."""
+    from datasets import Dataset
+
+    from preft_rl import PreftGRPOConfig, PreftGRPOTrainer
+    from preft_rl.trainers.core import POLICY
+
+    rng = np.random.default_rng(3)
+    rows = [{"prompt": {"prompt_token_ids": rng.integers(7, 380, 40).tolist(), "sampled_spans": [[8, 20], [26, 33]]}}
+            for _ in range(2)]
+    args = PreftGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_steps=1,
+                           max_completion_length=GEN, save_steps=0, disable_tqdm=True, max_prompt_length=36,
+                           engine_kwargs={"max_num_batched_tokens": 512})
+    trainer = PreftGRPOTrainer(str(tiny_llama_dir), lambda completions, **_: [0.0] * len(completions), args=args,
+                               train_dataset=Dataset.from_list(rows), preft_config=CONFIGS[method])
+    try:
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for _, param in trainer.preft_model.adapter_named_parameters():
+                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+        trainer.engine.update_adapter(POLICY, trainer.preft_model.adapter_state_dict())
+        prompts = [row["prompt"] for row in rows for _ in range(2)]
+        params = [SamplingParams(max_tokens=GEN, temperature=1.0, seed=i, logprobs=0, ignore_eos=True) for i in range(4)]
+        samples = trainer._generate(prompts, params)
+        assert samples.prompt_spans == [[(4, 16), (22, 29)]] * 4  # the 4 tokens max_prompt_length cut moved them
+        batch = trainer._pack(samples)
+        expected = torch.ones(36, dtype=torch.bool)
+        expected[4:16] = expected[22:29] = False
+        assert all(batch.prompt_mask[i, :36].equal(expected) for i in range(4))
+        mask = batch.completion_mask
+        ours = trainer._logps_no_grad(batch)
+        assert (ours - batch.engine_logps)[mask].abs().max() < 1e-4
+        batch.prompt_mask[:, :36] = True  # the bug: the earlier turns adapted
+        wrong = trainer._logps_no_grad(batch)
+        assert (wrong - batch.engine_logps)[mask].abs().max() > 1e-2
+    finally:
+        trainer.close()
+
+
 def test_the_agent_benchmark_measures_throughput_and_reuses_every_earlier_block(tiny_llama_dir, tmp_path):
     """`preft-rl bench agent` on the tiny model: every system (PreFT with sampled spans, the same adapters on every
     token, base) serves each later turn's previous-turn full blocks from the prefix cache, all of them."""

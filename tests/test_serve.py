@@ -1027,6 +1027,31 @@ def test_tenant_keys_each_tenant_reaches_only_its_own_adapters_on_every_route(ti
             else:
                 assert ids == reference(adapter_dirs[model], tokenizer.encode(prompt), GREEDY["max_tokens"]), (who, model)
         check_recording_and_feedback(url, clients, keys, tokenizer, tmp_path / "traffic")
+        check_tenant_keys_reload(url, clients, keys, tmp_path / "keys.yaml", tenants)
+
+
+def check_tenant_keys_reload(url, clients, keys, path, tenants):
+    """POST /v1/tenant-keys/reload (admin only): carol's new key works and bob's removed one stops at once; a bad file
+    is refused and the keys in force stay."""
+    import openai
+
+    from preft_rl.engine.server.tenants import hash_key
+
+    route = "/v1/tenant-keys/reload"
+    carol = openai.OpenAI(base_url=url + "/v1", api_key="sk-carol-1", max_retries=0, timeout=120)
+    with pytest.raises(openai.AuthenticationError):
+        carol.models.list()
+    path.write_text(json.dumps({"tenants": {"alice": tenants["alice"],
+                                            "carol": {"keys": [hash_key("sk-carol-1")], "adapters": ["b"]}}}))
+    assert post(url, route, {}, key=keys["alice"])[0] == 403  # a tenant may not
+    assert post(url, route, {}, key=API_KEY) == (200, {"tenants": 2, "keys": 2})
+    assert [m.id for m in carol.models.list()] == ["b"]
+    with pytest.raises(openai.AuthenticationError):
+        clients["bob"].models.list()
+    path.write_text("tenants: {carol: {keys: [sk-carol-1]}}")  # a key itself where its hash belongs
+    status, body = post(url, route, {}, key=API_KEY)
+    assert status == 400 and "is not a key hash" in body["error"]["message"] and "unchanged" in body["error"]["message"]
+    assert [m.id for m in carol.models.list()] == ["b"] and len(clients["alice"].models.list().data) == 3
 
 
 def check_recording_and_feedback(url, clients, keys, tokenizer, traffic_dir):
@@ -1050,6 +1075,17 @@ def check_recording_and_feedback(url, clients, keys, tokenizer, traffic_dir):
     chunks = list(clients["alice"].chat.completions.create(model="a", messages=messages, max_tokens=4, stream=True))
     chat_rec = store.read("alice")[-1]
     assert chat_rec.id == chunks[0].id and chat_rec.messages == messages and len(chat_rec.completion_ids) == 4
+    assert chat_rec.sampled_spans == []
+    # a later turn: the earlier assistant message's tokens, which the server kept plain, are recorded as sampled spans
+    conversation = [*messages, {"role": "assistant", "content": "eight apples"}, {"role": "user", "content": "and 9?"}]
+    later = clients["alice"].chat.completions.create(model="a", messages=conversation, max_tokens=3)
+    later_rec = store.read("alice")[-1]
+    assert later_rec.id == later.id and later_rec.messages == conversation and len(later_rec.sampled_spans) == 1
+    start, end = later_rec.sampled_spans[0]
+    assert tokenizer.decode(later_rec.prompt_ids[start:end]).startswith("eight apples")
+    assert tokenizer.decode(later_rec.prompt_ids[:start]).endswith(tokenizer.decode(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True)))
+    chat_rec = later_rec
     two = clients["alice"].completions.create(model="a", prompt=[PROMPTS[0], PROMPTS[2]], n=2, max_tokens=3, temperature=1,
                                               seed=0, extra_body=TOKENS)
     recs = {r.choice: r for r in store.read("alice", after=chat_rec.seq)}

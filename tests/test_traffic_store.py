@@ -20,7 +20,8 @@ from preft_rl.traffic import FeedbackError, SqliteTrafficStore, TrafficRecord
 def record(i: int, tenant: str = "alice", choice: int = 0, age_s: float = 0.0) -> TrafficRecord:
     return TrafficRecord(id=f"cmpl-{i}", choice=choice, tenant=tenant, time=time.time() - age_s, adapter=tenant,
                          version=1 + i % 3, prompt_ids=[1, 2, i], completion_ids=[i, i + 1], logprobs=[-0.5, -1.25 - i],
-                         finish_reason="length", messages=[{"role": "user", "content": f"q{i}"}] if i % 2 else None)
+                         finish_reason="length", messages=[{"role": "user", "content": f"q{i}"}] if i % 2 else None,
+                         sampled_spans=[[1, 2]] if i % 3 == 0 else [])
 
 
 def test_appends_from_many_threads_read_back_exactly_in_commit_order(tmp_path):
@@ -53,6 +54,8 @@ def test_appends_from_many_threads_read_back_exactly_in_commit_order(tmp_path):
     store.close()
     with pytest.raises(ValueError, match="2 log-probs for 3 sampled tokens"):
         TrafficRecord(**{**record(0).__dict__, "completion_ids": [1, 2, 3]})
+    with pytest.raises(ValueError, match=r"record 'cmpl-0' choice 0: sampled_spans=\[\(2, 5\)\]"):
+        TrafficRecord(**{**record(0).__dict__, "sampled_spans": [[2, 5]]})  # past the 3 prompt tokens
 
 
 def test_feedback_goes_only_to_the_tenants_own_recorded_responses_once(tmp_path):

@@ -21,9 +21,11 @@ pytest.importorskip("vllm")
 SHIFT = 0.3  # bob's recorded log-probs are this much below the policy's: his served tokens weigh exp(0.3) each
 
 
-def recorded_store(model_dir, path, shifts: dict[str, float], count: int = 4, feedback: int = 2) -> SqliteTrafficStore:
-    """Each tenant's `count` served requests: a prompt, 6 random sampled tokens and their log-probs under the base model
-    (the policy before training) minus the tenant's shift; the first `feedback` rated 1, 0, 1, ..."""
+def recorded_store(model_dir, path, shifts: dict[str, float], count: int = 4, feedback: int = 2,
+                   spans: dict[str, list[list[int]]] | None = None) -> SqliteTrafficStore:
+    """Each tenant's `count` served requests: a prompt (with the tenant's `spans` marked as earlier sampled turns), 6
+    random sampled tokens and their log-probs under the base model (the policy before training: an adapter that does
+    nothing yet, so the spans do not change them) minus the tenant's shift; the first `feedback` rated 1, 0, 1, ..."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -39,7 +41,8 @@ def recorded_store(model_dir, path, shifts: dict[str, float], count: int = 4, fe
             logps = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
             store.append(TrafficRecord(id=f"cmpl-{tenant}-{i}", choice=0, tenant=tenant, time=time.time(), adapter=tenant,
                                        version=1, prompt_ids=prompt, completion_ids=completion,
-                                       logprobs=(logps - shift).tolist(), finish_reason="length")).result(timeout=30)
+                                       logprobs=(logps - shift).tolist(), finish_reason="length",
+                                       sampled_spans=(spans or {}).get(tenant, []))).result(timeout=30)
         for i in range(feedback):
             store.add_feedback(tenant, f"cmpl-{tenant}-{i}", 0, float(i % 2 == 0))
     return store
@@ -54,7 +57,7 @@ def config(tmp_path, **overrides) -> PreftGRPOConfig:
 
 
 def test_a_served_response_joins_its_group_with_its_feedback_and_recorded_log_probs(tiny_llama_dir, tmp_path):
-    store = recorded_store(tiny_llama_dir, tmp_path / "traffic", {"alice": 0.0, "bob": SHIFT})
+    store = recorded_store(tiny_llama_dir, tmp_path / "traffic", {"alice": 0.0, "bob": SHIFT}, spans={"bob": [[1, 3]]})
     readers = {name: TrafficReader(store, name, seed=0) for name in ("alice", "bob")}
     data = {name: traffic_dataset(reader, prompts=0, served=2, current_version=1) for name, reader in readers.items()}
     assert len(data["alice"]) == 2 and readers["alice"].available() == {"prompt": 4, "served": 0}
@@ -72,6 +75,9 @@ def test_a_served_response_joins_its_group_with_its_feedback_and_recorded_log_pr
         assert batch.rewards[i].item() == float(rec.id.endswith("-0"))  # the user's feedback (1, 0), not a reward function
         logps = batch.engine_logps[i][batch.completion_mask[i].bool()]
         torch.testing.assert_close(logps, torch.tensor(rec.logprobs), rtol=0, atol=1e-6)
+    for i, tenant in enumerate(batch.tenants):  # bob's earlier turn (his recorded spans) is plain in every row of his
+        adapted = batch.prompt_mask[i, :6].tolist()
+        assert adapted == ([True, False, False, True, True, True] if tenant == "bob" else [True] * 6), (tenant, adapted)
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert log["tenants/alice/traffic/rows"] == 2 and log["tenants/alice/traffic/feedback_rows"] == 2
     assert log["tenants/alice/traffic/staleness"] == 0 and log["tenants/alice/traffic/feedback_reward"] == 0.5

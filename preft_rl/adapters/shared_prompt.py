@@ -46,8 +46,9 @@ def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_m
     prompt only if their `row_keys` entries (e.g. each row's tenant, whose adapter the prompt goes through) are equal.
 
     The prompt of a row is its first run of adapted tokens. A multi-turn row's completion (every later turn) may hold
-    adapted tokens too (tool results, template glue): they keep their `prompt_mask` in the packed row, where each
-    completion starts with a sampled token, so runs of adapted tokens (ReFT's 'fN+lM' windows) stay as they were."""
+    adapted tokens too (tool results, template glue): they keep their `prompt_mask` in the packed row, so runs of
+    adapted tokens (ReFT's 'fN+lM' windows) stay as they were. A prompt with plain spans (a recorded conversation's
+    earlier turns) shares its first run only; its later tokens are packed like a completion's, exactly as well."""
     real = attention_mask.sum(-1).tolist()
     plain = ~prompt_mask.bool()
     lengths = torch.where(plain.any(-1), plain.int().argmax(-1), prompt_mask.shape[1]).tolist()  # the first run's end
@@ -88,6 +89,8 @@ def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_m
             # the last prompt token's logits (predicting the first completion token), then each completion token's
             needed = [(length - 1, length - 1)] + [(start + k, length + k) for k in range(size)]
             for column, original in needed:
+                if original < first:  # before what the caller keeps: a prompt with plain spans (a recorded chat's
+                    continue  # earlier turns) shares only its first run, and the rest of it is packed as a completion
                 rows.append(r)
                 columns.append(column)
                 batch_index.append(b)

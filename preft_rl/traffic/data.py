@@ -130,16 +130,19 @@ SERVED_COLUMNS = ("served_completion_ids", "served_logps", "served_reward", "ser
 def traffic_rows(prompts: list[TrafficRecord], served: list[FeedbackRow], current_version: int) -> list[dict[str, Any]]:
     """Training rows of a tenant's traffic, for `Tenant(name, traffic_dataset(...), rewards)`: one per served response
     with feedback (its group: num_generations - 1 fresh completions and the served one, whose reward is the feedback),
-    then one per recorded prompt (its group: num_generations fresh completions). The prompt is the recorded token ids,
-    exactly what the server's adapter saw."""
+    then one per recorded prompt (its group: num_generations fresh completions). The prompt is the recorded token ids
+    with the spans the server kept plain (earlier assistant turns), exactly what the server's adapter saw."""
+    def prompt(rec: TrafficRecord) -> dict[str, Any]:
+        return {"prompt_token_ids": list(rec.prompt_ids), "sampled_spans": [list(span) for span in rec.sampled_spans]}
+
     rows = []
     for row in served:
         rec = row.record
-        rows.append({"prompt": {"prompt_token_ids": list(rec.prompt_ids)}, "traffic_id": rec.id, "traffic_choice": rec.choice,
+        rows.append({"prompt": prompt(rec), "traffic_id": rec.id, "traffic_choice": rec.choice,
                      "served_completion_ids": list(rec.completion_ids), "served_logps": list(rec.logprobs),
                      "served_reward": float(row.reward), "served_staleness": current_version - rec.version})
     for rec in prompts:
-        rows.append({"prompt": {"prompt_token_ids": list(rec.prompt_ids)}, "traffic_id": rec.id, "traffic_choice": rec.choice,
+        rows.append({"prompt": prompt(rec), "traffic_id": rec.id, "traffic_choice": rec.choice,
                      "served_completion_ids": [], "served_logps": [], "served_reward": float("nan"), "served_staleness": -1})
     return rows
 

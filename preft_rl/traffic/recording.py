@@ -31,10 +31,12 @@ class RequestRecorder:
     once it finished. `delta`: each output carries only its new tokens (vLLM's streaming); else all so far."""
 
     def __init__(self, *, engine_request_id: str, n: int, tenant: str, adapter: str, version: int,
-                 prompt_ids: list[int], messages: list[dict[str, Any]] | None, delta: bool) -> None:
+                 prompt_ids: list[int], messages: list[dict[str, Any]] | None, delta: bool,
+                 sampled_spans: list[list[int]] | None = None) -> None:
         self.id, self.first_choice = response_id(engine_request_id, n)
         self.tenant, self.adapter, self.version = tenant, adapter, version
         self.prompt_ids, self.messages, self.delta = list(prompt_ids), messages, delta
+        self.sampled_spans = [list(span) for span in sampled_spans or []]  # the assistant turns the server kept plain
         self.started = time.time()
         self.tokens: dict[int, list[int]] = {}
         self.logprobs: dict[int, list[float]] = {}
@@ -60,7 +62,8 @@ class RequestRecorder:
         return [TrafficRecord(id=self.id, choice=self.first_choice + index, tenant=self.tenant, time=self.started,
                               adapter=self.adapter, version=self.version, prompt_ids=self.prompt_ids,
                               completion_ids=self.tokens[index], logprobs=self.logprobs[index],
-                              finish_reason=self.finish[index], messages=self.messages)
+                              finish_reason=self.finish[index], messages=self.messages,
+                              sampled_spans=self.sampled_spans)
                 for index in sorted(self.tokens)]
 
 

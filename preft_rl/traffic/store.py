@@ -1,7 +1,8 @@
 """The traffic store: what `preft-rl serve --record DIR` keeps of each tenant's served requests, and their feedback.
 
 One record per served choice: the response id the client saw and the choice's index, the tenant, the time, the
-adapter and its version, the prompt's token ids (and its chat messages, for a chat request), the sampled token ids
+adapter and its version, the prompt's token ids (and its chat messages, for a chat request, with the spans of the
+prompt that earlier assistant turns fill: the server kept them plain, DESIGN invariant 9), the sampled token ids
 with their processed log-probs, and the finish reason. Each record gets a sequence number (`seq`), increasing in the
 order records were committed: a reader's position in a tenant's log. Feedback is one reward per (id, choice). Ids are
 unique per tenant: a client may choose its request ids (vLLM's X-Request-Id), so one tenant can never take or reach
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS records (
     version INTEGER NOT NULL,
     prompt_ids TEXT NOT NULL,
     messages TEXT,
+    sampled_spans TEXT NOT NULL,
     completion_ids TEXT NOT NULL,
     logprobs TEXT NOT NULL,
     finish_reason TEXT,
@@ -74,12 +76,19 @@ class TrafficRecord:
     logprobs: list[float]
     finish_reason: str | None
     messages: list[dict[str, Any]] | None = None
+    sampled_spans: list[list[int]] = dataclasses.field(default_factory=list)  # [start, end) of prompt_ids: earlier turns
     seq: int | None = None
 
     def __post_init__(self) -> None:
+        from preft_rl.adapters.masks import check_sampled_spans
+
         if len(self.logprobs) != len(self.completion_ids):
             raise ValueError(f"record {self.id!r} choice {self.choice}: {len(self.logprobs)} log-probs for "
                              f"{len(self.completion_ids)} sampled tokens; record one log-prob per sampled token")
+        try:
+            check_sampled_spans(self.sampled_spans, len(self.prompt_ids))
+        except ValueError as exc:
+            raise ValueError(f"record {self.id!r} choice {self.choice}: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +126,8 @@ def _row_to_record(row: sqlite3.Row) -> TrafficRecord:
                          adapter=row["adapter"], version=row["version"], prompt_ids=json.loads(row["prompt_ids"]),
                          completion_ids=json.loads(row["completion_ids"]), logprobs=json.loads(row["logprobs"]),
                          finish_reason=row["finish_reason"],
-                         messages=json.loads(row["messages"]) if row["messages"] is not None else None, seq=row["seq"])
+                         messages=json.loads(row["messages"]) if row["messages"] is not None else None,
+                         sampled_spans=json.loads(row["sampled_spans"]), seq=row["seq"])
 
 
 class SqliteTrafficStore:
@@ -195,10 +205,11 @@ class SqliteTrafficStore:
                 try:
                     cursor = db.execute(
                         "INSERT INTO records (id, choice, tenant, time, adapter, version, prompt_ids, messages, "
-                        "completion_ids, logprobs, finish_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "sampled_spans, completion_ids, logprobs, finish_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (record.id, record.choice, record.tenant, record.time, record.adapter, record.version,
                          json.dumps(record.prompt_ids),
                          None if record.messages is None else json.dumps(record.messages, default=str),
+                         json.dumps(record.sampled_spans),
                          json.dumps(record.completion_ids), json.dumps(record.logprobs), record.finish_reason))
                     done.append((future, cursor.lastrowid))
                 except sqlite3.IntegrityError as exc:

@@ -33,8 +33,9 @@ class AgentSettings:
 
 @dataclass
 class Trajectory:
-    """One rollout row as it grows: the first prompt's ids, then every later token, which of them were sampled, and
-    the engine's log-prob of each sampled token (0.0 at tool tokens)."""
+    """One rollout row as it grows: the first prompt's ids (with the spans of it an earlier turn's policy sampled, for
+    a recorded conversation), then every later token, which of them were sampled, and the engine's log-prob of each
+    sampled token (0.0 at tool tokens)."""
 
     prompt_ids: list[int]
     messages: list[dict] | None = None  # the conversation so far (chat prompts), for the template and the rewards
@@ -49,14 +50,15 @@ class Trajectory:
     turns: int = 0
     use: ToolUse = field(default_factory=ToolUse)
     done: bool = False
+    prompt_spans: list[tuple[int, int]] = field(default_factory=list)  # of prompt_ids: sampled in earlier turns
 
     def request(self) -> Any:
-        """The next turn's engine prompt: plain ids for the first turn, else ids with the sampled spans marked."""
-        if not self.tail:
+        """The next turn's engine prompt: plain ids for a first turn without sampled spans, else ids with them marked."""
+        if not self.tail and not self.prompt_spans:
             return self.prompt_ids
         offset = len(self.prompt_ids)
-        return {"prompt_token_ids": self.prompt_ids + self.tail,
-                "sampled_spans": [(offset + s, offset + e) for s, e in spans_from_mask(self.sampled)]}
+        return {"prompt_token_ids": self.prompt_ids + self.tail, "sampled_spans": list(self.prompt_spans) + [
+            (offset + s, offset + e) for s, e in spans_from_mask(self.sampled)]}
 
 
 def run_turns(trajectories: list[Trajectory], params: list[Any], generate: Callable[[list[int], list[Any], list[Any]], list[Any]],

@@ -42,8 +42,8 @@ from preft_rl.models import resolve_model
 from . import checkpoint
 from .grpo_core import entropy_from_logits, nanstd, selective_log_softmax
 from .rl_config import PreftRLConfig
-from .rollout import (RolloutBatch, Samples, completion_messages, groups_with_signal, pack, prompt_ids_for, reward_error_count,
-                      reward_nan_counts, sampling_seed, score)
+from .rollout import (RolloutBatch, Samples, completion_messages, groups_with_signal, pack, prompt_ids_and_spans, prompt_ids_for,
+                      reward_error_count, reward_nan_counts, sampling_seed, score)
 from .push import check_served_names, check_server, push_adapters
 from .runtime import (
     PhaseRecorder,
@@ -481,7 +481,8 @@ class PreftRLTrainer:
         trajectories = []
         for i, (prompt, toolset) in enumerate(zip(prompts, toolsets, strict=True)):
             if toolset is None:
-                trajectories.append(Trajectory(list(prompt_ids_for(tokenizer, prompt, args.max_prompt_length))))
+                ids, spans = prompt_ids_and_spans(tokenizer, prompt, args.max_prompt_length)
+                trajectories.append(Trajectory(list(ids), prompt_spans=spans))
                 continue
             ids = toolset.prompt_ids(tokenizer, prompt)
             trajectory = Trajectory(list(ids[-args.max_prompt_length:] if args.max_prompt_length else ids))
@@ -504,7 +505,8 @@ class PreftRLTrainer:
         return Samples(list(prompts), [t.prompt_ids for t in trajectories], [t.tail for t in trajectories],
                        [t.logps for t in trajectories], completions,
                        completion_sampled=[t.sampled for t in trajectories] if with_tools else None,
-                       agent=trajectories if with_tools else None)
+                       agent=trajectories if with_tools else None,
+                       prompt_spans=[t.prompt_spans for t in trajectories] if any(t.prompt_spans for t in trajectories) else None)
 
     def _any_process_running(self, running: int) -> bool:
         """Whether any process still has trajectories running (every process takes part in every engine round)."""
@@ -539,7 +541,7 @@ class PreftRLTrainer:
         eos, limit = self.tokenizer.eos_token_id, self.args.max_completion_length
         return RolloutBatch(
             **pack(samples.prompt_ids, samples.completion_ids, samples.completion_logps, self.tokenizer.pad_token_id or 0,
-                   samples.completion_sampled),
+                   samples.completion_sampled, samples.prompt_spans),
             advantages=torch.zeros(len(samples)), rewards=samples.rewards, rewards_per_func=samples.rewards_per_func,
             completion_lengths=torch.tensor([len(c) for c in samples.completion_ids]),
             truncated=torch.tensor([len(c) >= limit and (not c or c[-1] != eos) for c in samples.completion_ids]),
@@ -920,13 +922,19 @@ class PreftRLTrainer:
 
 def check_prompts(dataset: Any, name: str) -> None:
     """Every prompt is text, a list of chat messages (dicts with string 'role' and 'content') or token ids as
-    {"prompt_token_ids": [...]} (traffic rows: the ids a server saw); the first bad row is named, before anything is
-    built."""
+    {"prompt_token_ids": [...]} with optional "sampled_spans" (traffic rows: the ids a server saw, and the spans of its
+    earlier assistant turns); the first bad row is named, before anything is built."""
+    from preft_rl.adapters.masks import check_sampled_spans
+
     for i, prompt in enumerate(dataset["prompt"]):
         if isinstance(prompt, str) and prompt:
             continue
-        if isinstance(prompt, dict) and set(prompt) == {"prompt_token_ids"} and prompt["prompt_token_ids"] and all(
-                isinstance(t, int) and t >= 0 for t in prompt["prompt_token_ids"]):
+        if isinstance(prompt, dict) and set(prompt) <= {"prompt_token_ids", "sampled_spans"} and isinstance(
+                ids := prompt.get("prompt_token_ids"), list) and ids and all(isinstance(t, int) and t >= 0 for t in ids):
+            try:
+                check_sampled_spans(prompt.get("sampled_spans") or [], len(ids))
+            except ValueError as exc:
+                raise ValueError(f"{name} row {i}: {exc}") from None
             continue
         if isinstance(prompt, list) and prompt and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt

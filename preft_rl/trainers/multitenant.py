@@ -567,13 +567,14 @@ class MultiTenantGRPOTrainer(PreftGRPOTrainer):
         return Samples.concat(parts)
 
     def _served_sample(self, row: dict) -> Samples:
-        from .rollout import completion_messages, prompt_ids_for
+        from .rollout import completion_messages, prompt_ids_and_spans
 
         limit = self.args.max_completion_length
         ids, logps = list(row["served_completion_ids"])[:limit], list(row["served_logps"])[:limit]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return Samples([row["prompt"]], [prompt_ids_for(self.tokenizer, row["prompt"], self.args.max_prompt_length)], [ids],
-                       [logps], completion_messages([row["prompt"]], [text]))
+        prompt_ids, spans = prompt_ids_and_spans(self.tokenizer, row["prompt"], self.args.max_prompt_length)
+        return Samples([row["prompt"]], [prompt_ids], [ids], [logps], completion_messages([row["prompt"]], [text]),
+                       prompt_spans=[spans] if spans else None)
 
     def _traffic_stats(self, picked: list[int], layouts: list[tuple[list[dict], list[int]]],
                        served: dict[str, dict[int, float]]) -> dict[str, float]:

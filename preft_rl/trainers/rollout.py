@@ -74,6 +74,9 @@ class Samples:
     completion_sampled: list[list[bool]] | None = None
     # multi-turn with tools: each completion's preft_rl.trainers.agent.Trajectory (turns, tool use, environment)
     agent: list[Any] | None = None
+    # per completion, the [start, end) spans of its prompt that an earlier turn's policy sampled (a token prompt with
+    # 'sampled_spans', e.g. a recorded multi-turn chat): plain, outside the adapter mask; None: no prompt has any
+    prompt_spans: list[list[tuple[int, int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -87,7 +90,8 @@ class Samples:
                        None if self.rewards_per_func is None else self.rewards_per_func[index],
                        None if self.rewards is None else self.rewards[index],
                        None if self.completion_sampled is None else pick(self.completion_sampled),
-                       None if self.agent is None else pick(self.agent))
+                       None if self.agent is None else pick(self.agent),
+                       None if self.prompt_spans is None else pick(self.prompt_spans))
 
     def environments(self) -> list[Any] | None:
         """Each trajectory's environment, for rewards that read it (TRL's `environments=`); None when none has one."""
@@ -111,7 +115,9 @@ class Samples:
                        torch.cat([part.rewards_per_func for part in parts]) if scored else None,
                        torch.cat([part.rewards for part in parts]) if scored else None,
                        [m for part in parts for m in part.sampled_masks()] if multiturn else None,
-                       joined("agent") if all(part.agent is not None for part in parts) else None)
+                       joined("agent") if all(part.agent is not None for part in parts) else None,
+                       [s for part in parts for s in part.prompt_spans or [[]] * len(part)]
+                       if any(part.prompt_spans for part in parts) else None)
 
 
 def groups_with_signal(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -137,12 +143,27 @@ def completion_messages(prompts: Sequence[Any], texts: Sequence[str]) -> list[An
 
 
 def prompt_ids_for(tokenizer: Any, prompt: Any, max_prompt_length: int | None) -> list[int]:
+    return prompt_ids_and_spans(tokenizer, prompt, max_prompt_length)[0]
+
+
+def prompt_ids_and_spans(tokenizer: Any, prompt: Any, max_prompt_length: int | None
+                         ) -> tuple[list[int], list[tuple[int, int]]]:
+    """A prompt's token ids (its end, at most max_prompt_length) and the [start, end) spans of them an earlier turn's
+    policy sampled: a token prompt's 'sampled_spans' (checked), moved with the cut; [] for any other prompt.
+
+    >>> prompt_ids_and_spans(None, {"prompt_token_ids": [5, 6, 7, 8, 9], "sampled_spans": [[1, 3]]}, 3)
+    ([7, 8, 9], [(0, 1)])
+    """
+    from preft_rl.adapters.masks import check_sampled_spans
     from preft_rl.engine.engine import prompt_token_ids
 
     ids = prompt_token_ids(tokenizer, prompt)
-    if max_prompt_length is not None and len(ids) > max_prompt_length:
-        ids = ids[-max_prompt_length:]  # keep the end: the question and the generation prompt
-    return ids
+    spans = check_sampled_spans(prompt.get("sampled_spans") or [], len(ids)) if isinstance(prompt, dict) else []
+    cut = len(ids) - max_prompt_length if max_prompt_length is not None and len(ids) > max_prompt_length else 0
+    if cut:
+        ids = ids[cut:]  # keep the end: the question and the generation prompt
+        spans = [(max(start - cut, 0), end - cut) for start, end in spans if end > cut]
+    return ids, spans
 
 
 def score(
@@ -194,14 +215,15 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], completion_logps: list[list[float]], pad_id: int,
-         completion_sampled: list[list[bool]] | None = None) -> dict:
+         completion_sampled: list[list[bool]] | None = None, prompt_spans: list[list[tuple[int, int]]] | None = None) -> dict:
     """Right-padded (B, T) tensors of prompt + completion with their masks and the engine log-probs.
 
     DESIGN invariant 9: `prompt_mask` (the adapter mask) is True at every token the policy did not sample, and
     `completion_mask` (the loss mask) at every token it sampled. In one turn (`completion_sampled` None) those are the
     prompt and the completion. In a multi-turn trajectory the completion holds every turn after the first prompt, and
     `completion_sampled` marks its sampled tokens; the others (tool results, template glue) are adapted, outside the
-    loss, and their `completion_logps` entries are ignored."""
+    loss, and their `completion_logps` entries are ignored. `prompt_spans`: per row, spans of the prompt that an
+    earlier turn's policy sampled (a recorded conversation's assistant messages): plain, outside both masks."""
     rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
     width = max(map(len, rows))
     batch = len(rows)
@@ -215,6 +237,8 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], completio
         input_ids[i, :n] = torch.tensor(p + c)
         attention_mask[i, :n] = 1
         prompt_mask[i, : len(p)] = True
+        for start, end in prompt_spans[i] if prompt_spans is not None else ():
+            prompt_mask[i, start:end] = False
         sampled = torch.ones(len(c), dtype=torch.bool) if completion_sampled is None else torch.tensor(completion_sampled[i], dtype=torch.bool)
         if sampled.shape[0] != len(c) or (len(c) and not sampled[0]):
             raise ValueError(f"completion {i}: completion_sampled must give one flag per completion token and start with a "

@@ -26,7 +26,7 @@ from http import HTTPStatus
 from typing import Any
 
 from preft_rl.engine import vllm_compat_serve as serve_compat
-from preft_rl.engine.vllm_compat import base_cache_salt, request_failed, tag_request
+from preft_rl.engine.vllm_compat import SAMPLED_SPANS_KEY, base_cache_salt, request_failed, tag_request
 
 from .adapters import AdapterError, ServedAdapters, ServeSettings, next_request_id
 from .chat import render_adapter_chat, responses_history_error
@@ -44,6 +44,7 @@ LOAD_ROUTE = "/v1/load_preft_adapter"
 UNLOAD_ROUTE = "/v1/unload_preft_adapter"
 CACHE_ROUTE = "/v1/preft/cache"  # GET: ServedAdapters.cache_stats()
 FEEDBACK_ROUTE = "/v1/feedback"  # POST, with --record: a tenant's reward for one of its recorded responses
+TENANT_KEYS_RELOAD_ROUTE = "/v1/tenant-keys/reload"  # POST, admin, with --tenant-keys: read the file again
 
 
 def register_models() -> None:
@@ -81,10 +82,21 @@ class PreftEndpointPlugin:
 
         router = APIRouter()
         if self.settings.tenant_keys is not None:
-            from .tenants import TenantAuthMiddleware, TenantKeys
+            from .tenants import TenantAuthMiddleware, TenantKeyring
 
-            keys = TenantKeys.read(self.settings.tenant_keys, self.settings.admin_key_hashes)
-            app.add_middleware(TenantAuthMiddleware, keys=keys, base_names=lambda: app.state.preft_adapters.base_names)
+            keyring = TenantKeyring(self.settings.tenant_keys, self.settings.admin_key_hashes)
+            app.add_middleware(TenantAuthMiddleware, keys=keyring, base_names=lambda: app.state.preft_adapters.base_names)
+
+            @router.post(TENANT_KEYS_RELOAD_ROUTE)
+            async def reload_tenant_keys(request: Request):
+                """Admin only (a tenant's key gets 403 from the middleware): read the --tenant-keys file again. A bad
+                file is refused (400) and the keys in force stay."""
+                try:
+                    counts = await asyncio.to_thread(keyring.reload)
+                except ValueError as exc:
+                    return error(AdapterError(400, f"{exc}; the keys in force are unchanged"))
+                logger.info("tenant keys reloaded from %s: %s", keyring.path, counts)
+                return JSONResponse(counts)
 
         @router.get(CACHE_ROUTE)
         async def preft_cache(request: Request):
@@ -262,6 +274,7 @@ def install_request_routing(engine_client: Any, served: ServedAdapters, state: A
                     if (broken := served.broken_error(entry)) is not None:
                         raise broken
                     first_last = entry.config.first_last
+                    spans = [list(span) for span in prompt.get(SAMPLED_SPANS_KEY) or []]  # before tag_request moves them
                     tagged, params = tag_request(prompt, sampling_params, entry.name, entry.version,
                                                  first_last[1] if first_last else 0, not entry.config.prefill_only,
                                                  served.settings.slot_limit)
@@ -271,7 +284,7 @@ def install_request_routing(engine_client: Any, served: ServedAdapters, state: A
                         params, delta = serve_compat.with_sampled_logprobs(params)
                         recorder = RequestRecorder(engine_request_id=request_id, n=params.n, tenant=tenant.name,
                                                    adapter=entry.name, version=entry.version,
-                                                   prompt_ids=prompt["prompt_token_ids"],
+                                                   prompt_ids=prompt["prompt_token_ids"], sampled_spans=spans,
                                                    messages=(request_notes.get() or {}).get("messages"),
                                                    delta=delta)
                     stream = inner(tagged, params, request_id, *args, lora_request=None, **kwargs)

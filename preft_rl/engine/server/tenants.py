@@ -19,6 +19,10 @@ Who may do what (`TenantAuthMiddleware`, in front of every route vLLM and preft-
   stored responses are not kept per key);
 - no key, or an unknown one: 401, except /health, /ping and /version.
 
+Reload without a restart: edit the file, then `POST /v1/tenant-keys/reload` with the admin key (`TenantKeyring`). The
+new file is read and checked whole; a bad one is refused (400, naming what is wrong) and the keys in use stay. Requests
+already running finish as the tenant they started as.
+
 Keys are never stored: the file and the server hold SHA-256 digests. A presented key is hashed, and its digest is
 compared with every stored digest by `hmac.compare_digest`, so the time taken depends on neither which key matched nor
 how much of it.
@@ -153,6 +157,24 @@ class TenantKeys:
         return found
 
 
+class TenantKeyring:
+    """The keys in force: `TenantKeys.read(path, admin_hashes)`, swapped whole by `reload()` (one attribute assignment,
+    so a request sees either the old keys or the new ones, never a mix)."""
+
+    def __init__(self, path: str | Path, admin_hashes: list[str] = ()) -> None:
+        self.path, self.admin_hashes = Path(path), list(admin_hashes)
+        self.keys = TenantKeys.read(self.path, self.admin_hashes)
+
+    def who(self, authorization: str | None) -> Tenant | None:
+        return self.keys.who(authorization)
+
+    def reload(self) -> dict[str, int]:
+        """Read the file again; ValueError (naming what is wrong) leaves the keys in force as they were."""
+        keys = TenantKeys.read(self.path, self.admin_hashes)
+        self.keys = keys
+        return {"tenants": len(keys.tenants), "keys": sum(tenant is not ADMIN for _, tenant in keys.digests)}
+
+
 def _tenant(where: str, name: Any, entry: Any) -> tuple[Tenant, list[str]]:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"{where}: tenant name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
@@ -200,7 +222,7 @@ class TenantAuthMiddleware:
     docstring). Which models a tenant may call is checked where vLLM checks the model (plugins.install_request_routing),
     so a refused model gets vLLM's own 404, word for word the answer for a name that exists nowhere."""
 
-    def __init__(self, app: Any, keys: TenantKeys, base_names: Any) -> None:
+    def __init__(self, app: Any, keys: TenantKeys | TenantKeyring, base_names: Any) -> None:
         self.app, self.keys, self.base_names = app, keys, base_names  # base_names(): the served base model's names
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:

@@ -13,6 +13,7 @@ from preft_rl.engine.server.adapters import ServedAdapters, ServeSettings
 from preft_rl.engine.server.tenants import (
     ADMIN,
     TenantAuthMiddleware,
+    TenantKeyring,
     TenantKeys,
     current_tenant,
     hash_key,
@@ -60,6 +61,20 @@ def test_each_key_belongs_to_its_tenant_and_wrong_ones_to_nobody(tmp_path):
 def test_a_bad_keys_file_is_refused_naming_the_tenant_and_the_fix(tmp_path, tenants, message):
     with pytest.raises(ValueError, match=message):
         TenantKeys.read(keys_file(tmp_path, tenants), [hash_key(KEYS["admin"])])
+
+
+def test_a_reload_swaps_the_keys_whole_or_not_at_all(tmp_path):
+    ring = TenantKeyring(keys_file(tmp_path), [hash_key(KEYS["admin"])])
+    assert ring.who(f"Bearer {KEYS['bob']}").name == "bob" and ring.who("Bearer sk-carol") is None
+    keys_file(tmp_path, {"carol": {"keys": [hash_key("sk-carol"), hash_key("sk-carol-2")]}})
+    assert ring.reload() == {"tenants": 1, "keys": 2}
+    assert ring.who("Bearer sk-carol").name == "carol" and ring.who(f"Bearer {KEYS['bob']}") is None
+    assert ring.who(f"Bearer {KEYS['admin']}") is ADMIN  # the admin key comes from --api-key, not the file
+    before = ring.keys
+    keys_file(tmp_path, {"carol": {"keys": ["sk-carol"]}})
+    with pytest.raises(ValueError, match="is not a key hash"):
+        ring.reload()
+    assert ring.keys is before and ring.who("Bearer sk-carol").name == "carol"
 
 
 def test_a_file_that_does_not_parse_is_refused(tmp_path):

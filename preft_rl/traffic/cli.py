@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between reads when none is ready")
     parser.add_argument("--max-rounds", type=int, default=None, help="stop after N rounds (default: at SIGTERM)")
     parser.add_argument("--tenants-per-step", type=int, default=8)
+    parser.add_argument("--tenant-offload", choices=["cpu", "disk"], default=None, help="keep only the tenants a round "
+                        "trains in the model and optimizer, the others' adapters and AdamW state in host memory or on disk "
+                        "(<output-dir>/tenant_state): for many tenants (default: every tenant in the model)")
     parser.add_argument("--tenants-per-forward", type=int, default=2, help="tenants' rows per training forward: bounds "
                         "activation memory (default: %(default)s)")
     parser.add_argument("--num-generations", type=int, default=4)
@@ -69,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
             num_generations=args.num_generations, per_device_train_batch_size=args.prompts_per_step * args.num_generations,
             gradient_accumulation_steps=1, max_completion_length=args.max_completion_length, seed=args.seed,
             temperature=args.temperature, beta=args.beta,
-            tenants_per_step=min(args.tenants_per_step, len(entries)), save_steps=0,
+            tenants_per_step=min(args.tenants_per_step, len(entries)), save_steps=0, tenant_offload=args.tenant_offload,
             tenants_per_forward=args.tenants_per_forward, push_to_server=args.push_to_server,
             push_api_key=args.push_api_key or os.environ.get("PREFT_RL_PUSH_API_KEY"))
     except (ValueError, OSError) as exc:

@@ -287,29 +287,38 @@ def test_preempted_multiturn_requests_recompute_the_same_tokens(tiny_llama_dir, 
 
 
 # ---------------------------------------------------------------------------------------- trainer layer
+def trainer_with_a_random_policy(model_dir, out, method: str, rows: list[dict], **args):
+    """A GRPO trainer on `rows` (4 completions a step, 2 per prompt) whose policy adapter is random (seed 7), in its
+    engine too, so an adapted token and a plain one give different log-probs."""
+    from datasets import Dataset
+
+    from preft_rl import PreftGRPOConfig, PreftGRPOTrainer
+    from preft_rl.trainers.core import POLICY
+
+    config = PreftGRPOConfig(output_dir=str(out), per_device_train_batch_size=4, num_generations=2, max_steps=1,
+                             max_completion_length=GEN, save_steps=0, disable_tqdm=True,
+                             engine_kwargs={"max_num_batched_tokens": 512}, **args)
+    trainer = PreftGRPOTrainer(str(model_dir), lambda completions, **_: [0.0] * len(completions), args=config,
+                               train_dataset=Dataset.from_list(rows), preft_config=CONFIGS[method])
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, param in trainer.preft_model.adapter_named_parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+    trainer.engine.update_adapter(POLICY, trainer.preft_model.adapter_state_dict())
+    return trainer
+
+
 @pytest.mark.parametrize("method,share", [("lora", True), ("lora", False), ("loreft", True)])
 def test_one_training_forward_over_a_trajectory_reproduces_the_engine_logprobs(tiny_llama_dir, tmp_path, method, share):
     """Three-turn trajectories sampled by the trainer's engine (two per prompt, so the shared-prompt forward packs them),
     packed as the trainer packs a rollout: adapter mask = not sampled, loss mask = sampled. The trainer's log-probs of
     every sampled token equal the engine's, and they would not if the sampled tokens were adapted."""
-    from datasets import Dataset
-
-    from preft_rl import PreftGRPOConfig, PreftGRPOTrainer
     from preft_rl.trainers.core import POLICY
     from preft_rl.trainers.rollout import Samples
 
-    args = PreftGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_steps=1,
-                           max_completion_length=GEN, save_steps=0, disable_tqdm=True, share_prompt_forward=share,
-                           engine_kwargs={"max_num_batched_tokens": 512})
-    data = Dataset.from_list([{"prompt": f"question {i}"} for i in range(4)])
-    trainer = PreftGRPOTrainer(str(tiny_llama_dir), lambda completions, **_: [0.0] * len(completions), args=args,
-                               train_dataset=data, preft_config=CONFIGS[method])
+    trainer = trainer_with_a_random_policy(tiny_llama_dir, tmp_path, method, [{"prompt": f"question {i}"} for i in range(4)],
+                                           share_prompt_forward=share)
     try:
-        gen = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for _, param in trainer.preft_model.adapter_named_parameters():
-                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
-        trainer.engine.update_adapter(POLICY, trainer.preft_model.adapter_state_dict())
         rng = np.random.default_rng(8)
         first = [rng.integers(7, 380, 30).tolist() for _ in range(2)]
         prompt_ids = [p for p in first for _ in range(2)]  # two trajectories per prompt, as a GRPO group
@@ -351,25 +360,11 @@ def test_a_recorded_conversation_trains_with_its_earlier_turns_plain(tiny_llama_
     dataset row: the trainer's rollout sends the spans to its engine and packs them outside the adapter mask, also when
     max_prompt_length cuts the prompt's start. The trainer's log-probs of the completions equal the engine's, and they
     would not if the earlier turns were adapted."""
-    from datasets import Dataset
-
-    from preft_rl import PreftGRPOConfig, PreftGRPOTrainer
-    from preft_rl.trainers.core import POLICY
-
     rng = np.random.default_rng(3)
     rows = [{"prompt": {"prompt_token_ids": rng.integers(7, 380, 40).tolist(), "sampled_spans": [[8, 20], [26, 33]]}}
             for _ in range(2)]
-    args = PreftGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_steps=1,
-                           max_completion_length=GEN, save_steps=0, disable_tqdm=True, max_prompt_length=36,
-                           engine_kwargs={"max_num_batched_tokens": 512})
-    trainer = PreftGRPOTrainer(str(tiny_llama_dir), lambda completions, **_: [0.0] * len(completions), args=args,
-                               train_dataset=Dataset.from_list(rows), preft_config=CONFIGS[method])
+    trainer = trainer_with_a_random_policy(tiny_llama_dir, tmp_path, method, rows, max_prompt_length=36)
     try:
-        gen = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for _, param in trainer.preft_model.adapter_named_parameters():
-                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
-        trainer.engine.update_adapter(POLICY, trainer.preft_model.adapter_state_dict())
         prompts = [row["prompt"] for row in rows for _ in range(2)]
         params = [SamplingParams(max_tokens=GEN, temperature=1.0, seed=i, logprobs=0, ignore_eos=True) for i in range(4)]
         samples = trainer._generate(prompts, params)
